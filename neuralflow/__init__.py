@@ -1,0 +1,26 @@
+"""neuralflow: physics-style effective ODEs of gradient descent, with learnable corrections.
+
+Pipeline (design.md): Problem --run_gd--> Trajectory --> flows (physics) + corrections --> fit
+--> report, with safe checkpoints.
+"""
+
+__version__ = "0.1.0"
+
+from . import autodiff, problems  # noqa: E402
+from .errors import DivergenceError, FileFormatError, InputError, NeuralflowError  # noqa: E402
+from .gd import run_gd  # noqa: E402
+from .problems import Problem  # noqa: E402
+from .trajectory import Trajectory  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "autodiff",
+    "problems",
+    "Problem",
+    "run_gd",
+    "Trajectory",
+    "NeuralflowError",
+    "InputError",
+    "DivergenceError",
+    "FileFormatError",
+]

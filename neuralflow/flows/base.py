@@ -1,0 +1,83 @@
+"""Base class of the physics flows and the record of an approximation.
+
+Every flow is a ``torch.nn.Module`` whose ``forward(t, theta)`` is the right-hand side of an ODE
+in step time (iterate ``k`` of GD sits at ``t = k``), usable by torchdiffeq as it is. ``theta``
+is one state ``(d,)`` or a batch ``(B, d)``; the output has the same shape. When ``theta``
+requires grad, the output is a differentiable function of it (the adjoint method's
+vector-Jacobian products go through ``torch.autograd``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..autodiff import StateDerivatives
+from ..errors import InputError
+from ..problems import Problem, check_lr
+
+__all__ = ["Approximation", "Flow"]
+
+
+@dataclass(frozen=True)
+class Approximation:
+    """One named approximation made in deriving a flow.
+
+    ``name`` is a slug; ``statement`` one sentence a researcher would write in a paper;
+    ``exact_when`` the order or regime in which it is exact; ``revised_by`` the names of the
+    candidate correction terms (design.md term table) that would repair it; ``reference`` where
+    the derivation is written down.
+    """
+
+    name: str
+    statement: str
+    exact_when: str
+    revised_by: tuple[str, ...]
+    reference: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "statement": self.statement,
+            "exact_when": self.exact_when,
+            "revised_by": list(self.revised_by),
+            "reference": self.reference,
+        }
+
+
+class Flow(torch.nn.Module):
+    """An ODE model of GD on ``problem`` with step size ``lr``, in step time.
+
+    Subclasses set ``name`` (the registry key) and ``approximations``, and implement
+    :meth:`vector_field` on a batch of states.
+    """
+
+    name: str = "flow"
+    approximations: tuple[Approximation, ...] = ()
+
+    def __init__(self, problem: Problem, lr: float) -> None:
+        super().__init__()
+        if not isinstance(problem, Problem):
+            raise InputError(f"{type(self).__name__}: problem must be a neuralflow Problem, got {type(problem).__name__}.")
+        self.problem = problem
+        self.lr = check_lr(lr)
+
+    def forward(self, t: Tensor, theta: Tensor) -> Tensor:
+        self.problem.check_theta(theta, "state")
+        batch = theta if theta.dim() == 2 else theta.unsqueeze(0)
+        create_graph = torch.is_grad_enabled() and batch.requires_grad
+        out = self.vector_field(t, StateDerivatives(self.problem, batch, create_graph))
+        return out if theta.dim() == 2 else out[0]
+
+    def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
+        """``dtheta/dt`` for each state of ``state.thetas`` (shape ``(B, d)``)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, object]:
+        """JSON-able settings that rebuild this flow on the same problem (for checkpoints)."""
+        return {"name": self.name, "lr": self.lr}
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem.name!r}, lr={self.lr:g}"

@@ -1,0 +1,210 @@
+"""The recorded experiment: a GD trajectory and the quantities measured along it."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _io
+from .errors import FileFormatError, InputError
+
+__all__ = ["Trajectory"]
+
+_KIND = "trajectory"
+_SERIES = ("loss", "grad_norm", "sharpness", "update_u")
+
+
+@dataclass
+class Trajectory:
+    """GD iterates and measurements, in step time (iterate ``k`` sits at ``t = k``).
+
+    Arrays aligned with the stored iterates (every ``store_every`` steps):
+
+    * ``steps`` (T,) int64, ``iterates`` (T, d), ``loss`` (T,), ``grad_norm`` (T,);
+    * ``sharpness`` (T, n_eigs): the top eigenvalues of the Hessian, NaN where not measured
+      (``eig_every > 1``);
+    * ``update_u`` (T,): the component ``u . (theta_{k+1} - theta_k)`` of each step's update
+      along the top eigenvector, whose sign flips every step at the edge of stability.
+
+    ``history`` holds the same scalar series at *every* step, whatever ``store_every`` was.
+    ``problem`` is the problem's JSON description; ``meta`` free-form JSON-able notes.
+    """
+
+    lr: float
+    steps: Tensor
+    iterates: Tensor
+    loss: Tensor
+    grad_norm: Tensor
+    sharpness: Tensor
+    update_u: Tensor
+    problem: dict[str, Any] = field(default_factory=dict)
+    history: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        T = self.steps.shape[0]
+        for name in ("iterates", *_SERIES):
+            if getattr(self, name).shape[0] != T:
+                raise InputError(
+                    f"Trajectory: {name} has {getattr(self, name).shape[0]} rows but there are {T} steps."
+                )
+
+    # ------------------------------------------------------------------ views
+    def __len__(self) -> int:
+        return self.steps.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.iterates.shape[1]
+
+    @property
+    def store_every(self) -> int:
+        """Spacing of the stored iterates in steps (1 for a dense recording)."""
+        if len(self) < 2:
+            return 1
+        gaps = torch.diff(self.steps)
+        if not bool((gaps == gaps[0]).all()):
+            raise InputError("this trajectory's stored steps are not evenly spaced.")
+        return int(gaps[0])
+
+    @property
+    def times(self) -> Tensor:
+        """Step times of the stored iterates as floats (``t = k``)."""
+        return self.steps.to(self.iterates.dtype)
+
+    @property
+    def eos_threshold(self) -> float:
+        """``2 / lr``, the stability limit of GD (science.md 1)."""
+        return 2.0 / self.lr
+
+    @property
+    def eos_onset(self) -> int | None:
+        """First step at which the measured sharpness reaches ``2 / lr`` (None if it never does)."""
+        source = self.history if self.history else {"step": self.steps, "sharpness": self.sharpness}
+        s = source["sharpness"][:, 0]
+        hit = torch.nonzero(s >= self.eos_threshold).flatten()
+        return int(source["step"][hit[0]]) if len(hit) else None
+
+    def slice(self, start: int | None = None, stop: int | None = None) -> Trajectory:
+        """The part with ``start <= step < stop`` (either bound may be None)."""
+        lo = -math.inf if start is None else start
+        hi = math.inf if stop is None else stop
+        keep = (self.steps >= lo) & (self.steps < hi)
+        if not bool(keep.any()):
+            raise InputError(
+                f"no stored step lies in [{start}, {stop}); this trajectory covers steps "
+                f"{int(self.steps[0])}..{int(self.steps[-1])}."
+            )
+        hist = {}
+        if self.history:
+            hkeep = (self.history["step"] >= lo) & (self.history["step"] < hi)
+            hist = {k: v[hkeep] for k, v in self.history.items()}
+        return replace(
+            self,
+            steps=self.steps[keep],
+            iterates=self.iterates[keep],
+            **{name: getattr(self, name)[keep] for name in _SERIES},
+            history=hist,
+        )
+
+    def smoothed(self) -> Trajectory:
+        """The midpoint process ``(theta_{k-1} + 2 theta_k + theta_{k+1}) / 4`` (science.md 3).
+
+        A cheap empirical target for the time-averaged trajectory that the central flow models.
+        Defined at interior steps of a dense recording; the scalar series keep GD's values.
+        """
+        if len(self) < 3:
+            raise InputError("smoothed() needs at least 3 stored iterates.")
+        if self.store_every != 1:
+            raise InputError(
+                f"smoothed() needs consecutive iterates but this trajectory stores every "
+                f"{self.store_every} steps; record it with store_every=1."
+            )
+        x = self.iterates
+        mid = (x[:-2] + 2 * x[1:-1] + x[2:]) / 4
+        inner = self.slice(int(self.steps[1]), int(self.steps[-1]))
+        return replace(inner, iterates=mid, meta={**self.meta, "smoothed": True})
+
+    def to(self, device: torch.device | str) -> Trajectory:
+        """A copy with every tensor on ``device``."""
+        return replace(
+            self,
+            steps=self.steps.to(device),
+            iterates=self.iterates.to(device),
+            **{name: getattr(self, name).to(device) for name in _SERIES},
+            history={k: v.to(device) for k, v in self.history.items()},
+        )
+
+    def __repr__(self) -> str:
+        onset = self.eos_onset
+        return (
+            f"Trajectory(problem={self.problem.get('name')!r}, lr={self.lr}, "
+            f"steps={int(self.steps[0])}..{int(self.steps[-1])} ({len(self)} stored), dim={self.dim}, "
+            f"eos_onset={onset})"
+        )
+
+    # ------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``path`` (suffix ``.nft`` by convention): tensors + JSON, atomic, no pickle."""
+        tensors = {"steps": self.steps, "iterates": self.iterates}
+        tensors.update({name: getattr(self, name) for name in _SERIES})
+        tensors.update({f"history.{k}": v for k, v in self.history.items()})
+        meta = {"lr": self.lr, "problem": self.problem, "meta": self.meta}
+        return _io.write(path, _KIND, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> Trajectory:
+        """Read a trajectory written by :meth:`save`; errors name the file."""
+        tensors, header = _io.read(path, _KIND)
+        meta = header["meta"]
+        try:
+            traj = cls(
+                lr=float(meta["lr"]),
+                steps=tensors["steps"],
+                iterates=tensors["iterates"],
+                **{name: tensors[name] for name in _SERIES},
+                problem=meta.get("problem", {}),
+                history={k.removeprefix("history."): v for k, v in tensors.items() if k.startswith("history.")},
+                meta=meta.get("meta", {}),
+            )
+        except (KeyError, InputError, TypeError) as exc:
+            raise FileFormatError(f"{path}: the trajectory's tensors do not fit together ({exc}).") from None
+        return traj if device is None else traj.to(device)
+
+    # ------------------------------------------------------------------- plots
+    def plot(self, ax: Any = None) -> Any:
+        """Loss (log scale) and sharpness with the ``2/lr`` line; returns the figure."""
+        import matplotlib.pyplot as plt
+
+        src = self.history if self.history else {
+            "step": self.steps, "loss": self.loss, "sharpness": self.sharpness
+        }
+        if ax is None:
+            fig, (ax_loss, ax_s) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+        else:
+            ax_loss, ax_s = ax
+            fig = ax_loss.figure
+        step = src["step"].cpu().numpy()
+        ax_loss.semilogy(step, src["loss"].cpu().numpy(), lw=1)
+        ax_loss.set_ylabel("loss")
+        sharp = src["sharpness"].cpu()
+        for i in range(sharp.shape[1]):
+            ok = torch.isfinite(sharp[:, i])
+            ax_s.plot(step[ok.numpy()], sharp[ok, i].numpy(), lw=1, label=f"lambda_{i + 1}" if sharp.shape[1] > 1 else "sharpness")
+        ax_s.axhline(self.eos_threshold, color="k", ls="--", lw=1, label="2 / lr")
+        onset = self.eos_onset
+        if onset is not None:
+            for a in (ax_loss, ax_s):
+                a.axvline(onset, color="0.6", ls=":", lw=1)
+        ax_s.set_xlabel("step")
+        ax_s.set_ylabel("sharpness")
+        ax_s.legend(loc="lower right", fontsize="small")
+        ax_loss.set_title(f"GD on {self.problem.get('name', 'problem')}, lr = {self.lr:g}")
+        fig.tight_layout()
+        return fig
