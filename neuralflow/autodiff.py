@@ -201,7 +201,7 @@ def top_eigenpairs(
     v0: Tensor | None = None,
     tol: float = 1e-4,
     max_iters: int = 200,
-    guard: int = 1,
+    guard: int = 0,
     generator: torch.Generator | None = None,
 ) -> EigenResult:
     """Largest *algebraic* eigenpairs of ``H(theta)`` by LOBPCG on Hessian-vector products.

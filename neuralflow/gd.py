@@ -34,7 +34,7 @@ def run_gd(
     n_eigs: int = 1,
     store_every: int = 1,
     progress: bool = True,
-    eig_tol: float = 1e-3,
+    eig_tol: float = 5e-3,
     theta0: torch.Tensor | None = None,
 ) -> Trajectory:
     """Run ``steps`` steps of full-batch GD on ``problem`` and record the trajectory.

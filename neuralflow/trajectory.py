@@ -196,7 +196,8 @@ class Trajectory:
         sharp = src["sharpness"].cpu()
         for i in range(sharp.shape[1]):
             ok = torch.isfinite(sharp[:, i])
-            ax_s.plot(step[ok.numpy()], sharp[ok, i].numpy(), lw=1, label=f"lambda_{i + 1}" if sharp.shape[1] > 1 else "sharpness")
+            label = f"lambda_{i + 1}" if sharp.shape[1] > 1 else "sharpness"
+            ax_s.plot(step[ok.numpy()], sharp[ok, i].numpy(), lw=1, label=label)
         ax_s.axhline(self.eos_threshold, color="k", ls="--", lw=1, label="2 / lr")
         onset = self.eos_onset
         if onset is not None:

@@ -60,7 +60,9 @@ class Flow(torch.nn.Module):
     def __init__(self, problem: Problem, lr: float) -> None:
         super().__init__()
         if not isinstance(problem, Problem):
-            raise InputError(f"{type(self).__name__}: problem must be a neuralflow Problem, got {type(problem).__name__}.")
+            raise InputError(
+                f"{type(self).__name__}: problem must be a neuralflow Problem, got {type(problem).__name__}."
+            )
         self.problem = problem
         self.lr = check_lr(lr)
 

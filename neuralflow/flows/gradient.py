@@ -22,7 +22,8 @@ NO_OSCILLATION = Approximation(
     "oscillation's curvature-lowering drift -(1/2) lr sigma^2 grad S is absent.",
     exact_when="sharpness below 2/lr (the stable regime)",
     revised_by=("gradS", "gradScrit"),
-    reference="Cohen, Damian, Talwalkar, Kolter, Lee, Understanding Optimization in Deep Learning with Central Flows, ICLR 2025",
+    reference="Cohen, Damian, Talwalkar, Kolter, Lee, Understanding Optimization in Deep Learning with "
+    "Central Flows, ICLR 2025",
 )
 
 

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+import neuralflow as nf
+from neuralflow.errors import InputError
+
+
+def test_mlp_digits_matches_the_documented_construction():
+    p = nf.problems.mlp_digits(n=100, widths=(16, 8), seed=3)
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 16, dtype=torch.float64), torch.nn.Tanh(),
+        torch.nn.Linear(16, 8, dtype=torch.float64), torch.nn.Tanh(),
+        torch.nn.Linear(8, 10, dtype=torch.float64),
+    )
+    flat = torch.cat([q.detach().reshape(-1) for _, q in net.named_parameters()])
+    assert torch.equal(p.theta0, flat)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.data[:100] / 16.0)
+    y = torch.nn.functional.one_hot(torch.as_tensor(d.target[:100]), 10).double()
+    expected = 0.5 * ((net(x) - y) ** 2).sum(1).mean()
+    assert torch.allclose(p.loss(p.theta0), expected, rtol=1e-12)
+    assert p.dim == 64 * 16 + 16 + 16 * 8 + 8 + 8 * 10 + 10
+    assert p.description["widths"] == [16, 8]
+
+
+def test_batch_size_splits_the_data_without_changing_the_loss():
+    full = nf.problems.mlp_digits(n=90, widths=(8,))
+    chunked = nf.problems.mlp_digits(n=90, widths=(8,), batch_size=32)
+    assert len(chunked.parts) == 3
+    theta = full.theta0 + 0.1
+    assert torch.allclose(full.loss(theta), chunked.loss(theta), rtol=1e-12)
+    g1 = nf.autodiff.gradient(full, theta)
+    g2 = nf.autodiff.gradient(chunked, theta)
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-14)
+    v = torch.randn(full.dim, dtype=torch.float64)
+    assert torch.allclose(nf.autodiff.hvp(full, theta, v), nf.autodiff.hvp(chunked, theta, v), rtol=1e-9, atol=1e-12)
+
+
+def test_toy_losses():
+    z = nf.problems.zhu_quartic((2.0, 0.5))
+    assert z.loss(z.theta0).item() == 0.0  # on the minimum set xy = 1
+    h = nf.autodiff.dense_hessian(z, z.theta0)
+    assert torch.allclose(torch.linalg.eigvalsh(h).max(), torch.tensor(2 * (4 + 0.25), dtype=torch.float64))
+    f = nf.problems.scalar_factorization(4, theta0=[1.0] * 4)
+    h = nf.autodiff.dense_hessian(f, f.theta0)
+    assert torch.allclose(torch.linalg.eigvalsh(h).max(), torch.tensor(4.0, dtype=torch.float64))
+    A = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    q = nf.problems.quadratic(A, theta0=[1.0, 2.0])
+    assert q.loss(q.theta0).item() == pytest.approx(0.5 * (1 + 12))
+
+
+def test_from_module_cross_entropy_and_from_function():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 4, dtype=torch.float64)
+    x = torch.randn(10, 3, dtype=torch.float64)
+    labels = torch.randint(0, 4, (10,))
+    p = nf.problems.from_module(net, x, labels, loss="ce")
+    assert torch.allclose(p.loss(p.theta0), torch.nn.functional.cross_entropy(net(x), labels))
+    q = nf.problems.from_function(lambda th: (th**4).sum(), torch.ones(3, dtype=torch.float64))
+    assert q.loss(q.theta0).item() == 3.0
+    assert q.batched_loss(torch.ones(2, 3, dtype=torch.float64)).tolist() == [3.0, 3.0]
+
+
+def test_make_rebuilds_from_the_description():
+    p = nf.problems.mlp_digits(n=50, widths=(4,), seed=2)
+    q = nf.problems.make(p.description)
+    assert torch.equal(p.theta0, q.theta0)
+    with pytest.raises(InputError, match="registered problems"):
+        nf.problems.make({"name": "nope"})
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: nf.problems.from_function(lambda th: th**2, torch.ones(3, dtype=torch.float64)), "0-dim"),
+        (lambda: nf.problems.from_function(lambda th: th.sum(), torch.ones(2, 2)), "1-D"),
+        (lambda: nf.problems.from_function(lambda th: th.sum(), torch.ones(3, dtype=torch.long)), "floating"),
+        (lambda: nf.problems.from_function(lambda th: th.sum(), torch.tensor([1.0, float("nan")])), "NaN"),
+        (lambda: nf.problems.from_module(torch.nn.Linear(2, 1), torch.tensor([[1.0, float("nan")]]),
+                                         torch.ones(1, 1)), "NaN"),
+        (lambda: nf.problems.from_module(torch.nn.Linear(2, 1), torch.ones(3, 2), torch.ones(2, 1)), "same"),
+        (lambda: nf.problems.quadratic([[1.0, 2.0], [0.0, 1.0]]), "symmetric"),
+        (lambda: nf.problems.mlp_digits(n=10, activation="swish"), "activation"),
+    ],
+)
+def test_bad_problems_are_refused(build, match):
+    with pytest.raises(InputError, match=match):
+        build()
+
+
+def test_check_theta():
+    p = nf.problems.zhu_quartic()
+    with pytest.raises(InputError, match="2 parameters"):
+        p.check_theta(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(InputError, match="dtype"):
+        p.check_theta(torch.ones(2, dtype=torch.float32))

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+import neuralflow as nf
+from neuralflow.errors import FileFormatError, InputError
+
+
+@pytest.fixture(scope="module")
+def traj():
+    return nf.run_gd(nf.problems.zhu_quartic(), 0.2, 60, n_eigs=2, progress=False)
+
+
+def test_smoothed_is_the_midpoint_process(traj):
+    sm = traj.smoothed()
+    x = traj.iterates
+    assert sm.steps.tolist() == list(range(1, 60))
+    k = 30
+    assert torch.allclose(sm.iterates[k - 1], (x[k - 1] + 2 * x[k] + x[k + 1]) / 4)
+    sparse = nf.run_gd(nf.problems.zhu_quartic(), 0.2, 20, store_every=5, progress=False)
+    with pytest.raises(InputError, match="store_every=1"):
+        sparse.smoothed()
+
+
+def test_slice_by_step_range(traj):
+    part = traj.slice(10, 20)
+    assert part.steps.tolist() == list(range(10, 20))
+    assert torch.equal(part.iterates, traj.iterates[10:20])
+    assert part.history["step"].tolist() == list(range(10, 20))
+    with pytest.raises(InputError, match="covers steps"):
+        traj.slice(100, 200)
+
+
+def test_save_load_round_trip(traj, tmp_path):
+    path = traj.save(tmp_path / "run.nft")
+    back = nf.Trajectory.load(path)
+    assert back.lr == traj.lr and back.problem == traj.problem and back.meta == traj.meta
+    for name in ("steps", "iterates", "loss", "grad_norm", "sharpness", "update_u"):
+        assert torch.equal(getattr(back, name), getattr(traj, name))
+    assert back.history.keys() == traj.history.keys()
+    assert back.eos_onset == traj.eos_onset
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_truncated_and_tampered_files_name_the_file(traj, tmp_path):
+    path = traj.save(tmp_path / "run.nft")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.nft"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FileFormatError, match="cut.nft"):
+        nf.Trajectory.load(cut)
+    tampered = tmp_path / "tampered.nft"
+    tampered.write_bytes(data[:-8] + bytes(8))
+    with pytest.raises(FileFormatError, match="tampered.nft.*checksum"):
+        nf.Trajectory.load(tampered)
+    junk = tmp_path / "junk.nft"
+    junk.write_bytes(b"not a file at all")
+    with pytest.raises(FileFormatError, match="junk.nft"):
+        nf.Trajectory.load(junk)
+
+
+def test_a_pickle_is_never_executed(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.nft"
+    evil.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(FileFormatError, match="evil.nft"):
+        nf.Trajectory.load(evil)
+    assert not marker.exists()
+
+
+def test_plot_returns_a_figure_with_the_threshold(traj):
+    fig = traj.plot()
+    ax = fig.axes[1]
+    assert any(abs(line.get_ydata()[0] - 2 / 0.2) < 1e-12 for line in ax.get_lines())
+    assert len(fig.axes) == 2
