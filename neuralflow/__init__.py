@@ -6,19 +6,34 @@ Pipeline (design.md): Problem --run_gd--> Trajectory --> flows (physics) + corre
 
 __version__ = "0.1.0"
 
-from . import autodiff, problems  # noqa: E402
+from . import autodiff, corrections, flows, problems  # noqa: E402
+from .corrections import Hybrid  # noqa: E402
 from .errors import DivergenceError, FileFormatError, InputError, NeuralflowError  # noqa: E402
+from .fit import FitResult, fit  # noqa: E402
+from .flows import Approximation  # noqa: E402
+from .flows.simulate import compare, simulate  # noqa: E402
 from .gd import run_gd  # noqa: E402
 from .problems import Problem  # noqa: E402
+from .report import Report, ladder  # noqa: E402
 from .trajectory import Trajectory  # noqa: E402
 
 __all__ = [
     "__version__",
     "autodiff",
+    "flows",
+    "corrections",
+    "Hybrid",
+    "fit",
+    "FitResult",
     "problems",
+    "Approximation",
+    "simulate",
+    "compare",
     "Problem",
     "run_gd",
     "Trajectory",
+    "Report",
+    "ladder",
     "NeuralflowError",
     "InputError",
     "DivergenceError",

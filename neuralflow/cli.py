@@ -72,8 +72,113 @@ def cmd_run_gd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trajectory", help="trajectory file written by run-gd (.nft)")
+    p.add_argument("--flows", default="gradient,modified1,modified2,central",
+                   help="comma-separated flow names (gradient, modified1, modified2, principal, central)")
+    p.add_argument("--steps", type=int, default=None, help="compare up to this step (default: the whole run)")
+    p.add_argument("--out", default=None, help="figure to write (default: the trajectory's name + .compare.png)")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .flows import FLOWS, compare
+    from .problems import make
+    from .trajectory import Trajectory
+
+    names = [n.strip() for n in args.flows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FLOWS]
+    if unknown or not names:
+        raise NeuralflowError(f"unknown flows {unknown or names}; choose from {', '.join(FLOWS)}.")
+    traj = Trajectory.load(args.trajectory)
+    problem = make(traj.problem)
+    flows = [FLOWS[n](problem, traj.lr) for n in names]
+    result = compare(traj, *flows, problem=problem, steps=args.steps, progress=True)
+    print(result)
+    out = Path(args.out) if args.out else Path(args.trajectory).with_suffix(".compare.png")
+    result.figure().savefig(out, dpi=120)
+    print(f"figure       {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+        print(f"table        {args.json}")
+    return 0
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("fit", help="fit file written by `neuralflow fit` (.nff)")
+    p.add_argument("--figures", default=None,
+                   help="folder for the report's figures (default: the fit file's name + .report/)")
+    p.add_argument("--markdown", default=None, help="also write the report as Markdown here")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .checkpoint import load, stored_report
+
+    # The numbers saved with the fit render at once; a fit saved without them is rebuilt and reported.
+    report = stored_report(args.fit) or load(args.fit).report()
+    print(report)
+    directory = Path(args.figures) if args.figures else Path(args.fit).with_suffix(".report")
+    for path in report.save_figures(directory):
+        print(f"figure       {path}")
+    if args.markdown:
+        Path(args.markdown).write_text(report.to_markdown())
+        print(f"markdown     {args.markdown}")
+    return 0
+
+
+def _add_fit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trajectory", help="trajectory file written by run-gd (.nft)")
+    p.add_argument("--physics", default="gradient", help="physics flow by name (see neuralflow.flows.FLOWS)")
+    p.add_argument("--terms", default="Hg,H2g,D3gg", help="comma-separated correction terms (see corrections.TERMS)")
+    p.add_argument("--gated", default="", help="comma-separated terms whose coefficient is gated by state features")
+    p.add_argument("--window", type=int, default=20, help="steps integrated from each window start")
+    p.add_argument("--target", default="iterates", choices=["iterates", "smoothed"])
+    p.add_argument("--method", default="adjoint", choices=["adjoint", "direct", "regression"])
+    p.add_argument("--optimizer", default="auto", choices=["auto", "gauss-newton", "lbfgs", "adam"])
+    p.add_argument("--max-iters", type=int, default=None)
+    p.add_argument("--solver", default="rk4", help="torchdiffeq method (rk4, dopri5, ...)")
+    p.add_argument("--step-size", type=float, default=None, help="fixed-grid substep in steps (default: automatic)")
+    p.add_argument("--out", default="fit.nff", help="fit file to write (.nff)")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .checkpoint import save
+    from .corrections import Hybrid, TermLibrary
+    from .fit import fit
+    from .flows import FLOWS
+    from .problems import make
+    from .trajectory import Trajectory
+
+    if args.physics not in FLOWS:
+        raise NeuralflowError(f"unknown physics {args.physics!r}; choose from {', '.join(FLOWS)}.")
+    traj = Trajectory.load(args.trajectory)
+    problem = make(traj.problem)
+    terms = [n.strip() for n in args.terms.split(",") if n.strip()]
+    gated = [n.strip() for n in args.gated.split(",") if n.strip()]
+    model = Hybrid(FLOWS[args.physics](problem, traj.lr), TermLibrary(problem, traj.lr, terms, gated=gated))
+    result = fit(
+        model, traj, window=args.window, target=args.target, method=args.method, optimizer=args.optimizer,
+        max_iters=args.max_iters, solver=args.solver, step_size=args.step_size, progress=True,
+    )
+    print(f"fit          {args.physics} + [{', '.join(terms)}] on {problem.name} ({problem.dim} parameters), "
+          f"lr = {traj.lr:g}, window {args.window} steps, {args.method}")
+    for name, value in result.coefficients.items():
+        print(f"  {name:<10} {value:+.6g} +- {result.uncertainty[name]:.2g}")
+    print(f"error        physics {result.physics_error:.4g} -> hybrid {result.hybrid_error:.4g} "
+          f"(validation windows, normalised by the mean squared displacement)")
+    print(f"time         {result.timing['total']:.3g} s, {result.n_function_evals} right-hand-side evaluations")
+    save(result, args.out)
+    print(f"fit file     {args.out}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "run-gd": (_add_run_gd, cmd_run_gd, "run full-batch GD and record the trajectory"),
+    "compare": (_add_compare, cmd_compare, "simulate physics flows from a GD trajectory and compare them with it"),
+    "fit": (_add_fit, cmd_fit, "fit a physics flow plus correction terms to a GD trajectory"),
+    "report": (_add_report, cmd_report, "print which approximation a saved fit says to revise; save the figures"),
 }
 
 

@@ -1,14 +1,39 @@
 """Physics: ODE models of GD derived from first principles (stage 3 of the pipeline).
 
 Each flow lists, as data, the approximations its derivation made (``flow.approximations``).
-Flows are registered by name in :data:`FLOWS` for the command line, checkpoints and reports.
+Flows are registered by name in :data:`FLOWS` for the command line, checkpoints and reports:
+``FLOWS[name](problem, lr, **options)`` builds one, and ``flow.config()`` holds the name and options.
 """
 
-from .base import Approximation, Flow
-from .gradient import GradientFlow
+from collections.abc import Callable
+from functools import partial
 
-FLOWS: dict[str, type[Flow]] = {
+from .base import Approximation, Flow
+from .central import CentralFlow, CriticalState, solve_sdcp
+from .gradient import GradientFlow
+from .modified import ModifiedFlow
+from .principal import PrincipalFlow
+from .simulate import Comparison, compare, simulate
+
+FLOWS: dict[str, Callable[..., Flow]] = {
     "gradient": GradientFlow,
+    "modified1": partial(ModifiedFlow, order=1),
+    "modified2": partial(ModifiedFlow, order=2),
+    "principal": PrincipalFlow,
+    "central": CentralFlow,
 }
 
-__all__ = ["Approximation", "Flow", "GradientFlow", "FLOWS"]
+__all__ = [
+    "Approximation",
+    "Flow",
+    "GradientFlow",
+    "ModifiedFlow",
+    "PrincipalFlow",
+    "CentralFlow",
+    "CriticalState",
+    "solve_sdcp",
+    "simulate",
+    "compare",
+    "Comparison",
+    "FLOWS",
+]

@@ -1,0 +1,524 @@
+"""Learnable corrections added to a physics flow (stage 4 of the pipeline).
+
+A correction is a vector field ``F_a(theta)`` in step time; the model that is fitted to GD is
+``dtheta/dt = F_p(theta) + F_a(theta)`` with ``F_p`` a physics flow (:class:`Hybrid`). Two kinds:
+
+* :class:`TermLibrary`: a learnable linear combination of named candidate fields (design.md term
+  table), each carrying its natural power of ``lr`` so that a fitted coefficient is a pure number
+  comparable with theory, and each tied to the :class:`~neuralflow.flows.Approximation` it repairs.
+  A coefficient is a constant or *gated*: a tiny network of scalar state features (``lr S - 2``,
+  ``lr S``, the loss) that can stay near 0 below the edge of stability and switch on at ``lr S = 2``.
+* :class:`NeuralCorrection`: a free-form network for small problems, when no term fits.
+
+Every field is evaluated on a batch of states through one
+:class:`~neuralflow.autodiff.StateDerivatives`, so it stays differentiable with respect to the
+states (what the adjoint method's vector-Jacobian products need), and terms within one evaluation
+share their derivatives (``g`` and ``H g`` are computed once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .autodiff import StateDerivatives, top_eigenpairs
+from .errors import InputError
+from .flows import FLOWS
+from .flows.base import Approximation, Flow
+from .flows.gradient import CONTINUOUS_TIME_1, NO_OSCILLATION
+from .flows.modified import CONTINUOUS_TIME_2
+from .problems import Problem
+
+__all__ = [
+    "TermSpec",
+    "TERMS",
+    "FEATURES",
+    "Correction",
+    "TermLibrary",
+    "NeuralCorrection",
+    "Hybrid",
+    "CORRECTIONS",
+    "EFFECTIVE_STEP_SIZE",
+    "NO_OSCILLATION_CRITICAL",
+    "SLAVED_TOP_DIRECTION",
+]
+
+EFFECTIVE_STEP_SIZE = Approximation(
+    name="effective-step-size",
+    statement="The drift along -g proceeds at exactly the nominal step size lr.",
+    exact_when="always for GD's own update; broken by averaging or rescaled dynamics",
+    revised_by=("g",),
+    reference="Cohen, Kaur, Li, Kolter, Talwalkar, ICLR 2021 (step size as the only time scale)",
+)
+
+NO_OSCILLATION_CRITICAL = Approximation(
+    name="no-oscillation-critical-subspace",
+    statement="The iterates do not oscillate in the subspace of critical Hessian eigenvectors (eigenvalues "
+    ">= 1.95/lr), so the drift -(1/2) lr grad <H, Sigma> is absent.",
+    exact_when="sharpness below 2/lr; several eigenvalues at 2/lr break it together",
+    revised_by=("gradScrit",),
+    reference=NO_OSCILLATION.reference,
+)
+
+SLAVED_TOP_DIRECTION = Approximation(
+    name="slaved-top-direction",
+    statement="The motion along the top Hessian eigenvector is slaved to the gradient, with no dynamics of its own.",
+    exact_when="far below the edge of stability",
+    revised_by=("u_ug",),
+    reference="Damian, Nichani, Lee, Self-Stabilization, ICLR 2023",
+)
+
+
+class _Context:
+    """Derivatives shared by the terms and features of one evaluation on a batch of states.
+
+    Quantities are computed on first use and kept, so ``g``, ``H g`` and the top eigenpairs are
+    evaluated once however many terms need them. Eigenvectors are computed outside the graph
+    (held fixed), so ``u^T H u`` is a differentiable sharpness whose gradient is ``D3L[u, u]``.
+    """
+
+    def __init__(self, owner: Correction, state: StateDerivatives) -> None:
+        self.owner = owner
+        self.state = state
+        self._cache: dict[str, Any] = {}
+
+    def _get(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            with torch.enable_grad():  # products of derivatives must stay in the graph for grad_of
+                self._cache[key] = compute()
+        return self._cache[key]
+
+    @property
+    def g(self) -> Tensor:
+        return self.state.g
+
+    @property
+    def Hg(self) -> Tensor:
+        return self._get("Hg", lambda: self.state.hvp(self.g))
+
+    @property
+    def H2g(self) -> Tensor:
+        return self._get("H2g", lambda: self.state.hvp(self.Hg))
+
+    @property
+    def D3gg(self) -> Tensor:
+        # grad (g^T H g) = 2 H^2 g + D3L[g, g]
+        return self._get("D3gg", lambda: self.state.grad_of((self.g * self.Hg).sum(1)) - 2 * self.H2g)
+
+    def eigen(self, k: int) -> tuple[Tensor, Tensor]:
+        """Top ``k`` eigenvalues ``(B, k)`` and unit eigenvectors ``(B, k, d)``, detached."""
+        return self._get(f"eigen{k}", lambda: self.owner._eigenpairs(self.state.thetas, k))
+
+    def rayleigh(self, k: int) -> Tensor:
+        """``u_j^T H u_j`` for the top ``k`` eigenvectors held fixed, ``(B, k)``, differentiable."""
+
+        def compute() -> Tensor:
+            _, vecs = self.eigen(k)
+            return torch.stack([(vecs[:, j] * self.state.hvp(vecs[:, j])).sum(1) for j in range(k)], dim=1)
+
+        return self._get(f"rayleigh{k}", compute)
+
+    @property
+    def S(self) -> Tensor:
+        """Sharpness ``S = u^T H u`` per state ``(B,)``; its gradient is ``grad S = D3L[u, u]``."""
+        return self.rayleigh(1)[:, 0]
+
+    @property
+    def gradS(self) -> Tensor:
+        return self._get("gradS", lambda: self.state.grad_of(self.S))
+
+    @property
+    def gradScrit(self) -> Tensor:
+        def compute() -> Tensor:
+            k = min(self.owner.max_critical, self.owner.problem.dim)
+            values, _ = self.eigen(k)
+            critical = (values >= 1.95 / self.owner.lr).to(values.dtype)
+            return self.state.grad_of((self.rayleigh(k) * critical).sum(1))
+
+        return self._get("gradScrit", compute)
+
+    @property
+    def u_ug(self) -> Tensor:
+        def compute() -> Tensor:
+            u = self.eigen(1)[1][:, 0]
+            return (u * self.g).sum(1, keepdim=True) * u
+
+        return self._get("u_ug", compute)
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """One candidate correction field ``lr^power * field(theta)`` (design.md term table).
+
+    ``theory`` is the coefficient GD has in front of it (None where it depends on the problem);
+    ``approximation`` is what a non-zero fitted coefficient says to revise; ``formula`` the field
+    as a researcher writes it; ``unit_field`` computes ``field`` (without the power of ``lr``)
+    from the shared derivatives of one evaluation.
+    """
+
+    name: str
+    power: int
+    theory: float | None
+    approximation: Approximation
+    formula: str
+    unit_field: Callable[[_Context], Tensor]
+
+    def __call__(self, ctx: _Context) -> Tensor:
+        """The unit-coefficient vector field ``lr^power * field`` on the context's states, ``(B, d)``."""
+        return ctx.owner.lr**self.power * self.unit_field(ctx)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "power": self.power,
+            "theory": self.theory,
+            "formula": self.formula,
+            "approximation": self.approximation.to_dict(),
+        }
+
+
+TERMS: dict[str, TermSpec] = {
+    spec.name: spec
+    for spec in (
+        TermSpec("g", 1, 0.0, EFFECTIVE_STEP_SIZE, "lr g", lambda c: c.g),
+        TermSpec("Hg", 2, -1 / 2, CONTINUOUS_TIME_1, "lr^2 H g", lambda c: c.Hg),
+        TermSpec("H2g", 3, -1 / 3, CONTINUOUS_TIME_2, "lr^3 H^2 g", lambda c: c.H2g),
+        TermSpec("D3gg", 3, -1 / 12, CONTINUOUS_TIME_2, "lr^3 D3L[g, g]", lambda c: c.D3gg),
+        TermSpec("gradS", 1, None, NO_OSCILLATION, "lr grad S", lambda c: c.gradS),
+        TermSpec(
+            "gradScrit", 1, None, NO_OSCILLATION_CRITICAL, "lr grad sum_{lambda_i >= 1.95/lr} lambda_i",
+            lambda c: c.gradScrit,
+        ),
+        TermSpec("u_ug", 1, None, SLAVED_TOP_DIRECTION, "lr (u . g) u", lambda c: c.u_ug),
+    )
+}
+"""Candidate correction terms by name. Add a :class:`TermSpec` here to make a term available."""
+
+FEATURES: dict[str, Callable[[_Context], Tensor]] = {
+    "lr_S_minus_2": lambda c: c.owner.lr * c.S - 2,
+    "lr_S": lambda c: c.owner.lr * c.S,
+    "loss": lambda c: c.state.losses,
+}
+"""Scalar state features ``(B,)`` that gated coefficients and feature networks read."""
+
+
+def _check_names(names: Sequence[str], known: dict[str, Any], what: str) -> list[str]:
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"unknown {what} {unknown}; known {what}s are {sorted(known)}.")
+    if len(set(names)) != len(names):
+        raise InputError(f"{what} names must not repeat, got {names}.")
+    return names
+
+
+class Correction(Flow):
+    """Base class of learnable corrections: a vector field in step time on ``problem`` at ``lr``.
+
+    Shares :meth:`Flow.forward` (states ``(d,)`` or ``(B, d)``, differentiable when the states
+    require grad). Subclasses implement :meth:`vector_field` and :meth:`config`. Top
+    eigenvectors, where needed, are found by warm-started LOBPCG per state, the warm start
+    cached per batch size (the windows of a fit keep their batch positions between solves).
+    """
+
+    name = "correction"
+
+    def __init__(self, problem: Problem, lr: float, max_critical: int = 4, eig_tol: float = 1e-6) -> None:
+        super().__init__(problem, lr)
+        if isinstance(max_critical, bool) or not isinstance(max_critical, int) or max_critical < 1:
+            raise InputError(f"max_critical must be a positive int, got {max_critical!r}.")
+        self.max_critical = max_critical
+        self.eig_tol = float(eig_tol)
+        self._eig_blocks: dict[tuple[int, int], list[Tensor | None]] = {}
+        self._eig_generator = torch.Generator(device=problem.device).manual_seed(0)
+
+    def reset_cache(self) -> None:
+        """Forget the eigenvector warm starts and reseed their random start (for reproducible fits)."""
+        self._eig_blocks.clear()
+        self._eig_generator.manual_seed(0)
+
+    def _eigenpairs(self, thetas: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        blocks = self._eig_blocks.setdefault((thetas.shape[0], k), [None] * thetas.shape[0])
+        values, vectors = [], []
+        for b, theta in enumerate(thetas.detach()):
+            res = top_eigenpairs(
+                self.problem, theta, k=k, v0=blocks[b], tol=self.eig_tol, generator=self._eig_generator
+            )
+            blocks[b] = res.block
+            values.append(res.values)
+            vectors.append(res.vectors)
+        return torch.stack(values), torch.stack(vectors)
+
+    def _context(self, thetas: Tensor) -> _Context:
+        """Shared derivatives of a ``(B, d)`` batch, detached from the states (for inspection)."""
+        self.problem.check_theta(thetas, "states")
+        if thetas.dim() != 2:
+            raise InputError(f"expected a (B, {self.problem.dim}) batch of states, got shape {tuple(thetas.shape)}.")
+        return _Context(self, StateDerivatives(self.problem, thetas, create_graph=False))
+
+
+class _GatedCoefficient(torch.nn.Module):
+    """``c(theta) = scale * sigmoid(gain (lr S - 2 + margin) + MLP(features))`` (a switch at ``lr S = 2``).
+
+    ``scale`` starts at 0 (the physics alone), the MLP's last layer at 0, ``gain`` at 20 and
+    ``margin`` at 0.05: below the edge of stability (``lr S < 1.9``) the gate is below 0.12,
+    at ``lr S = 2`` it is 0.73. All of these are learned.
+    """
+
+    def __init__(self, n_features: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.scale = torch.nn.Parameter(torch.zeros((), **kw))
+        self.gain = torch.nn.Parameter(torch.tensor(20.0, **kw))
+        self.margin = torch.nn.Parameter(torch.tensor(0.05, **kw))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(n_features, hidden, **kw), torch.nn.Tanh(), torch.nn.Linear(hidden, 1, **kw)
+        )
+        torch.nn.init.zeros_(self.net[2].weight)
+        torch.nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, lr_S_minus_2: Tensor, features: Tensor) -> Tensor:
+        logit = self.gain * (lr_S_minus_2 + self.margin) + self.net(features)[:, 0]
+        return self.scale * torch.sigmoid(logit)
+
+
+class TermLibrary(Correction):
+    """``F_a(theta) = sum_i c_i(theta) lr^{p_i} field_i(theta)`` over named candidate terms.
+
+    ``terms`` are names from :data:`TERMS` (design.md term table; for GD the modified equation,
+    Hairer-Lubich-Wanner ch. IX, gives ``Hg = -1/2``, ``H2g = -1/3``, ``D3gg = -1/12``; the central
+    flow of Cohen et al. 2025 gives ``gradS = -sigma^2/2`` at the edge of stability). A constant
+    coefficient is an ``nn.Parameter`` (initially 0); a term listed in ``gated`` (or every term
+    with ``gated=True``) gets a :class:`_GatedCoefficient` of the ``features``.
+    """
+
+    name = "term-library"
+
+    def __init__(
+        self,
+        problem: Problem,
+        lr: float,
+        terms: Sequence[str] = ("Hg",),
+        gated: Sequence[str] | bool | None = None,
+        features: Sequence[str] = ("lr_S_minus_2", "lr_S", "loss"),
+        hidden: int = 8,
+        max_critical: int = 4,
+        eig_tol: float = 1e-6,
+    ) -> None:
+        super().__init__(problem, lr, max_critical=max_critical, eig_tol=eig_tol)
+        self.terms = _check_names(terms, TERMS, "term")
+        if not self.terms:
+            raise InputError(f"a TermLibrary needs at least one term; known terms are {sorted(TERMS)}.")
+        if gated is True:
+            gated_names = list(self.terms)
+        elif gated is None or gated is False:
+            gated_names = []
+        else:
+            gated_names = _check_names(gated, TERMS, "term")
+            stray = [n for n in gated_names if n not in self.terms]
+            if stray:
+                raise InputError(f"gated terms {stray} are not in the library's terms {self.terms}.")
+        self.gated = [n for n in self.terms if n in gated_names]
+        self.feature_names = _check_names(features, FEATURES, "feature")
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise InputError(f"hidden must be a positive int, got {hidden!r}.")
+        self.hidden = hidden
+        kw = {"dtype": problem.dtype, "device": problem.device}
+        self.constants = torch.nn.ParameterDict(
+            {n: torch.nn.Parameter(torch.zeros((), **kw)) for n in self.terms if n not in self.gated}
+        )
+        # (B, n_constant) per-state constants that replace the parameters while set: fit's batched
+        # finite-difference sensitivities run several coefficient vectors in one solve.
+        self._row_constants: Tensor | None = None
+        self.gates = torch.nn.ModuleDict(
+            {n: _GatedCoefficient(len(self.feature_names), hidden, **kw) for n in self.gated}
+        )
+
+    @property
+    def specs(self) -> list[TermSpec]:
+        return [TERMS[n] for n in self.terms]
+
+    @property
+    def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]
+        """The approximations this library's terms repair (each once)."""
+        return tuple(dict.fromkeys(spec.approximation for spec in self.specs))
+
+    def _features(self, ctx: _Context) -> Tensor:
+        return torch.stack([FEATURES[n](ctx) for n in self.feature_names], dim=1)
+
+    def _coefficients(self, ctx: _Context) -> dict[str, Tensor]:
+        B = ctx.state.thetas.shape[0]
+        out: dict[str, Tensor] = {}
+        feats = self._features(ctx) if self.gated else None
+        constants = list(self.constants)
+        for n in self.terms:
+            if n in self.gates:
+                out[n] = self.gates[n](FEATURES["lr_S_minus_2"](ctx), feats)
+            elif self._row_constants is not None:
+                out[n] = self._row_constants[:, constants.index(n)]
+            else:
+                out[n] = self.constants[n].expand(B)
+        return out
+
+    def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
+        ctx = _Context(self, state)
+        coeffs = self._coefficients(ctx)
+        total = sum(coeffs[spec.name][:, None] * state.out(spec(ctx)) for spec in self.specs)
+        return total
+
+    # ---------------------------------------------------------------- inspection (report)
+    def fields(self, thetas: Tensor) -> dict[str, Tensor]:
+        """Unit-coefficient fields ``lr^p field_i`` on states ``(B, d)``, detached, by name."""
+        ctx = self._context(thetas)
+        return {spec.name: spec(ctx).detach() for spec in self.specs}
+
+    def coefficient_values(self, thetas: Tensor) -> dict[str, Tensor]:
+        """Each term's coefficient on each state ``(B,)`` (constants repeated), detached."""
+        with torch.no_grad():
+            return {n: c.detach() for n, c in self._coefficients(self._context(thetas)).items()}
+
+    def contributions(self, thetas: Tensor) -> dict[str, Tensor]:
+        """Each term's share ``c_i(theta) lr^p field_i(theta)`` of the correction, ``(B, d)``, by name."""
+        ctx = self._context(thetas)
+        with torch.no_grad():
+            coeffs = self._coefficients(ctx)
+        return {spec.name: (coeffs[spec.name][:, None] * spec(ctx)).detach() for spec in self.specs}
+
+    def features(self, thetas: Tensor) -> Tensor:
+        """The scalar state features ``(B, F)`` in the order of :attr:`feature_names`, detached."""
+        return self._features(self._context(thetas)).detach()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "lr": self.lr,
+            "terms": list(self.terms),
+            "gated": list(self.gated),
+            "features": list(self.feature_names),
+            "hidden": self.hidden,
+            "max_critical": self.max_critical,
+            "eig_tol": self.eig_tol,
+        }
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, terms={self.terms}, gated={self.gated}"
+
+
+class NeuralCorrection(Correction):
+    """Free-form correction ``F_a(theta) = lr * MLP(x)`` for low-dimensional problems.
+
+    ``features="state"``: ``x = theta`` (``d`` inputs); ``features="features"``: ``x`` = the
+    scalar state features of :data:`FEATURES` (then ``F_a`` depends on ``theta`` only through
+    them). Two tanh hidden layers of width ``hidden``; the output layer starts at 0, so the
+    model starts as the physics alone (the universal differential equations of Rackauckas et al. 2020).
+    """
+
+    name = "neural"
+
+    def __init__(
+        self,
+        problem: Problem,
+        lr: float,
+        features: str = "state",
+        hidden: int = 64,
+        feature_names: Sequence[str] = ("lr_S_minus_2", "lr_S", "loss"),
+        seed: int = 0,
+        max_critical: int = 4,
+        eig_tol: float = 1e-6,
+    ) -> None:
+        super().__init__(problem, lr, max_critical=max_critical, eig_tol=eig_tol)
+        if features not in ("state", "features"):
+            raise InputError(f"NeuralCorrection: features must be 'state' or 'features', got {features!r}.")
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise InputError(f"hidden must be a positive int, got {hidden!r}.")
+        self.inputs = features
+        self.feature_names = _check_names(feature_names, FEATURES, "feature")
+        self.hidden = hidden
+        self.seed = seed
+        n_in = problem.dim if features == "state" else len(self.feature_names)
+        kw = {"dtype": problem.dtype, "device": problem.device}
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(n_in, hidden, **kw),
+            torch.nn.Tanh(),
+            torch.nn.Linear(hidden, hidden, **kw),
+            torch.nn.Tanh(),
+            torch.nn.Linear(hidden, problem.dim, **kw),
+        )
+        torch.random.set_rng_state(gen_state)
+        torch.nn.init.zeros_(self.net[4].weight)
+        torch.nn.init.zeros_(self.net[4].bias)
+
+    def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
+        if self.inputs == "state":
+            x = state.thetas
+        else:
+            ctx = _Context(self, state)
+            x = torch.stack([FEATURES[n](ctx) for n in self.feature_names], dim=1)
+        return self.lr * self.net(x if state.create_graph else x.detach())
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "lr": self.lr,
+            "features": self.inputs,
+            "hidden": self.hidden,
+            "feature_names": list(self.feature_names),
+            "seed": self.seed,
+            "max_critical": self.max_critical,
+            "eig_tol": self.eig_tol,
+        }
+
+
+CORRECTIONS: dict[str, type[Correction]] = {"term-library": TermLibrary, "neural": NeuralCorrection}
+
+
+class Hybrid(Flow):
+    """``dtheta/dt = F_p(theta) + F_a(theta)``: a physics flow plus a learnable correction.
+
+    The ODE right-hand side handed to torchdiffeq. ``Hybrid(flow, None)`` is the physics alone.
+    Both parts read one shared :class:`~neuralflow.autodiff.StateDerivatives` per evaluation.
+    """
+
+    name = "hybrid"
+
+    def __init__(self, flow: Flow, correction: Correction | None = None) -> None:
+        if not isinstance(flow, Flow) or isinstance(flow, Correction):
+            raise InputError(
+                f"Hybrid: flow must be a physics flow (one of {sorted(FLOWS)}), got {type(flow).__name__}."
+            )
+        if correction is not None:
+            if not isinstance(correction, Correction):
+                raise InputError(
+                    f"Hybrid: correction must be a TermLibrary or NeuralCorrection (or None), got "
+                    f"{type(correction).__name__}."
+                )
+            if correction.problem is not flow.problem:
+                raise InputError("Hybrid: the flow and the correction must be built on the same Problem object.")
+            if abs(correction.lr - flow.lr) > 1e-12 * flow.lr:
+                raise InputError(f"Hybrid: the flow has lr={flow.lr:g} but the correction lr={correction.lr:g}.")
+        super().__init__(flow.problem, flow.lr)
+        self.flow = flow
+        self.correction = correction
+
+    @property
+    def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]
+        return tuple(self.flow.approximations)
+
+    def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
+        out = self.flow.vector_field(t, state)
+        return out if self.correction is None else out + self.correction.vector_field(t, state)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "flow": self.flow.config(),
+            "correction": None if self.correction is None else self.correction.config(),
+        }

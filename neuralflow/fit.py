@@ -1,0 +1,752 @@
+"""Fitting a physics flow plus a learnable correction to GD iterates (stage 5 of the pipeline).
+
+Multiple shooting: every window starts at an observed (or smoothed) iterate ``x_s`` and the
+:class:`~neuralflow.corrections.Hybrid` is integrated over ``window`` steps with torchdiffeq, all
+windows batched as the rows of one ``(B, d)`` state. The fit minimises
+
+    loss = E  +  min_norm * E_p * mean ||F_a(x_s)||^2 / mean ||F_p(x_s)||^2
+    E    = mean_{windows, outputs k} ||theta(t_s + k) - x_{s+k}||^2 / D
+
+``D`` (the *normaliser*) is the mean squared displacement ``||x_{s+k} - x_s||^2`` of the targets
+over the same windows and outputs, so an error of 1 is as bad as standing still and numbers are
+comparable across problems. The second term is the APHYNITY penalty (Yin et al., ICLR 2021;
+science.md 6) on the correction's size relative to the physics field ``F_p`` at the window
+starts, weighted by the physics-only error ``E_p`` on the training windows: the physics keeps what
+it explains, and the bias on a needed correction is about ``min_norm (||F_a|| / ||F_p||)^2``
+relative, on any problem.
+
+Gradients come from ``torchdiffeq.odeint_adjoint`` (adjoint parameters = the correction's
+parameters, seminorm) or from backpropagation through ``odeint`` (``method="direct"``); LBFGS and
+Adam use them. The default optimiser for at most 64 parameters is Gauss-Newton /
+Levenberg-Marquardt with the sensitivities ``J`` of the window states to each parameter by finite
+differences (one forward solve per parameter, no backward pass). Constant coefficients of a term
+library enter the right-hand side linearly, so it converges in a handful of iterations where a
+plain LBFGS loop crawls (design.md). ``method="regression"`` is the SINDy-style baseline (Brunton et al. 2016): least
+squares of a 5-point finite-difference derivative of the targets minus the physics on the
+unit-coefficient fields; it is instant, and the default initial guess of the ODE fit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint, odeint_adjoint
+from tqdm.auto import tqdm
+
+from .corrections import Hybrid, TermLibrary
+from .errors import DivergenceError, InputError
+from .trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from .report import Report
+
+__all__ = ["fit", "fit_loss", "FitResult"]
+
+_FIXED_GRID = ("rk4", "euler", "midpoint", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams")
+_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+_OPTIMIZERS = ("auto", "gauss-newton", "lbfgs", "adam")
+_DEFAULT_ITERS = {"gauss-newton": 20, "lbfgs": 100, "adam": 500}
+_GN_MAX_PARAMS = 64  # finite-difference sensitivities cost one solve per parameter
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` found.
+
+    ``coefficients`` are dimensionless (design.md term table; a gated coefficient is its mean over
+    the window starts) with ``uncertainty`` their standard errors: Gauss-Newton sandwich
+    covariance clustered by window (the spread of the windows' estimating equations), mapped to
+    the coefficients by the delta method; for ``method="regression"`` the ordinary least-squares
+    error. Errors are normalised by the mean squared displacement (see :mod:`neuralflow.fit`);
+    ``physics_error`` and ``hybrid_error`` are means over the validation windows (over the
+    training windows when there are none). ``windows`` holds each window's start ``step`` and
+    whether it is a ``validation`` window.
+    """
+
+    model: Hybrid
+    coefficients: dict[str, float]
+    uncertainty: dict[str, float]
+    history: list[dict[str, float]]
+    window_errors: Tensor
+    physics_window_errors: Tensor
+    physics_error: float
+    hybrid_error: float
+    timing: dict[str, float]
+    settings: dict[str, Any]
+    trajectory: Trajectory
+    n_function_evals: int
+    windows: dict[str, Tensor] = field(default_factory=dict)
+    normaliser: float = math.nan
+
+    @property
+    def improvement(self) -> float:
+        """``physics_error / hybrid_error`` on the validation windows (> 1: the correction helps)."""
+        return self.physics_error / self.hybrid_error if self.hybrid_error > 0 else math.inf
+
+    def report(self, **options: Any) -> Report:
+        """The readable report of this fit (:func:`neuralflow.report.build_report`; ``options`` go there)."""
+        from .report import build_report
+
+        return build_report(self, **options)
+
+    def __repr__(self) -> str:
+        unc = self.uncertainty
+        coeffs = ", ".join(f"{k}={v:.4g}+-{unc.get(k, math.nan):.2g}" for k, v in self.coefficients.items())
+        return (
+            f"FitResult({coeffs}; error physics {self.physics_error:.4g} -> hybrid {self.hybrid_error:.4g}, "
+            f"{len(self.history)} iterations, {self.timing.get('total', math.nan):.3g} s)"
+        )
+
+
+class _SolverFailure(Exception):
+    pass
+
+
+class _Counted(torch.nn.Module):
+    """The model, counting right-hand-side evaluations."""
+
+    def __init__(self, model: Hybrid) -> None:
+        super().__init__()
+        self.model = model
+        self.n = 0
+
+    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+        self.n += 1
+        return self.model(t, y)
+
+
+@dataclass
+class _Windows:
+    t: Tensor  # (n_out + 1,) step times relative to the window start
+    steps: Tensor  # (W,) step of each window start
+    targets: Tensor  # (n_out + 1, W, d); targets[0] are the starting states
+    train: Tensor  # indices of training windows
+    val: Tensor  # indices of validation windows
+    normaliser: float
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"fit: {name} must be a positive int, got {value!r}.")
+    return value
+
+
+def _make_windows(
+    targets: Trajectory, window: int, stride: int, val_fraction: float, seed: int, dtype: torch.dtype,
+    device: torch.device,
+) -> _Windows:
+    every = targets.store_every
+    if window % every:
+        raise InputError(
+            f"fit: window={window} steps is not a multiple of the recording interval ({every} steps); "
+            f"choose a multiple of {every}."
+        )
+    if stride % every:
+        raise InputError(f"fit: stride={stride} steps is not a multiple of the recording interval ({every} steps).")
+    n_out, hop = window // every, stride // every
+    T = len(targets)
+    if T < n_out + 1:
+        raise InputError(
+            f"fit: the trajectory holds {T} stored iterates (steps {int(targets.steps[0])}..{int(targets.steps[-1])}) "
+            f"but a window of {window} steps needs {n_out + 1}; use a smaller window or a longer run."
+        )
+    x = targets.iterates.to(dtype=dtype, device=device)
+    starts = torch.arange(0, T - n_out, hop, device=device)
+    idx = starts[None, :] + torch.arange(n_out + 1, device=device)[:, None]
+    tgt = x[idx]
+    n = len(starts)
+    if not 0 <= val_fraction < 1:
+        raise InputError(f"fit: val_fraction must be in [0, 1), got {val_fraction!r}.")
+    n_val = min(int(round(val_fraction * n)), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
+    disp = (tgt[1:] - tgt[:1]).square().sum(-1).mean()
+    if not disp > 0:
+        raise InputError("fit: the targets do not move within the windows; there is nothing to fit.")
+    t = torch.arange(0, window + 1, every, dtype=dtype, device=device)
+    return _Windows(t, targets.steps.to(device)[starts], tgt, train, val, float(disp))
+
+
+class _Objective:
+    """Window solves, residuals and the fit loss for one model and one set of windows.
+
+    Every solve integrates all windows (training and validation) as one batch: the right-hand
+    side's cost is dominated by per-call overhead on small problems, so the validation error
+    comes almost free with each training evaluation.
+    """
+
+    def __init__(
+        self, model: Hybrid, win: _Windows, method: str, solver: str, options: dict[str, Any], rtol: float,
+        atol: float, min_norm: float,
+    ) -> None:
+        self.model = model
+        self.counted = _Counted(model)
+        self.win = win
+        self.method = method
+        self.solver = solver
+        self.options = options
+        self.rtol, self.atol = rtol, atol
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.last_jacobian: Tensor | None = None
+        self.val_loss = math.nan
+        self.last_errors: Tensor | None = None
+        physics = Hybrid(model.flow, None)
+        self.physics_errors = self.errors(self.solve(win.targets[0], grad=False, model=physics))
+        with torch.no_grad():
+            size = float(physics(win.t[0], win.targets[0, win.train]).square().sum(-1).mean())
+        # APHYNITY weight relative to the physics' own error, so the bias it puts on a needed
+        # correction is ~ min_norm (||F_a|| / ||F_p||)^2 whatever the problem.
+        self.penalty_weight = min_norm * float(self.physics_errors[win.train].mean()) / max(size, 1e-300)
+        lib = model.correction
+        self.batched_sensitivities = (
+            isinstance(lib, TermLibrary) and not lib.gated and solver in _FIXED_GRID
+            and len(self.params) == len(lib.terms)
+        )
+
+    def solve(self, y0: Tensor, grad: bool, model: torch.nn.Module | None = None) -> Tensor:
+        """Integrate from the rows of ``y0`` over the window's output times, ``(n_out + 1, B, d)``."""
+        func = self.counted if model is None else model
+        kw = {"method": self.solver, "options": self.options, "rtol": self.rtol, "atol": self.atol}
+        try:
+            if grad and self.method == "adjoint":
+                sol = odeint_adjoint(
+                    func, y0, self.win.t, adjoint_params=tuple(self.params),
+                    adjoint_options={**self.options, "norm": "seminorm"}, **kw,
+                )
+            elif grad:
+                sol = odeint(func, y0, self.win.t, **kw)
+            else:
+                with torch.no_grad():
+                    sol = odeint(func, y0, self.win.t, **kw)
+        except (AssertionError, RuntimeError) as exc:  # torchdiffeq signals "underflow in dt" by assertion
+            raise _SolverFailure(f"the ODE solver failed ({exc})") from None
+        if not torch.isfinite(sol).all():
+            raise _SolverFailure("the ODE solution became non-finite")
+        return sol
+
+    def errors(self, sol: Tensor) -> Tensor:
+        """Normalised mean squared distance of each window to its targets, ``(W,)``."""
+        return (sol[1:] - self.win.targets[1:]).square().sum(-1).mean(0).detach() / self.win.normaliser
+
+    def _residuals(self, sol: Tensor, fa: Tensor | None) -> Tensor:
+        """Residual vector (trajectory, then penalty) of the training windows; loss = its squared norm."""
+        idx = self.win.train
+        n_out, B = sol.shape[0] - 1, len(idx)
+        traj = (sol[1:, idx] - self.win.targets[1:, idx]) / math.sqrt(n_out * B * self.win.normaliser)
+        if fa is None:
+            return traj.reshape(-1)
+        return torch.cat([traj.reshape(-1), fa.reshape(-1) * math.sqrt(self.penalty_weight / B)])
+
+    def _penalised(self) -> bool:
+        return self.model.correction is not None and self.penalty_weight > 0
+
+    def residuals(self, grad: bool) -> Tensor:
+        """Residual vector at the current parameters; also updates :attr:`val_loss`."""
+        sol = self.solve(self.win.targets[0], grad)
+        self.last_errors = self.errors(sol)
+        if len(self.win.val):
+            self.val_loss = float(self.last_errors[self.win.val].mean())
+        fa = None
+        if self._penalised():
+            with torch.set_grad_enabled(grad):
+                fa = self.model.correction(self.win.t[0], self.win.targets[0, self.win.train])
+        return self._residuals(sol, fa)
+
+    def loss_and_grad(self) -> tuple[float, Tensor]:
+        loss = self.residuals(grad=True).square().sum()
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads)])
+        return float(loss.detach()), flat
+
+    def get(self) -> Tensor:
+        return torch.nn.utils.parameters_to_vector(self.params).detach().clone()
+
+    def set(self, vec: Tensor) -> None:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(vec, self.params)
+
+    def jacobian(self, base: Tensor, r0: Tensor) -> Tensor:
+        """``d residuals / d parameters`` by one-sided finite differences, ``(R, P)``.
+
+        For a constant-coefficient library on a fixed grid, the ``P`` perturbed models run as one
+        batched solve (each copy of the windows with its own coefficients).
+        """
+        steps = 1e-4 * base.abs().clamp_min(1.0)
+        if self.batched_sensitivities:
+            cols = self._batched_differences(base, steps)
+        else:
+            cols = []
+            for j in range(len(base)):
+                shifted = base.clone()
+                shifted[j] += steps[j]
+                self.set(shifted)
+                cols.append(self.residuals(grad=False))
+            self.set(base)
+        self.last_jacobian = torch.stack([(c - r0) / h for c, h in zip(cols, steps)], dim=1)
+        return self.last_jacobian
+
+    def _batched_differences(self, base: Tensor, steps: Tensor) -> list[Tensor]:
+        lib = self.model.correction
+        P = len(base)
+        start = self.win.targets[0]
+        W = start.shape[0]
+        rows = base.expand(P, P) + torch.diag(steps)  # copy j has coefficient j shifted
+        lib._row_constants = rows.repeat_interleave(W, dim=0)
+        try:
+            sol = self.solve(start.repeat(P, 1), grad=False)
+            fa = None
+            if self._penalised():
+                starts = self.win.targets[0, self.win.train]
+                lib._row_constants = rows.repeat_interleave(len(starts), dim=0)
+                with torch.no_grad():
+                    fa = lib(self.win.t[0], starts.repeat(P, 1)).reshape(P, len(starts), -1)
+        finally:
+            lib._row_constants = None
+        sol = sol.reshape(sol.shape[0], P, W, -1)
+        return [self._residuals(sol[:, j], None if fa is None else fa[j]) for j in range(P)]
+
+
+def _five_point_derivative(x: Tensor, h: float) -> Tensor:
+    """``x'(t_i)`` at interior points ``i = 2..T-3`` by the 5-point central difference, error O(h^4)."""
+    return (x[:-4] - 8 * x[1:-3] + 8 * x[3:-1] - x[4:]) / (12 * h)
+
+
+def _regression(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """SINDy-style least squares: ``x' - F_p(x) = sum_i c_i F_i(x)`` at interior points of training windows.
+
+    Returns the coefficients and their ordinary least-squares standard errors.
+    """
+    lib = model.correction
+    h = float(targets.store_every)
+    x = targets.iterates.to(dtype=model.problem.dtype, device=model.problem.device)
+    if len(x) < 5:
+        raise InputError("fit: method='regression' needs at least 5 stored iterates for its 5-point derivative.")
+    deriv = _five_point_derivative(x, h)
+    steps = targets.steps.to(x.device)[2:-2]
+    window = float(win.t[-1])
+    starts = win.steps[win.train]
+    inside = ((steps[:, None] >= starts[None, :]) & (steps[:, None] <= starts[None, :] + window)).any(1)
+    pts, deriv = x[2:-2][inside], deriv[inside]
+    if len(pts) == 0:
+        raise InputError("fit: no interior point of the training windows is available for the regression.")
+    P = len(lib.terms)
+    AtA = x.new_zeros(P, P)
+    Atb = x.new_zeros(P)
+    btb = x.new_zeros(())
+    t0 = win.t[0]
+    for lo in range(0, len(pts), chunk):
+        xs = pts[lo : lo + chunk]
+        with torch.no_grad():
+            b = deriv[lo : lo + chunk] - model.flow(t0, xs)
+        fields = lib.fields(xs)
+        A = torch.stack([fields[n].reshape(-1) for n in lib.terms], dim=1)
+        b = b.reshape(-1)
+        AtA += A.T @ A
+        Atb += A.T @ b
+        btb += b @ b
+    scale = AtA.diagonal().clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+    M = AtA / scale[:, None] / scale[None, :]
+    Minv = torch.linalg.pinv(M, hermitian=True, rtol=1e-13)
+    coef = (Minv @ (Atb / scale)) / scale
+    n_rows = len(pts) * x.shape[1]
+    rss = (btb - 2 * coef @ Atb + coef @ AtA @ coef).clamp_min(0)
+    s2 = rss / max(n_rows - P, 1)
+    se = (s2 * Minv.diagonal()).sqrt() / scale
+    return coef, se
+
+
+def _coefficient_map(model: Hybrid, states: Tensor) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Mean coefficient of each term over ``states`` and its gradient w.r.t. the fitted parameters."""
+    lib = model.correction
+    if not isinstance(lib, TermLibrary):
+        return {}, {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    coeffs = lib._coefficients(lib._context(states))
+    values, grads = {}, {}
+    for name, c in coeffs.items():
+        m = c.mean()
+        values[name] = float(m.detach())
+        g = torch.autograd.grad(m, params, retain_graph=True, allow_unused=True)
+        grads[name] = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for p, gi in zip(params, g)])
+    return values, grads
+
+
+def _sandwich(J: Tensor, r: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """Parameter covariance ``A^-1 M A^-1``: ``A = J^T J``, ``M`` the windows' scores ``J_w^T r_w`` clustered.
+
+    The residuals are deterministic model error correlated along each window, so the spread of
+    the per-window estimating equations (a cluster-robust sandwich) is the honest scale.
+    """
+    n_out, B, d = shape
+    n = n_out * B * d
+    scores = torch.einsum("kbdp,kbd->bp", J[:n].reshape(n_out, B, d, -1), r[:n].reshape(n_out, B, d))
+    meat = scores.T @ scores * (B / max(B - 1, 1))
+    Ainv = torch.linalg.pinv(J.T @ J, hermitian=True, rtol=1e-13)
+    return Ainv @ meat @ Ainv
+
+
+def _default_step_size(trajectory: Trajectory) -> float:
+    """RK4 substep: ``1/n`` steps with ``lr * S / n <= 0.25`` (4 substeps at the edge of stability)."""
+    s = trajectory.history.get("sharpness", trajectory.sharpness)
+    s = s[torch.isfinite(s)]
+    if len(s) == 0:
+        return 0.5
+    return 1.0 / max(1, math.ceil(trajectory.lr * float(s.max()) / 0.25))
+
+
+def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: str) -> Trajectory:
+    if not isinstance(model, Hybrid):
+        raise InputError(
+            f"fit: model must be an nf.Hybrid(flow, correction), got {type(model).__name__}; wrap a physics flow "
+            "with nf.Hybrid(flow, correction) (or nf.Hybrid(flow, None) for the physics alone)."
+        )
+    if not isinstance(trajectory, Trajectory):
+        raise InputError(f"fit: trajectory must be an nf.Trajectory (from run_gd), got {type(trajectory).__name__}.")
+    problem = model.problem
+    if trajectory.dim != problem.dim:
+        raise InputError(
+            f"fit: the trajectory has {trajectory.dim} parameters but the model's problem {problem.name!r} has "
+            f"{problem.dim}; fit the trajectory with a model built on the problem that produced it."
+        )
+    if abs(trajectory.lr - model.lr) > 1e-9 * model.lr:
+        raise InputError(
+            f"fit: the trajectory was run with lr={trajectory.lr:g} but the model uses lr={model.lr:g}; build the "
+            "flow and the correction with the trajectory's lr."
+        )
+    name = trajectory.problem.get("name")
+    if name is not None and name != problem.name:
+        raise InputError(
+            f"fit: the trajectory comes from problem {name!r} but the model is built on {problem.name!r}."
+        )
+    if target not in ("iterates", "smoothed"):
+        raise InputError(f"fit: target must be 'iterates' or 'smoothed', got {target!r}.")
+    if method not in ("adjoint", "direct", "regression"):
+        raise InputError(f"fit: method must be 'adjoint', 'direct' or 'regression', got {method!r}.")
+    bad = ~torch.isfinite(trajectory.iterates).all(dim=1)
+    if bool(bad.any()):
+        step = int(trajectory.steps[bad.nonzero()[0, 0]])
+        raise InputError(
+            f"fit: the trajectory's iterates are not finite from step {step} on; fit the finite part, e.g. "
+            f"trajectory.slice(stop={step})."
+        )
+    return trajectory if target == "iterates" else trajectory.smoothed()
+
+
+def _objective(
+    model: Hybrid, trajectory: Trajectory, window: int, target: str, method: str, min_norm: float,
+    val_fraction: float, stride: int | None, seed: int, solver: str, step_size: float | None, rtol: float,
+    atol: float, settings: dict[str, Any],
+) -> tuple[_Objective, Trajectory]:
+    """Validate the inputs and set up the windows and the loss; records resolved settings."""
+    targets = _check_inputs(model, trajectory, target, method)
+    window = _positive_int(window, "window")
+    settings["stride"] = stride = window if stride is None else _positive_int(stride, "stride")
+    if solver in _FIXED_GRID:
+        if step_size is None:
+            step_size = _default_step_size(trajectory)
+            settings["step_size_used"] = step_size
+        options: dict[str, Any] = {"step_size": float(step_size)}
+        if not 0 < step_size <= targets.store_every:
+            raise InputError(f"fit: step_size must be in (0, {targets.store_every}] steps, got {step_size!r}.")
+    elif solver in _ADAPTIVE:
+        options = {}
+    else:
+        raise InputError(f"fit: unknown solver {solver!r}; choose from {sorted(_FIXED_GRID + _ADAPTIVE)}.")
+    if not (isinstance(min_norm, (int, float)) and math.isfinite(min_norm) and min_norm >= 0):
+        raise InputError(f"fit: min_norm must be a non-negative number, got {min_norm!r}.")
+    problem = model.problem
+    win = _make_windows(targets, window, stride, val_fraction, seed, problem.dtype, problem.device)
+    if model.correction is not None:
+        model.correction.reset_cache()
+    return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm)), targets
+
+
+def fit_loss(
+    model: Hybrid,
+    trajectory: Trajectory,
+    window: int = 20,
+    target: str = "iterates",
+    method: str = "adjoint",
+    min_norm: float = 1e-4,
+    val_fraction: float = 0.2,
+    stride: int | None = None,
+    seed: int = 0,
+    solver: str = "rk4",
+    step_size: float | None = None,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+) -> tuple[float, Tensor]:
+    """The loss :func:`fit` minimises at the model's current parameters, and its gradient.
+
+    The gradient is flat over the correction's trainable parameters (``model.parameters()``
+    order), by the adjoint method (``method="adjoint"``) or backpropagation (``"direct"``).
+    Arguments as in :func:`fit`.
+    """
+    if method not in ("adjoint", "direct"):
+        raise InputError(f"fit_loss: method must be 'adjoint' or 'direct', got {method!r}.")
+    obj, _ = _objective(
+        model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
+        atol, {},
+    )
+    if not obj.params:
+        raise InputError("fit_loss: the model has no trainable parameters.")
+    return obj.loss_and_grad()
+
+
+def fit(
+    model: Hybrid,
+    trajectory: Trajectory,
+    window: int = 20,
+    target: str = "iterates",
+    method: str = "adjoint",
+    optimizer: str = "auto",
+    min_norm: float = 1e-4,
+    max_iters: int | None = None,
+    val_fraction: float = 0.2,
+    stride: int | None = None,
+    patience: int = 5,
+    tol: float = 1e-9,
+    init: str = "auto",
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+    solver: str = "rk4",
+    step_size: float | None = None,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    progress: bool = True,
+) -> FitResult:
+    """Fit ``model`` (a :class:`~neuralflow.corrections.Hybrid`) to ``trajectory`` by multiple shooting.
+
+    Windows of ``window`` steps start every ``stride`` steps (default: ``window``, disjoint) at the
+    observed iterates (``target="iterates"``) or at the midpoint process (``"smoothed"``,
+    science.md 3); a seeded ``val_fraction`` of them is held out for validation and early
+    stopping (``patience`` iterations without improvement). The loss is described in
+    :mod:`neuralflow.fit`. ``method``: ``"adjoint"`` (``odeint_adjoint``), ``"direct"``
+    (backpropagation through ``odeint``) or ``"regression"`` (the derivative-regression baseline,
+    no ODE fit). ``optimizer``: ``"gauss-newton"`` (Levenberg-Marquardt, default for at most 64
+    parameters), ``"lbfgs"`` or ``"adam"`` (``learning_rate``). ``init="regression"`` starts a
+    constant-coefficient library from the regression baseline (the default when it applies),
+    ``"current"`` from the model's parameters. ``solver`` is a torchdiffeq method; fixed-grid
+    ones use ``step_size`` (in steps; default ``1/n`` with ``n`` the smallest integer making
+    ``lr * S * step_size <= 0.25`` for the largest sharpness ``S`` the trajectory measured, ``1/2``
+    if it measured none), adaptive ones ``rtol`` and ``atol``.
+
+    A solver failure mid-fit raises :class:`~neuralflow.errors.DivergenceError`; the model then
+    holds the best parameters found so far (also in ``error.partial``). Runs are reproducible
+    bit-for-bit on the same machine.
+    """
+    t_begin = time.perf_counter()
+    settings = {
+        "window": window, "target": target, "method": method, "optimizer": optimizer, "min_norm": min_norm,
+        "max_iters": max_iters, "val_fraction": val_fraction, "stride": stride, "patience": patience, "tol": tol,
+        "init": init, "learning_rate": learning_rate, "seed": seed, "solver": solver, "step_size": step_size,
+        "rtol": rtol, "atol": atol, "model": model.config() if isinstance(model, Hybrid) else None,
+    }
+    patience = _positive_int(patience, "patience")
+    if optimizer not in _OPTIMIZERS:
+        raise InputError(f"fit: unknown optimizer {optimizer!r}; choose from {list(_OPTIMIZERS)}.")
+    if init not in ("auto", "regression", "current"):
+        raise InputError(f"fit: init must be 'auto', 'regression' or 'current', got {init!r}.")
+    obj, targets = _objective(
+        model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
+        atol, settings,
+    )
+    win, problem, lib = obj.win, model.problem, model.correction
+    can_regress = isinstance(lib, TermLibrary) and not lib.gated
+    if method == "regression" and not can_regress:
+        raise InputError(
+            "fit: method='regression' needs a TermLibrary with constant coefficients (no gated terms); use "
+            "method='adjoint' for gated terms or a NeuralCorrection."
+        )
+    if init == "auto":
+        init = "regression" if can_regress and len(targets) >= 5 else "current"
+    if init == "regression" and not can_regress:
+        raise InputError("fit: init='regression' needs a TermLibrary with constant coefficients; use init='current'.")
+    timing: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    regression_se = None
+    if init == "regression" or method == "regression":
+        t0 = time.perf_counter()
+        coef, regression_se = _regression(model, targets, win)
+        with torch.no_grad():
+            for name, c in zip(lib.terms, coef):
+                lib.constants[name].copy_(c)
+        timing["regression"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if method != "regression" and obj.params:
+        optimizer = _optimise(obj, optimizer, max_iters, patience, tol, learning_rate, history, progress)
+    timing["optimise"] = time.perf_counter() - t0
+    n_evals = obj.counted.n
+
+    t0 = time.perf_counter()
+    everything = torch.arange(win.targets.shape[1], device=problem.device)
+    final_residuals = obj.residuals(grad=False)
+    hybrid_errors, physics_errors = obj.last_errors, obj.physics_errors
+    shown = win.val if len(win.val) else win.train
+    if not history:  # regression, or nothing to fit
+        history.append({
+            "iteration": 0, "train_loss": float(hybrid_errors[win.train].mean()),
+            "val_loss": float(hybrid_errors[win.val].mean()) if len(win.val) else math.nan,
+        })
+    coefficients, coefficient_grads = _coefficient_map(model, win.targets[0])
+    uncertainty = _uncertainty(obj, final_residuals, method, coefficient_grads, regression_se, lib)
+    timing["evaluate"] = time.perf_counter() - t0
+    timing["total"] = time.perf_counter() - t_begin
+    settings["optimizer_used"] = optimizer if method != "regression" else None
+    settings["init_used"] = init
+    return FitResult(
+        model=model,
+        coefficients=coefficients,
+        uncertainty=uncertainty,
+        history=history,
+        window_errors=hybrid_errors,
+        physics_window_errors=physics_errors,
+        physics_error=float(physics_errors[shown].mean()),
+        hybrid_error=float(hybrid_errors[shown].mean()),
+        timing=timing,
+        settings=settings,
+        trajectory=targets,
+        n_function_evals=n_evals,
+        windows={"step": win.steps, "validation": torch.isin(everything, win.val)},
+        normaliser=win.normaliser,
+    )
+
+
+def _uncertainty(
+    obj: _Objective, r: Tensor, method: str, grads: dict[str, Tensor], regression_se: Tensor | None, lib: Any
+) -> dict[str, float]:
+    if method == "regression":
+        return {n: float(s) for n, s in zip(lib.terms, regression_se)}
+    if not grads or len(obj.get()) > _GN_MAX_PARAMS:
+        return {n: math.nan for n in grads}
+    J = obj.last_jacobian if obj.last_jacobian is not None else obj.jacobian(obj.get(), r)
+    n_out, B = obj.win.targets.shape[0] - 1, len(obj.win.train)
+    cov = _sandwich(J, r, (n_out, B, obj.model.problem.dim))
+    return {n: float((g @ cov @ g).clamp_min(0).sqrt()) for n, g in grads.items()}
+
+
+def _optimise(
+    obj: _Objective, optimizer: str, max_iters: int | None, patience: int, tol: float, learning_rate: float,
+    history: list[dict[str, float]], progress: bool,
+) -> str:
+    """Run the optimiser; on return the model holds the best parameters (by validation loss)."""
+    n_params = len(obj.get())
+    if optimizer == "auto":
+        optimizer = "gauss-newton" if n_params <= _GN_MAX_PARAMS else "lbfgs"
+    if optimizer == "gauss-newton" and n_params > _GN_MAX_PARAMS:
+        raise InputError(
+            f"fit: gauss-newton needs one solve per parameter and is limited to {_GN_MAX_PARAMS} parameters; this "
+            f"correction has {n_params}. Use optimizer='lbfgs' or 'adam'."
+        )
+    iters = _DEFAULT_ITERS[optimizer] if max_iters is None else _positive_int(max_iters, "max_iters")
+    t_start = time.perf_counter()
+    best = {"score": math.inf, "params": obj.get(), "iteration": 0, "stale": 0}
+    bar = tqdm(total=iters, desc=f"fit {optimizer}", disable=not progress, unit="it")
+
+    def record(it: int, train_loss: float, params: Tensor) -> bool:
+        """Log one iteration; ``train_loss`` and the validation loss were evaluated at ``params``."""
+        val = obj.val_loss
+        history.append({
+            "iteration": it, "train_loss": train_loss, "val_loss": val, "time": time.perf_counter() - t_start,
+            "n_function_evals": obj.counted.n,
+        })
+        score = val if math.isfinite(val) else train_loss
+        if score < best["score"]:
+            best.update(score=score, params=params.clone(), iteration=it, stale=0)
+        else:
+            best["stale"] += 1
+        bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val:.4g}")
+        if it:
+            bar.update(1)
+        return best["stale"] >= patience
+
+    step = _gauss_newton if optimizer == "gauss-newton" else _torch_optimiser
+    try:
+        step(obj, optimizer, iters, tol, learning_rate, record)
+    except _SolverFailure as exc:
+        obj.set(best["params"])
+        bar.close()
+        raise DivergenceError(
+            f"fit: {exc} after {len(history)} recorded iterations; the model now holds the best parameters so far "
+            f"(iteration {best['iteration']}, loss {best['score']:.4g}). Try a smaller step_size, solver='rk4', "
+            "a shorter window or a smaller learning_rate.",
+            partial={"model": obj.model, "history": history, "iteration": best["iteration"]},
+        ) from None
+    obj.set(best["params"])
+    bar.close()
+    return optimizer
+
+
+def _gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record,
+                  xtol: float = 1e-5) -> None:
+    """Levenberg-Marquardt on the residual vector with finite-difference sensitivities ``J``.
+
+    Each iteration costs ``P + 1`` forward solves (no backward pass): ``J`` by one-sided
+    differences, then the step ``(J^T J + mu diag(J^T J)) delta = -J^T r``, accepted if the loss
+    decreases. For constant coefficients the residuals are nearly linear in them, so a handful of
+    iterations suffice. Stops when the loss decreases by less than ``tol`` relative or the
+    parameters move by less than ``xtol`` relative.
+    """
+    p = obj.get()
+    r = obj.residuals(grad=False)
+    loss = float(r.square().sum())
+    if record(0, loss, p):
+        return
+    mu = 1e-8
+    for it in range(1, iters + 1):
+        J = obj.jacobian(p, r)
+        A, b = J.T @ J, J.T @ r
+        D = A.diagonal().clamp_min(1e-12 * float(A.diagonal().max()) + torch.finfo(A.dtype).tiny)
+        for _ in range(12):
+            delta = torch.linalg.solve(A + mu * torch.diag(D), -b)
+            obj.set(p + delta)
+            new_r = obj.residuals(grad=False)
+            new_loss = float(new_r.square().sum())
+            if new_loss <= loss:
+                break
+            mu *= 10
+        else:
+            obj.set(p)
+            return
+        done = loss - new_loss <= tol * loss or float(delta.norm()) <= xtol * (float(p.norm()) + xtol)
+        p, loss, r = p + delta, new_loss, new_r
+        mu = max(mu / 10, 1e-12)
+        if record(it, loss, p) or done:
+            return
+
+
+def _torch_optimiser(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record) -> None:
+    """LBFGS (strong Wolfe line search) or Adam on the fit loss."""
+    params = obj.params
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+    else:
+        opt = torch.optim.Adam(params, lr=learning_rate)
+
+    evaluated: dict[str, Any] = {}
+
+    def closure() -> Tensor:
+        evaluated["params"] = obj.get()
+        loss, grad = obj.loss_and_grad()
+        evaluated["loss"] = loss
+        offset = 0
+        for q in params:
+            q.grad = grad[offset : offset + q.numel()].view_as(q).clone()
+            offset += q.numel()
+        return torch.tensor(loss, dtype=grad.dtype)
+
+    if record(0, float(obj.residuals(grad=False).square().sum()), obj.get()):
+        return
+    previous = math.inf
+    for it in range(1, iters + 1):
+        opt.step(closure)  # the last evaluation (Adam: before its update) is what gets recorded
+        loss = evaluated["loss"]
+        if record(it, loss, evaluated["params"]) or abs(previous - loss) <= tol * abs(loss):
+            return
+        previous = loss

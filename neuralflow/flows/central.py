@@ -1,0 +1,343 @@
+"""The central flow of GD: the time-averaged trajectory at the edge of stability (science.md 3).
+
+Cohen, Damian, Talwalkar, Kolter, Lee, *Understanding Optimization in Deep Learning with Central
+Flows*, ICLR 2025. In step time, with ``Sigma`` the covariance of GD's oscillation,
+
+    dtheta/dt = -lr [g + 1/2 grad_theta <H(theta), Sigma>],
+
+``Sigma = U X U^T`` over the *critical* eigenvectors ``U`` (rows ``u_1..u_k``, eigenvalues
+``>= critical / lr``, 1.95/lr as in the paper's code) and ``X`` (k x k, PSD) the solution of a small
+semidefinite complementarity problem that keeps every critical eigenvalue at ``2/lr``.
+
+Derivation of the complementarity problem. Hold ``U`` fixed and let ``M = U H U^T`` (k x k;
+diagonal ``diag(lambda)`` for exact eigenvectors) and ``D_kl = grad_theta (u_k^T H u_l) = D3L[u_k, u_l]``.
+Along the flow ``dM_kl/dt = <D_kl, dtheta/dt> = -lr <D_kl, g> - lr/2 sum_mn X_mn <D_kl, D_mn>``
+(for a simple eigenvalue this is ``d lambda/dt = <grad S, dtheta/dt>``). GD's oscillation must keep
+``M <= 2/lr`` (as a matrix): linearised over a relaxation time ``tau`` (steps), the condition is
+``C = (2/lr - M) - tau dM/dt >= 0``, with ``X >= 0`` and ``<X, C> = 0`` (oscillation only where the
+constraint is active). Multiplying ``C`` by ``2 / (lr tau)``:
+
+    0 <= X  perp  A + B[X] >= 0,    A = 2 (2/lr - M) / (lr tau) + 2 [<D_kl, g>]_kl,
+                                    B[X]_kl = sum_mn <D_kl, D_mn> X_mn.
+
+``B`` is the Gram operator of the ``D_kl`` (PSD), so this is the optimality condition of the convex
+problem ``min_{X >= 0} <A, X> + 1/2 <X, B[X]>``, solved here by accelerated projected gradient on
+the PSD cone (FISTA with restarts), warm-started from the previous solution. On the active set
+(``lambda = 2/lr``) the margin vanishes and ``d lambda_k/dt = 0``; eigenvalues in the critical band
+below ``2/lr`` may rise at most at rate ``(2/lr - lambda)/tau`` (they reach ``2/lr`` with time
+constant ``tau`` instead of overshooting). For one critical eigenvalue at ``2/lr`` this is the
+closed form ``sigma^2 = max(0, -2 <g, grad S> / ||grad S||^2)``.
+
+Predicted time averages: ``E[L] ~ L + 1/2 <H, Sigma> = L + 1/2 tr(X M)`` (:meth:`CentralFlow.predicted_loss`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..autodiff import Curvature, StateDerivatives, top_eigenpairs
+from ..errors import InputError, NeuralflowError
+from ..problems import Problem
+from .base import Approximation, Flow
+from .gradient import CONTINUOUS_TIME_1
+
+__all__ = [
+    "CentralFlow",
+    "CriticalState",
+    "solve_sdcp",
+    "QUASI_STATIC_OSCILLATION",
+    "CRITICAL_SUBSPACE",
+    "SECOND_ORDER_OSCILLATION",
+    "SINGLE_CRITICAL",
+]
+
+_CDTKL = (
+    "Cohen, Damian, Talwalkar, Kolter, Lee, Understanding Optimization in Deep Learning with Central Flows, ICLR 2025"
+)
+
+QUASI_STATIC_OSCILLATION = Approximation(
+    name="quasi-static-oscillation",
+    statement="GD's oscillation across the valley is slaved to the slow motion: its covariance Sigma is set "
+    "instantly to the value that holds the critical eigenvalues at 2/lr, so the time-averaged iterate follows "
+    "-lr [g + 1/2 grad <H, Sigma>] with no transient (e.g. the growth of the oscillation at EoS onset).",
+    exact_when="after the EoS onset transient, when the oscillation is in equilibrium",
+    revised_by=("gradS", "gradScrit"),
+    reference=_CDTKL,
+)
+
+CRITICAL_SUBSPACE = Approximation(
+    name="critical-subspace",
+    statement="GD oscillates only along the Hessian eigenvectors whose eigenvalues are critical (at least "
+    "1.95/lr); the dynamics of every other eigendirection, including the slaved top-eigendirection motion, "
+    "is that of gradient flow.",
+    exact_when="a clear gap between the critical eigenvalues and the rest of the spectrum",
+    revised_by=("gradScrit", "u_ug"),
+    reference=_CDTKL,
+)
+
+SECOND_ORDER_OSCILLATION = Approximation(
+    name="second-order-oscillation",
+    statement="The effect of the oscillation on the time-averaged gradient is expanded to second order in its "
+    "amplitude (1/2 grad <H, Sigma>, a third-derivative term), dropping higher moments of the oscillation.",
+    exact_when="small oscillations (sigma^2 lambda small against the loss scale)",
+    revised_by=("gradS",),
+    reference=_CDTKL,
+)
+
+SINGLE_CRITICAL = Approximation(
+    name="single-critical-eigenvalue",
+    statement="Only the top Hessian eigenvalue can be critical: the oscillation is along the top eigenvector u "
+    "alone, Sigma = sigma^2 u u^T.",
+    exact_when="an isolated top eigenvalue (e.g. scalar-output nets)",
+    revised_by=("gradScrit",),
+    reference=_CDTKL,
+)
+
+
+def _project_psd(X: Tensor) -> Tensor:
+    lam, V = torch.linalg.eigh(0.5 * (X + X.T))
+    return (V * lam.clamp_min(0)) @ V.T
+
+
+def solve_sdcp(
+    A: Tensor, B: Tensor, X0: Tensor | None = None, tol: float = 1e-10, max_iters: int = 5000
+) -> tuple[Tensor, float]:
+    """Solve ``0 <= X perp A + B[X] >= 0`` (PSD cone, k x k) for a PSD operator ``B``.
+
+    ``A`` is ``(k, k)`` symmetric and ``B`` the ``(k*k, k*k)`` matrix of ``X -> B[X]`` on row-major
+    ``vec(X)``. Equivalent to ``min_{X >= 0} <A, X> + 1/2 <X, B[X]>``; solved by FISTA with
+    gradient-based restarts (O'Donoghue & Candes 2015) on the PSD cone, started at ``X0``. Returns
+    ``(X, residual)`` with ``residual = ||X - P(X - (A + B[X]) / ||B||)||`` relative to ``||A|| / ||B||``
+    (zero exactly at a solution). One critical direction (``k = 1``) uses the closed form
+    ``x = max(0, -A / B)``.
+    """
+    k = A.shape[0]
+    if k == 0:
+        return A.clone(), 0.0
+    if k == 1:
+        b = B.reshape(()).clamp_min(torch.finfo(B.dtype).tiny)
+        return (-A / b).clamp_min(0).reshape(1, 1), 0.0
+    norm = float(torch.linalg.eigvalsh(0.5 * (B + B.T))[-1])
+    if not norm > 0:  # the oscillation cannot move the curvature: X = 0 is the solution iff A >= 0
+        if float(torch.linalg.eigvalsh(A)[0]) < 0:
+            raise NeuralflowError(
+                "solve_sdcp: B vanishes and A is not PSD; the critical eigenvalues cannot be held at 2/lr "
+                "(no third derivatives, e.g. a quadratic loss above the edge of stability)."
+            )
+        return torch.zeros_like(A), 0.0
+    step = 1.0 / norm
+    scale = max(float(A.norm()) * step, torch.finfo(A.dtype).tiny)
+
+    def grad(Z: Tensor) -> Tensor:
+        return A + (B @ Z.reshape(-1)).reshape(k, k)
+
+    X = torch.zeros_like(A) if X0 is None or X0.shape != A.shape else _project_psd(X0)
+    Y, momentum = X, 1.0
+    residual = float("inf")
+    for _ in range(max_iters):
+        X_new = _project_psd(Y - step * grad(Y))
+        residual = float((X_new - _project_psd(X_new - step * grad(X_new))).norm()) / scale
+        if residual <= tol:
+            return X_new, residual
+        if float(((Y - X_new) * (X_new - X)).sum()) > 0:  # restart when the momentum points uphill
+            momentum = 1.0
+        m_new = 0.5 * (1 + (1 + 4 * momentum**2) ** 0.5)
+        Y = X_new + ((momentum - 1) / m_new) * (X_new - X)
+        X, momentum = X_new, m_new
+    return X, residual
+
+
+@dataclass
+class CriticalState:
+    """What the central flow solved at one state (all detached).
+
+    ``values`` the tracked top eigenvalues, ``vectors`` (k, d) the critical eigenvectors ``U``,
+    ``M = U H U^T`` (k x k), ``X`` the oscillation covariance in that basis (``Sigma = U^T X U``),
+    ``D`` (k, k, d) the ``D3L[u_k, u_l]``, ``loss`` and ``grad`` at the state, ``residual`` of the
+    complementarity solve.
+    """
+
+    values: Tensor
+    vectors: Tensor
+    M: Tensor
+    X: Tensor
+    D: Tensor
+    loss: Tensor
+    grad: Tensor
+    residual: float
+
+    @property
+    def n_critical(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def sigma2(self) -> Tensor:
+        """Variances of the oscillation along its principal axes (eigenvalues of ``X``, descending)."""
+        return torch.linalg.eigvalsh(self.X).flip(0) if self.n_critical else self.X.new_zeros(0)
+
+    @property
+    def predicted_loss(self) -> Tensor:
+        """Time-averaged loss ``L + 1/2 <H, Sigma> = L + 1/2 tr(X M)``."""
+        return self.loss + 0.5 * (self.X * self.M).sum()
+
+    def velocity(self, lr: float) -> Tensor:
+        """``-lr [g + 1/2 sum_kl X_kl D3L[u_k, u_l]]``."""
+        return -lr * (self.grad + 0.5 * torch.einsum("kl,kld->d", self.X, self.D))
+
+
+class CentralFlow(Flow):
+    """GD's central flow, ``dtheta/dt = -lr [g + 1/2 grad <H, Sigma>]``, several critical eigenvalues.
+
+    See the module docstring for the derivation of ``Sigma``. Parameters: ``critical`` (eigenvalues
+    ``>= critical / lr`` are critical; 1.95 as in the paper's code), ``relaxation`` (``tau`` in steps,
+    the time constant with which a critical eigenvalue below ``2/lr`` is drawn to it; keep it at least
+    the solver's step), ``max_critical`` (at most this many critical eigenvalues; 1 gives the
+    single-eigenvalue flow and adds the ``single-critical-eigenvalue`` approximation), ``eig_tol``
+    (LOBPCG relative residual; the eigenvectors only enter through ``Sigma``, which is invariant to
+    rotations within a cluster, so 1e-3 is enough), ``sdcp_tol``.
+
+    Eigenvectors come from ``autodiff.top_eigenpairs`` warm-started from the previous evaluation's
+    block (one block per batch index), signs aligned; the number tracked grows to stay one above the
+    number of critical eigenvalues. Every evaluation stores its :class:`CriticalState` in
+    ``self.last`` (``.sigma2``, ``.X``, ``.n_critical``, ``.predicted_loss`` for logging) and the most
+    critical eigenvalues seen at once in ``self.n_critical_max``; call
+    :meth:`reset` before a new trajectory (``simulate`` does). The first evaluation after a reset
+    refuses a state whose sharpness exceeds ``2/lr``: the central flow is undefined there.
+
+    Derivatives for the adjoint: ``U`` and ``X`` are computed outside the autograd graph. When
+    ``theta`` requires grad, ``forward`` returns ``-lr [g + 1/2 grad_theta sum_kl X_kl u_k^T H u_l]``
+    built with double backward, so its Jacobian is ``-lr [H + 1/2 D4L[Sigma]]`` with ``U`` and ``X``
+    frozen: it includes the change of ``g`` and of the third derivatives along the frozen ``Sigma``,
+    and neglects ``dU/dtheta`` (eigenvector rotation) and ``dX/dtheta`` (the change of the
+    complementarity solution). Without grad, the same field comes from one :class:`Curvature`.
+
+    Discretisation (``simulate`` default): explicit Euler with step 1/4 (4 substeps per GD step), as
+    the paper's reference. The flow is a projected (constrained) flow whose right-hand side has kinks
+    where eigenvalues enter or leave the critical set, which breaks the error estimates of adaptive
+    solvers; Euler with ``tau >= step`` is stable along the critical directions (factor ``1 - step/tau``
+    on the margin) and along ``u`` (``|1 - step lr lambda| <= 1/2`` at ``lambda = 2/lr``).
+    """
+
+    name = "central"
+    solver = {"method": "euler", "options": {"step_size": 0.25}}
+
+    def __init__(
+        self,
+        problem: Problem,
+        lr: float,
+        critical: float = 1.95,
+        relaxation: float = 1.0,
+        max_critical: int = 8,
+        eig_tol: float = 1e-3,
+        sdcp_tol: float = 1e-9,
+    ) -> None:
+        super().__init__(problem, lr)
+        if not problem.thrice_differentiable:
+            raise InputError(
+                f"CentralFlow needs third derivatives of the loss (grad S = D3L[u, u]), but problem "
+                f"{problem.name!r} is not smooth enough (e.g. a ReLU net); use a smooth activation (tanh, gelu)."
+            )
+        if not 0 < critical <= 2:
+            raise InputError(f"CentralFlow: critical must be in (0, 2] (times 1/lr), got {critical!r}.")
+        if not relaxation > 0:
+            raise InputError(f"CentralFlow: relaxation must be a positive time in steps, got {relaxation!r}.")
+        if isinstance(max_critical, bool) or not isinstance(max_critical, int) or max_critical < 1:
+            raise InputError(f"CentralFlow: max_critical must be a positive int, got {max_critical!r}.")
+        self.critical = float(critical)
+        self.relaxation = float(relaxation)
+        self.max_critical = min(max_critical, problem.dim)
+        self.eig_tol = eig_tol
+        self.sdcp_tol = sdcp_tol
+        self.approximations = (CONTINUOUS_TIME_1, QUASI_STATIC_OSCILLATION, CRITICAL_SUBSPACE, SECOND_ORDER_OSCILLATION)
+        if self.max_critical == 1:
+            self.approximations += (SINGLE_CRITICAL,)
+        self.last: CriticalState | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the warm starts (eigenvector blocks, ``X``) before integrating a new trajectory."""
+        self._cache: dict[int, tuple[Tensor, int, Tensor | None]] = {}
+        self.n_critical_max = 0
+
+    @property
+    def threshold(self) -> float:
+        """``2 / lr``."""
+        return 2.0 / self.lr
+
+    def solve(self, theta: Tensor, index: int = 0) -> CriticalState:
+        """Eigenpairs, ``D3L`` contractions and the oscillation covariance ``X`` at one state."""
+        theta = self.problem.check_theta(theta, "state").detach()
+        fresh = index not in self._cache
+        block, n_track, X0 = self._cache.get(index, (None, min(2, self.problem.dim), None))
+        curv = Curvature(self.problem, theta)
+        limit = min(self.max_critical + 1, self.problem.dim)
+        while True:  # track at least one non-critical eigenvalue, so that none is missed
+            eig = top_eigenpairs(curv, k=n_track, v0=block, tol=self.eig_tol)
+            crit = int((eig.values >= self.critical / self.lr).sum().clamp(max=self.max_critical))
+            if crit < n_track or n_track >= limit:
+                break
+            n_track, block = min(n_track + 2, limit), eig.block
+        if fresh and float(eig.values[0]) > self.threshold * (1 + 1e-9):  # round-off: at the edge is fine
+            raise InputError(
+                f"CentralFlow: the sharpness at the starting point is {float(eig.values[0]):.6g} > 2/lr = "
+                f"{self.threshold:.6g}; the central flow is undefined above the edge of stability. Start it "
+                "from an earlier iterate (before the EoS onset) or lower lr."
+            )
+        U = eig.vectors[:crit]
+        pairs = [(a, b) for a in range(crit) for b in range(a, crit)]
+        D = theta.new_zeros(crit, crit, theta.numel())
+        if pairs:
+            rows, cols = (list(x) for x in zip(*pairs))
+            d3 = curv.d3(U[rows], U[cols])
+            D[rows, cols] = d3
+            D[cols, rows] = d3
+        M = torch.diag(eig.values[:crit])
+        flat = D.reshape(crit * crit, theta.numel())
+        margin = self.threshold * torch.eye(crit, dtype=M.dtype, device=M.device) - M
+        A = 2 * margin / (self.lr * self.relaxation) + 2 * (D @ curv.grad)
+        X, residual = solve_sdcp(A, flat @ flat.T, X0, tol=self.sdcp_tol)
+        self._cache[index] = (eig.block, n_track, X)
+        self.n_critical_max = max(self.n_critical_max, crit)
+        self.last = CriticalState(eig.values, U, M, X, D, curv.value, curv.grad, residual)
+        return self.last
+
+    def forward(self, t: Tensor, theta: Tensor) -> Tensor:
+        self.problem.check_theta(theta, "state")
+        batch = theta if theta.dim() == 2 else theta.unsqueeze(0)
+        if torch.is_grad_enabled() and batch.requires_grad:
+            out = self.vector_field(t, StateDerivatives(self.problem, batch, create_graph=True))
+        else:
+            out = torch.stack([self.solve(th, b).velocity(self.lr) for b, th in enumerate(batch.detach())])
+        return out if theta.dim() == 2 else out[0]
+
+    def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
+        solved = [self.solve(th, b) for b, th in enumerate(state.thetas.detach())]
+        k = max(s.n_critical for s in solved)
+        if k == 0:
+            return state.out(-self.lr * state.g)
+        B, d = state.thetas.shape
+        U = state.thetas.new_zeros(B, k, d)
+        XU = state.thetas.new_zeros(B, k, d)
+        for b, s in enumerate(solved):
+            U[b, : s.n_critical] = s.vectors
+            XU[b, : s.n_critical] = s.X @ s.vectors
+        with torch.enable_grad():
+            contraction = sum((XU[:, i] * state.hvp(U[:, i])).sum(dim=1) for i in range(k))  # <H, Sigma> per state
+            return state.out(-self.lr * (state.g + 0.5 * state.grad_of(contraction)))
+
+    def predicted_loss(self, theta: Tensor) -> Tensor:
+        """The central flow's prediction of GD's time-averaged loss, ``L + 1/2 <H, Sigma>``, at ``theta``."""
+        return self.solve(theta).predicted_loss
+
+    def config(self) -> dict[str, object]:
+        return {
+            **super().config(),
+            "critical": self.critical,
+            "relaxation": self.relaxation,
+            "max_critical": self.max_critical,
+            "eig_tol": self.eig_tol,
+            "sdcp_tol": self.sdcp_tol,
+        }
