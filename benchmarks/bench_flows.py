@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--gf-step", type=float, default=0.5, help="rk4 step of the gradient-flow reference")
+    ap.add_argument("--cost-only", action="store_true", help="only part 1 (forward costs)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "flows.json"))
     args = ap.parse_args()
@@ -88,6 +89,15 @@ def main() -> None:
     result["cost_state_step"] = k
     result["central_n_critical_at_cost_state"] = central.last.n_critical
 
+    print(f"\nforward cost at step {k} (gradient-equivalents; gradient = {1e3 * grad_s:.1f} ms, median of "
+          f"{args.repeats}; central flow with {central.last.n_critical} critical eigenvalues)")
+    for name, c in cost.items():
+        print(f"  {name:16s} {c:8.2f}")
+    if args.cost_only:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.out}")
+        return
+
     # 2. central flow vs gradient flow against GD.
     gf = GradientFlow(problem, lr)
     gf.solver = {"method": "rk4", "options": {"step_size": args.gf_step}}  # stable while lr lambda step < 2.78
@@ -116,9 +126,6 @@ def main() -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
 
-    print(f"\nforward cost (gradient-equivalents; gradient = {1e3 * grad_s:.1f} ms, median of {args.repeats})")
-    for name, c in cost.items():
-        print(f"  {name:16s} {c:8.2f}")
     c = result["central"]
     print("\ncentral flow on the EoS run")
     for key, value in c.items():

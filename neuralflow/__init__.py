@@ -7,6 +7,7 @@ Pipeline (design.md): Problem --run_gd--> Trajectory --> flows (physics) + corre
 __version__ = "0.1.0"
 
 from . import autodiff, corrections, flows, problems  # noqa: E402
+from .checkpoint import load  # noqa: E402
 from .corrections import Hybrid  # noqa: E402
 from .errors import DivergenceError, FileFormatError, InputError, NeuralflowError  # noqa: E402
 from .fit import FitResult, fit  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "run_gd",
     "Trajectory",
     "Report",
+    "load",
     "ladder",
     "NeuralflowError",
     "InputError",

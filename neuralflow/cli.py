@@ -174,11 +174,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="neuralflow-demo", help="folder for the demo's files (created if needed)")
+    p.add_argument("--fast", action="store_true", help="a shrunken run (seconds, for tests): fewer steps, one fit step")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, fast=args.fast, progress=True)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "run-gd": (_add_run_gd, cmd_run_gd, "run full-batch GD and record the trajectory"),
     "compare": (_add_compare, cmd_compare, "simulate physics flows from a GD trajectory and compare them with it"),
     "fit": (_add_fit, cmd_fit, "fit a physics flow plus correction terms to a GD trajectory"),
     "report": (_add_report, cmd_report, "print which approximation a saved fit says to revise; save the figures"),
+    "demo": (_add_demo, cmd_demo, "the whole loop on the digits MLP at the edge of stability, files in one folder"),
 }
 
 

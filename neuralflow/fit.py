@@ -23,14 +23,19 @@ differences (one forward solve per parameter, no backward pass). Constant coeffi
 library enter the right-hand side linearly, so it converges in a handful of iterations where a
 plain LBFGS loop crawls (design.md). ``method="regression"`` is the SINDy-style baseline (Brunton et al. 2016): least
 squares of a 5-point finite-difference derivative of the targets minus the physics on the
-unit-coefficient fields; it is instant, and the default initial guess of the ODE fit.
+unit-coefficient fields; it is instant, and the default initial guess of the ODE fit. For gated
+coefficients it evaluates the fields and the gate inputs once at the targets and fits the gate
+networks by full-batch LBFGS over those precomputed tensors (no ODE solve and no eigen-solve in the
+loop): the cheap route at the edge of stability, where every right-hand side needs eigen-solves.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,7 +43,7 @@ from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
 
-from .corrections import Hybrid, TermLibrary
+from .corrections import FEATURES, Hybrid, TermLibrary
 from .errors import DivergenceError, InputError
 from .trajectory import Trajectory
 
@@ -52,6 +57,7 @@ _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 _OPTIMIZERS = ("auto", "gauss-newton", "lbfgs", "adam")
 _DEFAULT_ITERS = {"gauss-newton": 20, "lbfgs": 100, "adam": 500}
 _GN_MAX_PARAMS = 64  # finite-difference sensitivities cost one solve per parameter
+_GATED_REGRESSION_ITERS = 200  # LBFGS iterations of the gated regression (precomputed tensors, no solves)
 
 
 @dataclass
@@ -93,6 +99,12 @@ class FitResult:
         from .report import build_report
 
         return build_report(self, **options)
+
+    def save(self, path: str | os.PathLike, report: Report | bool = True) -> Path:
+        """Write this fit to a checkpoint (:func:`neuralflow.checkpoint.save`); ``nf.load`` reads it back."""
+        from .checkpoint import save
+
+        return save(self, path, report=report)
 
     def __repr__(self) -> str:
         unc = self.uncertainty
@@ -316,11 +328,30 @@ def _five_point_derivative(x: Tensor, h: float) -> Tensor:
     return (x[:-4] - 8 * x[1:-3] + 8 * x[3:-1] - x[4:]) / (12 * h)
 
 
-def _regression(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int = 256) -> tuple[Tensor, Tensor]:
-    """SINDy-style least squares: ``x' - F_p(x) = sum_i c_i F_i(x)`` at interior points of training windows.
+@dataclass
+class _RegressionSystem:
+    """The derivative regression reduced to per-point Gram quantities (no ``(N, d)`` tensor is kept).
 
-    Returns the coefficients and their ordinary least-squares standard errors.
+    At each interior point ``x_i`` of the training windows: ``b_i = x'_i - F_p(x_i)`` (5-point
+    finite-difference velocity of the targets minus the physics) and ``A_i`` the ``(d, P)`` matrix of
+    unit-coefficient fields; stored are ``G_i = A_i^T A_i`` ``(N, P, P)``, ``h_i = A_i^T b_i``
+    ``(N, P)``, ``q_i = ||b_i||^2`` and ``f_i = ||F_p(x_i)||^2`` ``(N,)``, so that for coefficients
+    ``c_i`` at ``x_i`` the residual is ``||b_i - A_i c_i||^2 = q_i - 2 c_i.h_i + c_i^T G_i c_i`` and the
+    correction's size is ``||F_a(x_i)||^2 = c_i^T G_i c_i``. For a gated library also the gate inputs
+    ``lr S - 2`` ``(N,)`` and the features ``(N, F)``.
     """
+
+    G: Tensor
+    h: Tensor
+    q: Tensor
+    f: Tensor
+    d: int
+    lr_S_minus_2: Tensor | None = None
+    features: Tensor | None = None
+
+
+def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int) -> _RegressionSystem:
+    """Evaluate the regression's fields, targets and gate inputs once, at the training windows' interior points."""
     lib = model.correction
     h = float(targets.store_every)
     x = targets.iterates.to(dtype=model.problem.dtype, device=model.problem.device)
@@ -334,30 +365,148 @@ def _regression(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int = 
     pts, deriv = x[2:-2][inside], deriv[inside]
     if len(pts) == 0:
         raise InputError("fit: no interior point of the training windows is available for the regression.")
-    P = len(lib.terms)
-    AtA = x.new_zeros(P, P)
-    Atb = x.new_zeros(P)
-    btb = x.new_zeros(())
+    G, hs, q, f, gate_in, feats = [], [], [], [], [], []
     t0 = win.t[0]
     for lo in range(0, len(pts), chunk):
         xs = pts[lo : lo + chunk]
         with torch.no_grad():
-            b = deriv[lo : lo + chunk] - model.flow(t0, xs)
-        fields = lib.fields(xs)
-        A = torch.stack([fields[n].reshape(-1) for n in lib.terms], dim=1)
-        b = b.reshape(-1)
-        AtA += A.T @ A
-        Atb += A.T @ b
-        btb += b @ b
-    scale = AtA.diagonal().clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+            fp = model.flow(t0, xs)
+        b = deriv[lo : lo + chunk] - fp
+        ctx = lib._context(xs)  # one set of derivatives (and eigen-solves) for the fields and the gate inputs
+        A = torch.stack([spec(ctx).detach() for spec in lib.specs], dim=2)  # (n, d, P)
+        G.append(A.transpose(1, 2) @ A)
+        hs.append(torch.einsum("ndp,nd->np", A, b))
+        q.append(b.square().sum(1))
+        f.append(fp.square().sum(1))
+        if lib.gated:
+            gate_in.append(FEATURES["lr_S_minus_2"](ctx).detach())
+            feats.append(lib._features(ctx).detach())
+    return _RegressionSystem(
+        torch.cat(G), torch.cat(hs), torch.cat(q), torch.cat(f), x.shape[1],
+        torch.cat(gate_in) if lib.gated else None, torch.cat(feats) if lib.gated else None,
+    )
+
+
+def _least_squares(system: _RegressionSystem) -> tuple[Tensor, Tensor]:
+    """Closed-form SINDy least squares ``x' - F_p(x) = sum_i c_i F_i(x)`` with constant ``c``; ``(coef, OLS se)``."""
+    AtA, Atb, btb = system.G.sum(0), system.h.sum(0), system.q.sum()
+    P = len(Atb)
+    scale = AtA.diagonal().clamp_min(torch.finfo(AtA.dtype).tiny).sqrt()
     M = AtA / scale[:, None] / scale[None, :]
     Minv = torch.linalg.pinv(M, hermitian=True, rtol=1e-13)
     coef = (Minv @ (Atb / scale)) / scale
-    n_rows = len(pts) * x.shape[1]
+    n_rows = len(system.q) * system.d
     rss = (btb - 2 * coef @ Atb + coef @ AtA @ coef).clamp_min(0)
     s2 = rss / max(n_rows - P, 1)
     se = (s2 * Minv.diagonal()).sqrt() / scale
     return coef, se
+
+
+def _regression(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """SINDy-style least squares (Brunton et al. 2016) at interior points of the training windows.
+
+    Returns the coefficients and their ordinary least-squares standard errors.
+    """
+    return _least_squares(_regression_system(model, targets, win, chunk))
+
+
+def _reset_gates(lib: TermLibrary, seed: int) -> None:
+    """Gates back to their initial state (scale 0, gain 20, margin 0.05, zero last layer), first layers seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in lib.gates.values():
+            gate.scale.zero_()
+            gate.gain.fill_(20.0)
+            gate.margin.fill_(0.05)
+            first, last = gate.net[0], gate.net[2]
+            bound = 1 / math.sqrt(first.in_features)  # PyTorch's default Linear init, from a seeded generator
+            for p in (first.weight, first.bias):
+                p.copy_((2 * torch.rand(p.shape, generator=gen, dtype=p.dtype) - 1).to(p.device) * bound)
+            last.weight.zero_()
+            last.bias.zero_()
+
+
+def _gated_regression(
+    lib: TermLibrary, system: _RegressionSystem, min_norm: float, max_iters: int, init: str, seed: int,
+    settings: dict[str, Any], progress: bool,
+) -> Tensor:
+    """Fit a gated library to the derivative regression by full-batch LBFGS over precomputed tensors.
+
+    Minimises the regression's normalised squared error plus the APHYNITY penalty (Yin et al. 2021),
+
+        R = sum_i ||b_i - A_i c_i||^2 / sum_i ||b_i||^2  +  min_norm mean_i ||F_a(x_i)||^2 / mean_i ||F_p(x_i)||^2,
+
+    (``R = 1`` for the physics alone) over the gate networks' parameters, with the constant
+    coefficients eliminated in closed form at every evaluation (variable projection: they solve
+    the penalised normal equations given the gated values). The gates' scales start from the
+    least squares with the gate shapes held at their start. No ODE solve and no eigen-solve runs
+    in the loop. Returns the constants' standard errors (OLS, gates held fixed).
+    """
+    names = lib.terms
+    gi = [j for j, n in enumerate(names) if n in lib.gates]
+    ci = [j for j, n in enumerate(names) if n not in lib.gates]
+    G, h, q = system.G, system.h, system.q
+    w = min_norm * float(q.mean()) / max(float(system.f.mean()), 1e-300)
+    total = float(q.sum())
+    if init != "current":
+        _reset_gates(lib, seed)
+    gates = [lib.gates[names[j]] for j in gi]
+    Gcc = (1 + w) * G[:, ci][:, :, ci].sum(0)
+    hc = h[:, ci].sum(0)
+
+    def coefficients() -> Tensor:
+        """``c_i`` ``(N, P)``: gated values at the points, projected constants."""
+        c = G.new_zeros(len(q), len(names))
+        c[:, gi] = torch.stack([g(system.lr_S_minus_2, system.features) for g in gates], dim=1)
+        if ci:
+            rhs = hc - (1 + w) * torch.einsum("npq,nq->p", G[:, ci][:, :, gi], c[:, gi])
+            c[:, ci] = torch.linalg.solve(Gcc, rhs)
+        return c
+
+    def objective() -> Tensor:
+        c = coefficients()
+        quad = torch.einsum("np,npq,nq->n", c, G, c)
+        return (total - 2 * (c * h).sum() + (1 + w) * quad.sum()) / total
+
+    if init != "current":  # closed-form start of the scales for the initial gate shapes m_i: c_i = scale * m_i
+        with torch.no_grad():
+            m = torch.ones_like(h)
+            for k, g in enumerate(gates):
+                g.scale.fill_(1.0)
+                m[:, gi[k]] = g(system.lr_S_minus_2, system.features)
+            Gm = (1 + w) * (G * m[:, :, None] * m[:, None, :]).sum(0)
+            start = torch.linalg.lstsq(Gm, (h * m).sum(0)[:, None]).solution[:, 0]
+            for k, g in enumerate(gates):
+                g.scale.fill_(float(start[gi[k]]))
+    params = [p for g in gates for p in g.parameters()]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iters, max_eval=2 * max_iters, history_size=50,
+                            tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    curve: list[float] = []
+    bar = tqdm(total=max_iters, desc="gated regression", disable=not progress, unit="eval")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        curve.append(float(loss.detach()))
+        bar.update(1)
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    bar.close()
+    with torch.no_grad():
+        c = coefficients()
+        for j in ci:
+            lib.constants[names[j]].copy_(c[0, j])
+        final = float(objective())
+    settings["regression_loss"] = {"physics": 1.0, "start": curve[0], "final": final, "evaluations": len(curve)}
+    rss = (total - 2 * (c * h).sum() + torch.einsum("np,npq,nq->", c, G, c)).clamp_min(0)
+    s2 = rss / max(len(q) * system.d - len(ci) - len(params), 1)
+    se = torch.full((len(names),), math.nan, dtype=G.dtype, device=G.device)
+    if ci:
+        se[ci] = (s2 * torch.linalg.pinv(G[:, ci][:, :, ci].sum(0), hermitian=True).diagonal()).sqrt()
+    return se
 
 
 def _coefficient_map(model: Hybrid, states: Tensor) -> tuple[dict[str, float], dict[str, Tensor]]:
@@ -528,10 +677,13 @@ def fit(
     stopping (``patience`` iterations without improvement). The loss is described in
     :mod:`neuralflow.fit`. ``method``: ``"adjoint"`` (``odeint_adjoint``), ``"direct"``
     (backpropagation through ``odeint``) or ``"regression"`` (the derivative-regression baseline,
-    no ODE fit). ``optimizer``: ``"gauss-newton"`` (Levenberg-Marquardt, default for at most 64
+    no ODE fit; gated coefficients by LBFGS over fields and gate inputs evaluated once at the targets,
+    at most ``max_iters`` iterations, default 200; the window errors still come from one final
+    batched solve). ``optimizer``: ``"gauss-newton"`` (Levenberg-Marquardt, default for at most 64
     parameters), ``"lbfgs"`` or ``"adam"`` (``learning_rate``). ``init="regression"`` starts a
-    constant-coefficient library from the regression baseline (the default when it applies),
-    ``"current"`` from the model's parameters. ``solver`` is a torchdiffeq method; fixed-grid
+    term library from the regression baseline (the default for constant coefficients and for
+    ``method="regression"``; gates are then re-initialised from ``seed``), ``"current"`` from the
+    model's parameters. ``solver`` is a torchdiffeq method; fixed-grid
     ones use ``step_size`` (in steps; default ``1/n`` with ``n`` the smallest integer making
     ``lr * S * step_size <= 0.25`` for the largest sharpness ``S`` the trajectory measured, ``1/2``
     if it measured none), adaptive ones ``rtol`` and ``atol``.
@@ -557,25 +709,33 @@ def fit(
         atol, settings,
     )
     win, problem, lib = obj.win, model.problem, model.correction
-    can_regress = isinstance(lib, TermLibrary) and not lib.gated
+    can_regress = isinstance(lib, TermLibrary)
     if method == "regression" and not can_regress:
         raise InputError(
-            "fit: method='regression' needs a TermLibrary with constant coefficients (no gated terms); use "
-            "method='adjoint' for gated terms or a NeuralCorrection."
+            "fit: method='regression' needs a TermLibrary (constant or gated coefficients); fit a NeuralCorrection "
+            "with method='adjoint' or 'direct'."
         )
     if init == "auto":
-        init = "regression" if can_regress and len(targets) >= 5 else "current"
+        wanted = can_regress and (method == "regression" or not lib.gated)
+        init = "regression" if wanted and len(targets) >= 5 else "current"
     if init == "regression" and not can_regress:
-        raise InputError("fit: init='regression' needs a TermLibrary with constant coefficients; use init='current'.")
+        raise InputError("fit: init='regression' needs a TermLibrary; use init='current'.")
     timing: dict[str, float] = {}
     history: list[dict[str, float]] = []
     regression_se = None
     if init == "regression" or method == "regression":
         t0 = time.perf_counter()
-        coef, regression_se = _regression(model, targets, win)
-        with torch.no_grad():
-            for name, c in zip(lib.terms, coef):
-                lib.constants[name].copy_(c)
+        if lib.gated:
+            # one state per evaluation: each eigen-solve is warm-started from the previous point's
+            system = _regression_system(model, targets, win, chunk=1)
+            timing["regression_fields"] = time.perf_counter() - t0
+            iters = _GATED_REGRESSION_ITERS if max_iters is None else _positive_int(max_iters, "max_iters")
+            regression_se = _gated_regression(lib, system, float(min_norm), iters, init, seed, settings, progress)
+        else:
+            coef, regression_se = _regression(model, targets, win)
+            with torch.no_grad():
+                for name, c in zip(lib.terms, coef):
+                    lib.constants[name].copy_(c)
         timing["regression"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -209,9 +209,9 @@ def test_bad_input_is_refused_with_advice(small):
         fit(model, data, window=10, solver="rk5", progress=False)
     with pytest.raises(nf.InputError, match="Hybrid"):
         fit(GradientFlow(p, 0.3), data, window=10, progress=False)
-    gated = Hybrid(GradientFlow(p, 0.3), TermLibrary(p, 0.3, ["gradS"], gated=True))
-    with pytest.raises(nf.InputError, match="constant coefficients"):
-        fit(gated, data, window=10, method="regression", progress=False)
+    free_form = Hybrid(GradientFlow(p, 0.3), nf.corrections.NeuralCorrection(p, 0.3, hidden=4))
+    with pytest.raises(nf.InputError, match="needs a TermLibrary"):
+        fit(free_form, data, window=10, method="regression", progress=False)
 
 
 class _Exploding(TermLibrary):

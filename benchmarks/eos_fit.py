@@ -1,0 +1,237 @@
+"""The edge-of-stability fit of issue 4: gated sharpness-gradient terms fitted to smoothed GD on the digits MLP.
+
+GD on ``mlp_digits(n=500, widths=(32, 32), seed=0)`` at lr = 0.15 for 700 steps (sharpness every
+step); the targets are the smoothed iterates (midpoint process, science.md 3). The model
+``GradientFlow + TermLibrary(["Hg", "gradS", "gradScrit"], gated=["gradS", "gradScrit"])`` is fitted
+by the gated derivative regression (``fit(..., method="regression")``: fields and gate inputs
+evaluated once at the targets, gate networks by LBFGS over those tensors). Reported next to
+GradientFlow and CentralFlow (science.md 3, Cohen et al. ICLR 2025):
+
+(i)   the windowed distance to the smoothed iterates (normalised as in ``neuralflow.fit``);
+(ii)  a rollout of each model from step 0 over the whole run: mean distance to the smoothed GD
+      trajectory and the sharpness along it (LOBPCG at a few dozen states);
+(iii) the fitted gated coefficients over time beside ``-sigma^2/2`` of CentralFlow evaluated at the
+      smoothed states.
+
+Every rollout and window solve is explicit Euler with half-step substeps (``lr S * 0.5 <= 1.2``:
+stable); CentralFlow's own default is quarter steps. Plain script: prints a table, writes JSON and
+a PNG (default ``benchmarks/results/eos_fit.{json,png}``).
+
+    python benchmarks/eos_fit.py [--steps 700] [--out benchmarks/results/eos_fit.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import neuralflow as nf  # noqa: E402
+from neuralflow.autodiff import top_eigenpairs  # noqa: E402
+from neuralflow.corrections import Hybrid, TermLibrary  # noqa: E402
+from neuralflow.flows import CentralFlow, GradientFlow  # noqa: E402
+
+LR = 0.15
+STEP = 0.5  # Euler substep (steps)
+
+
+def rollout_stats(name: str, states: torch.Tensor, smoothed: torch.Tensor, problem: nf.Problem, probes: torch.Tensor,
+                  seconds: float) -> dict:
+    dist = (states - smoothed).norm(dim=1)
+    block, sharp = None, []
+    for k in probes.tolist():
+        eig = top_eigenpairs(problem, states[k], k=1, v0=block, tol=1e-6)
+        block = eig.block
+        sharp.append(float(eig.values[0]))
+    return {"name": name, "distance": dist.tolist(), "mean_distance": float(dist[1:].mean()),
+            "probe_steps": probes.tolist(), "sharpness": sharp, "seconds": seconds}
+
+
+def central_window_errors(flow: CentralFlow, win_steps: torch.Tensor, smoothed: torch.Tensor, window: int,
+                          normaliser: float) -> list[float]:
+    """CentralFlow's normalised window error from each start (NaN where it is undefined: S > 2/lr at the start)."""
+    t = torch.arange(window + 1, dtype=smoothed.dtype)
+    out = []
+    for s in win_steps.tolist():
+        try:
+            sol = nf.simulate(flow, smoothed[s], t, method="euler", step_size=STEP)
+        except nf.InputError:
+            out.append(math.nan)
+            continue
+        out.append(float((sol[1:] - smoothed[s + 1 : s + window + 1]).square().sum(-1).mean() / normaliser))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--window", type=int, default=20)
+    parser.add_argument("--probes", type=int, default=30, help="states along each rollout where sharpness is measured")
+    parser.add_argument("--out", default="benchmarks/results/eos_fit.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the machine is shared; two OpenMP threads were measured 30x slower here
+    timing: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    p = nf.problems.mlp_digits(n=500, widths=(32, 32), seed=0)
+    traj = nf.run_gd(p, lr=LR, steps=args.steps, eig_every=1, progress=False)
+    timing["gd"] = time.perf_counter() - t0
+    sm = traj.smoothed()
+    smoothed = sm.iterates
+    print(f"GD: d = {p.dim}, {args.steps} steps, EoS onset at step {traj.eos_onset}, {timing['gd']:.1f} s")
+
+    t0 = time.perf_counter()
+    lib = TermLibrary(p, LR, ["Hg", "gradS", "gradScrit"], gated=["gradS", "gradScrit"], eig_tol=1e-3)
+    model = Hybrid(GradientFlow(p, LR), lib)
+    res = nf.fit(model, traj, window=args.window, target="smoothed", method="regression", solver="euler",
+                 step_size=STEP, progress=False)
+    timing["fit"] = time.perf_counter() - t0
+    print(res)
+    print(f"fit timing: {res.timing}; regression loss {res.settings['regression_loss']}")
+
+    # (iii) coefficients over time beside -sigma^2/2 of the central flow, at the smoothed states
+    t0 = time.perf_counter()
+    every = max(1, args.steps // 70)
+    coef_steps = torch.arange(0, len(smoothed), every)
+    coeffs = lib.coefficient_values(smoothed[coef_steps])
+    central = CentralFlow(p, LR)
+    sig_top, sig_mean, n_crit = [], [], []
+    for k in coef_steps.tolist():
+        state = central.solve(smoothed[k], index=0)
+        s2 = state.sigma2
+        sig_top.append(-0.5 * float(s2[0]) if len(s2) else 0.0)
+        sig_mean.append(-0.5 * float(s2.mean()) if len(s2) else 0.0)
+        n_crit.append(state.n_critical)
+    timing["coefficients"] = time.perf_counter() - t0
+
+    # (ii) rollouts from step 0
+    t = torch.arange(len(smoothed), dtype=p.dtype)
+    probes = torch.linspace(0, len(smoothed) - 1, args.probes).round().long()
+    rollouts = {}
+    for name, flow in (("gradient", GradientFlow(p, LR)), ("central", central), ("hybrid", model)):
+        t0 = time.perf_counter()
+        states = nf.simulate(flow, p.theta0, t, method="euler", step_size=STEP)
+        sec = time.perf_counter() - t0
+        rollouts[name] = rollout_stats(name, states, smoothed, p, probes, sec)
+        print(f"rollout {name}: mean distance {rollouts[name]['mean_distance']:.4f} ({sec:.0f} s)")
+        timing[f"rollout_{name}"] = sec
+
+    # (i) windowed distances: GradientFlow and the hybrid on every window (from the fit), CentralFlow on
+    # the validation windows (it is undefined from a start above 2/lr)
+    val = res.windows["validation"]
+    win_steps = res.windows["step"]
+    t0 = time.perf_counter()
+    cf_val = central_window_errors(central, win_steps[val], smoothed, args.window, res.normaliser)
+    timing["central_windows"] = time.perf_counter() - t0
+    windows = {
+        "step": win_steps.tolist(), "validation": val.tolist(), "gradient": res.physics_window_errors.tolist(),
+        "hybrid": res.window_errors.tolist(), "central_validation": cf_val,
+    }
+
+    def nanmean(x: list[float]) -> float:
+        x = [v for v in x if math.isfinite(v)]
+        return sum(x) / len(x) if x else math.nan
+
+    rep = res.report()
+    top = rep.terms[0] if rep.terms else None
+    print()
+    print(rep)
+    threshold = 2 / LR
+    rows = [
+        ("GradientFlow", float(res.physics_window_errors[val].mean()), float(res.physics_window_errors.mean()),
+         rollouts["gradient"]),
+        ("CentralFlow", nanmean(cf_val), math.nan, rollouts["central"]),
+        ("GF + gated terms", float(res.window_errors[val].mean()), float(res.window_errors.mean()), rollouts["hybrid"]),
+    ]
+    after = [i for i, k in enumerate(probes.tolist()) if k >= (traj.eos_onset or 0)]
+    print()
+    print(f"{'model':18s} {'win err (val)':>14s} {'win err (all)':>14s} {'rollout dist':>13s} "
+          f"{'S after onset (mean, max)':>26s}   (2/lr = {threshold:.3f})")
+    table = []
+    for name, wv, wa, ro in rows:
+        s_after = [ro["sharpness"][i] for i in after]
+        mean_s = sum(s_after) / len(s_after) if s_after else math.nan
+        max_s = max(s_after, default=math.nan)
+        print(f"{name:18s} {wv:14.4g} {wa:14.4g} {ro['mean_distance']:13.4f} {mean_s:13.3f} {max_s:12.3f}")
+        table.append({"model": name, "window_error_val": wv, "window_error_all": wa,
+                      "rollout_mean_distance": ro["mean_distance"], "sharpness_after_onset_mean": mean_s})
+    ratio = rollouts["gradient"]["mean_distance"] / rollouts["hybrid"]["mean_distance"]
+    print(f"\nrollout: hybrid {ratio:.2f}x closer than GradientFlow (target >= 2)")
+    print("\ncoefficients over time (step, lr S - 2 of the smoothed state, gradS, gradScrit, -sigma^2/2 top, mean, "
+          "n critical):")
+    feats = lib.features(smoothed[coef_steps])[:, lib.feature_names.index("lr_S_minus_2")] \
+        if "lr_S_minus_2" in lib.feature_names else torch.full((len(coef_steps),), math.nan)
+    for i in range(0, len(coef_steps), max(1, len(coef_steps) // 14)):
+        print(f"  {int(coef_steps[i]):4d} {float(feats[i]):+.3f} {float(coeffs['gradS'][i]):+.3e} "
+              f"{float(coeffs['gradScrit'][i]):+.3e} {sig_top[i]:+.3e} {sig_mean[i]:+.3e} {n_crit[i]}")
+    onset = traj.eos_onset or 0
+    pre = [i for i, k in enumerate(coef_steps.tolist()) if k < onset]
+    post = [i for i, k in enumerate(coef_steps.tolist()) if k >= onset + 100]
+    summary = {}
+    for n in ("gradS", "gradScrit"):
+        c = coeffs[n]
+        summary[n] = {"mean_before_onset": float(c[pre].mean()) if pre else math.nan,
+                      "mean_100_after_onset": float(c[post].mean()) if post else math.nan}
+    summary["minus_sigma2_half_top"] = {"mean_before_onset": nanmean([sig_top[i] for i in pre]),
+                                        "mean_100_after_onset": nanmean([sig_top[i] for i in post])}
+    summary["minus_sigma2_half_mean"] = {"mean_before_onset": nanmean([sig_mean[i] for i in pre]),
+                                         "mean_100_after_onset": nanmean([sig_mean[i] for i in post])}
+    print(json.dumps(summary, indent=1))
+    top_name = None if top is None else top.name
+    top_approx = None if top is None else getattr(top.approximation, "name", top.approximation)
+    print(f"\nreport verdict: {rep.verdict}; top term {top_name!r} repairs {top_approx!r}; top suggestion is the "
+          f"no-oscillation approximation: {top_approx in ('no-oscillation', 'no-oscillation-critical-subspace')}")
+    print(f"timing (s): {json.dumps({k: round(v, 1) for k, v in timing.items()})}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "problem": p.description, "lr": LR, "steps": args.steps, "window": args.window, "euler_step": STEP,
+        "eos_onset": traj.eos_onset, "fit": {"coefficients": res.coefficients, "timing": res.timing,
+                                             "regression_loss": res.settings["regression_loss"],
+                                             "physics_error": res.physics_error, "hybrid_error": res.hybrid_error},
+        "table": table, "rollout_ratio_gradient_over_hybrid": ratio, "windows": windows,
+        "rollouts": rollouts, "coefficients": {"step": coef_steps.tolist(), "lr_S_minus_2": feats.tolist(),
+                                               "gradS": coeffs["gradS"].tolist(),
+                                               "gradScrit": coeffs["gradScrit"].tolist(),
+                                               "minus_sigma2_half_top": sig_top,
+                                               "minus_sigma2_half_mean": sig_mean, "n_critical": n_crit},
+        "coefficient_summary": summary,
+        "report": {"verdict": rep.verdict, "top_term": top_name, "top_approximation": top_approx,
+                   "suggestions": rep.suggestions()},
+        "gd_sharpness": traj.sharpness[:, 0].tolist(), "timing": timing,
+    }
+    out.write_text(json.dumps(result, indent=1, default=str))
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, ro in rollouts.items():
+        axes[0].plot(ro["distance"], label=name)
+        axes[1].plot(ro["probe_steps"], ro["sharpness"], "o-", ms=3, label=name)
+    axes[0].set(xlabel="step", ylabel="||flow - smoothed GD||", title="(ii) rollout from step 0")
+    axes[1].plot(traj.sharpness[:, 0].tolist(), color="0.6", lw=0.8, label="GD")
+    axes[1].axhline(threshold, color="k", ls="--", lw=0.8)
+    axes[1].set(xlabel="step", ylabel="sharpness", title="(ii) sharpness along the rollouts")
+    cs = coef_steps.tolist()
+    axes[2].plot(cs, coeffs["gradS"].tolist(), label="fitted gradS")
+    axes[2].plot(cs, coeffs["gradScrit"].tolist(), label="fitted gradScrit")
+    axes[2].plot(cs, sig_top, "--", label="-sigma^2/2 (CentralFlow, top)")
+    axes[2].plot(cs, sig_mean, ":", label="-sigma^2/2 (CentralFlow, mean)")
+    axes[2].axvline(onset, color="k", lw=0.8)
+    axes[2].set(xlabel="step", ylabel="coefficient", title="(iii) gated coefficients")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

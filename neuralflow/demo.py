@@ -1,0 +1,155 @@
+"""``neuralflow demo``: the whole loop on an embedded default, from a fresh install, in minutes on a CPU.
+
+1. *Experiment*: full-batch GD on ``mlp_digits`` (500 digits, tanh 32-32, ``lr = 0.15``, the CPU
+   replica of Cohen et al., ICLR 2021; science.md 1 and 3) until the sharpness has reached ``2/lr``,
+   the edge of stability.
+2. *Physics ladder*: the gradient, first-order modified and central flows simulated from a GD
+   iterate before the onset and compared with GD across it (:func:`neuralflow.compare`).
+3. *Correction*: the term library ``Hg, gradS`` (constant coefficients) fitted on top of
+   gradient-flow physics to GD's iterates around the onset by derivative regression
+   (``fit(method="regression")``; an ODE fit needs an eigen-solve per state and right-hand-side
+   evaluation, minutes per iteration at this size on a CPU).
+4. *Explanation*: the report and its suggestion of the approximation to revise.
+5. *Files*: the trajectory (``.nft``), the checkpoint (``.nff``), the report (Markdown) and the
+   figures (PNG) in one output folder, named at the end.
+
+``fast=True`` shrinks every stage (fewer steps, a shorter span, one fit iteration) for the test suite.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import SUFFIX, save
+from .corrections import Hybrid, TermLibrary
+from .errors import NeuralflowError
+from .fit import fit
+from .flows import CentralFlow, GradientFlow, ModifiedFlow, compare
+from .gd import run_gd
+from .problems import mlp_digits
+from .report import build_report
+
+__all__ = ["DemoSettings", "DEFAULT", "FAST", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Every number the demo uses. Spans are in steps relative to the EoS onset (first ``lr S >= 2``)."""
+
+    n: int = 500
+    widths: tuple[int, ...] = (32, 32)
+    lr: float = 0.15
+    seed: int = 0
+    steps: int = 330
+    eig_every: int = 5
+    n_eigs: int = 3
+    compare_span: tuple[int, int] = (-30, 30)
+    fit_span: tuple[int, int] = (-20, 40)
+    window: int = 4
+    report_windows: int = 6
+
+
+DEFAULT = DemoSettings()
+FAST = replace(DEFAULT, steps=250, compare_span=(-5, 5), fit_span=(-3, 5), report_windows=2)
+
+
+def _say(text: str, quiet: bool) -> None:
+    if not quiet:
+        print(text, flush=True)
+
+
+def run_demo(
+    out: str | Path = "neuralflow-demo", fast: bool = False, settings: DemoSettings | None = None,
+    progress: bool = True, quiet: bool = False,
+) -> dict[str, Any]:
+    """Run the demo (see the module docstring) and write its files into ``out``.
+
+    Returns a summary (settings, onset, the ladder's numbers, the fitted coefficients, the
+    report's verdict and suggestions, the time of each stage, the files written); it is also
+    written to ``out/summary.json``.
+    """
+    s = settings or (FAST if fast else DEFAULT)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    timing: dict[str, float] = {}
+    begin = time.perf_counter()
+
+    def stage(name: str, start: float) -> None:
+        timing[name] = round(time.perf_counter() - start, 2)
+
+    # 1. the experiment
+    t0 = time.perf_counter()
+    problem = mlp_digits(n=s.n, widths=s.widths, seed=s.seed)
+    _say(f"[1/4] GD on {problem.name} ({problem.dim} parameters, {s.n} digits), lr = {s.lr:g}, {s.steps} steps", quiet)
+    traj = run_gd(problem, s.lr, s.steps, eig_every=s.eig_every, n_eigs=s.n_eigs, progress=progress)
+    onset = traj.eos_onset
+    if onset is None:
+        raise NeuralflowError(
+            f"demo: GD did not reach the edge of stability (2/lr = {2 / s.lr:g}) within {s.steps} steps; "
+            "run more steps."
+        )
+    files["trajectory"] = str(traj.save(out / "trajectory.nft"))
+    traj.plot().savefig(out / "gd.png", dpi=120)
+    files["gd figure"] = str(out / "gd.png")
+    _say(f"      sharpness reached 2/lr = {2 / s.lr:.4g} at step {onset} (the edge of stability)", quiet)
+    stage("gd", t0)
+
+    # 2. the physics ladder across the onset
+    t0 = time.perf_counter()
+    lo, hi = max(0, onset + s.compare_span[0]), onset + s.compare_span[1]
+    _say(f"[2/4] physics ladder: gradient -> modified (order 1) -> central flow, steps {lo}..{hi}", quiet)
+    flows = (GradientFlow(problem, s.lr), ModifiedFlow(problem, s.lr, order=1), CentralFlow(problem, s.lr))
+    ladder = compare(traj.slice(lo, hi + 1), *flows, problem=problem, n_probe=5, progress=progress)
+    _say(str(ladder), quiet)
+    ladder.figure().savefig(out / "ladder.png", dpi=120)
+    files["ladder figure"] = str(out / "ladder.png")
+    stage("ladder", t0)
+
+    # 3. the correction on gradient-flow physics
+    t0 = time.perf_counter()
+    lo, hi = max(0, onset + s.fit_span[0]), min(s.steps, onset + s.fit_span[1])
+    _say(f"[3/4] fitting Hg + gradS on gradient-flow physics, steps {lo}..{hi}", quiet)
+    library = TermLibrary(problem, s.lr, terms=["Hg", "gradS"])
+    result = fit(Hybrid(flows[0], library), traj.slice(lo, hi + 1), window=s.window, method="regression",
+                 progress=progress)
+    stage("fit", t0)
+
+    # 4. the explanation and the files
+    t0 = time.perf_counter()
+    report = build_report(result, max_windows=s.report_windows)
+    _say("[4/4] report", quiet)
+    _say(str(report), quiet)
+    files["checkpoint"] = str(save(result, out / f"fit{SUFFIX}", report=report))
+    (out / "report.md").write_text(report.to_markdown())
+    files["report"] = str(out / "report.md")
+    for path in report.save_figures(out):
+        files[f"report figure {path.stem}"] = str(path)
+    stage("report", t0)
+    timing["total"] = round(time.perf_counter() - begin, 2)
+
+    summary = {
+        "settings": asdict(s),
+        "problem": problem.description,
+        "dim": problem.dim,
+        "eos_onset": onset,
+        "ladder": ladder.to_dict(),
+        "coefficients": result.coefficients,
+        "physics_error": result.physics_error,
+        "hybrid_error": result.hybrid_error,
+        "verdict": report.verdict,
+        "suggestions": report.suggestions(),
+        "timing": timing,
+        "files": files,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    files["summary"] = str(out / "summary.json")
+    _say("", quiet)
+    for what, path in files.items():
+        _say(f"{what:<24} {path}", quiet)
+    _say(f"\ndemo finished in {timing['total']:.0f} s; everything is in {out.resolve()}", quiet)
+    return summary

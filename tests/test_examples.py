@@ -1,0 +1,71 @@
+"""The examples, the demo and the notebook run end to end (fast settings), so they cannot rot."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from neuralflow import checkpoint
+from neuralflow.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def _run(script: str, *args: str, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+
+
+def test_modified_equation_recovers_the_first_order_term(tmp_path, monkeypatch, capsys):
+    _run("modified_equation.py", "--fast", "--save", str(tmp_path / "m.nff"), monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    assert "Hg" in out and "D3gg" in out
+    result = checkpoint.load(tmp_path / "m.nff")
+    assert result.coefficients["Hg"] == pytest.approx(-0.5, abs=0.05)
+    assert result.hybrid_error < result.physics_error
+
+
+def test_edge_of_stability_runs_the_ladder(tmp_path, monkeypatch, capsys):
+    _run("edge_of_stability.py", "--fast", monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    assert "neuralflow ladder" in out and "central" in out and "gradS" in out
+
+
+def test_custom_problem_round_trips_a_user_module(monkeypatch, capsys):
+    _run("custom_problem.py", "--fast", monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    assert "reloaded from a checkpoint" in out
+
+
+def test_the_demo_writes_what_it_promises(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--fast", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out.resolve()) in printed and "suggestions:" in printed
+    names = {p.name for p in out.iterdir()}
+    assert {"trajectory.nft", "fit.nff", "report.md", "gd.png", "ladder.png", "summary.json"} <= names
+    assert any(n.endswith(".png") and n not in ("gd.png", "ladder.png") for n in names)  # the report's figures
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eos_onset"] is not None and set(summary["coefficients"]) == {"Hg", "gradS"}
+    assert checkpoint.load(out / "fit.nff").coefficients == summary["coefficients"]
+    assert checkpoint.stored_report(out / "fit.nff").to_markdown() == (out / "report.md").read_text()
+
+
+def test_the_notebook_executes_on_the_shipped_checkpoint():
+    import nbclient
+    import nbformat
+
+    assert (ROOT / "checkpoints" / "edge_of_stability.nff").is_file(), "run python examples/make_checkpoints.py"
+    nb = nbformat.read(EXAMPLES / "inspect_checkpoint.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(EXAMPLES)}})
+    client.execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("text/html" in o.get("data", {}) for o in outputs)  # the report as HTML
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the figures

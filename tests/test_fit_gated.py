@@ -1,0 +1,90 @@
+"""Gated coefficients fitted by the derivative regression: recovery of a planted switch at the edge of stability."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchdiffeq import odeint
+
+import neuralflow as nf
+from neuralflow.corrections import Hybrid, TermLibrary
+from neuralflow.fit import fit
+from neuralflow.flows import GradientFlow
+
+LR = 0.1  # 2/lr = 20
+
+
+def valley(theta: torch.Tensor) -> torch.Tensor:
+    """``1/2 y x^2 + 1/10 (y - 30)^2 + 1/2 z^2``: the sharpness is ``y`` (for small ``x``), ``grad S = (0, 1, 0)``.
+
+    The flow drives ``y`` (so ``lr S``) from 1.2 up through 2 towards 2.8: a planted gated ``gradS``
+    term switches on part-way.
+    """
+    x, y, z = theta
+    return 0.5 * y * x**2 + 0.1 * (y - 30) ** 2 + 0.5 * z**2
+
+
+def planted(problem: nf.Problem) -> Hybrid:
+    """``-lr g + 0.2 lr g + c(theta) lr grad S`` with ``c = -0.3 sigmoid(20 (lr S - 2))``."""
+    lib = TermLibrary(problem, LR, ["g", "gradS"], gated=["gradS"])
+    with torch.no_grad():
+        lib.constants["g"].fill_(0.2)
+        gate = lib.gates["gradS"]
+        gate.scale.fill_(-0.3)
+        gate.margin.zero_()
+    return Hybrid(GradientFlow(problem, LR), lib)
+
+
+@pytest.fixture(scope="module")
+def data():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    p = nf.problems.from_function(valley, torch.tensor([1.0, 12.0, 0.5], dtype=torch.float64))
+    truth = planted(p)
+    t = torch.arange(0, 101, dtype=torch.float64)
+    with torch.no_grad():
+        x = odeint(truth, p.theta0, t, method="rk4", options={"step_size": 0.5})
+    nan = torch.full((len(t),), math.nan, dtype=torch.float64)
+    traj = nf.Trajectory(
+        lr=LR, steps=t.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=x[:, 1:2],
+        update_u=nan, problem=p.description,
+    )
+    yield p, truth, traj
+    torch.set_num_threads(n)
+
+
+def test_gated_regression_recovers_a_planted_switch(data):
+    p, truth, traj = data
+    s = LR * traj.iterates[:, 1] - 2
+    assert float(s[0]) < -0.5 and float(s[-1]) > 0.5  # the data cross the edge of stability
+    model = Hybrid(GradientFlow(p, LR), TermLibrary(p, LR, ["g", "gradS"], gated=["gradS"]))
+    res = fit(model, traj, window=10, method="regression", solver="euler", step_size=0.5, progress=False)
+    lib = model.correction
+    states = traj.iterates[2:-2]
+    fitted = lib.coefficient_values(states)["gradS"]
+    true = truth.correction.coefficient_values(states)["gradS"]
+    s = s[2:-2]
+    below, above = s < -0.25, s > 0.25
+    assert below.sum() > 20 and above.sum() > 20
+    assert float(fitted[below].abs().max()) < 0.005  # off below the edge of stability (measured 0.0011)
+    assert float((fitted[above] - true[above]).abs().max()) < 0.003  # -0.3 to 1 percent above it (0.0006)
+    assert float((fitted - true).abs().max()) < 0.006  # and the switch in between (0.0013)
+    assert res.coefficients["g"] == pytest.approx(0.2, rel=0.01)
+    assert res.settings["regression_loss"]["final"] < 1e-4
+    assert res.hybrid_error < 1e-3 * res.physics_error
+    assert set(res.coefficients) == {"g", "gradS"} and math.isnan(res.uncertainty["gradS"])
+
+
+def test_gated_regression_is_reproducible(data):
+    p, _, traj = data
+    coeffs = []
+    for _ in range(2):
+        model = Hybrid(GradientFlow(p, LR), TermLibrary(p, LR, ["g", "gradS"], gated=["gradS"]))
+        res = fit(model, traj.slice(stop=40), window=10, method="regression", solver="euler", step_size=0.5,
+                  max_iters=30, progress=False)
+        coeffs.append(torch.nn.utils.parameters_to_vector(model.parameters()))
+    assert torch.equal(coeffs[0], coeffs[1])
+    curve = res.settings["regression_loss"]
+    assert curve["final"] <= curve["start"] < curve["physics"]
