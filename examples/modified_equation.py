@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> nf.FitResult:
     parser.add_argument("--fast", action="store_true", help="fewer steps and fit iterations (for tests)")
     parser.add_argument("--save", default=None, help="write the ODE fit to this checkpoint (.nff)")
     args = parser.parse_args(argv)
-    steps, iters = (60, 1) if args.fast else (300, 4)
+    steps, iters, window = (60, 1, 20) if args.fast else (1000, 4, 100)
 
     problem = nf.problems.mlp_digits(n=64, widths=(8,), seed=0)
-    lr = 0.05
+    lr = 0.01
     traj = nf.run_gd(problem, lr, steps, eig_every=20, progress=not args.fast)
     print(f"{problem.name}: {problem.dim} parameters, lr = {lr}, sharpness up to "
           f"{float(traj.sharpness[torch.isfinite(traj.sharpness)].max()):.3g} (2/lr = {2 / lr:g})")
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> nf.FitResult:
     def library() -> nf.Hybrid:
         return nf.Hybrid(nf.flows.GradientFlow(problem, lr), nf.corrections.TermLibrary(problem, lr, list(THEORY)))
 
-    regression = nf.fit(library(), traj, window=20, method="regression", progress=False)
-    ode = nf.fit(library(), traj, window=20, max_iters=iters, progress=not args.fast)
+    regression = nf.fit(library(), traj, window=window, method="regression", progress=False)
+    ode = nf.fit(library(), traj, window=window, max_iters=iters, progress=not args.fast)
     print(f"{'term':<6} {'theory':>9} {'regression':>22} {'ODE fit':>22}")
     for name, theory in THEORY.items():
         cells = [f"{r.coefficients[name]:+.4f} +- {r.uncertainty[name]:.1e}" for r in (regression, ode)]

@@ -50,6 +50,8 @@ class DemoSettings:
     compare_span: tuple[int, int] = (-30, 30)
     fit_span: tuple[int, int] = (-20, 40)
     window: int = 4
+    step_size: float = 0.5
+    eig_tol: float = 1e-4
     report_windows: int = 6
 
 
@@ -114,9 +116,9 @@ def run_demo(
     t0 = time.perf_counter()
     lo, hi = max(0, onset + s.fit_span[0]), min(s.steps, onset + s.fit_span[1])
     _say(f"[3/4] fitting Hg + gradS on gradient-flow physics, steps {lo}..{hi}", quiet)
-    library = TermLibrary(problem, s.lr, terms=["Hg", "gradS"])
+    library = TermLibrary(problem, s.lr, terms=["Hg", "gradS"], eig_tol=s.eig_tol)
     result = fit(Hybrid(flows[0], library), traj.slice(lo, hi + 1), window=s.window, method="regression",
-                 progress=progress)
+                 step_size=s.step_size, progress=progress)
     stage("fit", t0)
 
     # 4. the explanation and the files

@@ -30,10 +30,10 @@ def test_modified_equation_recovers_the_first_order_term(tmp_path, monkeypatch, 
     assert result.hybrid_error < result.physics_error
 
 
-def test_edge_of_stability_runs_the_ladder(tmp_path, monkeypatch, capsys):
+def test_edge_of_stability_points_at_the_missing_oscillation(monkeypatch, capsys):
     _run("edge_of_stability.py", "--fast", monkeypatch=monkeypatch)
     out = capsys.readouterr().out
-    assert "neuralflow ladder" in out and "central" in out and "gradS" in out
+    assert "central" in out and "[no-oscillation]: adding gradS" in out and "what remains" in out
 
 
 def test_custom_problem_round_trips_a_user_module(monkeypatch, capsys):
