@@ -100,6 +100,24 @@ class Curvature:
                 out = out + torch.autograd.grad(hw @ v.detach(), self.theta, retain_graph=True)[0]
         return out
 
+    def d3_pairs(self, U: Tensor) -> Tensor:
+        """``D[a, b] = D3L[u_a, u_b]`` for every pair of rows of ``U`` (k, d), shape ``(k, k, d)``.
+
+        Each ``H u_b`` graph is built once and shared by the pairs ``(a, b)``, ``a <= b``: k
+        differentiable products instead of the k(k+1)/2 that :meth:`d3` on the pairs would build.
+        """
+        k = U.shape[0]
+        out = U.new_zeros(k, k, U.shape[1])
+        with torch.enable_grad():
+            for b in range(k):
+                hu = self._part_hvps(U[b].detach(), create_graph=True)
+                for a in range(b + 1):
+                    val = sum(
+                        torch.autograd.grad(h @ U[a].detach(), self.theta, retain_graph=True)[0] for h in hu
+                    )
+                    out[a, b] = out[b, a] = val
+        return out
+
 
 def value_and_gradient(problem: Problem, theta: Tensor) -> tuple[Tensor, Tensor]:
     """``(L(theta), g(theta))``, detached."""

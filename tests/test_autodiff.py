@@ -48,6 +48,9 @@ def test_d3_agrees_with_dense_third_derivative(tiny_net):
     for i in range(2):
         assert torch.allclose(got[i], _dense_third(p, theta, V[i], W[i]), rtol=1e-8, atol=1e-11)
     assert torch.allclose(ad.d3(p, theta, V[0], W[0]), got[0])
+    pairs = ad.Curvature(p, theta).d3_pairs(V)  # all pairs, each H v_b graph shared
+    assert torch.allclose(pairs[0, 1], _dense_third(p, theta, V[0], V[1]), rtol=1e-8, atol=1e-11)
+    assert torch.allclose(pairs[1, 0], pairs[0, 1]) and torch.allclose(pairs[1, 1], ad.d3(p, theta, V[1], V[1]))
 
 
 def test_state_derivatives_match_the_functional_ones(small_net):

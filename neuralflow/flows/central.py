@@ -287,13 +287,7 @@ class CentralFlow(Flow):
                 "from an earlier iterate (before the EoS onset) or lower lr."
             )
         U = eig.vectors[:crit]
-        pairs = [(a, b) for a in range(crit) for b in range(a, crit)]
-        D = theta.new_zeros(crit, crit, theta.numel())
-        if pairs:
-            rows, cols = (list(x) for x in zip(*pairs))
-            d3 = curv.d3(U[rows], U[cols])
-            D[rows, cols] = d3
-            D[cols, rows] = d3
+        D = curv.d3_pairs(U)
         M = torch.diag(eig.values[:crit])
         flat = D.reshape(crit * crit, theta.numel())
         margin = self.threshold * torch.eye(crit, dtype=M.dtype, device=M.device) - M
