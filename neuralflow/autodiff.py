@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import InputError, NeuralflowError
+from .errors import InputError
 from .problems import Problem
 
 __all__ = [
@@ -324,9 +324,3 @@ class StateDerivatives:
     def out(self, x: Tensor) -> Tensor:
         """Return ``x`` with or without its graph, as this evaluation was asked."""
         return x if self.create_graph else x.detach()
-
-
-def check_finite(x: Tensor, what: str) -> Tensor:
-    if not torch.isfinite(x).all():
-        raise NeuralflowError(f"{what} is not finite; lower the step size or check the loss.")
-    return x

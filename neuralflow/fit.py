@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .corrections import FEATURES, Hybrid, TermLibrary
 from .errors import DivergenceError, InputError
+from .problems import check_positive_int
 from .trajectory import Trajectory
 
 if TYPE_CHECKING:
@@ -140,12 +141,6 @@ class _Windows:
     train: Tensor  # indices of training windows
     val: Tensor  # indices of validation windows
     normaliser: float
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"fit: {name} must be a positive int, got {value!r}.")
-    return value
 
 
 def _make_windows(
@@ -593,8 +588,8 @@ def _objective(
 ) -> tuple[_Objective, Trajectory]:
     """Validate the inputs and set up the windows and the loss; records resolved settings."""
     targets = _check_inputs(model, trajectory, target, method)
-    window = _positive_int(window, "window")
-    settings["stride"] = stride = window if stride is None else _positive_int(stride, "stride")
+    window = check_positive_int(window, "fit: window")
+    settings["stride"] = stride = window if stride is None else check_positive_int(stride, "fit: stride")
     if solver in _FIXED_GRID:
         if step_size is None:
             step_size = _default_step_size(trajectory)
@@ -699,7 +694,7 @@ def fit(
         "init": init, "learning_rate": learning_rate, "seed": seed, "solver": solver, "step_size": step_size,
         "rtol": rtol, "atol": atol, "model": model.config() if isinstance(model, Hybrid) else None,
     }
-    patience = _positive_int(patience, "patience")
+    patience = check_positive_int(patience, "fit: patience")
     if optimizer not in _OPTIMIZERS:
         raise InputError(f"fit: unknown optimizer {optimizer!r}; choose from {list(_OPTIMIZERS)}.")
     if init not in ("auto", "regression", "current"):
@@ -729,7 +724,7 @@ def fit(
             # one state per evaluation: each eigen-solve is warm-started from the previous point's
             system = _regression_system(model, targets, win, chunk=1)
             timing["regression_fields"] = time.perf_counter() - t0
-            iters = _GATED_REGRESSION_ITERS if max_iters is None else _positive_int(max_iters, "max_iters")
+            iters = _GATED_REGRESSION_ITERS if max_iters is None else check_positive_int(max_iters, "fit: max_iters")
             regression_se = _gated_regression(lib, system, float(min_norm), iters, init, seed, settings, progress)
         else:
             coef, regression_se = _regression(model, targets, win)
@@ -804,7 +799,7 @@ def _optimise(
             f"fit: gauss-newton needs one solve per parameter and is limited to {_GN_MAX_PARAMS} parameters; this "
             f"correction has {n_params}. Use optimizer='lbfgs' or 'adam'."
         )
-    iters = _DEFAULT_ITERS[optimizer] if max_iters is None else _positive_int(max_iters, "max_iters")
+    iters = _DEFAULT_ITERS[optimizer] if max_iters is None else check_positive_int(max_iters, "fit: max_iters")
     t_start = time.perf_counter()
     best = {"score": math.inf, "params": obj.get(), "iteration": 0, "stale": 0}
     bar = tqdm(total=iters, desc=f"fit {optimizer}", disable=not progress, unit="it")

@@ -14,16 +14,10 @@ from tqdm.auto import tqdm
 
 from .autodiff import Curvature, top_eigenpairs, value_and_gradient
 from .errors import DivergenceError, InputError
-from .problems import Problem, check_lr
+from .problems import Problem, check_lr, check_positive_int
 from .trajectory import Trajectory
 
 __all__ = ["run_gd"]
-
-
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive int, got {value!r}.")
-    return value
 
 
 def run_gd(
@@ -48,8 +42,8 @@ def run_gd(
     step and the last finite sharpness; ``error.partial`` is the trajectory up to that point.
     """
     lr = check_lr(lr)
-    steps = _positive_int(steps, "steps")
-    store_every = _positive_int(store_every, "store_every")
+    steps = check_positive_int(steps, "steps")
+    store_every = check_positive_int(store_every, "store_every")
     if isinstance(eig_every, bool) or not isinstance(eig_every, int) or eig_every < 0:
         raise InputError(f"eig_every must be a non-negative int (0 = never), got {eig_every!r}.")
     if isinstance(n_eigs, bool) or not isinstance(n_eigs, int) or not 1 <= n_eigs <= problem.dim:

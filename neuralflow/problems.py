@@ -374,13 +374,15 @@ def make(description: dict[str, Any]) -> Problem:
     return PROBLEMS[name](**kwargs)
 
 
-def sharpness_limit(lr: float) -> float:
-    """GD on a quadratic is stable iff ``S < 2 / lr`` (science.md 1)."""
-    return 2.0 / lr
-
-
 def check_lr(lr: float) -> float:
     """Validate a step size: a positive finite number."""
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise InputError(f"lr must be a positive finite number, got {lr!r}.")
     return float(lr)
+
+
+def check_positive_int(value: int, name: str) -> int:
+    """Validate a count (steps, window, ...): a positive int, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive int, got {value!r}.")
+    return value
