@@ -1,4 +1,4 @@
-"""Benchmark of the fit (issue 4): time to recover the modified equation, and adjoint vs direct memory.
+"""Benchmark of the fit: time to recover the modified equation, and adjoint vs direct memory.
 
 1. Recovery: exact GD data of a tanh net (5 inputs, 8 hidden, 50 examples, sin target; 57 parameters),
    lr = 0.02, 500 steps, recorded every step and every 10 steps; GradientFlow + [Hg, H2g, D3gg],

@@ -1,4 +1,4 @@
-"""Benchmark the physics flows on the digits MLP (science.md 1 and 3).
+"""Benchmark the physics flows on the digits MLP (Cohen et al., ICLR 2021 and ICLR 2025).
 
 1. Cost of one ``forward`` of each flow in gradient-equivalents (median wall time of a forward
    divided by the median wall time of one full-batch gradient), at an iterate inside the edge of

@@ -1,4 +1,4 @@
-"""Cost of rendering a report from its stored numbers (issue 5: under a second on a checkpointed fit).
+"""Cost of rendering a report from its stored numbers (target: under a second on a checkpointed fit).
 
 A checkpoint stores ``Report.to_dict()`` (JSON); loading it and rendering every output form must
 not recompute anything. This builds a report the size of the digits edge-of-stability fit (three

@@ -1,17 +1,22 @@
-"""The edge-of-stability fit of issue 4: gated sharpness-gradient terms fitted to smoothed GD on the digits MLP.
+"""The edge-of-stability fit: gated sharpness-gradient terms fitted to smoothed GD on the digits MLP.
 
 GD on ``mlp_digits(n=500, widths=(32, 32), seed=0)`` at lr = 0.15 for 700 steps (sharpness every
-step); the targets are the smoothed iterates (midpoint process, science.md 3). The model
-``GradientFlow + TermLibrary(["Hg", "gradS", "gradScrit"], gated=["gradS", "gradScrit"])`` is fitted
-by the gated derivative regression (``fit(..., method="regression")``: fields and gate inputs
+step); the targets are the smoothed iterates (midpoint process, Cohen et al. ICLR 2025). The model
+``GradientFlow + TermLibrary(["Hg", "gradS", "gradScrit"], gated=["gradS", "gradScrit"],
+amplitude=[])`` (each gated coefficient ``switch(lr S - 2, ...) * scale``; with ``--amplitude``,
+``switch * (scale + w sigma2)`` with ``sigma2 = 2 alpha / beta`` the self-stabilisation variance, theory
+``w = -1/2``) is fitted by the gated derivative regression (``fit(..., method="regression")``: fields and gate inputs
 evaluated once at the targets, gate networks by LBFGS over those tensors). Reported next to
-GradientFlow and CentralFlow (science.md 3, Cohen et al. ICLR 2025):
+GradientFlow and CentralFlow (Cohen et al. ICLR 2025):
 
 (i)   the windowed distance to the smoothed iterates (normalised as in ``neuralflow.fit``);
 (ii)  a rollout of each model from step 0 over the whole run: mean distance to the smoothed GD
       trajectory and the sharpness along it (LOBPCG at a few dozen states);
-(iii) the fitted gated coefficients over time beside ``-sigma^2/2`` of CentralFlow evaluated at the
-      smoothed states.
+(iii) the fitted gated coefficients over time beside ``-sigma^2/2``: of CentralFlow along its own
+      rollout (at the same step), and measured from GD's oscillation, ``-1/2 ||theta_k - smoothed_k||^2``
+      averaged over +-5 steps and divided by the number of critical eigenvalues (one shared variance).
+      CentralFlow's ``sigma^2`` at the smoothed GD states themselves is not comparable: their sharpness
+      is above ``2/lr``, and the complementarity problem's margin term inflates ``Sigma`` there.
 
 Every rollout and window solve is explicit Euler with half-step substeps (``lr S * 0.5 <= 1.2``:
 stable); CentralFlow's own default is quarter steps. Plain script: prints a table, writes JSON and
@@ -75,6 +80,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--probes", type=int, default=30, help="states along each rollout where sharpness is measured")
+    parser.add_argument("--amplitude", action="store_true",
+                        help="gated amplitudes linear in sigma2 (amplitude=['sigma2']) instead of constant")
     parser.add_argument("--out", default="benchmarks/results/eos_fit.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the machine is shared; two OpenMP threads were measured 30x slower here
@@ -89,40 +96,56 @@ def main() -> None:
     print(f"GD: d = {p.dim}, {args.steps} steps, EoS onset at step {traj.eos_onset}, {timing['gd']:.1f} s")
 
     t0 = time.perf_counter()
-    lib = TermLibrary(p, LR, ["Hg", "gradS", "gradScrit"], gated=["gradS", "gradScrit"], eig_tol=1e-3)
+    lib = TermLibrary(p, LR, ["Hg", "gradS", "gradScrit"], gated=["gradS", "gradScrit"],
+                      amplitude=["sigma2"] if args.amplitude else [], eig_tol=1e-3)
     model = Hybrid(GradientFlow(p, LR), lib)
     res = nf.fit(model, traj, window=args.window, target="smoothed", method="regression", solver="euler",
                  step_size=STEP, progress=False)
     timing["fit"] = time.perf_counter() - t0
     print(res)
     print(f"fit timing: {res.timing}; regression loss {res.settings['regression_loss']}")
+    gates = {n: {"scale": float(g.scale), "w_sigma2": float(g.weights[0]) if args.amplitude else 0.0,
+                 "gain": float(g.gain), "margin": float(g.margin)} for n, g in lib.gates.items()}
+    print(f"gates: {json.dumps(gates)}", flush=True)
 
-    # (iii) coefficients over time beside -sigma^2/2 of the central flow, at the smoothed states
+    # (ii) rollouts from step 0
+    # smoothed[i] is GD's step i + 1 (the midpoint process needs both neighbours); the rollouts start at step 0
+    t = torch.arange(len(smoothed) + 1, dtype=p.dtype)
+    probes = torch.linspace(0, len(smoothed) - 1, args.probes).round().long()
+    central = CentralFlow(p, LR)
+    rollouts, states_of = {}, {}
+    for name, flow in (("gradient", GradientFlow(p, LR)), ("central", central), ("hybrid", model)):
+        t0 = time.perf_counter()
+        states_of[name] = nf.simulate(flow, p.theta0, t, method="euler", step_size=STEP)[1:]
+        sec = time.perf_counter() - t0
+        rollouts[name] = rollout_stats(name, states_of[name], smoothed, p, probes, sec)
+        print(f"rollout {name}: mean distance {rollouts[name]['mean_distance']:.4f} ({sec:.0f} s)")
+        timing[f"rollout_{name}"] = sec
+
+    # (iii) coefficients over time beside -sigma^2/2: CentralFlow along its own rollout, and GD's measured
+    # oscillation variance per critical direction
     t0 = time.perf_counter()
     every = max(1, args.steps // 70)
     coef_steps = torch.arange(0, len(smoothed), every)
     coeffs = lib.coefficient_values(smoothed[coef_steps])
-    central = CentralFlow(p, LR)
+    # where no eigenvalue is critical the gradScrit field is 0, so its coefficient is not defined there: report 0
+    coeffs["gradScrit"] = torch.where(lib.fields(smoothed[coef_steps])["gradScrit"].norm(dim=1) > 0,
+                                      coeffs["gradScrit"], torch.zeros_like(coeffs["gradScrit"]))
+    central.reset()
     sig_top, sig_mean, n_crit = [], [], []
     for k in coef_steps.tolist():
-        state = central.solve(smoothed[k], index=0)
+        state = central.solve(states_of["central"][k], index=0)
         s2 = state.sigma2
         sig_top.append(-0.5 * float(s2[0]) if len(s2) else 0.0)
         sig_mean.append(-0.5 * float(s2.mean()) if len(s2) else 0.0)
-        n_crit.append(state.n_critical)
+    oscillation = (traj.iterates[1:-1] - smoothed).square().sum(1)
+    eig_values = lib._eigenpairs(smoothed[coef_steps], lib.max_critical)[0]
+    sig_gd = []
+    for i, k in enumerate(coef_steps.tolist()):
+        n = int((eig_values[i] >= 1.95 / LR).sum())
+        n_crit.append(n)
+        sig_gd.append(-0.5 * float(oscillation[max(0, k - 5) : k + 6].mean()) / n if n else 0.0)
     timing["coefficients"] = time.perf_counter() - t0
-
-    # (ii) rollouts from step 0
-    t = torch.arange(len(smoothed), dtype=p.dtype)
-    probes = torch.linspace(0, len(smoothed) - 1, args.probes).round().long()
-    rollouts = {}
-    for name, flow in (("gradient", GradientFlow(p, LR)), ("central", central), ("hybrid", model)):
-        t0 = time.perf_counter()
-        states = nf.simulate(flow, p.theta0, t, method="euler", step_size=STEP)
-        sec = time.perf_counter() - t0
-        rollouts[name] = rollout_stats(name, states, smoothed, p, probes, sec)
-        print(f"rollout {name}: mean distance {rollouts[name]['mean_distance']:.4f} ({sec:.0f} s)")
-        timing[f"rollout_{name}"] = sec
 
     # (i) windowed distances: GradientFlow and the hybrid on every window (from the fit), CentralFlow on
     # the validation windows (it is undefined from a start above 2/lr)
@@ -165,13 +188,13 @@ def main() -> None:
                       "rollout_mean_distance": ro["mean_distance"], "sharpness_after_onset_mean": mean_s})
     ratio = rollouts["gradient"]["mean_distance"] / rollouts["hybrid"]["mean_distance"]
     print(f"\nrollout: hybrid {ratio:.2f}x closer than GradientFlow (target >= 2)")
-    print("\ncoefficients over time (step, lr S - 2 of the smoothed state, gradS, gradScrit, -sigma^2/2 top, mean, "
-          "n critical):")
-    feats = lib.features(smoothed[coef_steps])[:, lib.feature_names.index("lr_S_minus_2")] \
-        if "lr_S_minus_2" in lib.feature_names else torch.full((len(coef_steps),), math.nan)
+    print("\ncoefficients over time (step, lr S - 2 of the smoothed state, fitted gradS, gradScrit; -sigma^2/2 of "
+          "CentralFlow on its rollout (top, mean); -sigma^2/2 measured on GD; n critical):")
+    inspected = lib.features(smoothed[coef_steps])
+    feats = inspected[:, lib.inspected_features.index("lr_S_minus_2")]
     for i in range(0, len(coef_steps), max(1, len(coef_steps) // 14)):
         print(f"  {int(coef_steps[i]):4d} {float(feats[i]):+.3f} {float(coeffs['gradS'][i]):+.3e} "
-              f"{float(coeffs['gradScrit'][i]):+.3e} {sig_top[i]:+.3e} {sig_mean[i]:+.3e} {n_crit[i]}")
+              f"{float(coeffs['gradScrit'][i]):+.3e} {sig_top[i]:+.3e} {sig_mean[i]:+.3e} {sig_gd[i]:+.3e} {n_crit[i]}")
     onset = traj.eos_onset or 0
     pre = [i for i, k in enumerate(coef_steps.tolist()) if k < onset]
     post = [i for i, k in enumerate(coef_steps.tolist()) if k >= onset + 100]
@@ -184,6 +207,8 @@ def main() -> None:
                                         "mean_100_after_onset": nanmean([sig_top[i] for i in post])}
     summary["minus_sigma2_half_mean"] = {"mean_before_onset": nanmean([sig_mean[i] for i in pre]),
                                          "mean_100_after_onset": nanmean([sig_mean[i] for i in post])}
+    summary["minus_sigma2_half_gd"] = {"mean_before_onset": nanmean([sig_gd[i] for i in pre]),
+                                       "mean_100_after_onset": nanmean([sig_gd[i] for i in post])}
     print(json.dumps(summary, indent=1))
     top_name = None if top is None else top.name
     top_approx = None if top is None else getattr(top.approximation, "name", top.approximation)
@@ -203,7 +228,9 @@ def main() -> None:
                                                "gradS": coeffs["gradS"].tolist(),
                                                "gradScrit": coeffs["gradScrit"].tolist(),
                                                "minus_sigma2_half_top": sig_top,
-                                               "minus_sigma2_half_mean": sig_mean, "n_critical": n_crit},
+                                               "minus_sigma2_half_mean": sig_mean,
+                                               "minus_sigma2_half_gd": sig_gd, "n_critical": n_crit},
+        "gates": gates,
         "coefficient_summary": summary,
         "report": {"verdict": rep.verdict, "top_term": top_name, "top_approximation": top_approx,
                    "suggestions": rep.suggestions()},
@@ -222,8 +249,9 @@ def main() -> None:
     cs = coef_steps.tolist()
     axes[2].plot(cs, coeffs["gradS"].tolist(), label="fitted gradS")
     axes[2].plot(cs, coeffs["gradScrit"].tolist(), label="fitted gradScrit")
-    axes[2].plot(cs, sig_top, "--", label="-sigma^2/2 (CentralFlow, top)")
-    axes[2].plot(cs, sig_mean, ":", label="-sigma^2/2 (CentralFlow, mean)")
+    axes[2].plot(cs, sig_top, "--", label="-sigma^2/2 (CentralFlow rollout, top)")
+    axes[2].plot(cs, sig_mean, ":", label="-sigma^2/2 (CentralFlow rollout, mean)")
+    axes[2].plot(cs, sig_gd, "-.", label="-sigma^2/2 (GD oscillation, per critical direction)")
     axes[2].axvline(onset, color="k", lw=0.8)
     axes[2].set(xlabel="step", ylabel="coefficient", title="(iii) gated coefficients")
     for ax in axes:

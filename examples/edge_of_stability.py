@@ -9,7 +9,7 @@ oscillates across the valley and drifts towards flatter minima (the edge of stab
 2. fits a ``lr grad S`` correction on top of gradient flow to the smoothed iterates: the report points
    at the no-oscillation approximation, the term the central flow adds;
 3. says what remains: the central flow's own distance to GD, largest at the onset transient that it
-   treats as instantaneous (science.md 3).
+   treats as instantaneous (Cohen et al., ICLR 2025).
 
 ``--save PATH`` fits the coefficient *gated* (a small network of ``lr S - 2``, ``lr S`` and the loss,
 near 0 below ``2/lr``) and writes the fit as a checkpoint.

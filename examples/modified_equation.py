@@ -9,7 +9,7 @@ The script runs GD on a small tanh net on the digits (well below the edge of sta
 library ``[Hg, H2g, D3gg]`` on top of gradient-flow physics, and prints the coefficients against
 theory (-1/2, -1/3, -1/12) with their standard errors: first by derivative regression (the SINDy
 baseline, instant), then by the ODE fit (Gauss-Newton on multiple-shooting windows). Higher-order
-terms bias ``H2g`` and ``D3gg`` by roughly ``lr * S`` (design.md).
+terms bias ``H2g`` and ``D3gg`` by roughly ``lr * S``.
 
 Run ``python examples/modified_equation.py`` (a minute) or with ``--fast`` (seconds);
 ``--save PATH`` writes the ODE fit as a checkpoint.

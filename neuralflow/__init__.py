@@ -1,6 +1,6 @@
 """neuralflow: physics-style effective ODEs of gradient descent, with learnable corrections.
 
-Pipeline (design.md): Problem --run_gd--> Trajectory --> flows (physics) + corrections --> fit
+Pipeline (see the README): Problem --run_gd--> Trajectory --> flows (physics) + corrections --> fit
 --> report, with safe checkpoints.
 """
 

@@ -1,6 +1,6 @@
 """Derivatives every stage shares: gradient, Hessian-vector products, ``D3L``, top eigenpairs.
 
-Conventions (science.md): ``g = grad L``, ``H = hess L``, ``D3L[v, w] = grad_theta (v^T H w)``.
+Conventions used throughout neuralflow: ``g = grad L``, ``H = hess L``, ``D3L[v, w] = grad_theta (v^T H w)``.
 ``H`` is never formed; Hessian-vector products are forward-over-reverse
 (``torch.func.jvp`` of ``torch.func.grad``) and batched over vectors with ``torch.func.vmap``.
 Sums over the problem's parts (data chunks) are accumulated one part at a time.
@@ -11,7 +11,7 @@ Two families live here:
   :func:`top_eigenpairs`) for GD and eigen-solvers;
 * :class:`StateDerivatives`, which evaluates ``g``, ``H v``, ... on a batch of states with
   ``torch.autograd.grad(create_graph=True)`` so that the result can be differentiated again,
-  which is what the adjoint method needs. Measured on a small tanh net (design.md), plain
+  which is what the adjoint method needs. Measured on a small tanh net, plain
   autograd is 15x faster than ``torch.func`` transforms inside a differentiated graph.
 """
 

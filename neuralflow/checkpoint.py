@@ -1,6 +1,6 @@
 """Checkpoints of fitted models: save a :class:`~neuralflow.fit.FitResult`, load it back working.
 
-Stage 7 of the pipeline (design.md). A checkpoint is one file (suffix ``.nff``, kind ``"fit"``) in
+The persist stage of the pipeline (see the README). A checkpoint is one file (suffix ``.nff``, kind ``"fit"``) in
 the safe container of :mod:`neuralflow._io`: a safetensors file whose JSON header carries the
 format version, the neuralflow and torch versions and a SHA-256 of the tensor bytes. Writes are
 atomic (temporary file in the same folder, then rename), so a crash mid-save leaves any previous

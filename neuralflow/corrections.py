@@ -3,8 +3,8 @@
 A correction is a vector field ``F_a(theta)`` in step time; the model that is fitted to GD is
 ``dtheta/dt = F_p(theta) + F_a(theta)`` with ``F_p`` a physics flow (:class:`Hybrid`). Two kinds:
 
-* :class:`TermLibrary`: a learnable linear combination of named candidate fields (design.md term
-  table), each carrying its natural power of ``lr`` so that a fitted coefficient is a pure number
+* :class:`TermLibrary`: a learnable linear combination of named candidate fields (:data:`TERMS`),
+  each carrying its natural power of ``lr`` so that a fitted coefficient is a pure number
   comparable with theory, and each tied to the :class:`~neuralflow.flows.Approximation` it repairs.
   A coefficient is a constant or *gated*: a tiny network of scalar state features (``lr S - 2``,
   ``lr S``, the loss) that can stay near 0 below the edge of stability and switch on at ``lr S = 2``.
@@ -142,6 +142,25 @@ class _Context:
         return self._get("gradScrit", compute)
 
     @property
+    def sigma2(self) -> Tensor:
+        """Self-stabilisation variance ``2 alpha / beta = max(0, -2 <g, grad L> / ||grad L||^2)`` ``(B,)``, detached.
+
+        ``L`` is the sum of the critical eigenvalues (the sharpness ``S`` where none is critical):
+        the oscillation variance that stops ``L`` from rising (Damian, Nichani, Lee 2023; for one
+        critical eigenvalue the central flow's ``sigma^2``, Cohen et al. 2025), held fixed in derivatives.
+        """
+
+        def compute() -> Tensor:
+            grad = self.gradScrit.detach()
+            none = grad.square().sum(1) == 0
+            if bool(none.any()):
+                grad = torch.where(none[:, None], self.gradS.detach(), grad)
+            beta = grad.square().sum(1).clamp_min(torch.finfo(grad.dtype).tiny)
+            return (-2 * (self.g.detach() * grad).sum(1) / beta).clamp_min(0)
+
+        return self._get("sigma2", compute)
+
+    @property
     def u_ug(self) -> Tensor:
         def compute() -> Tensor:
             u = self.eigen(1)[1][:, 0]
@@ -152,7 +171,7 @@ class _Context:
 
 @dataclass(frozen=True)
 class TermSpec:
-    """One candidate correction field ``lr^power * field(theta)`` (design.md term table).
+    """One candidate correction field ``lr^power * field(theta)`` (an entry of :data:`TERMS`).
 
     ``theory`` is the coefficient GD has in front of it (None where it depends on the problem);
     ``approximation`` is what a non-zero fitted coefficient says to revise; ``formula`` the field
@@ -202,6 +221,7 @@ FEATURES: dict[str, Callable[[_Context], Tensor]] = {
     "lr_S_minus_2": lambda c: c.owner.lr * c.S - 2,
     "lr_S": lambda c: c.owner.lr * c.S,
     "loss": lambda c: c.state.losses,
+    "sigma2": lambda c: c.sigma2,
 }
 """Scalar state features ``(B,)`` that gated coefficients and feature networks read."""
 
@@ -264,14 +284,18 @@ class Correction(Flow):
 
 
 class _GatedCoefficient(torch.nn.Module):
-    """``c(theta) = scale * sigmoid(gain (lr S - 2 + margin) + MLP(features))`` (a switch at ``lr S = 2``).
+    """``c = sigmoid(gain (lr S - 2 + margin) + MLP(features)) * (scale + sum_j w_j a_j)``, a switch at ``lr S = 2``.
 
-    ``scale`` starts at 0 (the physics alone), the MLP's last layer at 0, ``gain`` at 20 and
-    ``margin`` at 0.05: below the edge of stability (``lr S < 1.9``) the gate is below 0.12,
-    at ``lr S = 2`` it is 0.73. All of these are learned.
+    The gate (the sigmoid) switches the term on; its amplitude is ``scale`` plus, optionally, a
+    linear function of a few amplitude features ``a_j`` (for example ``sigma2``, so that the
+    oscillation term's coefficient can follow ``-sigma^2 / 2`` from state to state). ``scale`` and
+    ``w`` start at 0 (the physics alone), the MLP's last layer at 0, ``gain`` at 20 and ``margin``
+    at 0.05: below the edge of stability (``lr S < 1.9``) the gate is below 0.12, at ``lr S = 2``
+    it is 0.73. All of these are learned.
     """
 
-    def __init__(self, n_features: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, n_features: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                 n_amplitude: int = 0) -> None:
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.scale = torch.nn.Parameter(torch.zeros((), **kw))
@@ -282,20 +306,28 @@ class _GatedCoefficient(torch.nn.Module):
         )
         torch.nn.init.zeros_(self.net[2].weight)
         torch.nn.init.zeros_(self.net[2].bias)
+        if n_amplitude:
+            self.weights = torch.nn.Parameter(torch.zeros(n_amplitude, **kw))
 
-    def forward(self, lr_S_minus_2: Tensor, features: Tensor) -> Tensor:
-        logit = self.gain * (lr_S_minus_2 + self.margin) + self.net(features)[:, 0]
-        return self.scale * torch.sigmoid(logit)
+    def switch(self, lr_S_minus_2: Tensor, features: Tensor) -> Tensor:
+        """The gate ``sigmoid(...)`` in ``[0, 1]`` per state."""
+        return torch.sigmoid(self.gain * (lr_S_minus_2 + self.margin) + self.net(features)[:, 0])
+
+    def forward(self, lr_S_minus_2: Tensor, features: Tensor, amplitude: Tensor | None = None) -> Tensor:
+        amp = self.scale if amplitude is None else self.scale + amplitude @ self.weights
+        return self.switch(lr_S_minus_2, features) * amp
 
 
 class TermLibrary(Correction):
     """``F_a(theta) = sum_i c_i(theta) lr^{p_i} field_i(theta)`` over named candidate terms.
 
-    ``terms`` are names from :data:`TERMS` (design.md term table; for GD the modified equation,
+    ``terms`` are names from :data:`TERMS` (for GD the modified equation,
     Hairer-Lubich-Wanner ch. IX, gives ``Hg = -1/2``, ``H2g = -1/3``, ``D3gg = -1/12``; the central
     flow of Cohen et al. 2025 gives ``gradS = -sigma^2/2`` at the edge of stability). A constant
     coefficient is an ``nn.Parameter`` (initially 0); a term listed in ``gated`` (or every term
-    with ``gated=True``) gets a :class:`_GatedCoefficient` of the ``features``.
+    with ``gated=True``) gets a :class:`_GatedCoefficient` of the ``features``, whose amplitude is
+    linear in the ``amplitude`` features (none by default; ``amplitude=["sigma2"]`` lets the
+    oscillation terms learn ``c = w sigma2``, theory ``w = -1/2``).
     """
 
     name = "term-library"
@@ -310,6 +342,7 @@ class TermLibrary(Correction):
         hidden: int = 8,
         max_critical: int = 4,
         eig_tol: float = 1e-6,
+        amplitude: Sequence[str] = (),
     ) -> None:
         super().__init__(problem, lr, max_critical=max_critical, eig_tol=eig_tol)
         self.terms = _check_names(terms, TERMS, "term")
@@ -326,6 +359,9 @@ class TermLibrary(Correction):
                 raise InputError(f"gated terms {stray} are not in the library's terms {self.terms}.")
         self.gated = [n for n in self.terms if n in gated_names]
         self.feature_names = _check_names(features, FEATURES, "feature")
+        self.amplitude_names = _check_names(amplitude, FEATURES, "feature")
+        if self.amplitude_names and not self.gated:
+            raise InputError("amplitude features only act on gated terms; pass gated=[...] or drop amplitude.")
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise InputError(f"hidden must be a positive int, got {hidden!r}.")
         self.hidden = hidden
@@ -337,7 +373,8 @@ class TermLibrary(Correction):
         # finite-difference sensitivities run several coefficient vectors in one solve.
         self._row_constants: Tensor | None = None
         self.gates = torch.nn.ModuleDict(
-            {n: _GatedCoefficient(len(self.feature_names), hidden, **kw) for n in self.gated}
+            {n: _GatedCoefficient(len(self.feature_names), hidden, **kw, n_amplitude=len(self.amplitude_names))
+             for n in self.gated}
         )
 
     @property
@@ -352,14 +389,21 @@ class TermLibrary(Correction):
     def _features(self, ctx: _Context) -> Tensor:
         return torch.stack([FEATURES[n](ctx) for n in self.feature_names], dim=1)
 
+    def _amplitude(self, ctx: _Context) -> Tensor | None:
+        """The amplitude features ``(B, A)``, or None when the gates have a constant amplitude."""
+        if not self.amplitude_names:
+            return None
+        return torch.stack([FEATURES[n](ctx) for n in self.amplitude_names], dim=1)
+
     def _coefficients(self, ctx: _Context) -> dict[str, Tensor]:
         B = ctx.state.thetas.shape[0]
         out: dict[str, Tensor] = {}
         feats = self._features(ctx) if self.gated else None
+        amp = self._amplitude(ctx)
         constants = list(self.constants)
         for n in self.terms:
             if n in self.gates:
-                out[n] = self.gates[n](FEATURES["lr_S_minus_2"](ctx), feats)
+                out[n] = self.gates[n](FEATURES["lr_S_minus_2"](ctx), feats, amp)
             elif self._row_constants is not None:
                 out[n] = self._row_constants[:, constants.index(n)]
             else:
@@ -390,9 +434,15 @@ class TermLibrary(Correction):
             coeffs = self._coefficients(ctx)
         return {spec.name: (coeffs[spec.name][:, None] * spec(ctx)).detach() for spec in self.specs}
 
+    @property
+    def inspected_features(self) -> list[str]:
+        """The gates' inputs then the amplitude features (each once): the columns of :meth:`features`."""
+        return list(dict.fromkeys([*self.feature_names, *self.amplitude_names]))
+
     def features(self, thetas: Tensor) -> Tensor:
-        """The scalar state features ``(B, F)`` in the order of :attr:`feature_names`, detached."""
-        return self._features(self._context(thetas)).detach()
+        """The scalar state features ``(B, F)`` in the order of :attr:`inspected_features`, detached."""
+        ctx = self._context(thetas)
+        return torch.stack([FEATURES[n](ctx) for n in self.inspected_features], dim=1).detach()
 
     def config(self) -> dict[str, Any]:
         return {
@@ -401,6 +451,7 @@ class TermLibrary(Correction):
             "terms": list(self.terms),
             "gated": list(self.gated),
             "features": list(self.feature_names),
+            "amplitude": list(self.amplitude_names),
             "hidden": self.hidden,
             "max_critical": self.max_critical,
             "eig_tol": self.eig_tol,

@@ -1,7 +1,7 @@
 """``neuralflow demo``: the whole loop on an embedded default, from a fresh install, in minutes on a CPU.
 
 1. *Experiment*: full-batch GD on ``mlp_digits`` (500 digits, tanh 32-32, ``lr = 0.15``, the CPU
-   replica of Cohen et al., ICLR 2021; science.md 1 and 3) until the sharpness has reached ``2/lr``,
+   replica of Cohen et al., ICLR 2021 and ICLR 2025) until the sharpness has reached ``2/lr``,
    the edge of stability.
 2. *Physics ladder*: the gradient, first-order modified and central flows simulated from a GD
    iterate before the onset and compared with GD across it (:func:`neuralflow.compare`).

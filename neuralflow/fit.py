@@ -9,8 +9,8 @@ windows batched as the rows of one ``(B, d)`` state. The fit minimises
 
 ``D`` (the *normaliser*) is the mean squared displacement ``||x_{s+k} - x_s||^2`` of the targets
 over the same windows and outputs, so an error of 1 is as bad as standing still and numbers are
-comparable across problems. The second term is the APHYNITY penalty (Yin et al., ICLR 2021;
-science.md 6) on the correction's size relative to the physics field ``F_p`` at the window
+comparable across problems. The second term is the APHYNITY penalty (Yin et al., ICLR 2021)
+on the correction's size relative to the physics field ``F_p`` at the window
 starts, weighted by the physics-only error ``E_p`` on the training windows: the physics keeps what
 it explains, and the bias on a needed correction is about ``min_norm (||F_a|| / ||F_p||)^2``
 relative, on any problem.
@@ -21,7 +21,7 @@ Adam use them. The default optimiser for at most 64 parameters is Gauss-Newton /
 Levenberg-Marquardt with the sensitivities ``J`` of the window states to each parameter by finite
 differences (one forward solve per parameter, no backward pass). Constant coefficients of a term
 library enter the right-hand side linearly, so it converges in a handful of iterations where a
-plain LBFGS loop crawls (design.md). ``method="regression"`` is the SINDy-style baseline (Brunton et al. 2016): least
+plain LBFGS loop crawls. ``method="regression"`` is the SINDy-style baseline (Brunton et al. 2016): least
 squares of a 5-point finite-difference derivative of the targets minus the physics on the
 unit-coefficient fields; it is instant, and the default initial guess of the ODE fit. For gated
 coefficients it evaluates the fields and the gate inputs once at the targets and fits the gate
@@ -65,7 +65,7 @@ _GATED_REGRESSION_ITERS = 200  # LBFGS iterations of the gated regression (preco
 class FitResult:
     """What :func:`fit` found.
 
-    ``coefficients`` are dimensionless (design.md term table; a gated coefficient is its mean over
+    ``coefficients`` are dimensionless (the term table in the README; a gated coefficient is its mean over
     the window starts) with ``uncertainty`` their standard errors: Gauss-Newton sandwich
     covariance clustered by window (the spread of the windows' estimating equations), mapped to
     the coefficients by the delta method; for ``method="regression"`` the ordinary least-squares
@@ -333,7 +333,7 @@ class _RegressionSystem:
     ``(N, P)``, ``q_i = ||b_i||^2`` and ``f_i = ||F_p(x_i)||^2`` ``(N,)``, so that for coefficients
     ``c_i`` at ``x_i`` the residual is ``||b_i - A_i c_i||^2 = q_i - 2 c_i.h_i + c_i^T G_i c_i`` and the
     correction's size is ``||F_a(x_i)||^2 = c_i^T G_i c_i``. For a gated library also the gate inputs
-    ``lr S - 2`` ``(N,)`` and the features ``(N, F)``.
+    ``lr S - 2`` ``(N,)``, the features ``(N, F)`` and the amplitude features ``(N, A)`` (or None).
     """
 
     G: Tensor
@@ -343,6 +343,7 @@ class _RegressionSystem:
     d: int
     lr_S_minus_2: Tensor | None = None
     features: Tensor | None = None
+    amplitude: Tensor | None = None
 
 
 def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int) -> _RegressionSystem:
@@ -360,7 +361,7 @@ def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, chunk:
     pts, deriv = x[2:-2][inside], deriv[inside]
     if len(pts) == 0:
         raise InputError("fit: no interior point of the training windows is available for the regression.")
-    G, hs, q, f, gate_in, feats = [], [], [], [], [], []
+    G, hs, q, f, gate_in, feats, amps = [], [], [], [], [], [], []
     t0 = win.t[0]
     for lo in range(0, len(pts), chunk):
         xs = pts[lo : lo + chunk]
@@ -376,9 +377,12 @@ def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, chunk:
         if lib.gated:
             gate_in.append(FEATURES["lr_S_minus_2"](ctx).detach())
             feats.append(lib._features(ctx).detach())
+            if lib.amplitude_names:
+                amps.append(lib._amplitude(ctx).detach())
     return _RegressionSystem(
         torch.cat(G), torch.cat(hs), torch.cat(q), torch.cat(f), x.shape[1],
         torch.cat(gate_in) if lib.gated else None, torch.cat(feats) if lib.gated else None,
+        torch.cat(amps) if amps else None,
     )
 
 
@@ -406,11 +410,13 @@ def _regression(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int = 
 
 
 def _reset_gates(lib: TermLibrary, seed: int) -> None:
-    """Gates back to their initial state (scale 0, gain 20, margin 0.05, zero last layer), first layers seeded."""
+    """Gates back to their initial state (amplitude 0, gain 20, margin 0.05, zero last layer), first layers seeded."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for gate in lib.gates.values():
             gate.scale.zero_()
+            if hasattr(gate, "weights"):
+                gate.weights.zero_()
             gate.gain.fill_(20.0)
             gate.margin.fill_(0.05)
             first, last = gate.net[0], gate.net[2]
@@ -431,49 +437,51 @@ def _gated_regression(
 
         R = sum_i ||b_i - A_i c_i||^2 / sum_i ||b_i||^2  +  min_norm mean_i ||F_a(x_i)||^2 / mean_i ||F_p(x_i)||^2,
 
-    (``R = 1`` for the physics alone) over the gate networks' parameters, with the constant
-    coefficients eliminated in closed form at every evaluation (variable projection: they solve
-    the penalised normal equations given the gated values). The gates' scales start from the
-    least squares with the gate shapes held at their start. No ODE solve and no eigen-solve runs
-    in the loop. Returns the constants' standard errors (OLS, gates held fixed).
+    (``R = 1`` for the physics alone). Every coefficient is linear in its *linear* parameters given
+    the gate shapes: a constant ``c``, or a gated ``m(x) (scale + w . a(x))`` with ``m`` the switch and
+    ``a`` the amplitude features. Those are eliminated in closed form at every evaluation (variable
+    projection, Golub and Pereyra 1973), so LBFGS moves only the switches (gain, margin, network).
+    No ODE solve and no eigen-solve runs in the loop. Returns the constants' standard errors (OLS,
+    gates held fixed).
     """
     names = lib.terms
     gi = [j for j, n in enumerate(names) if n in lib.gates]
     ci = [j for j, n in enumerate(names) if n not in lib.gates]
     G, h, q = system.G, system.h, system.q
+    N, P = h.shape
     w = min_norm * float(q.mean()) / max(float(system.f.mean()), 1e-300)
     total = float(q.sum())
     if init != "current":
         _reset_gates(lib, seed)
     gates = [lib.gates[names[j]] for j in gi]
-    Gcc = (1 + w) * G[:, ci][:, :, ci].sum(0)
-    hc = h[:, ci].sum(0)
+    amp = system.amplitude
+    A = 0 if amp is None else amp.shape[1]
+    K = len(ci) + len(gi) * (1 + A)
 
-    def coefficients() -> Tensor:
-        """``c_i`` ``(N, P)``: gated values at the points, projected constants."""
-        c = G.new_zeros(len(q), len(names))
-        c[:, gi] = torch.stack([g(system.lr_S_minus_2, system.features) for g in gates], dim=1)
-        if ci:
-            rhs = hc - (1 + w) * torch.einsum("npq,nq->p", G[:, ci][:, :, gi], c[:, gi])
-            c[:, ci] = torch.linalg.solve(Gcc, rhs)
-        return c
+    def coefficients() -> tuple[Tensor, Tensor]:
+        """``c_i`` ``(N, P)`` with the linear parameters ``(K,)`` projected out, and those parameters."""
+        B = G.new_zeros(N, P, K)
+        for k, j in enumerate(ci):
+            B[:, j, k] = 1.0
+        for k, (j, gate) in enumerate(zip(gi, gates)):
+            m = gate.switch(system.lr_S_minus_2, system.features)
+            col = len(ci) + k * (1 + A)
+            B[:, j, col] = m
+            if A:
+                B[:, j, col + 1 : col + 1 + A] = m[:, None] * amp
+        M = (1 + w) * torch.einsum("npk,npq,nql->kl", B, G, B)
+        r = torch.einsum("npk,np->k", B, h)
+        d = M.diagonal().clamp_min(torch.finfo(M.dtype).tiny).sqrt()
+        eye = torch.eye(K, dtype=M.dtype, device=M.device)
+        theta = torch.linalg.solve(M / d[:, None] / d[None, :] + 1e-12 * eye, r / d) / d
+        return torch.einsum("npk,k->np", B, theta), theta
 
     def objective() -> Tensor:
-        c = coefficients()
+        c, _ = coefficients()
         quad = torch.einsum("np,npq,nq->n", c, G, c)
         return (total - 2 * (c * h).sum() + (1 + w) * quad.sum()) / total
 
-    if init != "current":  # closed-form start of the scales for the initial gate shapes m_i: c_i = scale * m_i
-        with torch.no_grad():
-            m = torch.ones_like(h)
-            for k, g in enumerate(gates):
-                g.scale.fill_(1.0)
-                m[:, gi[k]] = g(system.lr_S_minus_2, system.features)
-            Gm = (1 + w) * (G * m[:, :, None] * m[:, None, :]).sum(0)
-            start = torch.linalg.lstsq(Gm, (h * m).sum(0)[:, None]).solution[:, 0]
-            for k, g in enumerate(gates):
-                g.scale.fill_(float(start[gi[k]]))
-    params = [p for g in gates for p in g.parameters()]
+    params = [p for g in gates for name, p in g.named_parameters() if name not in ("scale", "weights")]
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iters, max_eval=2 * max_iters, history_size=50,
                             tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
     curve: list[float] = []
@@ -491,13 +499,18 @@ def _gated_regression(
         opt.step(closure)
     bar.close()
     with torch.no_grad():
-        c = coefficients()
-        for j in ci:
-            lib.constants[names[j]].copy_(c[0, j])
+        c, theta = coefficients()
+        for k, j in enumerate(ci):
+            lib.constants[names[j]].copy_(theta[k])
+        for k, gate in enumerate(gates):
+            col = len(ci) + k * (1 + A)
+            gate.scale.copy_(theta[col])
+            if A:
+                gate.weights.copy_(theta[col + 1 : col + 1 + A])
         final = float(objective())
     settings["regression_loss"] = {"physics": 1.0, "start": curve[0], "final": final, "evaluations": len(curve)}
     rss = (total - 2 * (c * h).sum() + torch.einsum("np,npq,nq->", c, G, c)).clamp_min(0)
-    s2 = rss / max(len(q) * system.d - len(ci) - len(params), 1)
+    s2 = rss / max(len(q) * system.d - K - len(params), 1)
     se = torch.full((len(names),), math.nan, dtype=G.dtype, device=G.device)
     if ci:
         se[ci] = (s2 * torch.linalg.pinv(G[:, ci][:, :, ci].sum(0), hermitian=True).diagonal()).sqrt()
@@ -668,7 +681,7 @@ def fit(
 
     Windows of ``window`` steps start every ``stride`` steps (default: ``window``, disjoint) at the
     observed iterates (``target="iterates"``) or at the midpoint process (``"smoothed"``,
-    science.md 3); a seeded ``val_fraction`` of them is held out for validation and early
+    Cohen et al. 2025); a seeded ``val_fraction`` of them is held out for validation and early
     stopping (``patience`` iterations without improvement). The loss is described in
     :mod:`neuralflow.fit`. ``method``: ``"adjoint"`` (``odeint_adjoint``), ``"direct"``
     (backpropagation through ``odeint``) or ``"regression"`` (the derivative-regression baseline,

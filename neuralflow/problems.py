@@ -1,6 +1,6 @@
 """Problems: a full-batch loss over one flat parameter vector, and its initial point.
 
-Stage 1 of the pipeline (design.md). A :class:`Problem` is what GD runs on and what every flow
+Stage 1 of the pipeline (see the README). A :class:`Problem` is what GD runs on and what every flow
 differentiates. Its loss is a sum of *parts* (data chunks of at most ``batch_size`` examples,
 weighted so that they add up to the full-batch mean), so a large data set never needs one huge
 forward pass; the derivatives in :mod:`neuralflow.autodiff` accumulate over the parts.
@@ -132,7 +132,7 @@ def quadratic(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> Problem:
-    """``L(theta) = 1/2 theta^T A theta`` with symmetric ``A`` (science.md 5).
+    """``L(theta) = 1/2 theta^T A theta`` with symmetric ``A``.
 
     GD, the principal flow and the modified-equation series agree exactly on it.
     ``theta0`` defaults to the all-ones vector.
@@ -158,7 +158,7 @@ def zhu_quartic(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> Problem:
-    """``L(x, y) = 1/4 (x^2 y^2 - 1)^2`` (Zhu et al., ICLR 2023; science.md 5).
+    """``L(x, y) = 1/4 (x^2 y^2 - 1)^2`` (Zhu et al., ICLR 2023).
 
     On the minimum set ``xy = 1`` the sharpness is ``2 (x^2 + y^2) >= 4``; with ``lr = 0.2`` from
     the default initialisation GD enters the edge of stability.
@@ -180,7 +180,7 @@ def scalar_factorization(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> Problem:
-    """``L(x) = 1/2 (prod_i x_i - 1)^2`` over ``depth`` scalars (science.md 5).
+    """``L(x) = 1/2 (prod_i x_i - 1)^2`` over ``depth`` scalars.
 
     Its flattest minimum (all ``x_i = 1``) has sharpness ``depth``. ``theta0`` defaults to
     ``depth`` values evenly spaced in ``[0.5, 1.5]``.
@@ -236,7 +236,7 @@ def mlp_digits(
     First ``n`` examples, inputs / 16, one-hot targets, loss ``0.5 ||f(x) - y||^2`` averaged over
     examples. The net is ``Sequential(Linear(64, w1), act, ..., Linear(wk, 10))`` built in
     ``dtype`` right after ``torch.manual_seed(seed)`` with PyTorch's default initialisation; the
-    flat vector follows ``named_parameters()`` order (science.md 1).
+    flat vector follows ``named_parameters()`` order.
     """
     if activation not in _ACTIVATIONS:
         raise InputError(f"mlp_digits: unknown activation {activation!r}; choose from {sorted(_ACTIVATIONS)}.")

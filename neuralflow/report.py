@@ -63,7 +63,7 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------ notation
 
-#: LaTeX of each candidate vector field at unit coefficient (design.md term table), step time.
+#: LaTeX of each candidate vector field at unit coefficient (the term table in the README), step time.
 TERM_LATEX: dict[str, str] = {
     "g": r"\eta\,g",
     "Hg": r"\eta^{2}\,H g",
@@ -89,6 +89,7 @@ FEATURE_NOTATION: dict[str, tuple[str, str, float | None]] = {
     "lr_S_minus_2": ("lr S - 2", r"\eta S-2", 0.0),
     "lr_S": ("lr S", r"\eta S", 2.0),
     "loss": ("L", "L", None),
+    "sigma2": ("sigma^2", r"\sigma^{2}", None),
 }
 
 
@@ -312,13 +313,16 @@ def sparse_regression(X: Tensor, y: Tensor, n_folds: int = 5) -> SparseSolution:
 
 # ---------------------------------------------------------------------------------------- gated formula
 
-_BASIS_TEXT = {"1": "1", "x": "{x}", "x2": "{x}^2", "relu": "relu({x})", "step": "step({x})"}
+_BASIS_TEXT = {
+    "1": "1", "x": "{x}", "x2": "{x}^2", "relu": "relu({x})", "step": "step({x})", "xon": "{x} step(lr S - 2)",
+}
 _BASIS_LATEX = {
     "1": "1",
     "x": r"\left({x}\right)",
     "x2": r"\left({x}\right)^{{2}}",
     "relu": r"\mathrm{{relu}}\left({x}\right)",
     "step": r"\mathrm{{step}}\left({x}\right)",
+    "xon": r"\left({x}\right)\mathrm{{step}}\left(\eta S-2\right)",
 }
 
 
@@ -326,8 +330,9 @@ _BASIS_LATEX = {
 class SparseFormula:
     """``c(x) = sum_j a_j phi_j(x)``: a sparse formula for a gated coefficient.
 
-    ``basis`` lists ``(kind, feature, knot)`` with kind one of ``1, x, x2, relu, step`` (relu and
-    step shifted to ``x - knot``); ``explained`` is the fraction of the coefficient's variance
+    ``basis`` lists ``(kind, feature, knot)`` with kind one of ``1, x, x2, relu, step, xon`` (relu and
+    step shifted to ``x - knot``; ``xon`` is ``x step(lr S - 2)``: the feature switched on at the edge
+    of stability); ``explained`` is the fraction of the coefficient's variance
     along the trajectory that the formula reproduces.
     """
 
@@ -389,11 +394,14 @@ def gate_formula(features: dict[str, Tensor], values: Tensor, n_folds: int = 5) 
     """Sparse formula for a gated coefficient ``values`` (B,) of scalar ``features`` {name: (B,)}.
 
     Basis: ``1`` and, per feature, ``x``, ``x^2`` and, where the feature has a knot at the edge of
-    stability (``lr S - 2`` at 0, ``lr S`` at 2), ``relu(x - x0)`` and ``step(x - x0)``; a column
-    that earlier columns already span is dropped, so the formula is unique.
+    stability (``lr S - 2`` at 0, ``lr S`` at 2), ``relu(x - x0)`` and ``step(x - x0)``; a feature
+    without a knot (``loss``, ``sigma2``) also enters switched on at the edge, ``x step(lr S - 2)``,
+    when ``lr_S_minus_2`` is among the features. A column that earlier columns already span is
+    dropped, so the formula is unique.
     """
     columns: list[Tensor] = [torch.ones_like(values)]
     basis: list[tuple[str, str, float]] = [("1", "", 0.0)]
+    edge = features.get("lr_S_minus_2")
     for name, x in features.items():
         x = x.to(values)
         columns += [x, x * x]
@@ -402,6 +410,9 @@ def gate_formula(features: dict[str, Tensor], values: Tensor, n_folds: int = 5) 
         if knot is not None:
             columns += [torch.relu(x - knot), (x > knot).to(values)]
             basis += [("relu", name, knot), ("step", name, knot)]
+        elif edge is not None:
+            columns.append(x * (edge.to(values) > 0).to(values))
+            basis.append(("xon", name, 0.0))
     # Drop columns that earlier ones already span (``lr S`` and ``lr S - 2`` give the same relu).
     keep: list[int] = []
     for j, col in enumerate(columns):
@@ -898,7 +909,7 @@ def _physics_view(flow: Any, name: str, spec: Any) -> tuple[Approximation | None
     The physics' own approximation that lists the term in ``revised_by`` comes first; otherwise
     the term's generic approximation. The term table's theory values hold relative to gradient
     flow, so they are shown for gradient physics and for physics that lists the term as missing;
-    elsewhere only a theory value of 0 (design.md: ``g``) is shown, since the physics may
+    elsewhere only a theory value of 0 (as for ``g``) is shown, since the physics may
     already contain part of the term.
     """
     from .flows import GradientFlow
@@ -1021,7 +1032,7 @@ def build_report(
         }
         if corr.gated:
             feats = _in_batches(corr.features, states, batch)
-            columns = {name: feats[:, j] for j, name in enumerate(corr.feature_names)}
+            columns = {name: feats[:, j] for j, name in enumerate(corr.inspected_features)}
             for n in corr.gated:
                 gates[n] = Gate(
                     features={k: tuple(v.tolist()) for k, v in columns.items()},

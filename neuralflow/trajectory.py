@@ -80,7 +80,7 @@ class Trajectory:
 
     @property
     def eos_threshold(self) -> float:
-        """``2 / lr``, the stability limit of GD (science.md 1)."""
+        """``2 / lr``, the stability limit of GD (Cohen et al., ICLR 2021)."""
         return 2.0 / self.lr
 
     @property
@@ -114,7 +114,7 @@ class Trajectory:
         )
 
     def smoothed(self) -> Trajectory:
-        """The midpoint process ``(theta_{k-1} + 2 theta_k + theta_{k+1}) / 4`` (science.md 3).
+        """The midpoint process ``(theta_{k-1} + 2 theta_k + theta_{k+1}) / 4`` (Cohen et al., ICLR 2025).
 
         A cheap empirical target for the time-averaged trajectory that the central flow models.
         Defined at interior steps of a dense recording; the scalar series keep GD's values.

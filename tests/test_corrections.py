@@ -62,6 +62,36 @@ def test_gradScrit_sums_the_critical_eigenvalues_and_is_zero_without_any(problem
     assert float(stable.fields(theta[None])["gradScrit"].abs().max()) == 0.0
 
 
+def test_sigma2_feature_is_the_self_stabilisation_variance(problem, states):
+    """``sigma2 = max(0, -2 <g, grad L> / ||grad L||^2)``, L the critical sum (S when none is critical)."""
+
+    def law(p: nf.Problem, theta: torch.Tensor, lr: float) -> float:
+        g = gradient(p, theta)
+        evals, vecs = torch.linalg.eigh(dense_hessian(p, theta))
+        crit = vecs[:, evals >= 1.95 / lr]
+        grad = sum((d3(p, theta, v, v) for v in (crit.T if crit.shape[1] else vecs[:, -1:].T)), torch.zeros_like(g))
+        return max(0.0, float(-2 * (g @ grad) / (grad @ grad)))
+
+    def feature(p: nf.Problem, theta: torch.Tensor, lr: float) -> float:
+        lib = TermLibrary(p, lr, ["gradScrit"], gated=True, amplitude=["sigma2"], max_critical=3)
+        return float(lib.features(theta[None])[0, lib.inspected_features.index("sigma2")])
+
+    quartic = nf.problems.zhu_quartic()  # sharpening at its start: -<g, grad S> = 47 > 0
+    theta = states[0]
+    evals = torch.linalg.eigvalsh(dense_hessian(problem, theta))
+    cases = [
+        (quartic, quartic.theta0, 0.2),  # the top eigenvalue (18.2) is critical, the other (0.014) is not
+        (quartic, quartic.theta0, 0.01),  # none is critical: S
+        (problem, theta, 1.95 / float(evals[-2]) * 1.001),  # two critical; the sum's sigma2 clips to 0 here
+    ]
+    wants = [law(*case) for case in cases]
+    assert wants[0] > 1e-3 and wants[0] == pytest.approx(wants[1])
+    for case, want in zip(cases, wants):
+        assert feature(*case) == pytest.approx(want, rel=1e-4, abs=1e-12)
+    with pytest.raises(nf.InputError, match="gated"):
+        TermLibrary(problem, 0.1, ["gradS"], amplitude=["sigma2"])
+
+
 def test_library_forward_contributions_and_coefficients(problem, states):
     lr = 0.05
     lib = TermLibrary(problem, lr, ["Hg", "H2g", "D3gg"])

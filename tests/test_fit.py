@@ -27,7 +27,7 @@ def one_thread():
 
 
 def tanh_net(inputs: int = 5, hidden: int = 8, n: int = 50, seed: int = 0) -> nf.Problem:
-    """Two-layer tanh net on a sin target (design.md's recovery problem; 57 parameters by default)."""
+    """Two-layer tanh net on a sin target (the recovery problem of bench_fit.py; 57 parameters by default)."""
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).double()
     x = torch.randn(n, inputs, dtype=torch.float64)

@@ -88,3 +88,38 @@ def test_gated_regression_is_reproducible(data):
     assert torch.equal(coeffs[0], coeffs[1])
     curve = res.settings["regression_loss"]
     assert curve["final"] <= curve["start"] < curve["physics"]
+
+
+def test_gated_regression_recovers_a_planted_oscillation_law(data):
+    """A gradS coefficient that follows the self-stabilisation variance, ``c = -0.3 switch(lr S - 2) sigma2``.
+
+    ``sigma2 = 2 alpha / beta = -2 <g, grad S> / ||grad S||^2`` is the variance that would stop the
+    sharpness from rising (Damian et al. 2023); the amplitude weight ``w = -0.3`` (theory at the
+    edge of stability: -1/2) is a linear parameter of the regression and must come back to 1 percent.
+    """
+    p = data[0]
+    truth = Hybrid(GradientFlow(p, LR), TermLibrary(p, LR, ["g", "gradS"], gated=["gradS"], amplitude=["sigma2"]))
+    with torch.no_grad():
+        truth.correction.constants["g"].fill_(0.2)
+        gate = truth.correction.gates["gradS"]
+        gate.weights.fill_(-0.3)
+        gate.margin.zero_()
+    t = torch.arange(0, 101, dtype=torch.float64)
+    with torch.no_grad():
+        x = odeint(truth, p.theta0, t, method="rk4", options={"step_size": 0.5})
+    nan = torch.full((len(t),), math.nan, dtype=torch.float64)
+    traj = nf.Trajectory(lr=LR, steps=t.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=x[:, 1:2],
+                         update_u=nan, problem=p.description)
+    s = LR * x[:, 1] - 2
+    assert float(s[0]) < -0.5 and float(s[-1]) > 0.25
+    model = Hybrid(GradientFlow(p, LR), TermLibrary(p, LR, ["g", "gradS"], gated=["gradS"], amplitude=["sigma2"]))
+    res = fit(model, traj, window=10, method="regression", solver="euler", step_size=0.5, progress=False)
+    fitted = model.correction.gates["gradS"]
+    assert float(fitted.weights[0].detach()) == pytest.approx(-0.3, rel=0.01)
+    states = x[2:-2]
+    c_fit = model.correction.coefficient_values(states)["gradS"]
+    c_true = truth.correction.coefficient_values(states)["gradS"]
+    assert float((c_fit - c_true).abs().max()) < 0.01 * float(c_true.abs().max())
+    assert res.coefficients["g"] == pytest.approx(0.2, rel=0.01)
+    (row,) = [t for t in res.report().terms if t.name == "gradS"]
+    assert "sigma2" in row.gate.features  # the report shows the coefficient against its amplitude feature too

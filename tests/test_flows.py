@@ -185,7 +185,7 @@ def test_central_flow_tracks_gd_at_the_edge_of_stability():
     """Small digits EoS run: sharpness pinned at 2/lr; once GD's overshoot collapses, closer to smoothed GD.
 
     On this small net GD overshoots 2/lr by 20 percent for 150 steps after the onset (step 120) while
-    its oscillation grows from round-off, following gradient flow (the transient of science.md 3);
+    its oscillation grows from round-off, following gradient flow (the onset transient of Cohen et al. 2025);
     at step ~270 it collapses onto the edge, where the central flow already is.
     """
     p, lr, steps = nf.problems.mlp_digits(n=200, widths=(8, 8)), 0.2, 300

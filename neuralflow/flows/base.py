@@ -27,7 +27,7 @@ class Approximation:
 
     ``name`` is a slug; ``statement`` one sentence a researcher would write in a paper;
     ``exact_when`` the order or regime in which it is exact; ``revised_by`` the names of the
-    candidate correction terms (design.md term table) that would repair it; ``reference`` where
+    candidate correction terms (:data:`~neuralflow.corrections.TERMS`) that would repair it; ``reference`` where
     the derivation is written down.
     """
 

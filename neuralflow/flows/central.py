@@ -1,4 +1,4 @@
-"""The central flow of GD: the time-averaged trajectory at the edge of stability (science.md 3).
+"""The central flow of GD: the time-averaged trajectory at the edge of stability.
 
 Cohen, Damian, Talwalkar, Kolter, Lee, *Understanding Optimization in Deep Learning with Central
 Flows*, ICLR 2025. In step time, with ``Sigma`` the covariance of GD's oscillation,

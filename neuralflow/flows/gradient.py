@@ -1,4 +1,4 @@
-"""Gradient flow, the stable flow of Cohen et al. 2025 (science.md 3)."""
+"""Gradient flow, the stable flow of Cohen et al., ICLR 2025."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Modified flows: backward error analysis of GD to first and second order (science.md 2).
+"""Modified flows: backward error analysis of GD to first and second order.
 
 GD is explicit Euler with unit step on ``dtheta/dt = -lr g``. Its modified equation (Hairer,
 Lubich, Wanner, *Geometric Numerical Integration*, ch. IX, with ``f = -lr g``,

@@ -1,4 +1,4 @@
-"""The principal flow of GD (Rosca, Wu, Qin, Dherin 2023; science.md 2).
+"""The principal flow of GD (Rosca, Wu, Qin, Dherin 2023).
 
 On a quadratic, GD multiplies the component along each Hessian eigenvector ``u_i`` by
 ``1 - lr lambda_i`` per step; the flow whose unit-time map does the same is, in step time,

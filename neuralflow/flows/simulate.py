@@ -2,7 +2,7 @@
 
 :func:`simulate` returns a flow's states at given step times; :func:`compare` simulates each flow
 from a trajectory's first iterate and tabulates how far it stays from GD's iterates, from the
-smoothed iterates (the midpoint process of Cohen et al. 2025, science.md 3), and how well it
+smoothed iterates (the midpoint process of Cohen et al. 2025), and how well it
 predicts the loss, the time-averaged loss and the sharpness.
 """
 
