@@ -104,8 +104,9 @@ def main() -> None:
     timing["fit"] = time.perf_counter() - t0
     print(res)
     print(f"fit timing: {res.timing}; regression loss {res.settings['regression_loss']}")
-    gates = {n: {"scale": float(g.scale), "w_sigma2": float(g.weights[0]) if args.amplitude else 0.0,
-                 "gain": float(g.gain), "margin": float(g.margin)} for n, g in lib.gates.items()}
+    with torch.no_grad():
+        gates = {n: {"scale": float(g.scale), "w_sigma2": float(g.weights[0]) if args.amplitude else 0.0,
+                     "gain": float(g.gain), "margin": float(g.margin)} for n, g in lib.gates.items()}
     print(f"gates: {json.dumps(gates)}", flush=True)
 
     # (ii) rollouts from step 0
