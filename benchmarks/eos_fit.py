@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=30, help="states along each rollout where sharpness is measured")
     parser.add_argument("--amplitude", action="store_true",
                         help="gated amplitudes linear in sigma2 (amplitude=['sigma2']) instead of constant")
+    parser.add_argument("--balance", action="store_true",
+                        help="balanced regression: points weighted by the inverse local mean of their squared residual")
     parser.add_argument("--out", default="benchmarks/results/eos_fit.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the machine is shared; two OpenMP threads were measured 30x slower here
@@ -100,7 +102,7 @@ def main() -> None:
                       amplitude=["sigma2"] if args.amplitude else [], eig_tol=1e-3)
     model = Hybrid(GradientFlow(p, LR), lib)
     res = nf.fit(model, traj, window=args.window, target="smoothed", method="regression", solver="euler",
-                 step_size=STEP, progress=False)
+                 step_size=STEP, progress=False, balance=args.balance)
     timing["fit"] = time.perf_counter() - t0
     print(res)
     print(f"fit timing: {res.timing}; regression loss {res.settings['regression_loss']}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -401,12 +401,29 @@ def _least_squares(system: _RegressionSystem) -> tuple[Tensor, Tensor]:
     return coef, se
 
 
-def _regression(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int = 256) -> tuple[Tensor, Tensor]:
+def _balanced(system: _RegressionSystem, span: int) -> _RegressionSystem:
+    """The regression with point ``i`` weighted by ``1 / mean ||b_j||^2`` over the ``span`` points around it.
+
+    Weights are normalised to mean 1. A short transient whose velocity residual is orders of
+    magnitude larger than elsewhere (a catapult at the edge of stability) then counts like any
+    other stretch of the trajectory instead of deciding the least squares alone.
+    """
+    q = system.q
+    k = max(1, min(span, len(q)) // 2 * 2 + 1)
+    local = torch.nn.functional.pad(q[None, None], (k // 2, k // 2), mode="replicate")[0, 0].unfold(0, k, 1).mean(1)
+    w = 1.0 / local.clamp_min(torch.finfo(q.dtype).tiny)
+    w = w / w.mean()
+    return replace(system, G=system.G * w[:, None, None], h=system.h * w[:, None], q=q * w, f=system.f * w)
+
+
+def _regression(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int = 256,
+                balance: bool = False) -> tuple[Tensor, Tensor]:
     """SINDy-style least squares (Brunton et al. 2016) at interior points of the training windows.
 
     Returns the coefficients and their ordinary least-squares standard errors.
     """
-    return _least_squares(_regression_system(model, targets, win, chunk))
+    system = _regression_system(model, targets, win, chunk)
+    return _least_squares(_balanced(system, int(win.t[-1]) + 1) if balance else system)
 
 
 def _reset_gates(lib: TermLibrary, seed: int) -> None:
@@ -676,6 +693,7 @@ def fit(
     rtol: float = 1e-7,
     atol: float = 1e-9,
     progress: bool = True,
+    balance: bool = False,
 ) -> FitResult:
     """Fit ``model`` (a :class:`~neuralflow.corrections.Hybrid`) to ``trajectory`` by multiple shooting.
 
@@ -694,7 +712,10 @@ def fit(
     model's parameters. ``solver`` is a torchdiffeq method; fixed-grid
     ones use ``step_size`` (in steps; default ``1/n`` with ``n`` the smallest integer making
     ``lr * S * step_size <= 0.25`` for the largest sharpness ``S`` the trajectory measured, ``1/2``
-    if it measured none), adaptive ones ``rtol`` and ``atol``.
+    if it measured none), adaptive ones ``rtol`` and ``atol``. ``balance=True`` weights the
+    regression's points by the inverse local mean of their squared velocity residual over
+    ``window + 1`` points, so that a short transient (a catapult at the edge of stability) cannot
+    dominate it.
 
     A solver failure mid-fit raises :class:`~neuralflow.errors.DivergenceError`; the model then
     holds the best parameters found so far (also in ``error.partial``). Runs are reproducible
@@ -705,7 +726,8 @@ def fit(
         "window": window, "target": target, "method": method, "optimizer": optimizer, "min_norm": min_norm,
         "max_iters": max_iters, "val_fraction": val_fraction, "stride": stride, "patience": patience, "tol": tol,
         "init": init, "learning_rate": learning_rate, "seed": seed, "solver": solver, "step_size": step_size,
-        "rtol": rtol, "atol": atol, "model": model.config() if isinstance(model, Hybrid) else None,
+        "rtol": rtol, "atol": atol, "balance": bool(balance),
+        "model": model.config() if isinstance(model, Hybrid) else None,
     }
     patience = check_positive_int(patience, "fit: patience")
     if optimizer not in _OPTIMIZERS:
@@ -736,11 +758,13 @@ def fit(
         if lib.gated:
             # one state per evaluation: each eigen-solve is warm-started from the previous point's
             system = _regression_system(model, targets, win, chunk=1)
+            if balance:
+                system = _balanced(system, int(win.t[-1]) + 1)
             timing["regression_fields"] = time.perf_counter() - t0
             iters = _GATED_REGRESSION_ITERS if max_iters is None else check_positive_int(max_iters, "fit: max_iters")
             regression_se = _gated_regression(lib, system, float(min_norm), iters, init, seed, settings, progress)
         else:
-            coef, regression_se = _regression(model, targets, win)
+            coef, regression_se = _regression(model, targets, win, balance=balance)
             with torch.no_grad():
                 for name, c in zip(lib.terms, coef):
                     lib.constants[name].copy_(c)
