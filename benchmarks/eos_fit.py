@@ -131,9 +131,6 @@ def main() -> None:
     every = max(1, args.steps // 70)
     coef_steps = torch.arange(0, len(smoothed), every)
     coeffs = lib.coefficient_values(smoothed[coef_steps])
-    # where no eigenvalue is critical the gradScrit field is 0, so its coefficient is not defined there: report 0
-    coeffs["gradScrit"] = torch.where(lib.fields(smoothed[coef_steps])["gradScrit"].norm(dim=1) > 0,
-                                      coeffs["gradScrit"], torch.zeros_like(coeffs["gradScrit"]))
     central.reset()
     sig_top, sig_mean, n_crit = [], [], []
     for k in coef_steps.tolist():
@@ -148,6 +145,8 @@ def main() -> None:
         n = int((eig_values[i] >= 1.95 / LR).sum())
         n_crit.append(n)
         sig_gd.append(-0.5 * float(oscillation[max(0, k - 5) : k + 6].mean()) / n if n else 0.0)
+    # with no critical eigenvalue the gradScrit field is 0 and its coefficient undefined: report 0 there
+    coeffs["gradScrit"] = coeffs["gradScrit"] * (torch.tensor(n_crit) > 0).to(coeffs["gradScrit"].dtype)
     timing["coefficients"] = time.perf_counter() - t0
 
     # (i) windowed distances: GradientFlow and the hybrid on every window (from the fit), CentralFlow on

@@ -226,6 +226,11 @@ FEATURES: dict[str, Callable[[_Context], Tensor]] = {
 """Scalar state features ``(B,)`` that gated coefficients and feature networks read."""
 
 
+def _feature_matrix(ctx: _Context, names: Sequence[str]) -> Tensor:
+    """The named :data:`FEATURES` of the context's states as columns, ``(B, len(names))``."""
+    return torch.stack([FEATURES[n](ctx) for n in names], dim=1)
+
+
 def _check_names(names: Sequence[str], known: dict[str, Any], what: str) -> list[str]:
     if isinstance(names, str):
         names = [names]
@@ -387,13 +392,13 @@ class TermLibrary(Correction):
         return tuple(dict.fromkeys(spec.approximation for spec in self.specs))
 
     def _features(self, ctx: _Context) -> Tensor:
-        return torch.stack([FEATURES[n](ctx) for n in self.feature_names], dim=1)
+        return _feature_matrix(ctx, self.feature_names)
 
     def _amplitude(self, ctx: _Context) -> Tensor | None:
         """The amplitude features ``(B, A)``, or None when the gates have a constant amplitude."""
         if not self.amplitude_names:
             return None
-        return torch.stack([FEATURES[n](ctx) for n in self.amplitude_names], dim=1)
+        return _feature_matrix(ctx, self.amplitude_names)
 
     def _coefficients(self, ctx: _Context) -> dict[str, Tensor]:
         B = ctx.state.thetas.shape[0]
@@ -442,7 +447,7 @@ class TermLibrary(Correction):
     def features(self, thetas: Tensor) -> Tensor:
         """The scalar state features ``(B, F)`` in the order of :attr:`inspected_features`, detached."""
         ctx = self._context(thetas)
-        return torch.stack([FEATURES[n](ctx) for n in self.inspected_features], dim=1).detach()
+        return _feature_matrix(ctx, self.inspected_features).detach()
 
     def config(self) -> dict[str, Any]:
         return {
@@ -512,7 +517,7 @@ class NeuralCorrection(Correction):
             x = state.thetas
         else:
             ctx = _Context(self, state)
-            x = torch.stack([FEATURES[n](ctx) for n in self.feature_names], dim=1)
+            x = _feature_matrix(ctx, self.feature_names)
         return self.lr * self.net(x if state.create_graph else x.detach())
 
     def config(self) -> dict[str, Any]:

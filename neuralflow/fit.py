@@ -346,8 +346,13 @@ class _RegressionSystem:
     amplitude: Tensor | None = None
 
 
-def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int) -> _RegressionSystem:
-    """Evaluate the regression's fields, targets and gate inputs once, at the training windows' interior points."""
+def _regression_system(
+    model: Hybrid, targets: Trajectory, win: _Windows, chunk: int, balance: bool = False
+) -> _RegressionSystem:
+    """Evaluate the regression's fields, targets and gate inputs once, at the training windows' interior points.
+
+    ``balance=True`` returns the system weighted as in :func:`_balanced` over ``window + 1`` points.
+    """
     lib = model.correction
     h = float(targets.store_every)
     x = targets.iterates.to(dtype=model.problem.dtype, device=model.problem.device)
@@ -379,11 +384,12 @@ def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, chunk:
             feats.append(lib._features(ctx).detach())
             if lib.amplitude_names:
                 amps.append(lib._amplitude(ctx).detach())
-    return _RegressionSystem(
+    system = _RegressionSystem(
         torch.cat(G), torch.cat(hs), torch.cat(q), torch.cat(f), x.shape[1],
         torch.cat(gate_in) if lib.gated else None, torch.cat(feats) if lib.gated else None,
         torch.cat(amps) if amps else None,
     )
+    return _balanced(system, int(window) + 1) if balance else system
 
 
 def _least_squares(system: _RegressionSystem) -> tuple[Tensor, Tensor]:
@@ -422,8 +428,7 @@ def _regression(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int = 
 
     Returns the coefficients and their ordinary least-squares standard errors.
     """
-    system = _regression_system(model, targets, win, chunk)
-    return _least_squares(_balanced(system, int(win.t[-1]) + 1) if balance else system)
+    return _least_squares(_regression_system(model, targets, win, chunk, balance))
 
 
 def _reset_gates(lib: TermLibrary, seed: int) -> None:
@@ -757,9 +762,7 @@ def fit(
         t0 = time.perf_counter()
         if lib.gated:
             # one state per evaluation: each eigen-solve is warm-started from the previous point's
-            system = _regression_system(model, targets, win, chunk=1)
-            if balance:
-                system = _balanced(system, int(win.t[-1]) + 1)
+            system = _regression_system(model, targets, win, chunk=1, balance=balance)
             timing["regression_fields"] = time.perf_counter() - t0
             iters = _GATED_REGRESSION_ITERS if max_iters is None else check_positive_int(max_iters, "fit: max_iters")
             regression_se = _gated_regression(lib, system, float(min_norm), iters, init, seed, settings, progress)
