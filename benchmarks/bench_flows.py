@@ -6,7 +6,7 @@
 2. The central flow against GD on the EoS run: distance to the smoothed GD iterates (midpoint
    process) averaged over steps 1..steps-1, against gradient flow's; its sharpness after the EoS
    onset; its predicted time-averaged loss against GD's loss averaged over +-10 steps; wall time
-   per GD step of simulating it (explicit Euler, 4 substeps per step).
+   per GD step of simulating it (explicit Euler, 2 substeps per step).
 
 Prints a table and writes ``benchmarks/results/flows.json`` (``--out``). Timings are medians on
 whatever machine runs it; on a shared machine they vary with the load. Usage::

@@ -3,23 +3,27 @@
 GD on ``mlp_digits(n=500, widths=(32, 32), seed=0)`` at lr = 0.15 for 700 steps (sharpness every
 step); the targets are the smoothed iterates (midpoint process, Cohen et al. ICLR 2025). The model
 ``GradientFlow + TermLibrary(["Hg", "gradS", "gradScrit"], gated=["gradS", "gradScrit"],
-amplitude=[])`` (each gated coefficient ``switch(lr S - 2, ...) * scale``; with ``--amplitude``,
+features=["lr_S_minus_2"])`` (each gated coefficient ``switch(lr S - 2) * scale``; with ``--amplitude``,
 ``switch * (scale + w sigma2)`` with ``sigma2 = 2 alpha / beta`` the self-stabilisation variance, theory
-``w = -1/2``) is fitted by the gated derivative regression (``fit(..., method="regression")``: fields and gate inputs
-evaluated once at the targets, gate networks by LBFGS over those tensors). Reported next to
-GradientFlow and CentralFlow (Cohen et al. ICLR 2025):
+``w = -1/2``) is fitted by the balanced gated derivative regression (``fit(..., method="regression",
+balance=True)``: fields and gate inputs evaluated once at the targets, switches by LBFGS over those
+tensors), leaving out the quiet stretches past ``2/lr`` where GD does not oscillate yet
+(``Trajectory.eos_transients``: float64 GD's oscillation grows from round-off for ~200 steps, and
+there no function of the state can say whether it has). Reported next to GradientFlow and
+CentralFlow (Cohen et al. ICLR 2025):
 
 (i)   the windowed distance to the smoothed iterates (normalised as in ``neuralflow.fit``);
 (ii)  a rollout of each model from step 0 over the whole run: mean distance to the smoothed GD
       trajectory and the sharpness along it (LOBPCG at a few dozen states);
-(iii) the fitted gated coefficients over time beside ``-sigma^2/2``: of CentralFlow along its own
+(iii) ``Hg`` and ``gradScrit`` fitted as constants bin by bin (``nf.coefficient_profile``: no gate model)
+      and the fitted gated coefficients over time, beside ``-sigma^2/2``: of CentralFlow along its own
       rollout (at the same step), and measured from GD's oscillation, ``-1/2 ||theta_k - smoothed_k||^2``
       averaged over +-5 steps and divided by the number of critical eigenvalues (one shared variance).
       CentralFlow's ``sigma^2`` at the smoothed GD states themselves is not comparable: their sharpness
       is above ``2/lr``, and the complementarity problem's margin term inflates ``Sigma`` there.
 
 Every rollout and window solve is explicit Euler with half-step substeps (``lr S * 0.5 <= 1.2``:
-stable); CentralFlow's own default is quarter steps. Plain script: prints a table, writes JSON and
+stable), CentralFlow's own default. Plain script: prints a table, writes JSON and
 a PNG (default ``benchmarks/results/eos_fit.{json,png}``).
 
     python benchmarks/eos_fit.py [--steps 700] [--out benchmarks/results/eos_fit.json]
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -82,8 +87,12 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=30, help="states along each rollout where sharpness is measured")
     parser.add_argument("--amplitude", action="store_true",
                         help="gated amplitudes linear in sigma2 (amplitude=['sigma2']) instead of constant")
-    parser.add_argument("--balance", action="store_true",
-                        help="balanced regression: points weighted by the inverse local mean of their squared residual")
+    parser.add_argument("--unbalanced", action="store_true",
+                        help="plain least squares instead of the balanced regression (points weighted by the inverse "
+                             "local mean of their squared residual)")
+    parser.add_argument("--keep-transients", action="store_true",
+                        help="fit the quiet stretches past 2/lr too (Trajectory.eos_transients: GD does not oscillate "
+                             "yet there), which are excluded by default")
     parser.add_argument("--out", default="benchmarks/results/eos_fit.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the machine is shared; two OpenMP threads were measured 30x slower here
@@ -96,13 +105,17 @@ def main() -> None:
     sm = traj.smoothed()
     smoothed = sm.iterates
     print(f"GD: d = {p.dim}, {args.steps} steps, EoS onset at step {traj.eos_onset}, {timing['gd']:.1f} s")
+    transients = traj.eos_transients()
+    exclude = [] if args.keep_transients else transients
+    print(f"quiet stretches past 2/lr (GD not oscillating yet): {transients}; excluded from the fit: {exclude}")
 
     t0 = time.perf_counter()
-    lib = TermLibrary(p, LR, ["Hg", "gradS", "gradScrit"], gated=["gradS", "gradScrit"],
+    # the gates see lr S - 2 only: a switch on the loss could stand in for time
+    lib = TermLibrary(p, LR, ["Hg", "gradS", "gradScrit"], gated=["gradS", "gradScrit"], features=["lr_S_minus_2"],
                       amplitude=["sigma2"] if args.amplitude else [], eig_tol=1e-3)
     model = Hybrid(GradientFlow(p, LR), lib)
     res = nf.fit(model, traj, window=args.window, target="smoothed", method="regression", solver="euler",
-                 step_size=STEP, progress=False, balance=args.balance)
+                 step_size=STEP, progress=False, balance=not args.unbalanced, exclude=exclude)
     timing["fit"] = time.perf_counter() - t0
     print(res)
     print(f"fit timing: {res.timing}; regression loss {res.settings['regression_loss']}")
@@ -117,7 +130,14 @@ def main() -> None:
     probes = torch.linspace(0, len(smoothed) - 1, args.probes).round().long()
     central = CentralFlow(p, LR)
     rollouts, states_of = {}, {}
-    for name, flow in (("gradient", GradientFlow(p, LR)), ("central", central), ("hybrid", model)):
+    # ablation: the fitted constant terms alone (gates off), to see what the gated terms add
+    constants_only = TermLibrary(p, LR, list(lib.constants))
+    with torch.no_grad():
+        for n, c in lib.constants.items():
+            constants_only.constants[n].copy_(c)
+    ablation = Hybrid(GradientFlow(p, LR), constants_only)
+    for name, flow in (("gradient", GradientFlow(p, LR)), ("central", central), ("hybrid", model),
+                       ("constants_only", ablation)):
         t0 = time.perf_counter()
         states_of[name] = nf.simulate(flow, p.theta0, t, method="euler", step_size=STEP)[1:]
         sec = time.perf_counter() - t0
@@ -149,6 +169,28 @@ def main() -> None:
     coeffs["gradScrit"] = coeffs["gradScrit"] * (torch.tensor(n_crit) > 0).to(coeffs["gradScrit"].dtype)
     timing["coefficients"] = time.perf_counter() - t0
 
+    # (iii) model-free: Hg and gradScrit fitted as constants in each window-long bin (coefficient_profile),
+    # beside -sigma^2/2 measured on GD over the same bin
+    t0 = time.perf_counter()
+    profile_lib = TermLibrary(p, LR, ["Hg", "gradScrit"], eig_tol=1e-3)
+    prof = nf.coefficient_profile(Hybrid(GradientFlow(p, LR), profile_lib), traj, bin=args.window, target="smoothed")
+    first = int(sm.steps[0])
+    bin_idx = prof["step"] - first
+    bin_vals = profile_lib._eigenpairs(smoothed[bin_idx + args.window // 2], profile_lib.max_critical)[0]
+    bin_crit = (bin_vals >= 1.95 / LR).sum(1)
+    quiet_bin = [any(lo <= int(s0) + args.window // 2 < hi for lo, hi in transients) for s0 in prof["step"]]
+    profile_rows = []
+    for i, s0 in enumerate(prof["step"].tolist()):
+        n = int(bin_crit[i])
+        lo = int(bin_idx[i])
+        sig = -0.5 * float(oscillation[lo : lo + args.window].mean()) / n if n else 0.0
+        profile_rows.append({"step": s0, "n_critical": n, "quiet": quiet_bin[i],
+                             "Hg": float(prof["coefficients"]["Hg"][i]),
+                             "gradScrit": float(prof["coefficients"]["gradScrit"][i]),
+                             "gradScrit_se": float(prof["se"]["gradScrit"][i]),
+                             "minus_sigma2_half_gd": sig, "unexplained": float(prof["unexplained"][i])})
+    timing["profile"] = time.perf_counter() - t0
+
     # (i) windowed distances: GradientFlow and the hybrid on every window (from the fit), CentralFlow on
     # the validation windows (it is undefined from a start above 2/lr)
     val = res.windows["validation"]
@@ -175,6 +217,7 @@ def main() -> None:
          rollouts["gradient"]),
         ("CentralFlow", nanmean(cf_val), math.nan, rollouts["central"]),
         ("GF + gated terms", float(res.window_errors[val].mean()), float(res.window_errors.mean()), rollouts["hybrid"]),
+        ("GF + constants only", math.nan, math.nan, rollouts["constants_only"]),
     ]
     after = [i for i, k in enumerate(probes.tolist()) if k >= (traj.eos_onset or 0)]
     print()
@@ -197,7 +240,28 @@ def main() -> None:
     for i in range(0, len(coef_steps), max(1, len(coef_steps) // 14)):
         print(f"  {int(coef_steps[i]):4d} {float(feats[i]):+.3f} {float(coeffs['gradS'][i]):+.3e} "
               f"{float(coeffs['gradScrit'][i]):+.3e} {sig_top[i]:+.3e} {sig_mean[i]:+.3e} {sig_gd[i]:+.3e} {n_crit[i]}")
+    print("\ncoefficient profile (constants fitted per bin; -sigma^2/2 measured on GD per critical direction):")
+    print(f"  {'step':>5} {'n crit':>6} {'quiet':>5} {'Hg':>8} {'gradScrit':>11} {'+-':>9} {'-sigma^2/2':>11} "
+          f"{'ratio':>6} {'unexpl.':>7}")
+    for r in profile_rows:
+        ratio_r = r["gradScrit"] / r["minus_sigma2_half_gd"] if r["minus_sigma2_half_gd"] else math.nan
+        print(f"  {r['step']:5d} {r['n_critical']:6d} {str(r['quiet']):>5} {r['Hg']:+8.3f} {r['gradScrit']:+11.3e} "
+              f"{r['gradScrit_se']:9.1e} {r['minus_sigma2_half_gd']:+11.3e} {ratio_r:6.2f} {r['unexplained']:7.3f}")
     onset = traj.eos_onset or 0
+    oscillating = [r for r in profile_rows if r["n_critical"] and not r["quiet"] and r["step"] >= onset]
+    before = [r for r in profile_rows if r["step"] + args.window <= onset]
+    ratios = [r["gradScrit"] / r["minus_sigma2_half_gd"] for r in oscillating]
+    profile_summary = {
+        "bins_before_onset_max_abs_gradScrit": max((abs(r["gradScrit"]) for r in before), default=math.nan),
+        "bins_quiet_max_abs_gradScrit": max((abs(r["gradScrit"]) for r in profile_rows if r["quiet"]),
+                                            default=math.nan),
+        "bins_oscillating": len(oscillating),
+        "ratio_to_minus_sigma2_half_median": statistics.median(ratios) if ratios else math.nan,
+        "ratio_to_minus_sigma2_half_range": [min(ratios), max(ratios)] if ratios else [],
+        "Hg_before_onset_median": statistics.median(r["Hg"] for r in before) if before else math.nan,
+        "Hg_oscillating_median": statistics.median(r["Hg"] for r in oscillating) if oscillating else math.nan,
+    }
+    print(json.dumps(profile_summary, indent=1))
     pre = [i for i, k in enumerate(coef_steps.tolist()) if k < onset]
     post = [i for i, k in enumerate(coef_steps.tolist()) if k >= onset + 100]
     summary = {}
@@ -234,6 +298,8 @@ def main() -> None:
                                                "minus_sigma2_half_gd": sig_gd, "n_critical": n_crit},
         "gates": gates,
         "coefficient_summary": summary,
+        "transients": transients, "excluded": exclude, "balance": not args.unbalanced,
+        "profile": profile_rows, "profile_summary": profile_summary,
         "report": {"verdict": rep.verdict, "top_term": top_name, "top_approximation": top_approx,
                    "suggestions": rep.suggestions()},
         "gd_sharpness": traj.sharpness[:, 0].tolist(), "timing": timing,
@@ -254,6 +320,10 @@ def main() -> None:
     axes[2].plot(cs, sig_top, "--", label="-sigma^2/2 (CentralFlow rollout, top)")
     axes[2].plot(cs, sig_mean, ":", label="-sigma^2/2 (CentralFlow rollout, mean)")
     axes[2].plot(cs, sig_gd, "-.", label="-sigma^2/2 (GD oscillation, per critical direction)")
+    axes[2].plot([r["step"] + args.window / 2 for r in profile_rows], [r["gradScrit"] for r in profile_rows], "k.",
+                 ms=6, label="gradScrit fitted per bin (coefficient_profile)")
+    for lo, hi in transients:
+        axes[2].axvspan(lo, hi, color="0.9", zorder=0)
     axes[2].axvline(onset, color="k", lw=0.8)
     axes[2].set(xlabel="step", ylabel="coefficient", title="(iii) gated coefficients")
     for ax in axes:

@@ -10,7 +10,7 @@ from . import autodiff, corrections, flows, problems  # noqa: E402
 from .checkpoint import load  # noqa: E402
 from .corrections import Hybrid  # noqa: E402
 from .errors import DivergenceError, FileFormatError, InputError, NeuralflowError  # noqa: E402
-from .fit import FitResult, fit  # noqa: E402
+from .fit import FitResult, coefficient_profile, fit  # noqa: E402
 from .flows import Approximation  # noqa: E402
 from .flows.simulate import compare, simulate  # noqa: E402
 from .gd import run_gd  # noqa: E402
@@ -25,6 +25,7 @@ __all__ = [
     "corrections",
     "Hybrid",
     "fit",
+    "coefficient_profile",
     "FitResult",
     "problems",
     "Approximation",

@@ -100,21 +100,25 @@ class Curvature:
                 out = out + torch.autograd.grad(hw @ v.detach(), self.theta, retain_graph=True)[0]
         return out
 
-    def d3_pairs(self, U: Tensor) -> Tensor:
+    def hvp_graphs(self, U: Tensor) -> list[Tensor]:
+        """``H u_b`` for each row of ``U`` (k, d), differentiable again: contract and backpropagate them."""
+        with torch.enable_grad():
+            return [sum(self._part_hvps(u.detach(), create_graph=True)) for u in U]
+
+    def d3_pairs(self, U: Tensor, hu: list[Tensor] | None = None) -> Tensor:
         """``D[a, b] = D3L[u_a, u_b]`` for every pair of rows of ``U`` (k, d), shape ``(k, k, d)``.
 
-        Each ``H u_b`` graph is built once and shared by the pairs ``(a, b)``, ``a <= b``: k
-        differentiable products instead of the k(k+1)/2 that :meth:`d3` on the pairs would build.
+        Each ``H u_b`` graph is built once (or passed in as ``hu``, from :meth:`hvp_graphs`) and
+        shared by the pairs ``(a, b)``, ``a <= b``: k differentiable products instead of the
+        k(k+1)/2 that :meth:`d3` on the pairs would build.
         """
         k = U.shape[0]
         out = U.new_zeros(k, k, U.shape[1])
+        hu = self.hvp_graphs(U) if hu is None else hu
         with torch.enable_grad():
             for b in range(k):
-                hu = self._part_hvps(U[b].detach(), create_graph=True)
                 for a in range(b + 1):
-                    val = sum(
-                        torch.autograd.grad(h @ U[a].detach(), self.theta, retain_graph=True)[0] for h in hu
-                    )
+                    val = torch.autograd.grad(hu[b] @ U[a].detach(), self.theta, retain_graph=True)[0]
                     out[a, b] = out[b, a] = val
         return out
 

@@ -133,6 +133,8 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--physics", default="gradient", help="physics flow by name (see neuralflow.flows.FLOWS)")
     p.add_argument("--terms", default="Hg,H2g,D3gg", help="comma-separated correction terms (see corrections.TERMS)")
     p.add_argument("--gated", default="", help="comma-separated terms whose coefficient is gated by state features")
+    p.add_argument("--features", default="lr_S_minus_2,lr_S,loss",
+                   help="comma-separated state features the gates see (see corrections.FEATURES)")
     p.add_argument("--window", type=int, default=20, help="steps integrated from each window start")
     p.add_argument("--target", default="iterates", choices=["iterates", "smoothed"])
     p.add_argument("--method", default="adjoint", choices=["adjoint", "direct", "regression"])
@@ -140,6 +142,10 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iters", type=int, default=None)
     p.add_argument("--solver", default="rk4", help="torchdiffeq method (rk4, dopri5, ...)")
     p.add_argument("--step-size", type=float, default=None, help="fixed-grid substep in steps (default: automatic)")
+    p.add_argument("--balance", action="store_true",
+                   help="regression: weight points by the inverse local mean of their squared residual")
+    p.add_argument("--exclude-transients", action="store_true",
+                   help="leave out the stretches past 2/lr where GD does not oscillate yet (Trajectory.eos_transients)")
     p.add_argument("--out", default="fit.nff", help="fit file to write (.nff)")
 
 
@@ -157,10 +163,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     problem = make(traj.problem)
     terms = [n.strip() for n in args.terms.split(",") if n.strip()]
     gated = [n.strip() for n in args.gated.split(",") if n.strip()]
-    model = Hybrid(FLOWS[args.physics](problem, traj.lr), TermLibrary(problem, traj.lr, terms, gated=gated))
+    features = [n.strip() for n in args.features.split(",") if n.strip()]
+    library = TermLibrary(problem, traj.lr, terms, gated=gated, features=features)
+    model = Hybrid(FLOWS[args.physics](problem, traj.lr), library)
     result = fit(
         model, traj, window=args.window, target=args.target, method=args.method, optimizer=args.optimizer,
-        max_iters=args.max_iters, solver=args.solver, step_size=args.step_size, progress=True,
+        max_iters=args.max_iters, solver=args.solver, step_size=args.step_size, progress=True, balance=args.balance,
+        exclude=traj.eos_transients() if args.exclude_transients else (),
     )
     print(f"fit          {args.physics} + [{', '.join(terms)}] on {problem.name} ({problem.dim} parameters), "
           f"lr = {traj.lr:g}, window {args.window} steps, {args.method}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,12 +52,13 @@ from .trajectory import Trajectory
 if TYPE_CHECKING:
     from .report import Report
 
-__all__ = ["fit", "fit_loss", "FitResult"]
+__all__ = ["fit", "fit_loss", "coefficient_profile", "FitResult"]
 
 _FIXED_GRID = ("rk4", "euler", "midpoint", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams")
 _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 _OPTIMIZERS = ("auto", "gauss-newton", "lbfgs", "adam")
 _DEFAULT_ITERS = {"gauss-newton": 20, "lbfgs": 100, "adam": 500}
+_SWITCH_OPEN = 0.01  # a gate whose switch stays below this at every point counts as off
 _GN_MAX_PARAMS = 64  # finite-difference sensitivities cost one solve per parameter
 _GATED_REGRESSION_ITERS = 200  # LBFGS iterations of the gated regression (precomputed tensors, no solves)
 
@@ -145,7 +147,7 @@ class _Windows:
 
 def _make_windows(
     targets: Trajectory, window: int, stride: int, val_fraction: float, seed: int, dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device, exclude: Sequence[tuple[int, int]] = (),
 ) -> _Windows:
     every = targets.store_every
     if window % every:
@@ -164,6 +166,13 @@ def _make_windows(
         )
     x = targets.iterates.to(dtype=dtype, device=device)
     starts = torch.arange(0, T - n_out, hop, device=device)
+    first = targets.steps.to(device)[starts]
+    kept = torch.ones(len(starts), dtype=torch.bool, device=device)
+    for lo, hi in exclude:  # a window spans steps [first, first + window]; drop it if it meets [lo, hi)
+        kept &= (first + window < lo) | (first >= hi)
+    if not bool(kept.any()):
+        raise InputError(f"fit: exclude={list(exclude)} removes every window; exclude less of the trajectory.")
+    starts = starts[kept]
     idx = starts[None, :] + torch.arange(n_out + 1, device=device)[:, None]
     tgt = x[idx]
     n = len(starts)
@@ -334,6 +343,7 @@ class _RegressionSystem:
     ``c_i`` at ``x_i`` the residual is ``||b_i - A_i c_i||^2 = q_i - 2 c_i.h_i + c_i^T G_i c_i`` and the
     correction's size is ``||F_a(x_i)||^2 = c_i^T G_i c_i``. For a gated library also the gate inputs
     ``lr S - 2`` ``(N,)``, the features ``(N, F)`` and the amplitude features ``(N, A)`` (or None).
+    ``steps`` ``(N,)`` are the points' GD steps.
     """
 
     G: Tensor
@@ -341,6 +351,7 @@ class _RegressionSystem:
     q: Tensor
     f: Tensor
     d: int
+    steps: Tensor
     lr_S_minus_2: Tensor | None = None
     features: Tensor | None = None
     amplitude: Tensor | None = None
@@ -363,7 +374,7 @@ def _regression_system(
     window = float(win.t[-1])
     starts = win.steps[win.train]
     inside = ((steps[:, None] >= starts[None, :]) & (steps[:, None] <= starts[None, :] + window)).any(1)
-    pts, deriv = x[2:-2][inside], deriv[inside]
+    pts, deriv, steps = x[2:-2][inside], deriv[inside], steps[inside]
     if len(pts) == 0:
         raise InputError("fit: no interior point of the training windows is available for the regression.")
     G, hs, q, f, gate_in, feats, amps = [], [], [], [], [], [], []
@@ -385,7 +396,7 @@ def _regression_system(
             if lib.amplitude_names:
                 amps.append(lib._amplitude(ctx).detach())
     system = _RegressionSystem(
-        torch.cat(G), torch.cat(hs), torch.cat(q), torch.cat(f), x.shape[1],
+        torch.cat(G), torch.cat(hs), torch.cat(q), torch.cat(f), x.shape[1], steps,
         torch.cat(gate_in) if lib.gated else None, torch.cat(feats) if lib.gated else None,
         torch.cat(amps) if amps else None,
     )
@@ -429,6 +440,52 @@ def _regression(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int = 
     Returns the coefficients and their ordinary least-squares standard errors.
     """
     return _least_squares(_regression_system(model, targets, win, chunk, balance))
+
+
+def coefficient_profile(
+    model: Hybrid, trajectory: Trajectory, bin: int = 20, target: str = "smoothed",
+    exclude: Sequence[tuple[int, int]] = (),
+) -> dict[str, Any]:
+    """Each term's coefficient fitted as a constant bin by bin along the trajectory: ``c(t)`` free of any gate model.
+
+    In every bin of ``bin`` consecutive steps, the derivative regression of :func:`fit`
+    (``method="regression"``: ``x' - F_p(x) = sum_i c_i F_i(x)`` with the 5-point velocity of the
+    targets) is solved on its own, with the library's terms as unit-coefficient fields (gates and
+    amplitudes play no part). Where a coefficient is a function of time only through the state, the
+    profile is what a gate should learn; where it is not (a hidden variable such as the amplitude of
+    the edge-of-stability oscillation), the profile shows it. A term whose field vanishes in a bin
+    (``gradScrit`` with no critical eigenvalue) gets 0 there.
+
+    Returns ``{"step": (B,) first step of each bin, "coefficients": {term: (B,)}, "se": {term: (B,)}
+    (OLS), "unexplained": (B,)}``, the last the fraction of ``||x' - F_p(x)||^2`` the bin's fit leaves.
+    """
+    targets = _check_inputs(model, trajectory, target, "regression")
+    lib = model.correction
+    if not isinstance(lib, TermLibrary):
+        raise InputError("coefficient_profile: the model's correction must be a TermLibrary.")
+    bin = check_positive_int(bin, "coefficient_profile: bin")
+    problem = model.problem
+    win = _make_windows(targets, bin, bin, 0.0, 0, problem.dtype, problem.device, _check_exclude(exclude))
+    lib.reset_cache()
+    system = _regression_system(model, targets, win, chunk=1 if lib.gated else 256)
+    which = torch.searchsorted(win.steps, system.steps, right=True) - 1
+    rows = []
+    for k in range(len(win.steps)):
+        m = which == k
+        if int(m.sum()) == 0:
+            continue
+        part = replace(system, G=system.G[m], h=system.h[m], q=system.q[m], f=system.f[m], steps=system.steps[m])
+        coef, se = _least_squares(part)
+        G, h, q = part.G.sum(0), part.h.sum(0), part.q.sum()
+        rss = (q - 2 * coef @ h + coef @ G @ coef).clamp_min(0)
+        rows.append((win.steps[k], coef, se, rss / q.clamp_min(torch.finfo(q.dtype).tiny)))
+    coefs, ses = torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
+    return {
+        "step": torch.stack([r[0] for r in rows]),
+        "coefficients": {n: coefs[:, j] for j, n in enumerate(lib.terms)},
+        "se": {n: ses[:, j] for j, n in enumerate(lib.terms)},
+        "unexplained": torch.stack([r[3] for r in rows]),
+    }
 
 
 def _reset_gates(lib: TermLibrary, seed: int) -> None:
@@ -487,6 +544,10 @@ def _gated_regression(
             B[:, j, k] = 1.0
         for k, (j, gate) in enumerate(zip(gi, gates)):
             m = gate.switch(system.lr_S_minus_2, system.features)
+            if float(m.detach().max()) < _SWITCH_OPEN:
+                # a switch that never opens is off: otherwise its exponential tail times a huge scale
+                # would stand in for a smooth function of lr S - 2, which is not a gate
+                m = m * 0.0  # (kept in the graph: with every gate closed the objective is still differentiable)
             col = len(ci) + k * (1 + A)
             B[:, j, col] = m
             if A:
@@ -509,11 +570,16 @@ def _gated_regression(
     curve: list[float] = []
     bar = tqdm(total=max_iters, desc="gated regression", disable=not progress, unit="eval")
 
+    best = {"loss": math.inf, "params": [p.detach().clone() for p in params]}
+
     def closure() -> Tensor:
         opt.zero_grad()
         loss = objective()
         loss.backward()
-        curve.append(float(loss.detach()))
+        value = float(loss.detach())
+        curve.append(value)
+        if value < best["loss"]:  # NaN never is: a line search that saturates a switch cannot lose the best gates
+            best.update(loss=value, params=[p.detach().clone() for p in params])
         bar.update(1)
         return loss
 
@@ -521,6 +587,8 @@ def _gated_regression(
         opt.step(closure)
     bar.close()
     with torch.no_grad():
+        for p, b in zip(params, best["params"]):
+            p.copy_(b)
         c, theta = coefficients()
         for k, j in enumerate(ci):
             lib.constants[names[j]].copy_(theta[k])
@@ -616,13 +684,28 @@ def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: st
     return trajectory if target == "iterates" else trajectory.smoothed()
 
 
+def _check_exclude(exclude: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
+    """``exclude`` as a list of ``(start, stop)`` step ranges with ``start < stop``."""
+    ranges = []
+    for r in exclude or ():
+        try:
+            lo, hi = (int(v) for v in r)
+        except (TypeError, ValueError):
+            raise InputError(f"fit: exclude must hold (start, stop) step pairs, got {r!r}.") from None
+        if not lo < hi:
+            raise InputError(f"fit: an excluded range needs start < stop, got ({lo}, {hi}).")
+        ranges.append((lo, hi))
+    return ranges
+
+
 def _objective(
     model: Hybrid, trajectory: Trajectory, window: int, target: str, method: str, min_norm: float,
     val_fraction: float, stride: int | None, seed: int, solver: str, step_size: float | None, rtol: float,
-    atol: float, settings: dict[str, Any],
+    atol: float, exclude: Sequence[tuple[int, int]], settings: dict[str, Any],
 ) -> tuple[_Objective, Trajectory]:
     """Validate the inputs and set up the windows and the loss; records resolved settings."""
     targets = _check_inputs(model, trajectory, target, method)
+    settings["exclude"] = exclude = _check_exclude(exclude)
     window = check_positive_int(window, "fit: window")
     settings["stride"] = stride = window if stride is None else check_positive_int(stride, "fit: stride")
     if solver in _FIXED_GRID:
@@ -639,7 +722,7 @@ def _objective(
     if not (isinstance(min_norm, (int, float)) and math.isfinite(min_norm) and min_norm >= 0):
         raise InputError(f"fit: min_norm must be a non-negative number, got {min_norm!r}.")
     problem = model.problem
-    win = _make_windows(targets, window, stride, val_fraction, seed, problem.dtype, problem.device)
+    win = _make_windows(targets, window, stride, val_fraction, seed, problem.dtype, problem.device, exclude)
     if model.correction is not None:
         model.correction.reset_cache()
     return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm)), targets
@@ -659,6 +742,7 @@ def fit_loss(
     step_size: float | None = None,
     rtol: float = 1e-7,
     atol: float = 1e-9,
+    exclude: Sequence[tuple[int, int]] = (),
 ) -> tuple[float, Tensor]:
     """The loss :func:`fit` minimises at the model's current parameters, and its gradient.
 
@@ -670,7 +754,7 @@ def fit_loss(
         raise InputError(f"fit_loss: method must be 'adjoint' or 'direct', got {method!r}.")
     obj, _ = _objective(
         model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-        atol, {},
+        atol, exclude, {},
     )
     if not obj.params:
         raise InputError("fit_loss: the model has no trainable parameters.")
@@ -699,6 +783,7 @@ def fit(
     atol: float = 1e-9,
     progress: bool = True,
     balance: bool = False,
+    exclude: Sequence[tuple[int, int]] = (),
 ) -> FitResult:
     """Fit ``model`` (a :class:`~neuralflow.corrections.Hybrid`) to ``trajectory`` by multiple shooting.
 
@@ -720,7 +805,9 @@ def fit(
     if it measured none), adaptive ones ``rtol`` and ``atol``. ``balance=True`` weights the
     regression's points by the inverse local mean of their squared velocity residual over
     ``window + 1`` points, so that a short transient (a catapult at the edge of stability) cannot
-    dominate it.
+    dominate it. ``exclude`` lists ``(start, stop)`` step ranges: every window that meets one is
+    dropped from training and validation (a transient the model is not meant to describe, such as
+    the round-off-seeded onset of the edge-of-stability oscillation).
 
     A solver failure mid-fit raises :class:`~neuralflow.errors.DivergenceError`; the model then
     holds the best parameters found so far (also in ``error.partial``). Runs are reproducible
@@ -741,7 +828,7 @@ def fit(
         raise InputError(f"fit: init must be 'auto', 'regression' or 'current', got {init!r}.")
     obj, targets = _objective(
         model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-        atol, settings,
+        atol, exclude, settings,
     )
     win, problem, lib = obj.win, model.problem, model.correction
     can_regress = isinstance(lib, TermLibrary)
@@ -781,7 +868,14 @@ def fit(
 
     t0 = time.perf_counter()
     everything = torch.arange(win.targets.shape[1], device=problem.device)
-    final_residuals = obj.residuals(grad=False)
+    try:
+        final_residuals = obj.residuals(grad=False)
+    except _SolverFailure as exc:
+        raise DivergenceError(
+            f"fit: {exc} in the final window solves of the fitted model; the model holds the fitted parameters "
+            "(in error.partial too). Check it with a rollout, or try a smaller step_size or solver='rk4'.",
+            partial={"model": model, "history": history, "settings": settings},
+        ) from None
     hybrid_errors, physics_errors = obj.last_errors, obj.physics_errors
     shown = win.val if len(win.val) else win.train
     if not history:  # regression, or nothing to fit

@@ -91,6 +91,39 @@ class Trajectory:
         hit = torch.nonzero(s >= self.eos_threshold).flatten()
         return int(source["step"][hit[0]]) if len(hit) else None
 
+    def eos_transients(self, ratio: float = 0.1) -> list[tuple[int, int]]:
+        """Step ranges ``[start, stop)`` past ``2/lr`` in which GD does not oscillate yet.
+
+        A step ``k`` is *quiet* when ``lr * S_k > 2`` but the period-two oscillation amplitude
+        ``||theta_k - m_k||`` (``m`` the midpoint process of :meth:`smoothed`) is below ``ratio``
+        times the smoothed step ``||m_{k+1} - m_k||``: GD still moves like a flow while its
+        oscillation grows from round-off (in float64 full-batch GD that takes hundreds of steps).
+        There the central flow's premise, an oscillation at quasi-static equilibrium (Cohen et al.,
+        ICLR 2025), fails, and a coefficient gated on ``lr * S - 2`` cannot be a function of the
+        state. Measured on the digits runs, the two regimes differ by three orders of magnitude
+        (``~1e-3`` against ``4``-``9``), so ``ratio`` is not delicate. Pass the result to
+        ``fit(..., exclude=...)``.
+        """
+        if not (isinstance(ratio, (int, float)) and ratio > 0):
+            raise InputError(f"eos_transients: ratio must be a positive number, got {ratio!r}.")
+        sm = self.smoothed()  # checks for a dense recording
+        s = sm.sharpness[:, 0]
+        if bool(torch.isnan(s).any()):
+            raise InputError("eos_transients needs the sharpness at every step; run GD with eig_every=1.")
+        x, m = self.iterates[1:-1], sm.iterates
+        amplitude = (x[:-1] - m[:-1]).norm(dim=1)
+        quiet = (self.lr * s[:-1] > 2) & (amplitude < ratio * (m[1:] - m[:-1]).norm(dim=1))
+        steps = sm.steps[:-1].tolist()
+        ranges: list[tuple[int, int]] = []
+        for k, q in zip(steps, quiet.tolist()):
+            if not q:
+                continue
+            if ranges and ranges[-1][1] == k:
+                ranges[-1] = (ranges[-1][0], k + 1)
+            else:
+                ranges.append((k, k + 1))
+        return ranges
+
     def slice(self, start: int | None = None, stop: int | None = None) -> Trajectory:
         """The part with ``start <= step < stop`` (either bound may be None)."""
         lo = -math.inf if start is None else start

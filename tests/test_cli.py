@@ -30,3 +30,31 @@ def test_divergence_saves_the_partial_trajectory(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "neuralflow", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "run-gd" in res.stdout
+
+
+def test_fit_writes_a_fit_file_that_loads(tmp_path, capsys):
+    run = tmp_path / "run.nft"
+    args = ["run-gd", "--problem", "scalar-factorization", "--lr", "0.02", "--steps", "100", "--out", str(run)]
+    assert main(args) == 0
+    out = tmp_path / "fit.nff"
+    code = main(["fit", str(run), "--terms", "Hg", "--window", "10", "--method", "regression", "--out", str(out)])
+    assert code == 0
+    assert "Hg" in capsys.readouterr().out
+    res = nf.load(out)
+    assert abs(res.coefficients["Hg"] + 0.5) < 0.05  # -1/2 up to O(lr) without H2g (test_fit checks the limit)
+
+
+def test_fit_can_leave_out_the_quiet_stretch_past_two_over_lr(tmp_path, monkeypatch):
+    run = tmp_path / "run.nft"
+    assert main(["run-gd", "--problem", "zhu-quartic", "--lr", "0.2", "--steps", "200", "--out", str(run)]) == 0
+    # this run oscillates from the start; plant a quiet stretch to check that the flag reaches the fit
+    monkeypatch.setattr(nf.Trajectory, "eos_transients", lambda self, ratio=0.1: [(50, 80)])
+    out = tmp_path / "fit.nff"
+    code = main(["fit", str(run), "--terms", "Hg", "--window", "10", "--method", "regression", "--target", "smoothed",
+                 "--balance", "--exclude-transients", "--out", str(out)])
+    assert code == 0
+    res = nf.load(out)
+    assert res.settings["balance"] is True
+    assert [tuple(r) for r in res.settings["exclude"]] == [(50, 80)]
+    starts = res.windows["step"].tolist()
+    assert starts and all(s + 10 < 50 or s >= 80 for s in starts)

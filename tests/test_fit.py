@@ -47,12 +47,21 @@ def library_model(problem: nf.Problem, lr: float, terms: list[str]) -> Hybrid:
     return Hybrid(GradientFlow(problem, lr), TermLibrary(problem, lr, terms))
 
 
-def simulated(model: Hybrid, steps: int, store_every: int = 1) -> nf.Trajectory:
+def planted(problem: nf.Problem, lr: float, **coefficients: float) -> Hybrid:
+    """Gradient flow plus constant-coefficient terms set to ``coefficients``: the law behind planted data."""
+    model = library_model(problem, lr, list(coefficients))
+    with torch.no_grad():
+        for name, value in coefficients.items():
+            model.correction.constants[name].fill_(value)
+    return model
+
+
+def simulated(model: Hybrid, steps: int, store_every: int = 1, theta0: torch.Tensor | None = None) -> nf.Trajectory:
     """Data from a known hybrid ODE (RK4, 2 substeps per step), packaged as a trajectory."""
     p = model.problem
     t = torch.arange(0, steps + 1, store_every, dtype=torch.float64)
     with torch.no_grad():
-        x = odeint(model, p.theta0, t, method="rk4", options={"step_size": 0.5})
+        x = odeint(model, p.theta0 if theta0 is None else theta0, t, method="rk4", options={"step_size": 0.5})
     nan = torch.full((len(t),), math.nan, dtype=torch.float64)
     return nf.Trajectory(
         lr=model.lr, steps=t.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=nan[:, None], update_u=nan,
@@ -114,11 +123,7 @@ def test_first_order_term_alone_tends_to_minus_one_half_as_lr_shrinks():
 def test_planted_corrections_are_fitted_back():
     p = tanh_net(inputs=3, hidden=4, n=20)
     lr = 0.2
-    truth = Hybrid(GradientFlow(p, lr), TermLibrary(p, lr, ["Hg", "D3gg"]))
-    with torch.no_grad():
-        truth.correction.constants["Hg"].fill_(-0.8)
-        truth.correction.constants["D3gg"].fill_(0.6)
-    data = simulated(truth, 60, store_every=4)
+    data = simulated(planted(p, lr, Hg=-0.8, D3gg=0.6), 60, store_every=4)
     res = fit(library_model(p, lr, ["Hg", "D3gg"]), data, window=20, min_norm=0.0, step_size=0.5, progress=False)
     assert res.settings["init_used"] == "regression"
     assert relative_errors(res.coefficients, {"Hg": -0.8, "D3gg": 0.6}) == pytest.approx({"Hg": 0, "D3gg": 0},
@@ -163,10 +168,7 @@ def test_adjoint_direct_and_finite_difference_gradients_agree():
 def test_fit_is_reproducible_bit_for_bit_and_reports_everything():
     p = tanh_net(inputs=2, hidden=3, n=10)
     lr = 0.3
-    truth = Hybrid(GradientFlow(p, lr), TermLibrary(p, lr, ["Hg"]))
-    with torch.no_grad():
-        truth.correction.constants["Hg"].fill_(-0.5)
-    data = simulated(truth, 40)
+    data = simulated(planted(p, lr, Hg=-0.5), 40)
     runs = [fit(library_model(p, lr, ["Hg", "g"]), data, window=10, step_size=0.5, init="current", progress=False)
             for _ in (0, 1)]
     assert runs[0].coefficients == runs[1].coefficients
@@ -180,6 +182,40 @@ def test_fit_is_reproducible_bit_for_bit_and_reports_everything():
     assert res.settings["window"] == 10 and res.settings["optimizer_used"] == "gauss-newton"
     assert res.trajectory is data and res.n_function_evals > 0 and res.timing["total"] > 0
     assert "Hg=" in repr(res)
+
+
+def test_coefficient_profile_follows_a_coefficient_that_changes_in_time():
+    # the first 40 steps come from Hg = -0.8, the next 40 from Hg = +0.4: a law of time, not of the state
+    p = tanh_net(inputs=3, hidden=4, n=20)
+    lr = 0.2
+    first = simulated(planted(p, lr, Hg=-0.8), 40)
+    second = simulated(planted(p, lr, Hg=0.4), 40, theta0=first.iterates[-1])
+    data = replace(first, steps=torch.cat([first.steps, second.steps[1:] + 40]),
+                   iterates=torch.cat([first.iterates, second.iterates[1:]]),
+                   **{k: torch.cat([getattr(first, k), getattr(second, k)[1:]])
+                      for k in ("loss", "grad_norm", "sharpness", "update_u")})
+    model = library_model(p, lr, ["Hg"])
+    prof = nf.coefficient_profile(model, data, bin=10, target="iterates")
+    assert prof["step"].tolist() == [0, 10, 20, 30, 40, 50, 60, 70]
+    c = prof["coefficients"]["Hg"]
+    # bins away from the switch (whose 5-point stencils straddle it) recover each constant
+    assert c[:3].tolist() == pytest.approx([-0.8] * 3, rel=5e-3)
+    assert c[5:].tolist() == pytest.approx([0.4] * 3, rel=5e-3)
+    assert float(prof["unexplained"][[0, 1, 2, 5, 6, 7]].max()) < 1e-4
+    assert float(prof["unexplained"][3:5].max()) > 1e-3  # the switch cannot be one constant
+    # excluding the switch drops those bins, and a fit of one constant without them sits between the two
+    prof = nf.coefficient_profile(model, data, bin=10, target="iterates", exclude=[(38, 42)])
+    assert prof["step"].tolist() == [0, 10, 20, 50, 60, 70]
+    res = fit(model, data, window=10, method="regression", exclude=[(38, 42)], progress=False)
+    assert res.settings["exclude"] == [(38, 42)]
+    assert res.windows["step"].tolist() == [0, 10, 20, 50, 60, 70]
+    assert -0.8 < res.coefficients["Hg"] < 0.4
+    with pytest.raises(nf.InputError, match="removes every window"):
+        fit(model, data, window=10, exclude=[(0, 80)], progress=False)
+    with pytest.raises(nf.InputError, match="start < stop"):
+        fit(model, data, window=10, exclude=[(50, 40)], progress=False)
+    with pytest.raises(nf.InputError, match="pairs"):
+        fit(model, data, window=10, exclude=[5], progress=False)
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -219,21 +255,24 @@ class _Exploding(TermLibrary):
 
     def vector_field(self, t, state):
         out = super().vector_field(t, state)
-        return out * math.nan if float(self.constants["Hg"]) < -0.25 else out
+        return out * math.nan if float(self.constants["Hg"].detach()) < -0.25 else out
 
 
 def test_solver_failure_stops_with_a_clear_error_and_keeps_the_best_parameters(small):
     p, _ = small
     lr = 0.3
-    truth = Hybrid(GradientFlow(p, lr), TermLibrary(p, lr, ["Hg"]))
-    with torch.no_grad():
-        truth.correction.constants["Hg"].fill_(-0.5)
-    data = simulated(truth, 30)
+    data = simulated(planted(p, lr, Hg=-0.5), 30)
     model = Hybrid(GradientFlow(p, lr), _Exploding(p, lr, ["Hg"]))
     with pytest.raises(nf.DivergenceError, match="underflow in dt.*best parameters so far") as info:
         fit(model, data, window=10, solver="dopri5", optimizer="adam", learning_rate=0.1, init="current",
             progress=False)
-    kept = float(model.correction.constants["Hg"])
+    kept = float(model.correction.constants["Hg"].detach())
     assert -0.25 <= kept < -0.1  # the last good iterate of Adam, not the one that failed
     assert info.value.partial["model"] is model
     assert len(info.value.partial["history"]) >= 2
+    # the regression needs no ODE solve; its final window solves fail, and the fitted coefficient is kept
+    model = Hybrid(GradientFlow(p, lr), _Exploding(p, lr, ["Hg"]))
+    with pytest.raises(nf.DivergenceError, match="final window solves") as info:
+        fit(model, data, window=10, method="regression", progress=False)
+    assert float(model.correction.constants["Hg"].detach()) == pytest.approx(-0.5, rel=0.05)
+    assert info.value.partial["model"] is model

@@ -176,6 +176,15 @@ def test_central_flow_several_critical_eigenvalues_solve_the_complementarity_pro
     assert abs(float((s.X * C).sum())) < 1e-6 * scale * float(s.X.norm())
     assert float(s.X.norm()) > 0  # the oscillation is active
     assert torch.allclose(v, -lr * (gradient(p, th) + 0.5 * torch.einsum("kl,kld->d", s.X, s.D)))
+    # an evaluation that reuses the Gram matrix (gram_every=2) gets <D_kl, g> and grad <H, Sigma> from k
+    # passes instead of the D_kl; at the same state it must give the same field
+    assert s.D is not None
+    reused = flow(T0, th)
+    assert flow.last.D is None
+    assert torch.allclose(flow.last.X, s.X, rtol=1e-8, atol=1e-12)
+    assert float((reused - v).norm()) < 1e-8 * float(v.norm())  # measured 9e-10 (the re-solved eigenvectors)
+    with pytest.raises(nf.InputError, match="gram_every"):
+        CentralFlow(p, lr, gram_every=0)
     sigma = U.T @ s.X @ U  # <H, Sigma> = tr(H Sigma)
     assert float(flow.predicted_loss(th)) == pytest.approx(float(p.loss(th)) + 0.5 * float((H * sigma).sum()))
 
@@ -241,7 +250,8 @@ def test_central_flow_jacobian_with_frozen_sigma_matches_finite_differences():
     flow = CentralFlow(p, 1.999 / lam)
     state = flow.solve(th)
     assert state.n_critical == 1
-    frozen = replace(state, X=torch.tensor([[0.7]], dtype=th.dtype))
+    X = torch.tensor([[0.7]], dtype=th.dtype)
+    frozen = replace(state, X=X, drift=torch.einsum("kl,kld->d", X, state.D))
     flow.solve = lambda theta, index=0: frozen
     _vjp_vs_finite_differences(flow, th)
 

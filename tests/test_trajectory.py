@@ -79,3 +79,25 @@ def test_plot_returns_a_figure_with_the_threshold(traj):
     ax = fig.axes[1]
     assert any(abs(line.get_ydata()[0] - 2 / 0.2) < 1e-12 for line in ax.get_lines())
     assert len(fig.axes) == 2
+
+
+def test_eos_transients_are_the_quiet_stretches_past_two_over_lr():
+    # a drift along x; sharpness above 2/lr from step 20 on; the period-two oscillation along y is
+    # round-off sized until step 40 and established after it, so [20, 40) is the transient
+    lr, T = 0.1, 80
+    k = torch.arange(T, dtype=torch.float64)
+    sign = (-1.0) ** k
+    amplitude = torch.where(k < 40, 1e-9, 0.05)
+    x = torch.stack([0.01 * k, sign * amplitude], dim=1)
+    sharp = torch.where(k < 20, 15.0, 25.0)[:, None]
+    nan = torch.full((T,), float("nan"), dtype=torch.float64)
+    traj = nf.Trajectory(lr=lr, steps=k.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=sharp,
+                         update_u=nan)
+    (start, stop), = traj.eos_transients()
+    assert start == 20
+    assert 38 <= stop <= 40  # the midpoint's neighbours see the established oscillation one step early
+    quiet = traj.eos_transients(ratio=1e-9)  # the round-off oscillation is not "quiet" at this ratio
+    assert quiet == []
+    with pytest.raises(InputError, match="eig_every=1"):
+        nf.Trajectory(lr=lr, steps=k.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=nan[:, None],
+                      update_u=nan).eos_transients()

@@ -69,7 +69,7 @@ def simulate(
     """Integrate ``dtheta/dt = flow(t, theta)`` from ``theta0`` at ``t[0]``; states at ``t``, shape ``(len(t), d)``.
 
     Times are step times (iterate ``k`` at ``t = k``), increasing. The solver defaults to the flow's
-    own choice (``flow.solver``: explicit Euler with 4 substeps per step for :class:`CentralFlow`)
+    own choice (``flow.solver``: explicit Euler with 2 substeps per step for :class:`CentralFlow`)
     or else ``dopri5`` with ``rtol=1e-7, atol=1e-9``; ``step_size`` sets a fixed-grid solver's step.
     Stateful flows are reset first. A non-finite state or velocity, or a step-size underflow, raises
     :class:`DivergenceError` naming the time reached.
