@@ -114,11 +114,11 @@ class Curvature:
         """
         k = U.shape[0]
         out = U.new_zeros(k, k, U.shape[1])
-        hu = self.hvp_graphs(U) if hu is None else hu
         with torch.enable_grad():
             for b in range(k):
+                h = self.hvp_graphs(U[b : b + 1])[0] if hu is None else hu[b]  # one graph alive at a time
                 for a in range(b + 1):
-                    val = torch.autograd.grad(hu[b] @ U[a].detach(), self.theta, retain_graph=True)[0]
+                    val = torch.autograd.grad(h @ U[a].detach(), self.theta, retain_graph=True)[0]
                     out[a, b] = out[b, a] = val
         return out
 

@@ -168,8 +168,9 @@ def _make_windows(
     starts = torch.arange(0, T - n_out, hop, device=device)
     first = targets.steps.to(device)[starts]
     kept = torch.ones(len(starts), dtype=torch.bool, device=device)
-    for lo, hi in exclude:  # a window spans steps [first, first + window]; drop it if it meets [lo, hi)
-        kept &= (first + window < lo) | (first >= hi)
+    reach = 3 * every  # the regression's 5-point stencil on smoothed targets reads GD steps up to 3 away
+    for lo, hi in exclude:  # a window spans steps [first, first + window]; drop it if it comes near [lo, hi)
+        kept &= (first + window + reach < lo) | (first - reach >= hi)
     if not bool(kept.any()):
         raise InputError(f"fit: exclude={list(exclude)} removes every window; exclude less of the trajectory.")
     starts = starts[kept]
@@ -520,8 +521,11 @@ def _gated_regression(
     the gate shapes: a constant ``c``, or a gated ``m(x) (scale + w . a(x))`` with ``m`` the switch and
     ``a`` the amplitude features. Those are eliminated in closed form at every evaluation (variable
     projection, Golub and Pereyra 1973), so LBFGS moves only the switches (gain, margin, network).
-    No ODE solve and no eigen-solve runs in the loop. Returns the constants' standard errors (OLS,
-    gates held fixed).
+    No ODE solve and no eigen-solve runs in the loop. A switch below ``_SWITCH_OPEN`` at every point
+    counts as off (its term drops out, with zero gradient), so a gate that starts closed on the data,
+    or closes, stays off: the term is then absent, not a smooth tail of ``lr S - 2``. The best
+    switches seen are kept, whatever the line search does after them. Returns the constants'
+    standard errors (OLS, gates held fixed).
     """
     names = lib.terms
     gi = [j for j, n in enumerate(names) if n in lib.gates]
@@ -684,17 +688,21 @@ def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: st
     return trajectory if target == "iterates" else trajectory.smoothed()
 
 
-def _check_exclude(exclude: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
-    """``exclude`` as a list of ``(start, stop)`` step ranges with ``start < stop``."""
+def _check_exclude(exclude: Sequence[Sequence[int | None]] | None) -> list[list[int]]:
+    """``exclude`` as a list of ``[start, stop]`` step ranges with ``start < stop`` (None: open end)."""
     ranges = []
-    for r in exclude or ():
+    for r in list(exclude) if exclude is not None else []:
         try:
-            lo, hi = (int(v) for v in r)
-        except (TypeError, ValueError):
-            raise InputError(f"fit: exclude must hold (start, stop) step pairs, got {r!r}.") from None
+            lo, hi = r
+            lo = -(2**62) if lo is None else int(lo)
+            hi = 2**62 if hi is None else int(hi)
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(
+                f"fit: exclude must hold (start, stop) step pairs of ints (None for an open end), got {r!r}."
+            ) from None
         if not lo < hi:
             raise InputError(f"fit: an excluded range needs start < stop, got ({lo}, {hi}).")
-        ranges.append((lo, hi))
+        ranges.append([lo, hi])
     return ranges
 
 
@@ -805,9 +813,10 @@ def fit(
     if it measured none), adaptive ones ``rtol`` and ``atol``. ``balance=True`` weights the
     regression's points by the inverse local mean of their squared velocity residual over
     ``window + 1`` points, so that a short transient (a catapult at the edge of stability) cannot
-    dominate it. ``exclude`` lists ``(start, stop)`` step ranges: every window that meets one is
-    dropped from training and validation (a transient the model is not meant to describe, such as
-    the round-off-seeded onset of the edge-of-stability oscillation).
+    dominate it. ``exclude`` lists ``(start, stop)`` step ranges (None for an open end): every window
+    that meets one, or comes within the regression's 5-point stencil of it, is dropped from training
+    and validation (a transient the model is not meant to describe, such as the round-off-seeded
+    onset of the edge-of-stability oscillation, ``Trajectory.eos_transients()``).
 
     A solver failure mid-fit raises :class:`~neuralflow.errors.DivergenceError`; the model then
     holds the best parameters found so far (also in ``error.partial``). Runs are reproducible
@@ -870,21 +879,21 @@ def fit(
     everything = torch.arange(win.targets.shape[1], device=problem.device)
     try:
         final_residuals = obj.residuals(grad=False)
+        hybrid_errors, physics_errors = obj.last_errors, obj.physics_errors
+        if not history:  # regression, or nothing to fit
+            history.append({
+                "iteration": 0, "train_loss": float(hybrid_errors[win.train].mean()),
+                "val_loss": float(hybrid_errors[win.val].mean()) if len(win.val) else math.nan,
+            })
+        coefficients, coefficient_grads = _coefficient_map(model, win.targets[0])
+        uncertainty = _uncertainty(obj, final_residuals, method, coefficient_grads, regression_se, lib)
     except _SolverFailure as exc:
         raise DivergenceError(
             f"fit: {exc} in the final window solves of the fitted model; the model holds the fitted parameters "
             "(in error.partial too). Check it with a rollout, or try a smaller step_size or solver='rk4'.",
             partial={"model": model, "history": history, "settings": settings},
         ) from None
-    hybrid_errors, physics_errors = obj.last_errors, obj.physics_errors
     shown = win.val if len(win.val) else win.train
-    if not history:  # regression, or nothing to fit
-        history.append({
-            "iteration": 0, "train_loss": float(hybrid_errors[win.train].mean()),
-            "val_loss": float(hybrid_errors[win.val].mean()) if len(win.val) else math.nan,
-        })
-    coefficients, coefficient_grads = _coefficient_map(model, win.targets[0])
-    uncertainty = _uncertainty(obj, final_residuals, method, coefficient_grads, regression_se, lib)
     timing["evaluate"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_begin
     settings["optimizer_used"] = optimizer if method != "regression" else None

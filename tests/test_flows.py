@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import neuralflow as nf
-from neuralflow.autodiff import d3, dense_hessian, gradient
+from neuralflow.autodiff import Curvature, d3, dense_hessian, gradient
 from neuralflow.flows import (
     FLOWS,
     CentralFlow,
@@ -20,6 +20,7 @@ from neuralflow.flows import (
     simulate,
     solve_sdcp,
 )
+from neuralflow.flows.central import _Warm
 from neuralflow.flows.principal import principal_rate
 
 T0 = torch.zeros((), dtype=torch.float64)
@@ -33,12 +34,12 @@ def smooth_2d() -> nf.Problem:
     )
 
 
-def tiny_net() -> nf.Problem:
+def tiny_net(batch_size: int | None = None) -> nf.Problem:
     torch.manual_seed(1)
     x = torch.randn(12, 3, dtype=torch.float64)
     y = torch.sin(x.sum(1, keepdim=True))
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
-    return nf.problems.from_module(net, x, y)
+    return nf.problems.from_module(net, x, y, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------ modified flows
@@ -177,16 +178,39 @@ def test_central_flow_several_critical_eigenvalues_solve_the_complementarity_pro
     assert float(s.X.norm()) > 0  # the oscillation is active
     assert torch.allclose(v, -lr * (gradient(p, th) + 0.5 * torch.einsum("kl,kld->d", s.X, s.D)))
     # an evaluation that reuses the Gram matrix (gram_every=2) gets <D_kl, g> and grad <H, Sigma> from k
-    # passes instead of the D_kl; at the same state it must give the same field
+    # passes instead of the D_kl; near the state where the Gram matrix was made it must give the same field
     assert s.D is not None
-    reused = flow(T0, th)
+    nudge = 1e-7 * v
+    flow(T0, th + nudge)  # recomputed: no move was known before it
+    assert flow.last.D is not None
+    exact = flow.last
+    reused = flow(T0, th + nudge)
     assert flow.last.D is None
-    assert torch.allclose(flow.last.X, s.X, rtol=1e-8, atol=1e-12)
-    assert float((reused - v).norm()) < 1e-8 * float(v.norm())  # measured 9e-10 (the re-solved eigenvectors)
+    assert torch.allclose(flow.last.X, exact.X, rtol=1e-8, atol=1e-12)
+    assert float((reused - exact.velocity(lr)).norm()) < 1e-8 * float(v.norm())
+    far = flow(T0, th + 1e-3 * v)  # a jump: recomputed, not reused
+    assert flow.last.D is not None and torch.isfinite(far).all()
     with pytest.raises(nf.InputError, match="gram_every"):
         CentralFlow(p, lr, gram_every=0)
-    sigma = U.T @ s.X @ U  # <H, Sigma> = tr(H Sigma)
-    assert float(flow.predicted_loss(th)) == pytest.approx(float(p.loss(th)) + 0.5 * float((H * sigma).sum()))
+    # the same with the data in three parts (graphs built one at a time), reusing and recomputing
+    chunked = CentralFlow(tiny_net(batch_size=4), lr, critical=critical, relaxation=0.5)
+    chunked(T0, th)
+    for _ in range(2):  # recomputed, then reused; its own cold eigen-solve (tol 1e-3): measured 2e-7
+        assert float((chunked(T0, th + nudge) - exact.velocity(lr)).norm()) < 1e-6 * float(v.norm())
+    assert chunked.last.D is None
+    # the reused Gram matrix follows the eigenvectors when they reorder or flip within the cluster
+    curv = Curvature(p, th)
+    D = curv.d3_pairs(U)
+    warm = _Warm(gram=D.reshape(9, -1) @ D.reshape(9, -1).T, U=U, theta_gram=th, move=1.0)
+    swapped = torch.stack([-U[1], U[0], U[2]])
+    D2 = curv.d3_pairs(swapped)
+    carried = warm.reusable_gram(th, swapped, gram_every=2)
+    assert torch.allclose(carried, D2.reshape(9, -1) @ D2.reshape(9, -1).T, rtol=1e-10, atol=1e-12)
+    assert warm.reusable_gram(th, torch.stack([U[0], U[1], (U[2] + U[0]) / 2**0.5]), gram_every=2) is None
+    predicted = float(flow.predicted_loss(th))
+    last = flow.last
+    sigma = last.vectors.T @ last.X @ last.vectors  # <H, Sigma> = tr(H Sigma)
+    assert predicted == pytest.approx(float(p.loss(th)) + 0.5 * float((H * sigma).sum()))
 
 
 @pytest.mark.slow

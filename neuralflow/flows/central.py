@@ -191,6 +191,46 @@ class CriticalState:
         return -lr * (self.grad + 0.5 * self.drift)
 
 
+@dataclass
+class _Warm:
+    """What one batch index carries from one evaluation to the next.
+
+    ``block``/``n_track`` warm-start the eigen-solve and ``X`` the complementarity solve. ``gram``
+    is the Gram matrix of the ``D3L[u_k, u_l]`` in the basis ``U`` of the state ``theta_gram``,
+    ``move`` how far the evaluation before it was, ``age`` the evaluations that have reused it.
+    """
+
+    block: Tensor | None = None
+    n_track: int = 2
+    X: Tensor | None = None
+    gram: Tensor | None = None
+    U: Tensor | None = None
+    theta_gram: Tensor | None = None
+    move: float = 0.0
+    age: int = 0
+    theta: Tensor | None = None
+
+    def reusable_gram(self, theta: Tensor, U: Tensor, gram_every: int) -> Tensor | None:
+        """The cached Gram matrix carried into the basis ``U`` at ``theta``, or None when it must be recomputed.
+
+        Reused while fewer than ``gram_every`` evaluations have used it, the state stays within twice
+        the move that preceded its computation (a new window or a far batch point recomputes it), and
+        the critical subspace is the same (``R = U U_old^T`` orthogonal to 1e-2). Within a cluster at
+        ``2/lr`` the eigenvectors reorder and rotate freely; ``B`` follows them as
+        ``(R x R) B (R x R)^T``, since ``D_kl`` is bilinear in ``(u_k, u_l)``.
+        """
+        k = U.shape[0]
+        if k == 0 or self.gram is None or self.U is None or self.U.shape[0] != k or self.age + 1 >= gram_every:
+            return None
+        if not self.move > 0 or float((theta - self.theta_gram).norm()) > 2 * self.move:
+            return None
+        R = U @ self.U.T
+        if float((R @ R.T - torch.eye(k, dtype=R.dtype, device=R.device)).abs().max()) > 1e-2:
+            return None
+        RR = torch.kron(R, R)
+        return RR @ self.gram @ RR.T
+
+
 class CentralFlow(Flow):
     """GD's central flow, ``dtheta/dt = -lr [g + 1/2 grad <H, Sigma>]``, several critical eigenvalues.
 
@@ -205,10 +245,11 @@ class CentralFlow(Flow):
     Cost: the complementarity problem needs ``A`` (through ``<D_kl, g> = u_k . D3L[g, u_l]``: k double
     backward passes) and the Gram matrix ``B`` of the ``D_kl`` (k(k+1)/2 passes, the bulk at several
     critical eigenvalues). ``A`` is exact at every evaluation; ``B`` is recomputed every
-    ``gram_every`` evaluations of a batch index, and whenever the number of critical eigenvalues
-    changes, and reused in between (``gram_every=1``: always exact). A stale ``B`` only changes the
-    gain of the feedback that holds each critical eigenvalue at ``2/lr``, not the fixed point:
-    the margin term draws any drift back within ``tau``.
+    ``gram_every`` evaluations of a batch index and reused in between, carried into the current
+    eigenvector basis, as long as the critical subspace and the state have not jumped (see
+    ``_Warm.reusable_gram``; ``gram_every=1``: always exact). ``B`` sets the gain of the feedback
+    that holds each critical eigenvalue at ``2/lr``; a ``B`` one substep old changes the margin at
+    which the oscillation balances the drive by ``O(step)``, which the margin term keeps bounded.
 
     Eigenvectors come from ``autodiff.top_eigenpairs`` warm-started from the previous evaluation's
     block (one block per batch index), signs aligned; the number tracked grows to stay one above the
@@ -276,8 +317,7 @@ class CentralFlow(Flow):
 
     def reset(self) -> None:
         """Forget the warm starts (eigenvector blocks, ``X``, ``B``) before integrating a new trajectory."""
-        # per batch index: eigenvector block, number tracked, X, Gram matrix B, evaluations since B
-        self._cache: dict[int, tuple[Tensor, int, Tensor | None, Tensor | None, int]] = {}
+        self._cache: dict[int, _Warm] = {}  # per batch index
         self.n_critical_max = 0
 
     @property
@@ -289,7 +329,8 @@ class CentralFlow(Flow):
         """Eigenpairs, ``D3L`` contractions and the oscillation covariance ``X`` at one state."""
         theta = self.problem.check_theta(theta, "state").detach()
         fresh = index not in self._cache
-        block, n_track, X0, gram, age = self._cache.get(index, (None, min(2, self.problem.dim), None, None, 0))
+        warm = self._cache.setdefault(index, _Warm(n_track=min(2, self.problem.dim)))
+        block, n_track = warm.block, warm.n_track
         curv = Curvature(self.problem, theta)
         limit = min(self.max_critical + 1, self.problem.dim)
         while True:  # track at least one non-critical eigenvalue, so that none is missed
@@ -299,6 +340,7 @@ class CentralFlow(Flow):
                 break
             n_track, block = min(n_track + 2, limit), eig.block
         if fresh and float(eig.values[0]) > self.threshold * (1 + 1e-4):  # at the edge (its own states) is fine
+            del self._cache[index]
             raise InputError(
                 f"CentralFlow: the sharpness at the starting point is {float(eig.values[0]):.6g} > 2/lr = "
                 f"{self.threshold:.6g}; the central flow is undefined above the edge of stability. Start it "
@@ -306,30 +348,44 @@ class CentralFlow(Flow):
             )
         U = eig.vectors[:crit]
         M = torch.diag(eig.values[:crit])
-        hu = curv.hvp_graphs(U)
+        # one part: keep the k differentiable H u_b and share them; several parts (mini-batched data):
+        # build them one at a time, so that memory stays that of one graph
+        hu = curv.hvp_graphs(U) if len(self.problem.parts) == 1 else None
+
+        def graph(b: int) -> Tensor:
+            return hu[b] if hu is not None else curv.hvp_graphs(U[b : b + 1])[0]
+
         D = None
-        if crit == 0 or gram is None or gram.shape[0] != crit * crit or age + 1 >= self.gram_every:
+        gram = warm.reusable_gram(theta, U, self.gram_every)
+        if gram is None:
             D = curv.d3_pairs(U, hu)
             flat = D.reshape(crit * crit, theta.numel())
-            gram, age, Dg = flat @ flat.T, 0, D @ curv.grad
+            gram, Dg = flat @ flat.T, D @ curv.grad
+            move = 0.0 if warm.theta is None else float((theta - warm.theta).norm())
+            warm.gram, warm.U, warm.theta_gram, warm.move, warm.age = gram, U, theta, move, 0
         else:
-            age += 1
+            warm.age += 1
             with torch.enable_grad():  # <D_kl, g> = u_k . D3L[g, u_l]: k passes instead of k(k+1)/2
-                W = torch.stack([torch.autograd.grad(h @ curv.grad, curv.theta, retain_graph=True)[0] for h in hu])
+                W = torch.stack([
+                    torch.autograd.grad(graph(b) @ curv.grad, curv.theta, retain_graph=True)[0] for b in range(crit)
+                ])
             Dg = U @ W.T
             Dg = 0.5 * (Dg + Dg.T)
         margin = self.threshold * torch.eye(crit, dtype=M.dtype, device=M.device) - M
         A = 2 * margin / (self.lr * self.relaxation) + 2 * Dg
-        X, residual = solve_sdcp(A, gram, X0, tol=self.sdcp_tol)
+        X, residual = solve_sdcp(A, gram, warm.X, tol=self.sdcp_tol)
         if D is not None:
             drift = torch.einsum("kl,kld->d", X, D)
         elif crit:
-            with torch.enable_grad():  # grad sum_kl X_kl u_k^T H u_l in one pass
-                pull = sum(((X @ U)[b].detach() * hu[b]).sum() for b in range(crit))
-                drift = torch.autograd.grad(pull, curv.theta)[0]
+            XU = (X @ U).detach()
+            with torch.enable_grad():  # grad sum_kl X_kl u_k^T H u_l (one pass over the shared graphs)
+                if hu is not None:
+                    drift = torch.autograd.grad(sum((XU[b] * hu[b]).sum() for b in range(crit)), curv.theta)[0]
+                else:
+                    drift = sum(torch.autograd.grad((XU[b] * graph(b)).sum(), curv.theta)[0] for b in range(crit))
         else:
             drift = torch.zeros_like(curv.grad)
-        self._cache[index] = (eig.block, n_track, X, gram, age)
+        warm.block, warm.n_track, warm.X, warm.theta = eig.block, n_track, X, theta
         self.n_critical_max = max(self.n_critical_max, crit)
         self.last = CriticalState(eig.values, U, M, X, drift.detach(), D, curv.value, curv.grad, residual)
         return self.last
