@@ -177,7 +177,7 @@ def test_central_flow_several_critical_eigenvalues_solve_the_complementarity_pro
     assert abs(float((s.X * C).sum())) < 1e-6 * scale * float(s.X.norm())
     assert float(s.X.norm()) > 0  # the oscillation is active
     assert torch.allclose(v, -lr * (gradient(p, th) + 0.5 * torch.einsum("kl,kld->d", s.X, s.D)))
-    # an evaluation that reuses the Gram matrix (gram_every=2) gets <D_kl, g> and grad <H, Sigma> from k
+    # an evaluation that reuses the Gram matrix (default gram_every=3) gets <D_kl, g> and grad <H, Sigma> from k
     # passes instead of the D_kl; near the state where the Gram matrix was made it must give the same field
     assert s.D is not None
     nudge = 1e-7 * v

@@ -213,8 +213,9 @@ class _Warm:
     def reusable_gram(self, theta: Tensor, U: Tensor, gram_every: int) -> Tensor | None:
         """The cached Gram matrix carried into the basis ``U`` at ``theta``, or None when it must be recomputed.
 
-        Reused while fewer than ``gram_every`` evaluations have used it, the state stays within twice
-        the move that preceded its computation (a new window or a far batch point recomputes it), and
+        Reused while fewer than ``gram_every`` evaluations have used it, the state stays within
+        ``gram_every`` times the move that preceded its computation (a new window or a far batch point
+        recomputes it), and
         the critical subspace is the same (``R = U U_old^T`` orthogonal to 1e-2). Within a cluster at
         ``2/lr`` the eigenvectors reorder and rotate freely; ``B`` follows them as
         ``(R x R) B (R x R)^T``, since ``D_kl`` is bilinear in ``(u_k, u_l)``.
@@ -222,7 +223,7 @@ class _Warm:
         k = U.shape[0]
         if k == 0 or self.gram is None or self.U is None or self.U.shape[0] != k or self.age + 1 >= gram_every:
             return None
-        if not self.move > 0 or float((theta - self.theta_gram).norm()) > 2 * self.move:
+        if not self.move > 0 or float((theta - self.theta_gram).norm()) > gram_every * self.move:
             return None
         R = U @ self.U.T
         if float((R @ R.T - torch.eye(k, dtype=R.dtype, device=R.device)).abs().max()) > 1e-2:
@@ -287,7 +288,7 @@ class CentralFlow(Flow):
         max_critical: int = 8,
         eig_tol: float = 1e-3,
         sdcp_tol: float = 1e-9,
-        gram_every: int = 2,
+        gram_every: int = 3,
     ) -> None:
         super().__init__(problem, lr)
         if not problem.thrice_differentiable:
