@@ -152,19 +152,24 @@ def main() -> None:
     coef_steps = torch.arange(0, len(smoothed), every)
     coeffs = lib.coefficient_values(smoothed[coef_steps])
     central.reset()
-    sig_top, sig_mean, n_crit = [], [], []
+    sig_top, sig_mean = [], []
     for k in coef_steps.tolist():
         state = central.solve(states_of["central"][k], index=0)
         s2 = state.sigma2
         sig_top.append(-0.5 * float(s2[0]) if len(s2) else 0.0)
         sig_mean.append(-0.5 * float(s2.mean()) if len(s2) else 0.0)
     oscillation = (traj.iterates[1:-1] - smoothed).square().sum(1)
-    eig_values = lib._eigenpairs(smoothed[coef_steps], lib.max_critical)[0]
-    sig_gd = []
-    for i, k in enumerate(coef_steps.tolist()):
-        n = int((eig_values[i] >= 1.95 / LR).sum())
-        n_crit.append(n)
-        sig_gd.append(-0.5 * float(oscillation[max(0, k - 5) : k + 6].mean()) / n if n else 0.0)
+
+    def n_critical(states: torch.Tensor) -> list[int]:
+        """Critical eigenvalues (at least 1.95/lr, as CentralFlow counts them) at each state."""
+        return (lib._eigenpairs(states, lib.max_critical)[0] >= 1.95 / LR).sum(1).tolist()
+
+    def gd_minus_sigma2_half(lo: int, hi: int, n: int) -> float:
+        """``-sigma^2/2`` per critical direction from GD's oscillation over smoothed indices [lo, hi)."""
+        return -0.5 * float(oscillation[max(0, lo) : hi].mean()) / n if n else 0.0
+
+    n_crit = n_critical(smoothed[coef_steps])
+    sig_gd = [gd_minus_sigma2_half(k - 5, k + 6, n) for k, n in zip(coef_steps.tolist(), n_crit)]
     # with no critical eigenvalue the gradScrit field is 0 and its coefficient undefined: report 0 there
     coeffs["gradScrit"] = coeffs["gradScrit"] * (torch.tensor(n_crit) > 0).to(coeffs["gradScrit"].dtype)
     timing["coefficients"] = time.perf_counter() - t0
@@ -176,14 +181,12 @@ def main() -> None:
     prof = nf.coefficient_profile(Hybrid(GradientFlow(p, LR), profile_lib), traj, bin=args.window, target="smoothed")
     first = int(sm.steps[0])
     bin_idx = prof["step"] - first
-    bin_vals = profile_lib._eigenpairs(smoothed[bin_idx + args.window // 2], profile_lib.max_critical)[0]
-    bin_crit = (bin_vals >= 1.95 / LR).sum(1)
+    bin_crit = n_critical(smoothed[bin_idx + args.window // 2])
     quiet_bin = [any(lo <= int(s0) + args.window // 2 < hi for lo, hi in transients) for s0 in prof["step"]]
     profile_rows = []
     for i, s0 in enumerate(prof["step"].tolist()):
-        n = int(bin_crit[i])
-        lo = int(bin_idx[i])
-        sig = -0.5 * float(oscillation[lo : lo + args.window].mean()) / n if n else 0.0
+        n, lo = bin_crit[i], int(bin_idx[i])
+        sig = gd_minus_sigma2_half(lo, lo + args.window, n)
         profile_rows.append({"step": s0, "n_critical": n, "quiet": quiet_bin[i],
                              "Hg": float(prof["coefficients"]["Hg"][i]),
                              "gradScrit": float(prof["coefficients"]["gradScrit"][i]),

@@ -14,6 +14,11 @@ from pathlib import Path
 from .errors import DivergenceError, NeuralflowError
 
 
+def _names(text: str) -> list[str]:
+    """The names in a comma-separated option, stripped, empty ones dropped."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def _problem_from_args(args: argparse.Namespace):
     from . import problems
 
@@ -88,7 +93,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .problems import make
     from .trajectory import Trajectory
 
-    names = [n.strip() for n in args.flows.split(",") if n.strip()]
+    names = _names(args.flows)
     unknown = [n for n in names if n not in FLOWS]
     if unknown or not names:
         raise NeuralflowError(f"unknown flows {unknown or names}; choose from {', '.join(FLOWS)}.")
@@ -161,10 +166,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise NeuralflowError(f"unknown physics {args.physics!r}; choose from {', '.join(FLOWS)}.")
     traj = Trajectory.load(args.trajectory)
     problem = make(traj.problem)
-    terms = [n.strip() for n in args.terms.split(",") if n.strip()]
-    gated = [n.strip() for n in args.gated.split(",") if n.strip()]
-    features = [n.strip() for n in args.features.split(",") if n.strip()]
-    library = TermLibrary(problem, traj.lr, terms, gated=gated, features=features)
+    terms = _names(args.terms)
+    library = TermLibrary(problem, traj.lr, terms, gated=_names(args.gated), features=_names(args.features))
     model = Hybrid(FLOWS[args.physics](problem, traj.lr), library)
     result = fit(
         model, traj, window=args.window, target=args.target, method=args.method, optimizer=args.optimizer,

@@ -357,15 +357,22 @@ class _RegressionSystem:
     features: Tensor | None = None
     amplitude: Tensor | None = None
 
+    def subset(self, mask: Tensor) -> _RegressionSystem:
+        """The same regression restricted to the points ``mask`` selects."""
+        pick = {name: getattr(self, name) for name in ("G", "h", "q", "f", "steps", "lr_S_minus_2", "features",
+                                                       "amplitude")}
+        return replace(self, **{name: None if t is None else t[mask] for name, t in pick.items()})
 
-def _regression_system(
-    model: Hybrid, targets: Trajectory, win: _Windows, chunk: int, balance: bool = False
-) -> _RegressionSystem:
+
+def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, balance: bool = False) -> _RegressionSystem:
     """Evaluate the regression's fields, targets and gate inputs once, at the training windows' interior points.
 
     ``balance=True`` returns the system weighted as in :func:`_balanced` over ``window + 1`` points.
     """
     lib = model.correction
+    # a gated library's gate inputs need eigen-solves: one state per evaluation, each warm-started
+    # from the previous point's; constant coefficients batch the points
+    chunk = 1 if lib.gated else 256
     h = float(targets.store_every)
     x = targets.iterates.to(dtype=model.problem.dtype, device=model.problem.device)
     if len(x) < 5:
@@ -404,8 +411,11 @@ def _regression_system(
     return _balanced(system, int(window) + 1) if balance else system
 
 
-def _least_squares(system: _RegressionSystem) -> tuple[Tensor, Tensor]:
-    """Closed-form SINDy least squares ``x' - F_p(x) = sum_i c_i F_i(x)`` with constant ``c``; ``(coef, OLS se)``."""
+def _least_squares(system: _RegressionSystem) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed-form SINDy least squares ``x' - F_p(x) = sum_i c_i F_i(x)`` with constant ``c``.
+
+    Returns ``(coef, OLS se, residual sum of squares)``.
+    """
     AtA, Atb, btb = system.G.sum(0), system.h.sum(0), system.q.sum()
     P = len(Atb)
     scale = AtA.diagonal().clamp_min(torch.finfo(AtA.dtype).tiny).sqrt()
@@ -416,7 +426,7 @@ def _least_squares(system: _RegressionSystem) -> tuple[Tensor, Tensor]:
     rss = (btb - 2 * coef @ Atb + coef @ AtA @ coef).clamp_min(0)
     s2 = rss / max(n_rows - P, 1)
     se = (s2 * Minv.diagonal()).sqrt() / scale
-    return coef, se
+    return coef, se, rss
 
 
 def _balanced(system: _RegressionSystem, span: int) -> _RegressionSystem:
@@ -434,13 +444,13 @@ def _balanced(system: _RegressionSystem, span: int) -> _RegressionSystem:
     return replace(system, G=system.G * w[:, None, None], h=system.h * w[:, None], q=q * w, f=system.f * w)
 
 
-def _regression(model: Hybrid, targets: Trajectory, win: _Windows, chunk: int = 256,
-                balance: bool = False) -> tuple[Tensor, Tensor]:
+def _regression(model: Hybrid, targets: Trajectory, win: _Windows, balance: bool = False) -> tuple[Tensor, Tensor]:
     """SINDy-style least squares (Brunton et al. 2016) at interior points of the training windows.
 
     Returns the coefficients and their ordinary least-squares standard errors.
     """
-    return _least_squares(_regression_system(model, targets, win, chunk, balance))
+    coef, se, _ = _least_squares(_regression_system(model, targets, win, balance))
+    return coef, se
 
 
 def coefficient_profile(
@@ -468,17 +478,16 @@ def coefficient_profile(
     problem = model.problem
     win = _make_windows(targets, bin, bin, 0.0, 0, problem.dtype, problem.device, _check_exclude(exclude))
     lib.reset_cache()
-    system = _regression_system(model, targets, win, chunk=1 if lib.gated else 256)
+    system = _regression_system(model, targets, win)
     which = torch.searchsorted(win.steps, system.steps, right=True) - 1
     rows = []
     for k in range(len(win.steps)):
         m = which == k
         if int(m.sum()) == 0:
             continue
-        part = replace(system, G=system.G[m], h=system.h[m], q=system.q[m], f=system.f[m], steps=system.steps[m])
-        coef, se = _least_squares(part)
-        G, h, q = part.G.sum(0), part.h.sum(0), part.q.sum()
-        rss = (q - 2 * coef @ h + coef @ G @ coef).clamp_min(0)
+        part = system.subset(m)
+        coef, se, rss = _least_squares(part)
+        q = part.q.sum()
         rows.append((win.steps[k], coef, se, rss / q.clamp_min(torch.finfo(q.dtype).tiny)))
     coefs, ses = torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
     return {
@@ -857,8 +866,7 @@ def fit(
     if init == "regression" or method == "regression":
         t0 = time.perf_counter()
         if lib.gated:
-            # one state per evaluation: each eigen-solve is warm-started from the previous point's
-            system = _regression_system(model, targets, win, chunk=1, balance=balance)
+            system = _regression_system(model, targets, win, balance=balance)
             timing["regression_fields"] = time.perf_counter() - t0
             iters = _GATED_REGRESSION_ITERS if max_iters is None else check_positive_int(max_iters, "fit: max_iters")
             regression_se = _gated_regression(lib, system, float(min_norm), iters, init, seed, settings, progress)
