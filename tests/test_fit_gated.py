@@ -88,6 +88,9 @@ def test_gated_regression_is_reproducible(data):
     assert torch.equal(coeffs[0], coeffs[1])
     curve = res.settings["regression_loss"]
     assert curve["final"] <= curve["start"] < curve["physics"]
+    # below the edge the switch never opens beyond 1 percent: the term is off, exactly 0, and not the
+    # planted sigmoid's exponential tail times a huge scale
+    assert float(model.correction.coefficient_values(traj.slice(stop=40).iterates)["gradS"].abs().max()) == 0.0
 
 
 def test_gated_regression_recovers_a_planted_oscillation_law(data):
