@@ -43,13 +43,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from _digits_eos import LR, digits_eos_run  # noqa: E402
 
 import neuralflow as nf  # noqa: E402
 from neuralflow.autodiff import top_eigenpairs  # noqa: E402
 from neuralflow.corrections import Hybrid, TermLibrary  # noqa: E402
 from neuralflow.flows import CentralFlow, GradientFlow  # noqa: E402
 
-LR = 0.15
 STEP = 0.5  # Euler substep (steps)
 
 
@@ -98,10 +98,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the machine is shared; two OpenMP threads were measured 30x slower here
     timing: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    p = nf.problems.mlp_digits(n=500, widths=(32, 32), seed=0)
-    traj = nf.run_gd(p, lr=LR, steps=args.steps, eig_every=1, progress=False)
-    timing["gd"] = time.perf_counter() - t0
+    p, traj, timing["gd"] = digits_eos_run(args.steps)
     sm = traj.smoothed()
     smoothed = sm.iterates
     print(f"GD: d = {p.dim}, {args.steps} steps, EoS onset at step {traj.eos_onset}, {timing['gd']:.1f} s")

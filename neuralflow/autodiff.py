@@ -285,6 +285,8 @@ def top_eigenpairs(
         if C is None:  # P nearly dependent on [X, W]: restart without it
             S, AS = S[: X.shape[0] + W.shape[0]], AS[: X.shape[0] + W.shape[0]]
             C = _ritz(S, AS, m)
+        if C is None:  # [X, W] degenerate too (e.g. non-finite products at a blown-up state): keep the block
+            break
         # New search directions: the part of the update outside the old X.
         P, AP = C[m:].T @ S[m:], C[m:].T @ AS[m:]
         X, AX = C.T @ S, C.T @ AS

@@ -138,6 +138,9 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--physics", default="gradient", help="physics flow by name (see neuralflow.flows.FLOWS)")
     p.add_argument("--terms", default="Hg,H2g,D3gg", help="comma-separated correction terms (see corrections.TERMS)")
     p.add_argument("--gated", default="", help="comma-separated terms whose coefficient is gated by state features")
+    p.add_argument("--baseline", default="",
+                   help="comma-separated gated terms that keep a constant coefficient below the edge of stability "
+                        "(their gate is then the coefficient's change at lr S = 2)")
     p.add_argument("--features", default="lr_S_minus_2,lr_S,loss",
                    help="comma-separated state features the gates see (see corrections.FEATURES)")
     p.add_argument("--window", type=int, default=20, help="steps integrated from each window start")
@@ -167,7 +170,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     traj = Trajectory.load(args.trajectory)
     problem = make(traj.problem)
     terms = _names(args.terms)
-    library = TermLibrary(problem, traj.lr, terms, gated=_names(args.gated), features=_names(args.features))
+    library = TermLibrary(problem, traj.lr, terms, gated=_names(args.gated), features=_names(args.features),
+                          baseline=_names(args.baseline))
     model = Hybrid(FLOWS[args.physics](problem, traj.lr), library)
     result = fit(
         model, traj, window=args.window, target=args.target, method=args.method, optimizer=args.optimizer,

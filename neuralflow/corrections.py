@@ -289,20 +289,24 @@ class Correction(Flow):
 
 
 class _GatedCoefficient(torch.nn.Module):
-    """``c = sigmoid(gain (lr S - 2 + margin) + MLP(features)) * (scale + sum_j w_j a_j)``, a switch at ``lr S = 2``.
+    """``c = base + sigmoid(gain (lr S - 2 + margin) + MLP(features)) (scale + w . a)``: a switch at ``lr S = 2``.
 
     The gate (the sigmoid) switches the term on; its amplitude is ``scale`` plus, optionally, a
     linear function of a few amplitude features ``a_j`` (for example ``sigma2``, so that the
-    oscillation term's coefficient can follow ``-sigma^2 / 2`` from state to state). ``scale`` and
-    ``w`` start at 0 (the physics alone), the MLP's last layer at 0, ``gain`` at 20 and ``margin``
-    at 0.05: below the edge of stability (``lr S < 1.9``) the gate is below 0.12, at ``lr S = 2``
-    it is 0.73. All of these are learned.
+    oscillation term's coefficient can follow ``-sigma^2 / 2`` from state to state). ``base`` (only
+    with ``baseline=True``; otherwise 0) is the coefficient where the switch is shut, well below the
+    edge, so that ``scale`` is the coefficient's *change* at the edge. ``base``, ``scale`` and ``w``
+    start at 0 (the physics alone), the MLP's last layer at 0, ``gain`` at 20 and ``margin`` at 0.05:
+    below the edge of stability (``lr S < 1.9``) the gate is below 0.12, at ``lr S = 2`` it is 0.73.
+    All of these are learned.
     """
 
     def __init__(self, n_features: int, hidden: int, dtype: torch.dtype, device: torch.device,
-                 n_amplitude: int = 0) -> None:
+                 n_amplitude: int = 0, baseline: bool = False) -> None:
         super().__init__()
         kw = {"dtype": dtype, "device": device}
+        if baseline:
+            self.base = torch.nn.Parameter(torch.zeros((), **kw))
         self.scale = torch.nn.Parameter(torch.zeros((), **kw))
         self.gain = torch.nn.Parameter(torch.tensor(20.0, **kw))
         self.margin = torch.nn.Parameter(torch.tensor(0.05, **kw))
@@ -320,7 +324,23 @@ class _GatedCoefficient(torch.nn.Module):
 
     def forward(self, lr_S_minus_2: Tensor, features: Tensor, amplitude: Tensor | None = None) -> Tensor:
         amp = self.scale if amplitude is None else self.scale + amplitude @ self.weights
-        return self.switch(lr_S_minus_2, features) * amp
+        change = self.switch(lr_S_minus_2, features) * amp
+        return change + self.base if hasattr(self, "base") else change
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """A term library evaluated on states ``(B, d)`` (:meth:`TermLibrary.inspect`), all detached.
+
+    ``fields`` the unit-coefficient fields ``(B, d)`` and ``coefficients`` ``(B,)`` by term;
+    ``switches`` the gates' switches in ``[0, 1]`` ``(B,)`` by gated term; ``features`` the columns of
+    :attr:`TermLibrary.inspected_features` ``(B, F)`` (None without gates).
+    """
+
+    fields: dict[str, Tensor]
+    coefficients: dict[str, Tensor]
+    switches: dict[str, Tensor]
+    features: Tensor | None
 
 
 class TermLibrary(Correction):
@@ -332,7 +352,10 @@ class TermLibrary(Correction):
     coefficient is an ``nn.Parameter`` (initially 0); a term listed in ``gated`` (or every term
     with ``gated=True``) gets a :class:`_GatedCoefficient` of the ``features``, whose amplitude is
     linear in the ``amplitude`` features (none by default; ``amplitude=["sigma2"]`` lets the
-    oscillation terms learn ``c = w sigma2``, theory ``w = -1/2``).
+    oscillation terms learn ``c = w sigma2``, theory ``w = -1/2``). A gated term is 0 below the edge
+    of stability unless it is also listed in ``baseline``: its coefficient is then a constant below
+    the edge plus a gated change at ``lr S = 2`` (e.g. ``Hg``: ``-1/2`` from the modified equation
+    below the edge, whatever the oscillation makes of it above).
     """
 
     name = "term-library"
@@ -348,6 +371,7 @@ class TermLibrary(Correction):
         max_critical: int = 4,
         eig_tol: float = 1e-6,
         amplitude: Sequence[str] = (),
+        baseline: Sequence[str] = (),
     ) -> None:
         super().__init__(problem, lr, max_critical=max_critical, eig_tol=eig_tol)
         self.terms = _check_names(terms, TERMS, "term")
@@ -363,6 +387,12 @@ class TermLibrary(Correction):
             if stray:
                 raise InputError(f"gated terms {stray} are not in the library's terms {self.terms}.")
         self.gated = [n for n in self.terms if n in gated_names]
+        baseline_names = _check_names(baseline, TERMS, "term")
+        stray = [n for n in baseline_names if n not in self.gated]
+        if stray:
+            raise InputError(f"baseline terms {stray} are not gated; a baseline is the coefficient below the edge of "
+                             f"a gated term, so list them in gated=[...] too (gated: {self.gated}).")
+        self.baseline = [n for n in self.gated if n in baseline_names]
         self.feature_names = _check_names(features, FEATURES, "feature")
         self.amplitude_names = _check_names(amplitude, FEATURES, "feature")
         if self.amplitude_names and not self.gated:
@@ -378,7 +408,8 @@ class TermLibrary(Correction):
         # finite-difference sensitivities run several coefficient vectors in one solve.
         self._row_constants: Tensor | None = None
         self.gates = torch.nn.ModuleDict(
-            {n: _GatedCoefficient(len(self.feature_names), hidden, **kw, n_amplitude=len(self.amplitude_names))
+            {n: _GatedCoefficient(len(self.feature_names), hidden, **kw, n_amplitude=len(self.amplitude_names),
+                                  baseline=n in self.baseline)
              for n in self.gated}
         )
 
@@ -439,6 +470,22 @@ class TermLibrary(Correction):
             coeffs = self._coefficients(ctx)
         return {spec.name: (coeffs[spec.name][:, None] * spec(ctx)).detach() for spec in self.specs}
 
+    def inspect(self, thetas: Tensor) -> Inspection:
+        """Fields, coefficients, switches and features on states ``(B, d)`` from one set of eigen-solves."""
+        ctx = self._context(thetas)
+        with torch.no_grad():
+            coeffs = {n: c.detach() for n, c in self._coefficients(ctx).items()}
+            switches = {}
+            if self.gated:
+                edge, feats = FEATURES["lr_S_minus_2"](ctx), self._features(ctx)
+                switches = {n: self.gates[n].switch(edge, feats).detach() for n in self.gated}
+        return Inspection(
+            fields={spec.name: spec(ctx).detach() for spec in self.specs},
+            coefficients=coeffs,
+            switches=switches,
+            features=_feature_matrix(ctx, self.inspected_features).detach() if self.gated else None,
+        )
+
     @property
     def inspected_features(self) -> list[str]:
         """The gates' inputs then the amplitude features (each once): the columns of :meth:`features`."""
@@ -457,6 +504,7 @@ class TermLibrary(Correction):
             "gated": list(self.gated),
             "features": list(self.feature_names),
             "amplitude": list(self.amplitude_names),
+            "baseline": list(self.baseline),
             "hidden": self.hidden,
             "max_critical": self.max_critical,
             "eig_tol": self.eig_tol,

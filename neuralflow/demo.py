@@ -5,11 +5,16 @@
    the edge of stability.
 2. *Physics ladder*: the gradient, first-order modified and central flows simulated from a GD
    iterate before the onset and compared with GD across it (:func:`neuralflow.compare`).
-3. *Correction*: the term library ``Hg, gradS`` (constant coefficients) fitted on top of
-   gradient-flow physics to GD's iterates around the onset by derivative regression
-   (``fit(method="regression")``; an ODE fit needs an eigen-solve per state and right-hand-side
-   evaluation, minutes per iteration at this size on a CPU).
-4. *Explanation*: the report and its suggestion of the approximation to revise.
+3. *Correction*: the term library ``Hg, gradS, gradScrit`` fitted on top of gradient-flow physics to
+   the smoothed iterates (midpoint process) from 85 steps before the onset to 120 steps into GD's
+   oscillation, by the
+   balanced derivative regression (``fit(method="regression", balance=True)``; an ODE fit needs an
+   eigen-solve per state and right-hand-side evaluation, minutes per iteration at this size on a
+   CPU). Every coefficient is gated on ``lr S - 2``; ``Hg`` keeps a baseline below the edge (the
+   modified equation's -1/2) and may change at it. The quiet stretch past ``2/lr`` where float64
+   GD does not oscillate yet (``Trajectory.eos_transients``) is left out.
+4. *Explanation*: the report and its suggestion of the approximation to revise: the oscillation
+   terms switching on at ``lr S = 2``, attributed to gradient flow's "no oscillation".
 5. *Files*: the trajectory (``.nft``), the checkpoint (``.nff``), the report (Markdown) and the
    figures (PNG) in one output folder, named at the end.
 
@@ -44,19 +49,21 @@ class DemoSettings:
     widths: tuple[int, ...] = (32, 32)
     lr: float = 0.15
     seed: int = 0
-    steps: int = 330
-    eig_every: int = 5
-    n_eigs: int = 3
+    steps: int = 560
+    eig_every: int = 1
+    n_eigs: int = 1
     compare_span: tuple[int, int] = (-30, 30)
-    fit_span: tuple[int, int] = (-20, 40)
-    window: int = 4
+    fit_span: tuple[int, int] = (-85, 325)
+    terms: tuple[str, ...] = ("Hg", "gradS", "gradScrit")
+    baseline: tuple[str, ...] = ("Hg",)
+    window: int = 20
     step_size: float = 0.5
-    eig_tol: float = 1e-4
+    eig_tol: float = 1e-3
     report_windows: int = 6
 
 
 DEFAULT = DemoSettings()
-FAST = replace(DEFAULT, steps=250, compare_span=(-5, 5), fit_span=(-3, 5), report_windows=2)
+FAST = replace(DEFAULT, steps=250, compare_span=(-5, 5), fit_span=(-30, 15), window=5, report_windows=2)
 
 
 def _say(text: str, quiet: bool) -> None:
@@ -115,10 +122,14 @@ def run_demo(
     # 3. the correction on gradient-flow physics
     t0 = time.perf_counter()
     lo, hi = max(0, onset + s.fit_span[0]), min(s.steps, onset + s.fit_span[1])
-    _say(f"[3/4] fitting Hg + gradS on gradient-flow physics, steps {lo}..{hi}", quiet)
-    library = TermLibrary(problem, s.lr, terms=["Hg", "gradS"], eig_tol=s.eig_tol)
-    result = fit(Hybrid(flows[0], library), traj.slice(lo, hi + 1), window=s.window, method="regression",
-                 step_size=s.step_size, progress=progress)
+    quiet_stretches = traj.eos_transients()
+    _say(f"[3/4] fitting {' + '.join(s.terms)} (gated on lr S - 2) on gradient-flow physics to the smoothed "
+         f"iterates, steps {lo}..{hi}, leaving out {quiet_stretches} (past 2/lr, not oscillating yet)", quiet)
+    library = TermLibrary(problem, s.lr, terms=list(s.terms), gated=list(s.terms), baseline=list(s.baseline),
+                          features=["lr_S_minus_2"], eig_tol=s.eig_tol)
+    result = fit(Hybrid(flows[0], library), traj.slice(lo, hi + 1), window=s.window, target="smoothed",
+                 method="regression", solver="euler", step_size=s.step_size, balance=True, exclude=quiet_stretches,
+                 progress=progress)
     stage("fit", t0)
 
     # 4. the explanation and the files
@@ -139,6 +150,7 @@ def run_demo(
         "problem": problem.description,
         "dim": problem.dim,
         "eos_onset": onset,
+        "quiet_stretches": quiet_stretches,
         "ladder": ladder.to_dict(),
         "coefficients": result.coefficients,
         "physics_error": result.physics_error,

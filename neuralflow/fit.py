@@ -68,7 +68,8 @@ class FitResult:
     """What :func:`fit` found.
 
     ``coefficients`` are dimensionless (the term table in the README; a gated coefficient is its mean over
-    the window starts) with ``uncertainty`` their standard errors: Gauss-Newton sandwich
+    the window starts, for a baseline-gated term its baseline plus the mean change: the report shows the two
+    apart) with ``uncertainty`` their standard errors: Gauss-Newton sandwich
     covariance clustered by window (the spread of the windows' estimating equations), mapped to
     the coefficients by the delta method; for ``method="regression"`` the ordinary least-squares
     error. Errors are normalised by the mean squared displacement (see :mod:`neuralflow.fit`);
@@ -504,6 +505,8 @@ def _reset_gates(lib: TermLibrary, seed: int) -> None:
     with torch.no_grad():
         for gate in lib.gates.values():
             gate.scale.zero_()
+            if hasattr(gate, "base"):
+                gate.base.zero_()
             if hasattr(gate, "weights"):
                 gate.weights.zero_()
             gate.gain.fill_(20.0)
@@ -527,12 +530,13 @@ def _gated_regression(
         R = sum_i ||b_i - A_i c_i||^2 / sum_i ||b_i||^2  +  min_norm mean_i ||F_a(x_i)||^2 / mean_i ||F_p(x_i)||^2,
 
     (``R = 1`` for the physics alone). Every coefficient is linear in its *linear* parameters given
-    the gate shapes: a constant ``c``, or a gated ``m(x) (scale + w . a(x))`` with ``m`` the switch and
-    ``a`` the amplitude features. Those are eliminated in closed form at every evaluation (variable
-    projection, Golub and Pereyra 1973), so LBFGS moves only the switches (gain, margin, network).
-    No ODE solve and no eigen-solve runs in the loop. A switch below ``_SWITCH_OPEN`` at every point
-    counts as off (its term drops out, with zero gradient), so a gate that starts closed on the data,
-    or closes, stays off: the term is then absent, not a smooth tail of ``lr S - 2``. The best
+    the gate shapes: a constant ``c``, or a gated ``base + m(x) (scale + w . a(x))`` with ``m`` the
+    switch, ``a`` the amplitude features and ``base`` 0 unless the term has a baseline. Those are
+    eliminated in closed form at every evaluation (variable projection, Golub and Pereyra 1973), so
+    LBFGS moves only the switches (gain, margin, network). No ODE solve and no eigen-solve runs in
+    the loop. A switch below ``_SWITCH_OPEN`` at every point counts as off (its gated part drops
+    out, with zero gradient; a baseline term keeps its base), so a gate that starts closed on the
+    data, or closes, stays off: the gated part is then absent, not a smooth tail of ``lr S - 2``. The best
     switches seen are kept, whatever the line search does after them. Returns the constants'
     standard errors (OLS, gates held fixed).
     """
@@ -548,23 +552,29 @@ def _gated_regression(
     gates = [lib.gates[names[j]] for j in gi]
     amp = system.amplitude
     A = 0 if amp is None else amp.shape[1]
-    K = len(ci) + len(gi) * (1 + A)
+    # linear parameters: the constants, then per gate [scale, w_1..w_A] and its base if it has one
+    offsets, k = [], len(ci)
+    for gate in gates:
+        offsets.append(k)
+        k += 1 + A + hasattr(gate, "base")
+    K = k
 
     def coefficients() -> tuple[Tensor, Tensor]:
         """``c_i`` ``(N, P)`` with the linear parameters ``(K,)`` projected out, and those parameters."""
         B = G.new_zeros(N, P, K)
         for k, j in enumerate(ci):
             B[:, j, k] = 1.0
-        for k, (j, gate) in enumerate(zip(gi, gates)):
+        for j, gate, col in zip(gi, gates, offsets):
             m = gate.switch(system.lr_S_minus_2, system.features)
             if float(m.detach().max()) < _SWITCH_OPEN:
                 # a switch that never opens is off: otherwise its exponential tail times a huge scale
                 # would stand in for a smooth function of lr S - 2, which is not a gate
                 m = m * 0.0  # (kept in the graph: with every gate closed the objective is still differentiable)
-            col = len(ci) + k * (1 + A)
             B[:, j, col] = m
             if A:
                 B[:, j, col + 1 : col + 1 + A] = m[:, None] * amp
+            if hasattr(gate, "base"):
+                B[:, j, col + 1 + A] = 1.0
         M = (1 + w) * torch.einsum("npk,npq,nql->kl", B, G, B)
         r = torch.einsum("npk,np->k", B, h)
         d = M.diagonal().clamp_min(torch.finfo(M.dtype).tiny).sqrt()
@@ -577,7 +587,7 @@ def _gated_regression(
         quad = torch.einsum("np,npq,nq->n", c, G, c)
         return (total - 2 * (c * h).sum() + (1 + w) * quad.sum()) / total
 
-    params = [p for g in gates for name, p in g.named_parameters() if name not in ("scale", "weights")]
+    params = [p for g in gates for name, p in g.named_parameters() if name not in ("scale", "weights", "base")]
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iters, max_eval=2 * max_iters, history_size=50,
                             tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
     curve: list[float] = []
@@ -605,11 +615,12 @@ def _gated_regression(
         c, theta = coefficients()
         for k, j in enumerate(ci):
             lib.constants[names[j]].copy_(theta[k])
-        for k, gate in enumerate(gates):
-            col = len(ci) + k * (1 + A)
+        for gate, col in zip(gates, offsets):
             gate.scale.copy_(theta[col])
             if A:
                 gate.weights.copy_(theta[col + 1 : col + 1 + A])
+            if hasattr(gate, "base"):
+                gate.base.copy_(theta[col + 1 + A])
         final = float(objective())
     settings["regression_loss"] = {"physics": 1.0, "start": curve[0], "final": final, "evaluations": len(curve)}
     rss = (total - 2 * (c * h).sum() + torch.einsum("np,npq,nq->", c, G, c)).clamp_min(0)

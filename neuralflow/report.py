@@ -10,10 +10,20 @@ Definitions (used everywhere below; all sums run over the states of the fitted t
   squared distance of the physics' windows to the targets); the hybrid leaves ``E_h``.
 * **closed**: ``1 - E_h / E_p``, clipped to ``[0, 1]``: the fraction of the gap the correction closed.
 * **unexplained**: ``1 - closed``, what the hybrid still misses.
-* **share** of term ``i``: ``closed * <C_i, C> / <C, C>`` with ``C_i = c_i F_i`` the term's
-  contribution and ``C = sum_i C_i`` the whole correction: the term's part of the correction's
-  squared norm (the exact decomposition ``<C, C> = sum_i <C_i, C>``; a term that partly cancels
-  another gets a negative share). Shares and the unexplained part sum to 100 percent.
+* **share** of term ``i``: its part of ``closed``, window by window: each window's error
+  reduction ``max(E_p,w - E_h,w, 0)`` is split among the terms by ``<C_i, C> / <C, C>`` at the
+  window's states, with ``C_i = c_i F_i`` the term's contribution and ``C = sum_i C_i`` the whole
+  correction: the term's part of the correction's squared norm (the exact decomposition
+  ``<C, C> = sum_i <C_i, C>``; a term that partly cancels another gets a negative share); the
+  shares are scaled to add up to ``closed``. So a term is credited where the correction closed
+  the gap, not where its field is merely large. Shares and the unexplained part sum to 100 percent.
+* A gated term listed in the library's ``baseline`` (coefficient ``c_0`` below the edge of
+  stability plus a gated change at ``lr S = 2``, ``c = c_0 + m (...)`` with ``m`` the switch) gives
+  two rows. The baseline row (coefficient ``c_0``) repairs the term's own approximation and gets
+  its contribution below the edge, ``(1 - m) c F``; the edge row (coefficient ``c - c_0``, the
+  change) gets it past the edge, ``m c F``, and is attributed to the physics' account of the
+  oscillation (for gradient flow "no oscillation"): past the edge the term's whole value is what
+  the oscillation makes of it.
 * A distilled :class:`~neuralflow.corrections.NeuralCorrection` (network output ``N``) is
   regressed onto the library fields, ``N ~ sum_i c_i F_i``, by sparse regression (the supports of
   sequentially thresholded least squares, Brunton, Proctor, Kutz, PNAS 2016, and of forward
@@ -314,7 +324,7 @@ def sparse_regression(X: Tensor, y: Tensor, n_folds: int = 5) -> SparseSolution:
 # ---------------------------------------------------------------------------------------- gated formula
 
 _BASIS_TEXT = {
-    "1": "1", "x": "{x}", "x2": "{x}^2", "relu": "relu({x})", "step": "step({x})", "xon": "{x} step(lr S - 2)",
+    "1": "1", "x": "({x})", "x2": "({x})^2", "relu": "relu({x})", "step": "step({x})", "xon": "({x}) step(lr S - 2)",
 }
 _BASIS_LATEX = {
     "1": "1",
@@ -460,6 +470,10 @@ class Gate:
         )
 
 
+def _edge_label(name: str) -> str:
+    return f"{name} (change at lr S = 2)"
+
+
 @dataclass(frozen=True)
 class TermSummary:
     """One row of the report: a candidate term, its share of the gap, coefficient and approximation.
@@ -468,6 +482,8 @@ class TermSummary:
     (``gate`` then holds the function). ``uncertainty`` is the fit's standard error where it
     reports one (the coefficient is then printed to the precision of the uncertainty's second
     significant figure); ``theory`` the value theory predicts for this physics (None if unknown).
+    ``regime`` is ``"edge"`` for the change of a baseline-gated term's coefficient at ``lr S = 2``
+    (the term itself, with its baseline coefficient, is a row of its own); None otherwise.
     """
 
     name: str
@@ -477,6 +493,12 @@ class TermSummary:
     theory: float | None = None
     approximation: Approximation | None = None
     gate: Gate | None = None
+    regime: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The row's name: the term, or ``"Hg (change at lr S = 2)"`` for an edge row."""
+        return self.name if self.regime is None else _edge_label(self.name)
 
     def coefficient_text(self, digits: int = 3) -> str:
         if self.gate is not None and self.gate.formula is not None and self.gate.formula.explained >= 0.5:
@@ -497,7 +519,8 @@ class TermSummary:
             if self.gate.formula is not None and self.gate.formula.explained >= 0.9:
                 return r"\left(" + self.gate.formula.latex(digits) + r"\right)"
             args = ",".join(_feature_latex(f) for f in self.gate.features)
-            return rf"c_{{\mathrm{{{_latex_escape(self.name)}}}}}({args})"
+            sub = _latex_escape(self.name) + (",edge" if self.regime == "edge" else "")
+            return rf"c_{{\mathrm{{{sub}}}}}({args})"
         return _sig_latex(self.coefficient, digits)
 
     def to_dict(self) -> dict[str, Any]:
@@ -509,6 +532,7 @@ class TermSummary:
             "theory": self.theory,
             "approximation": None if self.approximation is None else self.approximation.to_dict(),
             "gate": None if self.gate is None else self.gate.to_dict(),
+            "regime": self.regime,
         }
 
     @classmethod
@@ -524,6 +548,7 @@ class TermSummary:
                 **{**approx, "revised_by": tuple(approx["revised_by"])}
             ),
             gate=None if d.get("gate") is None else Gate.from_dict(d["gate"]),
+            regime=d.get("regime"),
         )
 
 
@@ -546,10 +571,11 @@ class Report:
     network correction that the library cannot express (None for a library correction).
 
     Verdict (:attr:`verdict`): ``"negligible"`` when the physics error is at most ``negligible``
-    (the physics already explains the data; shares of a round-off gap mean nothing);
-    otherwise ``"revise"`` when the library terms close at least ``outside`` (default half) of
-    the gap, with a suggestion for every term whose share is at least ``min_share``; otherwise
-    ``"outside"``: the missing physics is outside the library.
+    (default 1e-8, a root-mean-square distance of 0.01 percent of the window displacement: the
+    physics already explains the data, and shares of a gap at that level mean little); otherwise
+    ``"revise"`` when the library terms close at least ``outside`` (default half) of the gap, with
+    a suggestion for every approximation whose terms' shares add up to at least ``min_share``;
+    otherwise ``"outside"``: the missing physics is outside the library.
 
     ``curves`` maps a panel (``loss``, ``sharpness``, ``distance``) to series ``step``,
     ``observed``, ``physics``, ``hybrid`` for :meth:`figures`; ``contributions`` maps ``step`` and
@@ -566,7 +592,7 @@ class Report:
     source: str = "library"
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     contributions: dict[str, list[float]] = field(default_factory=dict)
-    negligible: float = 1e-5
+    negligible: float = 1e-8
     outside: float = 0.5
     min_share: float = 0.05
     notes: list[str] = field(default_factory=list)
@@ -599,26 +625,45 @@ class Report:
             return "negligible"
         return "revise" if self.explained >= self.outside else "outside"
 
-    def _term_suggestions(self) -> list[str]:
-        out = []
+    def revisions(self) -> list[tuple[Approximation | None, float, list[TermSummary]]]:
+        """The approximations to revise, ranked: ``(approximation, summed share, its rows)``.
+
+        Rows that repair the same approximation are grouped and their shares added; a row that no
+        approximation of the physics names stands alone (approximation None).
+        """
+        groups: dict[Any, list[TermSummary]] = {}
         for term in self.terms:
-            if term.share < self.min_share:
+            key = term.approximation.name if term.approximation is not None else id(term)
+            groups.setdefault(key, []).append(term)
+        ranked = [(rows[0].approximation, sum(t.share for t in rows), rows) for rows in groups.values()]
+        return sorted(ranked, key=lambda r: -r[1])
+
+    def _term_suggestions(self) -> list[str]:
+        """One suggestion per approximation whose rows' shares add up to at least ``min_share``."""
+        out = []
+        for approx, share, rows in self.revisions():
+            if share < self.min_share:
                 continue
-            coef = term.coefficient_text()
-            if term.theory is not None:
-                coef += f" (theory {theory_text(term.theory)})"
-            closes = f"closes {100 * term.share:.1f} percent of the gap"
-            if term.approximation is None:
-                out.append(f"adding {term.name} with coefficient {coef} {closes} (no approximation of the "
-                           f"{self.physics} physics names this term)")
+            # leave out a term that closes nothing (e.g. a gate that stayed shut) unless it is alone
+            what = " and ".join(self._change_text(t) for t in rows if abs(t.share) >= 5e-4 or len(rows) == 1)
+            closes = f"closes {100 * share:.1f} percent of the gap"
+            if approx is None:
+                out.append(f"{what} {closes} (no approximation of the {self.physics} physics names this term)")
             else:
-                stmt = term.approximation.statement.rstrip(".")
-                out.append(f'revise "{stmt}" [{term.approximation.name}]: adding {term.name} with coefficient '
-                           f"{coef} {closes}")
+                out.append(f'revise "{approx.statement.rstrip(".")}" [{approx.name}]: {what} {closes}')
         return out
 
+    @staticmethod
+    def _change_text(term: TermSummary) -> str:
+        coef = term.coefficient_text()
+        if term.theory is not None:
+            coef += f" (theory {theory_text(term.theory)})"
+        if term.regime == "edge":
+            return f"changing the coefficient of {term.name} at lr S = 2 by {coef}"
+        return f"adding {term.name} with coefficient {coef}"
+
     def suggestions(self) -> list[str]:
-        """Ranked plain-word suggestions, after the outside-the-library statement if it applies.
+        """Ranked plain-word suggestions, one per approximation, then the outside-the-library statement if it applies.
 
         A negligible physics error gives that statement alone: the shares of a gap at round-off
         level mean nothing.
@@ -634,8 +679,10 @@ class Report:
                         "rest of the missing physics is outside the library")
             else:
                 head = "No candidate term explains the gap; the missing physics is outside the library"
-            out.insert(0, f"{head} (physics error {sig(self.physics_error, 2)}, "
-                          f"{_percent(self.unexplained)} unexplained).")
+            worse = "" if self.hybrid_error < self.physics_error else (
+                f"; the fitted terms do not help on the evaluated windows (hybrid error {sig(self.hybrid_error, 2)})")
+            out.append(f"{head} (physics error {sig(self.physics_error, 2)}, "
+                       f"{_percent(self.unexplained)} unexplained{worse}).")
         if self.residual is not None and self.residual >= self.min_share:
             out.append(f"{100 * self.residual:.1f} percent of the gap is closed by the network but cannot be "
                        "expressed by the library")
@@ -648,7 +695,7 @@ class Report:
         rows = []
         for rank, t in enumerate(self.terms, 1):
             approx = t.approximation.name if t.approximation is not None else "-"
-            rows.append((str(rank), t.name, _percent(t.share), t.coefficient_text(), theory_text(t.theory), approx))
+            rows.append((str(rank), t.label, _percent(t.share), t.coefficient_text(), theory_text(t.theory), approx))
         if self.residual is not None:
             rows.append(("", RESIDUAL, _percent(self.residual), "", "", "outside the library"))
         rows.append(("", "unexplained", _percent(self.unexplained), "", "", ""))
@@ -665,7 +712,7 @@ class Report:
                 f"the correction closed {_percent(self.closed)} of the gap")
 
     def __repr__(self) -> str:
-        top = f"{self.terms[0].name} {_percent(self.terms[0].share)}" if self.terms else "-"
+        top = f"{self.terms[0].label} {_percent(self.terms[0].share)}" if self.terms else "-"
         return (f"Report(physics={self.physics!r}, problem={self.problem!r}, verdict={self.verdict!r}, "
                 f"closed={_percent(self.closed)}, top={top!r})")
 
@@ -686,8 +733,14 @@ class Report:
     def equation(self, digits: int = 3) -> str:
         """The corrected ODE as bare LaTeX math (parses with matplotlib's mathtext)."""
         rhs = PHYSICS_LATEX.get(self.physics, r"F_{\mathrm{" + _latex_escape(self.physics) + "}}(\theta)")
+        changes = {t.name: t.coefficient_latex(digits) for t in self.terms if t.regime == "edge"}
         for t in self.terms:
+            if t.regime == "edge":
+                continue  # joined to its term's baseline: (c_0 + change) F
             coef = t.coefficient_latex(digits)
+            if t.name in changes:
+                change = changes[t.name]
+                coef = r"\left(" + coef + ("" if change.startswith("-") else "+") + change + r"\right)"
             if coef.startswith("-"):
                 rhs += coef + r"\," + _term_latex(t.name)
             else:
@@ -803,7 +856,7 @@ class Report:
                 fitted = self._formula_values(t.gate)
                 for ax, (fname, x) in zip(row, t.gate.features.items()):
                     x = np.asarray(x)
-                    ax.plot(x, vals, ".", ms=3, label=f"c_{t.name} (fitted)")
+                    ax.plot(x, vals, ".", ms=3, label=f"c_{t.label} (fitted)")
                     if fitted is not None:
                         order = np.argsort(x)
                         ax.plot(x[order], fitted[order], "C3-", lw=1,
@@ -814,7 +867,7 @@ class Report:
                     if knot is not None:
                         ax.axvline(knot, color="0.7", ls="--", lw=1)
                     ax.set_xlabel(_feature_text(fname))
-                    ax.set_ylabel(f"c_{t.name}")
+                    ax.set_ylabel(f"c_{t.label}")
                     ax.legend(fontsize="x-small", loc="upper right")
                 for ax in row[len(t.gate.features):]:
                     ax.axis("off")
@@ -830,8 +883,9 @@ class Report:
         total = np.zeros(n)
         for (kind, fname, knot), a in zip(gate.formula.basis, gate.formula.coefficients):
             x = np.asarray(gate.features.get(fname, np.zeros(n)), dtype=float)
+            on = np.asarray(gate.features.get("lr_S_minus_2", np.zeros(n)), dtype=float) > 0
             phi = {"1": np.ones(n), "x": x, "x2": x * x, "relu": np.maximum(x - knot, 0),
-                   "step": (x > knot).astype(float)}[kind]
+                   "step": (x > knot).astype(float), "xon": x * on}[kind]
             total += a * phi
         return total
 
@@ -895,6 +949,16 @@ def _spread(n: int, k: int, device: torch.device) -> Tensor:
     return torch.linspace(0, n - 1, k, device=device).round().long().unique()
 
 
+def _inspect(library: Any, states: Tensor, batch: int) -> Any:
+    """``library.inspect`` in batches of ``batch`` states, concatenated."""
+    from .corrections import Inspection
+
+    parts = [library.inspect(states[i : i + batch]) for i in range(0, len(states), batch)]
+    cat = lambda key: {k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(parts[0], key)}
+    features = None if parts[0].features is None else torch.cat([p.features for p in parts])
+    return Inspection(cat("fields"), cat("coefficients"), cat("switches"), features)
+
+
 def _in_batches(fn: Any, states: Tensor, batch: int) -> Any:
     """Apply ``fn`` to ``states`` in batches; concatenates tensors and dicts of tensors."""
     parts = [fn(states[i : i + batch]) for i in range(0, len(states), batch)]
@@ -919,6 +983,57 @@ def _physics_view(flow: Any, name: str, spec: Any) -> tuple[Approximation | None
         return own, None
     known = isinstance(flow, GradientFlow) or own is not None or spec.theory == 0
     return own or spec.approximation, spec.theory if known else None
+
+
+def _edge_approximation(flow: Any) -> Approximation:
+    """The approximation a coefficient's change at ``lr S = 2`` is attributed to.
+
+    Below the edge the term repairs its own approximation (``Hg``: the continuous-time limit); what
+    changes where GD starts to oscillate is the physics' account of the oscillation: its first
+    approximation that the oscillation terms (``gradS``, ``gradScrit``) revise, for gradient flow
+    "no oscillation"; or, for physics that lists none, "no oscillation in the critical subspace".
+    """
+    from .corrections import TERMS
+
+    own = next((a for a in getattr(flow, "approximations", ())
+                if {"gradS", "gradScrit"} & set(a.revised_by)), None)
+    return own or TERMS["gradScrit"].approximation
+
+
+def _window_shares(
+    result: Any, targets: Any, parts: Any, closed: float, max_states: int, problem: Any
+) -> dict[str, float] | None:
+    """Each row's share of the gap, window by window; None when the fit's windows cannot be used.
+
+    On the fit's windows (at most ``max_states // 3`` of them, spread), window ``w``'s error
+    reduction ``max(E_p,w - E_h,w, 0)`` is split among the rows by their part ``<C_i, C> / <C, C>``
+    of the correction's squared norm at the window's first, middle and last target states; the
+    shares are then scaled to add up to ``closed``. A row thus gets credit where the correction
+    closed the gap, not where its field is merely large (a fast initial transient that the
+    physics already follows, say); windows where the correction made things worse credit nobody
+    (``closed``, measured on the validation windows, already counts them). ``parts(states)``
+    returns the rows' coefficients and contributions there.
+    """
+    windows = getattr(result, "windows", {}) or {}
+    window = int(result.settings.get("window", 0))
+    if "step" not in windows or window <= 0 or len(result.window_errors) != len(windows["step"]):
+        return None
+    which = _spread(len(windows["step"]), max(1, max_states // 3), torch.device("cpu"))
+    gain = (result.physics_window_errors.cpu() - result.window_errors.cpu()).to(torch.float64)[which]
+    gain = torch.nan_to_num(gain, nan=0.0, neginf=0.0).clamp_min(0)
+    n_out = window // targets.store_every
+    first = torch.searchsorted(targets.steps.cpu(), windows["step"].cpu()[which])
+    idx = (first[:, None] + torch.tensor([0, n_out // 2, n_out])[None, :]).reshape(-1)
+    at = targets.iterates[idx.to(targets.iterates.device)].to(device=problem.device, dtype=problem.dtype)
+    _, contribs = parts(at)
+    total = sum(contribs.values())
+    per_window = lambda x: x.sum(-1).reshape(len(which), 3).sum(1).cpu().to(torch.float64)
+    norm2 = per_window(total * total)
+    gain = torch.where(norm2 > 0, gain, torch.zeros_like(gain))
+    if not float(gain.sum()) > 0:
+        return None
+    return {k: closed * float((gain * per_window(c * total) / norm2.clamp_min(1e-300)).sum() / gain.sum())
+            for k, c in contribs.items()}
 
 
 def _sharpness(problem: Any, states: Tensor) -> list[float]:
@@ -993,7 +1108,7 @@ def build_report(
     sharpness: bool | None = None,
     n_folds: int = 5,
     batch: int = 32,
-    negligible: float = 1e-5,
+    negligible: float = 1e-8,
     outside: float = 0.5,
     min_share: float = 0.05,
 ) -> Report:
@@ -1023,33 +1138,67 @@ def build_report(
     notes: list[str] = []
     gates: dict[str, Gate] = {}
     uncertainty = dict(getattr(result, "uncertainty", {}) or {})
+    edge: dict[str, float] = {}  # baseline-gated term -> its coefficient below the edge
     if isinstance(corr, TermLibrary):
-        contribs = _in_batches(corr.contributions, states, batch)
-        values = _in_batches(corr.coefficient_values, states, batch)
+        edge = {n: float(corr.gates[n].base.detach()) for n in corr.baseline}
+        term_of = {**{n: n for n in corr.terms}, **{_edge_label(n): n for n in edge}}  # row -> library term
+
+        def parts(at: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+            """Each row's coefficient ``(B,)`` and contribution ``(B, d)`` at the states ``at``.
+
+            A baseline-gated term ``c = c0 + change`` gives two rows: coefficients ``c0`` and the
+            change; its contribution ``c F`` is split by the switch ``m``: ``(1 - m) c F`` to the
+            baseline row (below the edge), ``m c F`` to the edge row (past it, the term's whole value is
+            what the oscillation makes of it).
+            """
+            view = _inspect(corr, at, batch)
+            coef, contrib = {}, {}
+            for row, n in term_of.items():
+                c, f = view.coefficients[n], view.fields[n]
+                if n not in edge:
+                    coef[row], contrib[row] = c, c[:, None] * f
+                    continue
+                m = view.switches[n][:, None]
+                if row == n:
+                    coef[row], contrib[row] = torch.full_like(c, edge[n]), (1 - m) * c[:, None] * f
+                else:
+                    coef[row], contrib[row] = c - edge[n], m * c[:, None] * f
+            return coef, contrib
+
+        view = _inspect(corr, states, batch)
+        values, contribs = parts(states)
         coefficients = {
             n: float(values[n].mean()) if n in corr.gated else float(result.coefficients.get(n, values[n][0]))
             for n in corr.terms
         }
         if corr.gated:
-            feats = _in_batches(corr.features, states, batch)
-            columns = {name: feats[:, j] for j, name in enumerate(corr.inspected_features)}
-            for n in corr.gated:
-                gates[n] = Gate(
+            columns = {name: view.features[:, j] for j, name in enumerate(corr.inspected_features)}
+            for key in [n if n not in edge else _edge_label(n) for n in corr.gated]:
+                gates[key] = Gate(
                     features={k: tuple(v.tolist()) for k, v in columns.items()},
-                    values=tuple(values[n].tolist()),
-                    formula=gate_formula(columns, values[n], n_folds=n_folds),
+                    values=tuple(values[key].tolist()),
+                    formula=gate_formula(columns, values[key], n_folds=n_folds),
                 )
         residual, source = None, "library"
     elif isinstance(corr, NeuralCorrection):
         library = TermLibrary(problem, corr.lr, terms=distill_terms)
-        fields = _in_batches(library.fields, states, batch)
         t0 = torch.zeros((), dtype=problem.dtype, device=problem.device)
-        with torch.no_grad():
-            outputs = _in_batches(lambda s: corr(t0, s), states, batch)
+
+        def outputs_and_fields(at: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            with torch.no_grad():
+                return _in_batches(lambda s: corr(t0, s), at, batch), _in_batches(library.fields, at, batch)
+
+        outputs, fields = outputs_and_fields(states)
         coefficients, sol = distill(outputs, fields, n_folds=n_folds)
-        contribs = {n: coefficients[n] * fields[n] for n in fields if coefficients[n] != 0}
-        contribs[RESIDUAL] = outputs - sum(contribs.values(), torch.zeros_like(outputs))
         coefficients = {n: c for n, c in coefficients.items() if c != 0}
+
+        def parts(at: Tensor, cached: tuple = (outputs, fields)) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+            out, at_fields = cached if at is states else outputs_and_fields(at)
+            contribs = {n: c * at_fields[n] for n, c in coefficients.items()}
+            contribs[RESIDUAL] = out - sum(contribs.values(), torch.zeros_like(out))
+            return {}, contribs
+
+        contribs = parts(states)[1]
         uncertainty = {}
         residual, source = None, "neural"
         notes.append(
@@ -1060,14 +1209,20 @@ def build_report(
     else:
         raise InputError(f"build_report: cannot read a correction of type {type(corr).__name__}; expected a "
                          "TermLibrary or a NeuralCorrection.")
-    share = shares(contribs, closed)
+    share = _window_shares(result, targets, parts, closed, max_states, problem)
+    if share is None:  # no windows recorded, or none where the correction helped: the states, unweighted
+        share = shares(contribs, closed)
     if source == "neural":
         residual = share.pop(RESIDUAL)
     rows = []
     for name, coef in coefficients.items():
         approx, theory = _physics_view(flow, name, TERMS.get(name))
-        rows.append(TermSummary(name, share.get(name, 0.0), coef, uncertainty.get(name), theory, approx,
-                                gates.get(name)))
+        unc = None if name in edge else uncertainty.get(name)
+        rows.append(TermSummary(name, share.get(name, 0.0), coef, unc, theory, approx, gates.get(name)))
+        if name in edge:
+            key = _edge_label(name)
+            rows.append(TermSummary(name, share.get(key, 0.0), float(values[key].mean()), None, None,
+                                    _edge_approximation(flow), gates[key], regime="edge"))
     has_sharpness = bool(torch.isfinite(result.trajectory.sharpness).any())
     return Report(
         problem=str(result.trajectory.problem.get("name", problem.name)),
@@ -1094,21 +1249,28 @@ def build_report(
 class Ladder:
     """One correction library fitted on several physics models: the gap shrinking as physics improves.
 
-    ``reports`` are in the order of the physics given to :func:`ladder`. Each rung shows the
-    physics error, the gap left relative to the first rung's physics error, the hybrid error,
-    the fraction the correction closed, its top term and the unexplained part.
+    ``reports`` are in the order of the physics given to :func:`ladder`, with the ``FitResult`` of
+    each rung in ``results`` (not part of :meth:`to_dict`; empty for a ladder read back from JSON).
+    Each rung shows the physics error, the gap left relative to the first rung's physics error,
+    the hybrid error, the fraction the correction closed, its top revision (the approximation
+    with the largest summed share, and its terms) and the unexplained part.
     """
 
     reports: list[Report]
+    results: list[Any] = field(default_factory=list, repr=False, compare=False)
 
-    _HEADER = ("physics", "physics error", "gap vs first", "hybrid error", "closed", "top term", "unexplained")
+    _HEADER = ("physics", "physics error", "gap vs first", "hybrid error", "closed", "top revision", "unexplained")
 
     def _rows(self) -> list[tuple[str, ...]]:
         first = self.reports[0].physics_error if self.reports else math.nan
         rows = []
         for r in self.reports:
-            top = r.terms[0] if r.terms else None
-            top_text = "-" if top is None else f"{top.name} {_percent(top.share)} ({top.coefficient_text()})"
+            revisions = r.revisions()
+            top_text = "-"
+            if revisions:
+                approx, share, terms = revisions[0]
+                name = approx.name if approx is not None else terms[0].label
+                top_text = f"{name} {_percent(share)} ({', '.join(t.label for t in terms)})"
             gap = r.physics_error / first if first > 0 else math.nan
             rows.append((r.physics, sig(r.physics_error), _percent(gap), sig(r.hybrid_error), _percent(r.closed),
                          top_text, _percent(r.unexplained)))
@@ -1122,7 +1284,7 @@ class Ladder:
         out = [f"neuralflow ladder: one correction library on each physics, lr = {lr}", "",
                *_fixed_width(self._HEADER, self._rows())]
         if self.reports:
-            out += ["", f"last rung ({self.reports[-1].physics}): " + "; ".join(self.reports[-1].suggestions()[:2])]
+            out += ["", f"last rung ({self.reports[-1].physics}): " + " ".join(self.reports[-1].suggestions())]
         return "\n".join(out) + "\n"
 
     def to_markdown(self) -> str:
@@ -1145,6 +1307,7 @@ def ladder(
     terms: Sequence[str] = ("Hg",),
     gated: Sequence[str] | bool | None = None,
     features: Sequence[str] | None = None,
+    baseline: Sequence[str] = (),
     report_options: dict[str, Any] | None = None,
     problem: Any = None,
     **fit_kwargs: Any,
@@ -1155,7 +1318,7 @@ def ladder(
     ``ModifiedFlow(order=1)``, ``CentralFlow``), or their names in ``flows.FLOWS`` (built on
     ``problem``, by default rebuilt from the trajectory's description), from the crudest to the
     most refined; each gets
-    a ``TermLibrary(terms, gated, features)`` and is fitted with ``fit(model, trajectory,
+    a ``TermLibrary(terms, gated, features, baseline)`` and is fitted with ``fit(model, trajectory,
     **fit_kwargs)``; ``report_options`` go to :func:`build_report`. This is the physicist's loop:
     observe, model, compare, revise, refit.
     """
@@ -1166,16 +1329,17 @@ def ladder(
 
     if not physics:
         raise InputError("ladder: pass at least one physics flow, e.g. [GradientFlow(p, lr), CentralFlow(p, lr)].")
-    reports = []
+    reports, results = [], []
     for flow in physics:
         if isinstance(flow, str):
             if flow not in FLOWS:
                 raise InputError(f"ladder: unknown physics {flow!r}; known flows are {sorted(FLOWS)}.")
             problem = make(trajectory.problem) if problem is None else problem
             flow = FLOWS[flow](problem, trajectory.lr)
-        lib_kw: dict[str, Any] = {"terms": list(terms), "gated": gated}
+        lib_kw: dict[str, Any] = {"terms": list(terms), "gated": gated, "baseline": list(baseline)}
         if features is not None:
             lib_kw["features"] = list(features)
         model = Hybrid(flow, TermLibrary(flow.problem, flow.lr, **lib_kw))
-        reports.append(build_report(fit(model, trajectory, **fit_kwargs), **(report_options or {})))
-    return Ladder(reports)
+        results.append(fit(model, trajectory, **fit_kwargs))
+        reports.append(build_report(results[-1], **(report_options or {})))
+    return Ladder(reports, results)

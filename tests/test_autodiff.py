@@ -106,3 +106,12 @@ def test_bad_k():
     p = nf.problems.zhu_quartic()
     with pytest.raises(nf.InputError, match="k must be"):
         ad.top_eigenpairs(p, p.theta0, k=3)
+
+
+def test_lobpcg_keeps_its_block_when_the_search_space_degenerates(monkeypatch):
+    """A degenerate Rayleigh-Ritz pencil (e.g. non-finite products at a blown-up state) ends the iteration, no crash."""
+    p = nf.problems.quadratic(torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)))
+    monkeypatch.setattr(ad, "_ritz", lambda S, AS, m: None)
+    res = ad.top_eigenpairs(p, p.theta0, k=1, v0=torch.tensor([[1.0, 0.1, 0.0]], dtype=torch.float64), tol=1e-12)
+    assert not res.converged and res.iterations == 0
+    assert 2.9 < float(res.values[0]) <= 3.0  # the Rayleigh quotient of the starting block

@@ -58,3 +58,16 @@ def test_fit_can_leave_out_the_quiet_stretch_past_two_over_lr(tmp_path, monkeypa
     assert [tuple(r) for r in res.settings["exclude"]] == [(50, 80)]
     starts = res.windows["step"].tolist()
     assert starts and all(s + 10 < 50 or s >= 80 for s in starts)
+
+
+def test_fit_passes_a_baseline_gated_term(tmp_path):
+    run = tmp_path / "run.nft"
+    args = ["run-gd", "--problem", "scalar-factorization", "--lr", "0.02", "--steps", "40", "--out", str(run)]
+    assert main(args) == 0
+    out = tmp_path / "fit.nff"
+    code = main(["fit", str(run), "--terms", "Hg", "--gated", "Hg", "--baseline", "Hg", "--features", "lr_S_minus_2",
+                 "--window", "10", "--method", "regression", "--max-iters", "5", "--solver", "euler", "--step-size",
+                 "0.5", "--out", str(out)])
+    assert code == 0
+    lib = nf.load(out).model.correction
+    assert lib.baseline == ["Hg"] and hasattr(lib.gates["Hg"], "base")

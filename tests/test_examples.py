@@ -51,7 +51,9 @@ def test_the_demo_writes_what_it_promises(tmp_path, capsys):
     assert {"trajectory.nft", "fit.nff", "report.md", "gd.png", "ladder.png", "summary.json"} <= names
     assert any(n.endswith(".png") and n not in ("gd.png", "ladder.png") for n in names)  # the report's figures
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["eos_onset"] is not None and set(summary["coefficients"]) == {"Hg", "gradS"}
+    assert summary["eos_onset"] is not None and set(summary["coefficients"]) == {"Hg", "gradS", "gradScrit"}
+    # the quiet stretch past 2/lr runs to the last smoothed step
+    assert summary["settings"]["baseline"] == ["Hg"] and summary["quiet_stretches"] == [[235, 249]]
     assert checkpoint.load(out / "fit.nff").coefficients == summary["coefficients"]
     assert checkpoint.stored_report(out / "fit.nff").to_markdown() == (out / "report.md").read_text()
 

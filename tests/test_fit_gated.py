@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -37,21 +38,24 @@ def planted(problem: nf.Problem) -> Hybrid:
     return Hybrid(GradientFlow(problem, LR), lib)
 
 
+def simulated(truth: Hybrid, steps: int = 100) -> nf.Trajectory:
+    """The planted flow from the problem's start, recorded at every step (the sharpness is ``y``)."""
+    p = truth.problem
+    t = torch.arange(0, steps + 1, dtype=torch.float64)
+    with torch.no_grad():
+        x = odeint(truth, p.theta0, t, method="rk4", options={"step_size": 0.5})
+    nan = torch.full((len(t),), math.nan, dtype=torch.float64)
+    return nf.Trajectory(lr=LR, steps=t.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=x[:, 1:2],
+                         update_u=nan, problem=p.description)
+
+
 @pytest.fixture(scope="module")
 def data():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     p = nf.problems.from_function(valley, torch.tensor([1.0, 12.0, 0.5], dtype=torch.float64))
     truth = planted(p)
-    t = torch.arange(0, 101, dtype=torch.float64)
-    with torch.no_grad():
-        x = odeint(truth, p.theta0, t, method="rk4", options={"step_size": 0.5})
-    nan = torch.full((len(t),), math.nan, dtype=torch.float64)
-    traj = nf.Trajectory(
-        lr=LR, steps=t.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=x[:, 1:2],
-        update_u=nan, problem=p.description,
-    )
-    yield p, truth, traj
+    yield p, truth, simulated(truth)
     torch.set_num_threads(n)
 
 
@@ -107,12 +111,8 @@ def test_gated_regression_recovers_a_planted_oscillation_law(data):
         gate = truth.correction.gates["gradS"]
         gate.weights.fill_(-0.3)
         gate.margin.zero_()
-    t = torch.arange(0, 101, dtype=torch.float64)
-    with torch.no_grad():
-        x = odeint(truth, p.theta0, t, method="rk4", options={"step_size": 0.5})
-    nan = torch.full((len(t),), math.nan, dtype=torch.float64)
-    traj = nf.Trajectory(lr=LR, steps=t.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=x[:, 1:2],
-                         update_u=nan, problem=p.description)
+    traj = simulated(truth)
+    x = traj.iterates
     s = LR * x[:, 1] - 2
     assert float(s[0]) < -0.5 and float(s[-1]) > 0.25
     model = Hybrid(GradientFlow(p, LR), TermLibrary(p, LR, ["g", "gradS"], gated=["gradS"], amplitude=["sigma2"]))
@@ -139,3 +139,47 @@ def test_balanced_regression_still_recovers_the_planted_switch(data):
     assert float((fitted - true).abs().max()) < 0.006
     assert res.coefficients["g"] == pytest.approx(0.2, rel=0.01)
     assert res.settings["balance"] is True
+
+
+def test_baseline_gated_term_recovers_its_value_below_the_edge_and_its_change(data):
+    """``Hg`` at ``-1/2`` below the edge and ``-1/2 + 0.8`` above it: the baseline and the change come back.
+
+    The report splits the term: ``Hg`` with its baseline (continuous-time limit, theory -1/2) and
+    ``Hg (change at lr S = 2)``, attributed to gradient flow's "no oscillation".
+    """
+    p = data[0]
+
+    def library() -> TermLibrary:
+        return TermLibrary(p, LR, ["Hg"], gated=["Hg"], baseline=["Hg"])
+
+    truth = Hybrid(GradientFlow(p, LR), library())
+    with torch.no_grad():
+        gate = truth.correction.gates["Hg"]
+        gate.base.fill_(-0.5)
+        gate.scale.fill_(0.8)
+        gate.margin.zero_()
+    traj = simulated(truth)
+    lib = library()
+    # from step 10: the first steps' fast transient (lr H_xx = 1.2) is beyond a finite-difference derivative
+    res = fit(Hybrid(GradientFlow(p, LR), lib), traj.slice(start=10), window=10, method="regression", solver="euler",
+              step_size=0.5, progress=False)
+    assert float(lib.gates["Hg"].base.detach()) == pytest.approx(-0.5, rel=0.01)
+    assert float(lib.gates["Hg"].scale.detach()) == pytest.approx(0.8, rel=0.02)
+    report = res.report(sharpness=False)
+    rows = {t.label: t for t in report.terms}
+    assert set(rows) == {"Hg", "Hg (change at lr S = 2)"}
+    assert rows["Hg"].coefficient == pytest.approx(-0.5, rel=0.01) and rows["Hg"].theory == -0.5
+    assert rows["Hg"].approximation.name == "continuous-time-order-1" and rows["Hg"].gate is None
+    change = rows["Hg (change at lr S = 2)"]
+    assert change.regime == "edge" and change.approximation.name == "no-oscillation"
+    assert max(change.gate.values) == pytest.approx(0.8, rel=0.02) and min(change.gate.values) > -1e-3
+    assert sum(t.share for t in report.terms) == pytest.approx(report.closed, abs=1e-9)
+    # past the edge the term's whole contribution is the oscillation's: no share beyond what was closed
+    (revision,) = [r for r in report.revisions() if r[0].name == "no-oscillation"]
+    assert 0 < revision[1] <= report.closed + 1e-12
+    (oscillation,) = [s for s in report.suggestions() if "[no-oscillation]" in s]
+    assert re.search(r"changing the coefficient of Hg at lr S = 2 by 0\.[78]\d* step\(lr S - 2\)", oscillation)
+    assert report.equation().count("H g") == 1  # one term: (c_0 + change) lr^2 H g
+    assert nf.Report.from_dict(report.to_dict()).to_markdown() == report.to_markdown()
+    with pytest.raises(nf.InputError, match="not gated"):
+        TermLibrary(p, LR, ["Hg", "gradS"], gated=["gradS"], baseline=["Hg"])

@@ -152,6 +152,11 @@ def test_central_flow_single_eigenvalue_reduces_to_closed_form():
     assert torch.allclose(v, -lr * (g + 0.5 * sigma2 * grad_s), rtol=1e-5, atol=1e-10)
     assert abs(float(grad_s @ v)) < 1e-6 * float(grad_s.norm() * v.norm())  # d lambda / dt = 0
     assert float(flow.predicted_loss(th)) == pytest.approx(float(p.loss(th)) + sigma2 / lr, rel=1e-5)
+    # ... unless the eigenvalue is held where it is: d lambda / dt = 0 with the closed-form sigma^2
+    held = CentralFlow(p, lr * 1.01, critical=1.99, above_edge="hold")
+    v_held = held(T0, th)
+    assert abs(float(grad_s @ v_held)) < 1e-6 * float(grad_s.norm() * v_held.norm())
+    assert torch.allclose(v_held, -lr * 1.01 * (g + 0.5 * sigma2 * grad_s), rtol=1e-5, atol=1e-10)
 
 
 def test_central_flow_several_critical_eigenvalues_solve_the_complementarity_problem():
@@ -190,6 +195,8 @@ def test_central_flow_several_critical_eigenvalues_solve_the_complementarity_pro
     assert float((reused - exact.velocity(lr)).norm()) < 1e-8 * float(v.norm())
     far = flow(T0, th + 1e-3 * v)  # a jump: recomputed, not reused
     assert flow.last.D is not None and torch.isfinite(far).all()
+    with pytest.raises(nf.InputError, match="above_edge"):
+        CentralFlow(p, 0.1, above_edge="relax")
     with pytest.raises(nf.InputError, match="gram_every"):
         CentralFlow(p, lr, gram_every=0)
     # the same with the data in three parts (graphs built one at a time), reusing and recomputing

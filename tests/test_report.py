@@ -12,6 +12,7 @@ import math
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -28,6 +29,7 @@ from neuralflow.report import (  # noqa: E402
     Gate,
     Report,
     TermSummary,
+    _window_shares,
     distill,
     gate_formula,
     shares,
@@ -284,9 +286,10 @@ def test_verdicts_outside_the_library_and_negligible():
     ]
     distilled = _distilled_report()
     assert distilled.verdict == "outside"
-    assert distilled.suggestions()[0].startswith("The library explains only 31.0 percent of the gap; the rest of the "
+    # the revisions come first, ranked; then what they leave outside the library
+    assert "adding Hg with coefficient -0.12 closes 31.0 percent" in distilled.suggestions()[0]
+    assert distilled.suggestions()[1].startswith("The library explains only 31.0 percent of the gap; the rest of the "
                                                  "missing physics is outside the library")
-    assert "adding Hg with coefficient -0.12 closes 31.0 percent" in distilled.suggestions()[1]
     negligible = Report("quadratic", 0.1, "principal", 1e-9, 1e-9, [TermSummary("Hg", 0.0, 1e-6)])
     assert len(negligible.suggestions()) == 1
     assert negligible.verdict == "negligible"
@@ -569,3 +572,50 @@ def test_command_line_on_a_real_checkpoint(recovery, tmp_path, capsys):
     assert out.startswith(str(build_report(result)))
     assert {p.name for p in (tmp_path / "figs").iterdir()} == {"report_dynamics.png", "report_contributions.png"}
     plt.close("all")
+
+
+def test_shares_credit_the_windows_where_the_correction_closed_the_gap():
+    """Term ``a`` closes 0.9 of window A's error, ``b`` 0.1 of window B's with a field 100x larger, ``c`` hurts in C.
+
+    The shares split ``closed`` by where the gap was closed (a: 0.45, b: 0.05 of the 50 percent), not
+    by the size of the fields (which would give b nearly everything); a window the correction made
+    worse credits nobody.
+    """
+    import neuralflow as nf
+
+    nan = torch.full((31,), math.nan, dtype=torch.float64)
+    targets = nf.Trajectory(lr=0.1, steps=torch.arange(31), iterates=torch.zeros(31, 2, dtype=torch.float64),
+                            loss=nan, grad_norm=nan, sharpness=nan[:, None], update_u=nan, problem={"name": "test"})
+    result = SimpleNamespace(
+        windows={"step": torch.tensor([0, 10, 20]), "validation": torch.tensor([True, False, False])},
+        settings={"window": 10},
+        physics_window_errors=torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64),
+        window_errors=torch.tensor([0.1, 0.9, 3.0], dtype=torch.float64),
+    )
+    seen = []
+
+    def parts(at: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+        seen.append(at.shape)
+        a, b, c = torch.zeros_like(at), torch.zeros_like(at), torch.zeros_like(at)
+        a[:3, 0], b[3:6, 1], c[6:, 0] = 1.0, 100.0, 5.0  # each window's first, middle and last state, A, B, C
+        return {}, {"a": a, "b": b, "c": c}
+
+    problem = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float64)
+    share = _window_shares(result, targets, parts, 0.5, 100, problem)
+    assert seen == [(9, 2)]
+    assert share["a"] == pytest.approx(0.45, abs=1e-12) and share["b"] == pytest.approx(0.05, abs=1e-12)
+    assert share["c"] == 0.0
+    unweighted = shares(parts(torch.zeros(9, 2, dtype=torch.float64))[1], 0.5)
+    assert unweighted["b"] > 0.49  # what the squared norm alone says
+    result.window_errors = torch.tensor([1.5, 1.0, 3.0], dtype=torch.float64)
+    assert _window_shares(result, targets, parts, 0.0, 100, problem) is None  # nowhere closed: the caller falls back
+
+
+def test_suggestions_come_one_per_approximation():
+    """H2g and D3gg both repair the second-order continuous-time limit: one suggestion, their shares added."""
+    report = _recovery_report()
+    report.min_share = 0.01
+    first, second = report.suggestions()
+    assert "[continuous-time-order-1]: adding Hg with coefficient" in first
+    assert "[continuous-time-order-2]: adding H2g with coefficient -0.3321 +- 0.0021 (theory -1/3) and adding D3gg " \
+           "with coefficient -0.0841 +- 0.0040 (theory -1/12) closes 1.5 percent of the gap" in second
