@@ -610,6 +610,22 @@ def test_shares_credit_the_windows_where_the_correction_closed_the_gap():
     result.window_errors = torch.tensor([1.5, 1.0, 3.0], dtype=torch.float64)
     assert _window_shares(result, targets, parts, 0.0, 100, problem) is None  # nowhere closed: the caller falls back
 
+    # every other step recorded: each window's first, middle and last recorded state
+    kept = torch.arange(0, 31, 2)
+    every_other = nf.Trajectory(lr=0.1, steps=kept, iterates=kept[:, None].to(torch.float64).repeat(1, 2),
+                                loss=nan[kept], grad_norm=nan[kept], sharpness=nan[kept, None], update_u=nan[kept],
+                                problem={"name": "test"})
+    result.windows["step"] = torch.tensor([0, 10, 20])
+    result.window_errors = torch.tensor([0.1, 0.9, 3.0], dtype=torch.float64)
+    seen.clear()
+
+    def record(at: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+        seen.append(at[:, 0].tolist())
+        return parts(at)
+
+    _window_shares(result, every_other, record, 0.5, 100, problem)
+    assert seen[0] == [0, 4, 10, 10, 14, 20, 20, 24, 30]
+
 
 def test_suggestions_come_one_per_approximation():
     """H2g and D3gg both repair the second-order continuous-time limit: one suggestion, their shares added."""
