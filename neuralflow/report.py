@@ -43,6 +43,7 @@ library on several physics models and tabulates how the gap shrinks.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 from collections.abc import Sequence
@@ -949,22 +950,21 @@ def _spread(n: int, k: int, device: torch.device) -> Tensor:
     return torch.linspace(0, n - 1, k, device=device).round().long().unique()
 
 
-def _inspect(library: Any, states: Tensor, batch: int) -> Any:
-    """``library.inspect`` in batches of ``batch`` states, concatenated."""
-    from .corrections import Inspection
-
-    parts = [library.inspect(states[i : i + batch]) for i in range(0, len(states), batch)]
-    cat = lambda key: {k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(parts[0], key)}
-    features = None if parts[0].features is None else torch.cat([p.features for p in parts])
-    return Inspection(cat("fields"), cat("coefficients"), cat("switches"), features)
+def _concat(parts: list[Any]) -> Any:
+    """Concatenate per-batch results along the states: tensors, dicts of them, dataclasses of them, None."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    if dataclasses.is_dataclass(first):
+        return type(first)(**{f.name: _concat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)})
+    return torch.cat(parts)
 
 
 def _in_batches(fn: Any, states: Tensor, batch: int) -> Any:
-    """Apply ``fn`` to ``states`` in batches; concatenates tensors and dicts of tensors."""
-    parts = [fn(states[i : i + batch]) for i in range(0, len(states), batch)]
-    if isinstance(parts[0], dict):
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return torch.cat(parts)
+    """Apply ``fn`` to ``states`` in batches of ``batch`` and concatenate the results (:func:`_concat`)."""
+    return _concat([fn(states[i : i + batch]) for i in range(0, len(states), batch)])
 
 
 def _physics_view(flow: Any, name: str, spec: Any) -> tuple[Approximation | None, float | None]:
@@ -1121,7 +1121,7 @@ def build_report(
     ends of up to ``max_windows`` windows feed the figures. ``negligible``, ``outside`` and
     ``min_share`` set the verdict (see :class:`Report`).
     """
-    from .corrections import TERMS, NeuralCorrection, TermLibrary
+    from .corrections import TERMS, Inspection, NeuralCorrection, TermLibrary
 
     model = result.model
     flow, corr = model.flow, model.correction
@@ -1143,15 +1143,14 @@ def build_report(
         edge = {n: float(corr.gates[n].base.detach()) for n in corr.baseline}
         term_of = {**{n: n for n in corr.terms}, **{_edge_label(n): n for n in edge}}  # row -> library term
 
-        def parts(at: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-            """Each row's coefficient ``(B,)`` and contribution ``(B, d)`` at the states ``at``.
+        def rows_of(view: Inspection) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+            """Each row's coefficient ``(B,)`` and contribution ``(B, d)`` from the library's inspection.
 
             A baseline-gated term ``c = c0 + change`` gives two rows: coefficients ``c0`` and the
             change; its contribution ``c F`` is split by the switch ``m``: ``(1 - m) c F`` to the
             baseline row (below the edge), ``m c F`` to the edge row (past it, the term's whole value is
             what the oscillation makes of it).
             """
-            view = _inspect(corr, at, batch)
             coef, contrib = {}, {}
             for row, n in term_of.items():
                 c, f = view.coefficients[n], view.fields[n]
@@ -1165,8 +1164,11 @@ def build_report(
                     coef[row], contrib[row] = c - edge[n], m * c[:, None] * f
             return coef, contrib
 
-        view = _inspect(corr, states, batch)
-        values, contribs = parts(states)
+        def parts(at: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+            return rows_of(_in_batches(corr.inspect, at, batch))
+
+        view = _in_batches(corr.inspect, states, batch)
+        values, contribs = rows_of(view)
         coefficients = {
             n: float(values[n].mean()) if n in corr.gated else float(result.coefficients.get(n, values[n][0]))
             for n in corr.terms
@@ -1188,17 +1190,19 @@ def build_report(
             with torch.no_grad():
                 return _in_batches(lambda s: corr(t0, s), at, batch), _in_batches(library.fields, at, batch)
 
+        def distilled(out: Tensor, at_fields: dict[str, Tensor]) -> dict[str, Tensor]:
+            """The distilled terms' contributions and the network's residual ``R = N - sum_i c_i F_i``."""
+            contribs = {n: c * at_fields[n] for n, c in coefficients.items()}
+            contribs[RESIDUAL] = out - sum(contribs.values(), torch.zeros_like(out))
+            return contribs
+
+        def parts(at: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+            return {}, distilled(*outputs_and_fields(at))
+
         outputs, fields = outputs_and_fields(states)
         coefficients, sol = distill(outputs, fields, n_folds=n_folds)
         coefficients = {n: c for n, c in coefficients.items() if c != 0}
-
-        def parts(at: Tensor, cached: tuple = (outputs, fields)) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-            out, at_fields = cached if at is states else outputs_and_fields(at)
-            contribs = {n: c * at_fields[n] for n, c in coefficients.items()}
-            contribs[RESIDUAL] = out - sum(contribs.values(), torch.zeros_like(out))
-            return {}, contribs
-
-        contribs = parts(states)[1]
+        contribs = distilled(outputs, fields)
         uncertainty = {}
         residual, source = None, "neural"
         notes.append(
