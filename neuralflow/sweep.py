@@ -452,8 +452,6 @@ def _task(item: tuple[dict[str, Any], int]) -> dict[str, Any]:
 def _make_engine(engine: str | Engine, workers: int | None, address: str | None, threads: int) -> Engine:
     if isinstance(engine, Engine):
         return engine
-    if engine not in ENGINES:
-        raise InputError(f"sweep: unknown engine {engine!r}; choose from {sorted(ENGINES)} (or pass an Engine).")
     if engine == "ray":
         return RayEngine(address, cpus_per_task=threads, gpu=lambda item: str(item[0]["device"]).startswith("cuda"))
     if address is not None:
@@ -546,6 +544,8 @@ def sweep(
         import pandas as pd
     except ImportError:
         raise InputError('sweep: the results table needs pandas; pip install -e ".[sweep]"') from None
+    if isinstance(engine, str) and engine not in ENGINES:
+        raise InputError(f"sweep: unknown engine {engine!r}; choose from {sorted(ENGINES)} (or pass an Engine).")
     if isinstance(configs, dict) or not isinstance(configs, Sequence) or not configs:
         raise InputError("sweep: configs must be a non-empty list of configuration dicts (see neuralflow.sweep.grid).")
     normalised = [normalise(c, f"run {i}") for i, c in enumerate(configs)]
