@@ -10,7 +10,7 @@ from . import autodiff, corrections, flows, problems  # noqa: E402
 from .checkpoint import load  # noqa: E402
 from .corrections import Hybrid  # noqa: E402
 from .errors import DivergenceError, EngineError, FileFormatError, InputError, NeuralflowError  # noqa: E402
-from .fit import FitResult, coefficient_profile, fit  # noqa: E402
+from .fit import FitResult, JointFitResult, coefficient_profile, fit  # noqa: E402
 from .flows import Approximation  # noqa: E402
 from .flows.simulate import compare, simulate  # noqa: E402
 from .gd import run_gd  # noqa: E402
@@ -28,6 +28,7 @@ __all__ = [
     "fit",
     "coefficient_profile",
     "FitResult",
+    "JointFitResult",
     "problems",
     "Approximation",
     "simulate",
