@@ -92,7 +92,7 @@ def test_killed_sweep_resumes_with_only_the_rest_and_the_same_table(reference, t
     script = (
         "import json, sys\nfrom neuralflow.sweep import sweep\n"
         "if __name__ == '__main__':\n"
-        f"    sweep(json.loads(sys.argv[1]), out=sys.argv[2], workers=1, progress=False)\n"
+        "    sweep(json.loads(sys.argv[1]), out=sys.argv[2], workers=1, progress=False)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(configs()), str(out)],
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
