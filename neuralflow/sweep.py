@@ -337,7 +337,8 @@ class LocalEngine(Engine):
     def _pool(self, n: int) -> ProcessPoolExecutor:
         if "forkserver" in mp.get_all_start_methods():
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["neuralflow.sweep"])
+            # imported once in the fork server instead of once per worker (torch, the pipeline, the digits' loader)
+            ctx.set_forkserver_preload(["neuralflow", "neuralflow.sweep", "sklearn.datasets"])
         else:
             ctx = mp.get_context("spawn")
         return ProcessPoolExecutor(min(self.workers, n), mp_context=ctx, initializer=_init_worker,
