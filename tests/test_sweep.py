@@ -239,3 +239,17 @@ def test_ray_sweep_survives_a_killed_worker_and_gives_the_local_table(ray_head, 
     assert killed, "no Ray worker was running a task to kill"
     assert len(list((tmp_path / "sweep").glob("runs/*/row.nfr"))) == len(LRS)
     pd.testing.assert_frame_equal(results(table), results(reference))
+
+
+def test_command_line_sweep_writes_the_table_and_the_figures(tmp_path, capsys):
+    from neuralflow.cli import main
+
+    spec = tmp_path / "sweep.json"
+    spec.write_text(json.dumps({"base": BASE, "grid": {"lr": LRS[:2]}}))
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    assert len(pd.read_csv(out / "table.csv")) == 2
+    assert (out / "law.png").exists() and (out / "coef_Hg.png").exists()
+    spec.write_text(json.dumps({"base": BASE, "grid": {"lr": [-1.0]}}))
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "bad")]) == 2
+    assert "lr must be a positive" in capsys.readouterr().err
