@@ -189,7 +189,10 @@ def ray_head():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    # a private head on the loopback address: without token authentication, which a head started after any
+    # ray.init() on this machine would otherwise require of drivers that do not set RAY_AUTH_MODE themselves
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
     ray_cli = Path(sys.executable).with_name("ray")
     head = subprocess.Popen(
         [str(ray_cli), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
@@ -253,3 +256,20 @@ def test_command_line_sweep_writes_the_table_and_the_figures(tmp_path, capsys):
     spec.write_text(json.dumps({"base": BASE, "grid": {"lr": [-1.0]}}))
     assert main(["sweep", str(spec), "--out", str(tmp_path / "bad")]) == 2
     assert "lr must be a positive" in capsys.readouterr().err
+
+
+def _dies_once(item: tuple[str, int]) -> int:
+    """A task whose first attempt kills its worker process (as the out-of-memory killer would)."""
+    marker, value = item
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+    return 2 * value
+
+
+def test_local_pool_replaces_a_dead_worker_and_loses_no_task(tmp_path):
+    items = [(str(tmp_path / "died"), v) for v in range(4)]
+    with LocalEngine(workers=2) as engine:
+        results = dict(engine.map_unordered(_dies_once, items))
+    assert (tmp_path / "died").exists()
+    assert results == {i: 2 * v for i, (_, v) in enumerate(items)}
