@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -125,6 +126,7 @@ def grid(base: dict[str, Any], axes: dict[str, Sequence[Any]]) -> list[dict[str,
 def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
     """``config`` with defaults filled in and every value checked; raise :class:`InputError` naming ``where``."""
     from .corrections import TERMS
+    from .fit import fit as fit_function
     from .flows import FLOWS
     from .problems import PROBLEMS, check_lr, check_positive_int
 
@@ -159,6 +161,10 @@ def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
         if not isinstance(out["fit"], dict):
             raise bad(f"'fit' must be a dict of fit options (or None), got {out['fit']!r}.")
         fit = out["fit"] = {**_FIT_DEFAULTS, **out["fit"]}
+        allowed = set(inspect.signature(fit_function).parameters) - {"model", "trajectory", "progress"}
+        unknown = sorted(set(fit) - allowed - set(_FIT_DEFAULTS))
+        if unknown:
+            raise bad(f"unknown fit options {unknown}; fit takes {sorted(allowed | set(_FIT_DEFAULTS))}.")
         if fit["physics"] not in FLOWS:
             raise bad(f"fit physics {fit['physics']!r} is not a flow; choose from {sorted(FLOWS)}.")
         if isinstance(fit["terms"], str) or not fit["terms"] or not all(t in TERMS for t in fit["terms"]):

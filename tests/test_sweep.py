@@ -122,6 +122,8 @@ def test_invalid_grid_value_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "sweep").exists()
     with pytest.raises(InputError, match="lr must be a positive"):
         sweep(grid(BASE, {"lr": [0.0]}), out=tmp_path / "sweep", progress=False)
+    with pytest.raises(InputError, match=r"unknown fit options \['windw'\]"):
+        sweep([{**BASE, "lr": 0.1, "fit": {"windw": 10}}], out=tmp_path / "sweep", progress=False)
     with pytest.raises(InputError, match="flow names"):
         sweep([{**BASE, "lr": 0.1, "compare": ["nonsense"]}], out=tmp_path / "sweep", progress=False)
 
