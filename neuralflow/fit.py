@@ -31,6 +31,7 @@ loop): the cheap route at the edge of stability, where every right-hand side nee
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import os
@@ -1270,15 +1271,16 @@ def fit_runs(
     if not (isinstance(universal_z, (int, float)) and universal_z > 0):
         raise InputError(f"fit: universal_z must be a positive number, got {universal_z!r}.")
     t_begin = time.perf_counter()
+    defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items() if k not in ("model", "trajectory")}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise InputError(f"fit: unknown options {unknown}.")
+    options = {**defaults, **options}
     settings = {k: v for k, v in options.items() if k != "progress"}
-    progress = options.get("progress", True)
-    method, init = options.get("method", "adjoint"), options.get("init", "auto")
+    progress, method, init = options["progress"], options["method"], options["init"]
     keys = ("window", "target", "method", "min_norm", "val_fraction", "stride", "seed", "solver", "step_size",
             "rtol", "atol", "exclude")
-    defaults = {"window": 20, "target": "iterates", "method": "adjoint", "min_norm": 1e-4, "val_fraction": 0.2,
-                "stride": None, "seed": 0, "solver": "rk4", "step_size": None, "rtol": 1e-7, "atol": 1e-9,
-                "exclude": ()}
-    setup = {k: options.get(k, defaults[k]) for k in keys}
+    setup = {k: options[k] for k in keys}
     timing: dict[str, float] = {}
     singles = []
     if per_run:
@@ -1297,7 +1299,7 @@ def fit_runs(
     regression_se = None
     if method == "regression" or init in ("auto", "regression"):
         t0 = time.perf_counter()
-        systems = [_regression_system(m, tg, o.win, balance=options.get("balance", False))
+        systems = [_regression_system(m, tg, o.win, balance=options["balance"])
                    for m, tg, o in zip(models, targets, objectives)]
         stacked = replace(systems[0], **{n: torch.cat([w * getattr(s, n) if n != "steps" else s.steps
                                                        for s, w in zip(systems, weights)])
@@ -1307,11 +1309,11 @@ def fit_runs(
             for name, c in zip(lib.terms, coef):
                 lib.constants[name].copy_(c)
         timing["regression"] = time.perf_counter() - t0
-    optimizer = options.get("optimizer", "auto")
+    optimizer = options["optimizer"]
     t0 = time.perf_counter()
     if method != "regression":
-        optimizer = _optimise(joint, optimizer, options.get("max_iters"), options.get("patience", 5),
-                              options.get("tol", 1e-9), options.get("learning_rate", 1e-2), history, progress)
+        optimizer = _optimise(joint, optimizer, options["max_iters"], options["patience"], options["tol"],
+                              options["learning_rate"], history, progress)
     timing["optimise"] = time.perf_counter() - t0
     try:
         final = joint.split(joint.residuals(grad=False))
