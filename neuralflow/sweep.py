@@ -420,7 +420,11 @@ class RayEngine(Engine):
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as err:
-                raise EngineError(f"sweep: could not connect to Ray at {address!r} ({err}). Nothing was run.") from None
+                hint = (" ray.init() joins the cluster named by RAY_ADDRESS or left behind by an earlier Ray; if that "
+                        "one is gone, `ray stop` clears it, or pass address='local' to start a fresh local Ray."
+                        if address is None else "")
+                raise EngineError(f"sweep: could not connect to Ray at {address!r} ({err}).{hint} Nothing was run.") \
+                    from None
 
     def map_unordered(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         remote = self.ray.remote(fn)

@@ -80,6 +80,20 @@ def test_table_and_files_are_saved(reference, tmp_path):
     assert nf.load(out / table["file.fit"][0]).coefficients["Hg"] == pytest.approx(table["coef.Hg"][0])
 
 
+def test_diverging_run_is_a_result_with_its_partial_trajectory(tmp_path):
+    import neuralflow as nf
+
+    out = tmp_path / "sweep"
+    table = sweep([{**BASE, "lr": 0.25}], out=out, engine=Counting(), progress=False)
+    row = table.iloc[0]
+    assert row["status"] == "diverged" and "diverged at step" in row["error"]
+    partial = nf.Trajectory.load(out / row["file.trajectory"])
+    assert 0 < len(partial) < BASE["steps"] + 1 and bool(partial.iterates.isfinite().all())
+    again = Counting()
+    sweep([{**BASE, "lr": 0.25}], out=out, engine=again, progress=False)
+    assert again.ran == []  # a divergence is not retried: it is what this lr does
+
+
 def test_repeated_sweep_computes_nothing(reference, tmp_path):
     out = tmp_path / "sweep"
     sweep(configs(LRS[:2]), out=out, engine=Counting(), progress=False)
