@@ -1121,7 +1121,10 @@ class JointFitResult(FitResult):
             base = (f"{name} across {len(self.runs)} runs (lr {lrs}): joint {self.coefficients[name]:.4g} +- "
                     f"{self.uncertainty[name]:.2g}, per run {per_run}; two runs disagree by at most {u['z']:.2g} "
                     f"combined errors (per-run error and truncation allowance lr S, up to {max(u['allowance']):.2%})")
-            if u["universal"]:
+            if u["universal"] is None:
+                notes.append(f"{base}: no verdict (no per-run fits, or lr S >= 1 in a run, where the series in lr "
+                             "does not converge).")
+            elif u["universal"]:
                 notes.append(f"{base}: universal.")
             else:
                 notes.append(f"{base}: NOT universal. Its per-run values depend on lr beyond the truncation of the "
@@ -1254,7 +1257,9 @@ def fit_runs(
     allows for the series' truncation (the omitted ``O(lr^{p+1})`` terms bias a fitted ``lr^p`` coefficient by that
     relative amount; measured on the 57-parameter recovery problem, ``H2g`` drifts 4.7 percent from
     ``lr = 0.01`` to ``0.04``, where ``lr S = 0.075``). A coefficient whose runs disagree beyond that
-    carries a power of ``lr`` other than its term's, or stands in for a missing term. (The test compares the
+    carries a power of ``lr`` other than its term's, or stands in for a missing term. Where a run has
+    ``lr S >= 1`` (the edge of stability: ``lr S ~ 2``) the series in ``lr`` does not converge and there is no
+    verdict (``universal`` is None), as without per-run fits. (The test compares the
     runs with each other, not with the joint fit: where one coefficient is not universal the joint model is
     wrong, its error grows with the misfit, and other coefficients shift to absorb it.)
     """
@@ -1355,7 +1360,9 @@ def fit_runs(
         spread = [(e**2 + (a * v) ** 2) for v, e, a in zip(values, errors, allowance)]
         z = max((abs(values[r] - values[q]) / math.sqrt(spread[r] + spread[q])
                  for r, q in itertools.combinations(range(len(values)), 2)), default=0.0 if singles else math.nan)
-        universality[name] = {"universal": bool(z <= universal_z) if singles else None, "z": z, "values": values,
+        # past lr S = 1 the series in lr does not converge (GD at the edge of stability has lr S ~ 2): no verdict
+        judged = bool(singles) and max(allowance) < 1
+        universality[name] = {"universal": bool(z <= universal_z) if judged else None, "z": z, "values": values,
                               "se": errors, "lr": [t.lr for t in trajectories], "allowance": allowance}
     timing["total"] = time.perf_counter() - t_begin
     settings.update(optimizer_used=optimizer if method != "regression" else None, universal_z=universal_z,

@@ -77,3 +77,13 @@ def test_bad_input_to_a_joint_fit(small):
     assert res.universal == {"Hg": None}  # no per-run fits, no verdict
     with pytest.raises(InputError, match="run by run"):
         res.save("joint.nff")
+
+
+def test_no_verdict_at_the_edge_of_stability():
+    # zhu_quartic at lr 0.1 and 0.15 sits at lr S ~ 2, where the series in lr does not converge
+    p = nf.problems.zhu_quartic()
+    runs = [nf.run_gd(p, lr, 60, progress=False) for lr in (0.1, 0.15)]
+    res = nf.fit(library_model(p, 0.1, ["Hg"]), runs, window=10, method="regression", progress=False)
+    assert max(res.universality["Hg"]["allowance"]) >= 1
+    assert res.universal == {"Hg": None}
+    assert "no verdict" in res.universality_notes()[0]
