@@ -14,12 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-pd = pytest.importorskip("pandas", reason="nf.sweep's table needs pandas (the sweep extra)")
-
-from neuralflow.errors import EngineError, FileFormatError, InputError  # noqa: E402
-from neuralflow.sweep import TIMING_COLUMNS, LocalEngine, config_key, grid, normalise, sweep  # noqa: E402
+from neuralflow.errors import EngineError, FileFormatError, InputError
+from neuralflow.sweep import TIMING_COLUMNS, LocalEngine, config_key, grid, normalise, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"problem": {"name": "zhu-quartic"}, "steps": 60, "fit": {"terms": ["Hg"], "window": 10}}
