@@ -45,7 +45,6 @@ def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: 
     """Write ``tensors`` and JSON-able ``meta`` to ``path`` atomically (temporary file, rename)."""
     from safetensors.torch import save
 
-    path = Path(path)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = {
         "kind": kind,
@@ -55,7 +54,16 @@ def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: 
         "sha256": _digest(cpu),
         "meta": meta,
     }
-    blob = save(cpu, metadata={"neuralflow": json.dumps(header)})
+    return write_atomic(path, save(cpu, metadata={"neuralflow": json.dumps(header)}))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+
+    A reader sees the old file or the new one, never a partial write (an interrupted run leaves
+    at most a hidden ``.tmp`` file behind).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -64,7 +72,7 @@ def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: 
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Command line: ``neuralflow run-gd | compare | fit | report | demo`` (also ``python -m neuralflow``).
+"""Command line: ``neuralflow run-gd | compare | fit | report | sweep | demo`` (also ``python -m neuralflow``).
 
 Each subcommand is a function ``cmd_<name>(args)`` registered in :data:`COMMANDS` with the
 function that adds its arguments.
@@ -202,11 +202,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help='JSON file: a list of run configurations, {"runs": [...]}, or {"base": {...}, '
+                                  '"grid": {"lr": [...], "problem.seed": [...]}} (see neuralflow.sweep)')
+    p.add_argument("--out", default="sweep", help="results folder (created; a finished run in it is not run again)")
+    p.add_argument("--engine", default="local", help="where the runs go: local (process pool) or ray")
+    p.add_argument("--workers", type=int, default=None, help="local engine: worker processes (default: CPU count)")
+    p.add_argument("--address", default=None, help="ray engine: head address host:port (default: ray.init())")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from .sweep import coefficient_figure, grid, law_figure, sweep
+
+    try:
+        spec = json.loads(Path(args.config).read_text())
+    except (OSError, ValueError) as err:
+        raise NeuralflowError(f"cannot read the sweep configuration {args.config}: {err}") from None
+    if isinstance(spec, dict) and "grid" in spec:
+        configs = grid(spec.get("base", {}), spec["grid"])
+    else:
+        configs = spec.get("runs") if isinstance(spec, dict) else spec
+    table = sweep(configs, out=args.out, engine=args.engine, workers=args.workers, address=args.address,
+                  threads=args.threads, progress=True)
+    shown = [c for c in ("lr", "problem.seed", "status", "eos_onset", "plateau_ratio", "quiet_steps", "wall_s")
+             if c in table]
+    shown += [c for c in table.columns if c.startswith(("coef.", "distance."))]
+    print(table[shown].to_string(index=False))
+    out = Path(args.out)
+    figures = {"law": law_figure(table)}
+    figures.update({f"coef_{c[5:]}": coefficient_figure(table, c[5:]) for c in table.columns if c.startswith("coef.")})
+    for name, fig in figures.items():
+        fig.savefig(out / f"{name}.png", dpi=120)
+        print(f"figure       {out / (name + '.png')}")
+    print(f"table        {out / 'table.csv'} ({len(table)} runs)")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "run-gd": (_add_run_gd, cmd_run_gd, "run full-batch GD and record the trajectory"),
     "compare": (_add_compare, cmd_compare, "simulate physics flows from a GD trajectory and compare them with it"),
     "fit": (_add_fit, cmd_fit, "fit a physics flow plus correction terms to a GD trajectory"),
     "report": (_add_report, cmd_report, "print which approximation a saved fit says to revise; save the figures"),
+    "sweep": (_add_sweep, cmd_sweep, "run a grid of GD runs (fits, comparisons) as independent tasks; one table"),
     "demo": (_add_demo, cmd_demo, "the whole loop on the digits MLP at the edge of stability, files in one folder"),
 }
 

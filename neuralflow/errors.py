@@ -28,3 +28,7 @@ class DivergenceError(NeuralflowError, FloatingPointError):
 
 class FileFormatError(NeuralflowError, OSError):
     """A saved file is truncated, tampered with, or from an unsupported format version."""
+
+
+class EngineError(NeuralflowError, RuntimeError):
+    """A sweep's engine cannot run tasks (Ray missing or unreachable, workers dying); finished runs are kept."""

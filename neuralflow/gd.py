@@ -62,7 +62,8 @@ def run_gd(
         "update_u": torch.full((n,), math.nan, dtype=dt, device=dev),
     }
     stored_steps: list[int] = []
-    stored: list[torch.Tensor] = []
+    # one preallocated block: stacking a list of iterates at the end would hold every iterate twice
+    stored = theta.new_empty(len(range(0, steps + 1, store_every)) + (steps % store_every != 0), problem.dim)
     block = None
     u = None
     last_sharpness = math.nan
@@ -74,7 +75,7 @@ def run_gd(
         return Trajectory(
             lr=lr,
             steps=keep,
-            iterates=torch.stack(stored) if stored else theta.new_zeros(0, problem.dim),
+            iterates=stored[: len(stored_steps)],
             **{k: h[k][keep] for k in ("loss", "grad_norm", "sharpness", "update_u")},
             problem=problem.description,
             history=h,
@@ -108,8 +109,8 @@ def run_gd(
         if u is not None:
             hist["update_u"][k] = -lr * torch.dot(u, g)
         if k % store_every == 0 or k == steps:
+            stored[len(stored_steps)] = theta
             stored_steps.append(k)
-            stored.append(theta.clone())
         if progress and k % 50 == 0:
             bar.set_postfix(loss=f"{value.item():.4g}", sharpness=f"{last_sharpness:.4g}")
         if k < steps:
