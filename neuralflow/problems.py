@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._validate import MAX_PARAMS, check_max_params, check_problem_description
 from .errors import InputError
 
 LossFn = Callable[[Tensor], Tensor]
@@ -356,8 +357,17 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
 }
 
 
-def make(description: dict[str, Any]) -> Problem:
-    """Rebuild a registered problem from its JSON description (as saved in trajectories)."""
+def make(
+    description: dict[str, Any], max_params: int | None = MAX_PARAMS, device: torch.device | str | None = None
+) -> Problem:
+    """Rebuild a registered problem from its JSON description (as saved in trajectories).
+
+    The description is checked against its schema (``neuralflow._validate.PROBLEM_DESCRIPTIONS``) first,
+    and a problem of more than ``max_params`` parameters is refused before it is built (None: no
+    limit); a description comes from a file, and a file must not decide how much memory is allocated.
+    ``device``: where to build it (registered problems only take it).
+    """
+    check_problem_description(description, check_max_params(max_params))
     kwargs = dict(description)
     name = kwargs.pop("name", None)
     if name not in PROBLEMS:
@@ -371,6 +381,8 @@ def make(description: dict[str, Any]) -> Problem:
         kwargs["widths"] = tuple(kwargs["widths"])
     if "theta0" in kwargs:
         kwargs["theta0"] = tuple(kwargs["theta0"])
+    if device is not None:
+        kwargs["device"] = device
     return PROBLEMS[name](**kwargs)
 
 
