@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .corrections import FEATURES, Hybrid, TermLibrary
 from .errors import DivergenceError, InputError
-from .problems import check_positive_int
+from .problems import Problem, check_positive_int
 from .trajectory import Trajectory
 
 if TYPE_CHECKING:
@@ -694,6 +694,7 @@ def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: st
         raise InputError(
             f"fit: the trajectory comes from problem {name!r} but the model is built on {problem.name!r}."
         )
+    _check_first_loss(problem, trajectory)
     if target not in ("iterates", "smoothed"):
         raise InputError(f"fit: target must be 'iterates' or 'smoothed', got {target!r}.")
     if method not in ("adjoint", "direct", "regression"):
@@ -706,6 +707,26 @@ def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: st
             f"trajectory.slice(stop={step})."
         )
     return trajectory if target == "iterates" else trajectory.smoothed()
+
+
+def _check_first_loss(problem: Problem, trajectory: Trajectory) -> None:
+    """The problem must reproduce the loss the trajectory recorded at its first iterate (same data, same net).
+
+    Skipped where there is nothing to compare: a smoothed trajectory (its loss series is GD's, its
+    iterates midpoints) or a recorded loss that is not finite.
+    """
+    recorded = float(trajectory.loss[0])
+    if trajectory.meta.get("smoothed") or not math.isfinite(recorded):
+        return
+    with torch.no_grad():
+        now = float(problem.loss(trajectory.iterates[0].to(device=problem.device, dtype=problem.dtype)))
+    rtol = max(1e-9, 1e4 * torch.finfo(problem.dtype).eps)
+    if not math.isclose(now, recorded, rel_tol=rtol, abs_tol=1e-300):
+        raise InputError(
+            f"fit: the model's problem gives loss {now:.12g} at the trajectory's first iterate but the trajectory "
+            f"recorded {recorded:.12g}; the trajectory comes from another problem (other data or architecture). "
+            "Build the model on the problem that produced the trajectory."
+        )
 
 
 def _check_exclude(exclude: Sequence[Sequence[int | None]] | None) -> list[list[int]]:

@@ -61,6 +61,11 @@ class Problem:
                 f"problem {self.name!r}: theta0 has dtype {self.theta0.dtype}; pass a floating "
                 "tensor (float64 is recommended for anything involving third derivatives)."
             )
+        if self.theta0.dtype not in (torch.float64, torch.float32):
+            raise InputError(
+                f"problem {self.name!r}: theta0 has dtype {self.theta0.dtype}; neuralflow needs float64 (recommended) "
+                "or float32: Hessian eigen-solves and third derivatives break down in half precision."
+            )
         if not torch.isfinite(self.theta0).all():
             raise InputError(f"problem {self.name!r}: theta0 contains NaN or inf values.")
         self.theta0 = self.theta0.detach()
@@ -267,12 +272,27 @@ def mlp_digits(
     return problem
 
 
+def _batch_shape(t: Tensor) -> str:
+    return "(" + ", ".join(["N", *map(str, t.shape[1:])]) + ")"
+
+
+def _same_shape(out: Tensor, target: Tensor, also: str = "") -> None:
+    """Never broadcast: a target of another shape than the output is a mistake in the data."""
+    if out.shape != target.shape:
+        raise InputError(
+            f"from_module: targets have shape {_batch_shape(target)} but the module's outputs have shape "
+            f"{_batch_shape(out)}; pass targets of the outputs' shape{also}."
+        )
+
+
 def _mse(out: Tensor, target: Tensor) -> Tensor:
+    _same_shape(out, target)
     return 0.5 * ((out - target) ** 2).reshape(out.shape[0], -1).sum(dim=1).sum()
 
 
 def _ce(out: Tensor, target: Tensor) -> Tensor:
-    if target.dim() == out.dim():  # one-hot or soft targets
+    if target.dim() == out.dim() or target.is_floating_point():  # one-hot or soft targets
+        _same_shape(out, target, " (or one class index per example)")
         return -(target * torch.log_softmax(out, dim=-1)).sum()
     return torch.nn.functional.cross_entropy(out, target, reduction="sum")
 
