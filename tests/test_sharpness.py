@@ -42,7 +42,7 @@ def test_zhu_quartic_blowing_up_records_no_unconverged_sharpness():
 
 
 def test_an_unreachable_tolerance_records_nan_and_flags_every_step():
-    """On a small net no solve reaches a residual of 1e-20 of lambda_max (below round-off): the old code recorded each attempt."""
+    """No solve reaches a residual of 1e-20 of lambda_max (below round-off): the old code recorded each attempt."""
     problem = nf.problems.mlp_digits(n=40, widths=(6,), seed=1)
     with pytest.warns(UserWarning, match="missed eig_tol"):
         traj = nf.run_gd(problem, 0.1, 3, eig_tol=1e-20, eig_retries=1, progress=False)
