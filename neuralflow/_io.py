@@ -103,6 +103,28 @@ def _version() -> str:
     return __version__
 
 
+def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
+    """Make sure ``path`` (a file, or with ``folder=True`` a folder) can be written, before any work is done.
+
+    Creates the missing parent folders (a write would), then creates and removes a temporary file
+    there. Raises :class:`InputError` saying what is wrong.
+    """
+    path = Path(path)
+    directory = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise InputError(f"cannot write {path}: it is a folder; give a file name.")
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"cannot write into {directory}: it is a file, not a folder; choose another path.")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.nf{os.getpid()}-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise InputError(f"cannot write {path} ({exc.strerror or exc}); choose another path.") from None
+    return path
+
+
 def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
     """Write ``tensors`` and JSON-able ``meta`` to ``path`` atomically (temporary file, rename)."""
     from safetensors.torch import save

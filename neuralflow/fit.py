@@ -45,7 +45,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
 
 from .corrections import FEATURES, Hybrid, TermLibrary
-from .errors import DivergenceError, InputError
+from .errors import DivergenceError, InputError, Interrupted
 from .problems import Problem, check_positive_int
 from .trajectory import Trajectory
 
@@ -860,7 +860,9 @@ def fit(
     onset of the edge-of-stability oscillation, ``Trajectory.eos_transients()``).
 
     A solver failure mid-fit raises :class:`~neuralflow.errors.DivergenceError`; the model then
-    holds the best parameters found so far (also in ``error.partial``). Runs are reproducible
+    holds the best parameters found so far (also in ``error.partial``). Ctrl-C during the optimisation
+    raises :class:`~neuralflow.errors.Interrupted` whose ``partial`` is the FitResult of the best
+    parameters so far (``settings["interrupted_after"]`` iterations). Runs are reproducible
     bit-for-bit on the same machine.
     """
     t_begin = time.perf_counter()
@@ -910,8 +912,9 @@ def fit(
         timing["regression"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    interrupted = False
     if method != "regression" and obj.params:
-        optimizer = _optimise(obj, optimizer, max_iters, patience, tol, learning_rate, history, progress)
+        optimizer, interrupted = _optimise(obj, optimizer, max_iters, patience, tol, learning_rate, history, progress)
     timing["optimise"] = time.perf_counter() - t0
     n_evals = obj.counted.n
 
@@ -938,7 +941,9 @@ def fit(
     timing["total"] = time.perf_counter() - t_begin
     settings["optimizer_used"] = optimizer if method != "regression" else None
     settings["init_used"] = init
-    return FitResult(
+    if interrupted:
+        settings["interrupted_after"] = len(history)
+    result = FitResult(
         model=model,
         coefficients=coefficients,
         uncertainty=uncertainty,
@@ -954,6 +959,13 @@ def fit(
         windows={"step": win.steps, "validation": torch.isin(everything, win.val)},
         normaliser=win.normaliser,
     )
+    if interrupted:
+        raise Interrupted(
+            f"fit interrupted after {len(history)} iterations; the best fit so far is in this exception's .partial "
+            "(a FitResult: save it with .save(path)).",
+            partial=result,
+        )
+    return result
 
 
 def _uncertainty(
@@ -972,8 +984,11 @@ def _uncertainty(
 def _optimise(
     obj: _Objective, optimizer: str, max_iters: int | None, patience: int, tol: float, learning_rate: float,
     history: list[dict[str, float]], progress: bool,
-) -> str:
-    """Run the optimiser; on return the model holds the best parameters (by validation loss)."""
+) -> tuple[str, bool]:
+    """Run the optimiser; on return the model holds the best parameters (by validation loss).
+
+    Returns the optimiser used and whether Ctrl-C stopped it (the best parameters are kept then too).
+    """
     n_params = len(obj.get())
     if optimizer == "auto":
         optimizer = "gauss-newton" if n_params <= _GN_MAX_PARAMS else "lbfgs"
@@ -1005,8 +1020,11 @@ def _optimise(
         return best["stale"] >= patience
 
     step = _gauss_newton if optimizer == "gauss-newton" else _torch_optimiser
+    interrupted = False
     try:
         step(obj, optimizer, iters, tol, learning_rate, record)
+    except KeyboardInterrupt:  # keep the best parameters; fit() evaluates them and raises Interrupted
+        interrupted = True
     except _SolverFailure as exc:
         obj.set(best["params"])
         bar.close()
@@ -1018,7 +1036,7 @@ def _optimise(
         ) from None
     obj.set(best["params"])
     bar.close()
-    return optimizer
+    return optimizer, interrupted
 
 
 def _gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record,
