@@ -137,7 +137,7 @@ def test_sigterm_makes_run_gd_save_the_trajectory_so_far_and_say_where(tmp_path)
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130
-    assert f"saved the trajectory so far" in err and str(out) in err and str(ckpt) in err
+    assert "saved the trajectory so far" in err and str(out) in err and str(ckpt) in err
     partial = nf.Trajectory.load(out)
     meta = _io.read(ckpt, "gd-checkpoint")[1]["meta"]
     assert int(partial.history["step"][-1]) == meta["next_step"] - 1 > 0

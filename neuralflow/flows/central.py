@@ -34,7 +34,6 @@ Predicted time averages: ``E[L] ~ L + 1/2 <H, Sigma> = L + 1/2 tr(X M)`` (:meth:
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
