@@ -84,7 +84,7 @@ def main() -> None:
             time.sleep(max(0.0, (target - next_step(ckpt)) * per_step))
             child.send_signal(signal.SIGKILL)
             child.wait()
-            rows.append({"killed near step": target, "checkpoint at step": next_step(ckpt)})
+            rows.append({"kill aimed at step": target, "checkpoint at step": next_step(ckpt)})
         t0 = time.perf_counter()
         resumed = nf.run_gd(problem, SETUP["lr"], args.steps, progress=False, checkpoint_every=args.every,
                             resume=ckpt)

@@ -130,7 +130,13 @@ def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: 
     from safetensors.torch import save
 
     path = Path(path)
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    cpu, storages = {}, set()
+    for name, tensor in tensors.items():
+        t = tensor.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in storages:  # safetensors refuses tensors that share memory
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        cpu[name] = t
     header = {
         "kind": kind,
         "format_version": FORMAT_VERSION,

@@ -298,8 +298,20 @@ GD_CHECKPOINT = Record(
     ("lr", "problem", "steps", "next_step", "eig_every", "n_eigs", "store_every", "eig_tol"),
 )
 
+# A fit's Gauss-Newton state (fit(..., resume=)).
+FIT_CHECKPOINT = Record(
+    {
+        "settings": Json(), "targets_sha256": Str(max_len=64), "iteration": Int(0), "mu": Num(nan_ok=True),
+        "finished": Bool(), "history": List(Json()), "best_score": Num(nan_ok=True), "best_iteration": Int(0),
+        "stale": Int(0),
+    },
+    ("settings", "targets_sha256", "iteration", "mu", "finished", "history", "best_score", "best_iteration", "stale"),
+)
+
 # The metadata schema of each file kind; one entry per kind a file may hold.
-SCHEMAS: dict[str, Spec] = {"trajectory": TRAJECTORY, "fit": FIT, "gd-checkpoint": GD_CHECKPOINT}
+SCHEMAS: dict[str, Spec] = {
+    "trajectory": TRAJECTORY, "fit": FIT, "gd-checkpoint": GD_CHECKPOINT, "fit-checkpoint": FIT_CHECKPOINT,
+}
 
 HEADER = Record(
     {

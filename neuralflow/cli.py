@@ -171,6 +171,8 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-transients", action="store_true",
                    help="leave out the stretches past 2/lr where GD does not oscillate yet (Trajectory.eos_transients)")
     p.add_argument("--out", default="fit.nff", help="fit file to write (.nff)")
+    p.add_argument("--resume", default=None, metavar="FILE",
+                   help="Gauss-Newton state file: continue the fit from it if it exists, and update it every iteration")
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -184,6 +186,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.physics not in FLOWS:
         raise NeuralflowError(f"unknown physics {args.physics!r}; choose from {', '.join(FLOWS)}.")
     out = check_writable(args.out)
+    if args.resume is not None:
+        check_writable(args.resume)
     traj = Trajectory.load(args.trajectory)
     problem = make(traj.problem)
     terms = _names(args.terms)
@@ -195,6 +199,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             model, traj, window=args.window, target=args.target, method=args.method, optimizer=args.optimizer,
             max_iters=args.max_iters, solver=args.solver, step_size=args.step_size, progress=True,
             balance=args.balance, exclude=traj.eos_transients() if args.exclude_transients else (),
+            resume=args.resume,
         )
     except Interrupted as err:
         save(err.partial, out)

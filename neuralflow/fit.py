@@ -45,7 +45,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
 
 from .corrections import FEATURES, Hybrid, TermLibrary
-from .errors import DivergenceError, InputError, Interrupted
+from .errors import DivergenceError, FileFormatError, InputError, Interrupted
 from .problems import Problem, check_positive_int
 from .trajectory import Trajectory
 
@@ -833,6 +833,7 @@ def fit(
     progress: bool = True,
     balance: bool = False,
     exclude: Sequence[tuple[int, int]] = (),
+    resume: str | os.PathLike | None = None,
 ) -> FitResult:
     """Fit ``model`` (a :class:`~neuralflow.corrections.Hybrid`) to ``trajectory`` by multiple shooting.
 
@@ -862,7 +863,12 @@ def fit(
     A solver failure mid-fit raises :class:`~neuralflow.errors.DivergenceError`; the model then
     holds the best parameters found so far (also in ``error.partial``). Ctrl-C during the optimisation
     raises :class:`~neuralflow.errors.Interrupted` whose ``partial`` is the FitResult of the best
-    parameters so far (``settings["interrupted_after"]`` iterations). Runs are reproducible
+    parameters so far (``settings["interrupted_after"]`` iterations).
+
+    ``resume=path`` (Gauss-Newton only, the default for term libraries): the optimiser's state is
+    written atomically to ``path`` after every iteration, and a fit started with an existing ``path``
+    continues from it; the fitted numbers are bit for bit those of an uninterrupted fit. The file
+    must come from the same settings, model and targets. Runs are reproducible
     bit-for-bit on the same machine.
     """
     t_begin = time.perf_counter()
@@ -914,7 +920,8 @@ def fit(
     t0 = time.perf_counter()
     interrupted = False
     if method != "regression" and obj.params:
-        optimizer, interrupted = _optimise(obj, optimizer, max_iters, patience, tol, learning_rate, history, progress)
+        optimizer, interrupted = _optimise(obj, optimizer, max_iters, patience, tol, learning_rate, history, progress,
+                                           resume, settings)
     timing["optimise"] = time.perf_counter() - t0
     n_evals = obj.counted.n
 
@@ -983,11 +990,13 @@ def _uncertainty(
 
 def _optimise(
     obj: _Objective, optimizer: str, max_iters: int | None, patience: int, tol: float, learning_rate: float,
-    history: list[dict[str, float]], progress: bool,
+    history: list[dict[str, float]], progress: bool, resume: str | os.PathLike | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> tuple[str, bool]:
     """Run the optimiser; on return the model holds the best parameters (by validation loss).
 
     Returns the optimiser used and whether Ctrl-C stopped it (the best parameters are kept then too).
+    With ``resume`` the Gauss-Newton state is kept in that file (:class:`_GaussNewtonCheckpoint`).
     """
     n_params = len(obj.get())
     if optimizer == "auto":
@@ -1020,9 +1029,17 @@ def _optimise(
         return best["stale"] >= patience
 
     step = _gauss_newton if optimizer == "gauss-newton" else _torch_optimiser
+    saver = None
+    if resume is not None:
+        if optimizer != "gauss-newton":
+            raise InputError(f"fit: resume= needs the gauss-newton optimiser, not {optimizer!r}.")
+        saver = _GaussNewtonCheckpoint(resume, obj, settings or {}, best, history)
+        step = saver.wrap(step)
     interrupted = False
     try:
         step(obj, optimizer, iters, tol, learning_rate, record)
+        if saver is not None:
+            saver.finish()
     except KeyboardInterrupt:  # keep the best parameters; fit() evaluates them and raises Interrupted
         interrupted = True
     except _SolverFailure as exc:
@@ -1040,7 +1057,7 @@ def _optimise(
 
 
 def _gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record,
-                  xtol: float = 1e-5) -> None:
+                  xtol: float = 1e-5, start: dict[str, Any] | None = None, after=None) -> None:
     """Levenberg-Marquardt on the residual vector with finite-difference sensitivities ``J``.
 
     Each iteration costs ``P + 1`` forward solves (no backward pass): ``J`` by one-sided
@@ -1048,14 +1065,22 @@ def _gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learn
     decreases. For constant coefficients the residuals are nearly linear in them, so a handful of
     iterations suffice. Stops when the loss decreases by less than ``tol`` relative or the
     parameters move by less than ``xtol`` relative.
+
+    ``start`` (``{"iteration", "params", "mu"}``) continues a run that stopped after that iteration;
+    ``after(iteration, params, mu)`` is called after every iteration that does not end the run.
     """
-    p = obj.get()
+    if start is None:
+        p, first, mu = obj.get(), 1, 1e-8
+    else:
+        p, first, mu = start["params"], start["iteration"] + 1, start["mu"]
+        obj.set(p)
     r = obj.residuals(grad=False)
     loss = float(r.square().sum())
-    if record(0, loss, p):
+    if start is None and record(0, loss, p):
         return
-    mu = 1e-8
-    for it in range(1, iters + 1):
+    if start is None and after is not None:
+        after(0, p, mu)
+    for it in range(first, iters + 1):
         J = obj.jacobian(p, r)
         A, b = J.T @ J, J.T @ r
         D = A.diagonal().clamp_min(1e-12 * float(A.diagonal().max()) + torch.finfo(A.dtype).tiny)
@@ -1075,6 +1100,73 @@ def _gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learn
         mu = max(mu / 10, 1e-12)
         if record(it, loss, p) or done:
             return
+        if after is not None:
+            after(it, p, mu)
+
+
+_FIT_CHECKPOINT = "fit-checkpoint"
+
+
+class _GaussNewtonCheckpoint:
+    """The Gauss-Newton state of a fit, kept in one file: parameters, damping, iteration, best so far, history.
+
+    Written atomically after every iteration and once more, marked finished, at the end. Loading checks
+    that the file belongs to this fit: the same settings (model, window, solver, ...) and the same
+    targets (a SHA-256 of the window tensors).
+    """
+
+    def __init__(self, path: str | os.PathLike, obj: _Objective, settings: dict[str, Any], best: dict[str, Any],
+                 history: list[dict[str, float]]) -> None:
+        import hashlib
+        import json
+
+        self.path, self.obj, self.best, self.history = Path(path), obj, best, history
+        digest = hashlib.sha256(obj.win.targets.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(obj.win.steps.cpu().numpy().tobytes())
+        self.identity = {"settings": json.loads(json.dumps(settings)), "targets_sha256": digest.hexdigest()}
+        self.state: dict[str, Any] | None = None
+        if self.path.exists():
+            self.state = self._load()
+
+    def _load(self) -> dict[str, Any]:
+        from . import _io
+
+        tensors, header = _io.read(self.path, _FIT_CHECKPOINT)
+        meta = header["meta"]
+        for key, value in self.identity.items():
+            if meta[key] != value:
+                raise InputError(
+                    f"{self.path}: this fit checkpoint belongs to another fit (its {key} differ); pass the same model, "
+                    "trajectory and settings, or another resume file."
+                )
+        n = len(self.obj.get())
+        if any(tensors[k].shape != (n,) or tensors[k].dtype != self.obj.get().dtype for k in ("params", "best")):
+            raise FileFormatError(f"{self.path}: the checkpoint's parameters do not fit this model ({n} parameters).")
+        self.history[:] = meta["history"]
+        self.best.update(score=meta["best_score"], params=tensors["best"], iteration=meta["best_iteration"],
+                         stale=meta["stale"])
+        return {"iteration": meta["iteration"], "params": tensors["params"], "mu": meta["mu"],
+                "finished": meta["finished"]}
+
+    def save(self, iteration: int, params: Tensor, mu: float, finished: bool = False) -> None:
+        from . import _io
+
+        meta = {**self.identity, "iteration": iteration, "mu": mu, "finished": finished, "history": self.history,
+                "best_score": self.best["score"], "best_iteration": self.best["iteration"],
+                "stale": self.best["stale"]}
+        _io.write(self.path, _FIT_CHECKPOINT, {"params": params, "best": self.best["params"]}, meta)
+
+    def wrap(self, step):
+        """``step`` (Gauss-Newton) started from the saved state, saving after every iteration."""
+        def resumed(obj, optimizer, iters, tol, learning_rate, record) -> None:
+            if self.state is not None and self.state["finished"]:
+                return
+            step(obj, optimizer, iters, tol, learning_rate, record, start=self.state,
+                 after=lambda it, p, mu: self.save(it, p, mu))
+        return resumed
+
+    def finish(self) -> None:
+        self.save(self.best["iteration"], self.best["params"], math.nan, finished=True)
 
 
 def _torch_optimiser(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record) -> None:

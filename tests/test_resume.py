@@ -202,3 +202,49 @@ def test_a_demo_rerun_does_not_mix_files_of_two_runs(tmp_path):
         (tmp_path / name).write_text("an earlier run")
     _clear_previous_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def _gn_fit(resume=None):
+    problem = nf.problems.scalar_factorization(3)
+    traj = nf.run_gd(problem, 0.02, 60, eig_every=0, progress=False)
+    model = nf.Hybrid(nf.flows.GradientFlow(problem, 0.02), nf.corrections.TermLibrary(problem, 0.02,
+                                                                                       terms=["Hg", "H2g"]))
+    return nf.fit(model, traj, window=5, method="direct", init="current", max_iters=4, patience=10, tol=0.0,
+                  progress=False, resume=resume)
+
+
+def _same_fit(a, b) -> bool:
+    strip = lambda h: [{k: v for k, v in row.items() if k not in ("time", "n_function_evals")} for row in h]
+    return (a.coefficients == b.coefficients and a.uncertainty == b.uncertainty
+            and strip(a.history) == strip(b.history) and torch.equal(a.window_errors, b.window_errors))
+
+
+@pytest.mark.parametrize("stop_after", [0, 2])
+def test_an_interrupted_gauss_newton_fit_resumes_bit_for_bit(tmp_path, monkeypatch, stop_after):
+    fit_module = importlib.import_module("neuralflow.fit")
+    full = _gn_fit()
+    assert len(full.history) == 4  # iterations 0..3; the last one stops on xtol
+    real = fit_module._gauss_newton
+
+    def interrupt_after(*args, after=None, **kw):
+        def save_then_maybe_stop(it, p, mu):
+            after(it, p, mu)
+            if it == stop_after:
+                raise KeyboardInterrupt
+
+        return real(*args, after=save_then_maybe_stop, **kw)
+
+    monkeypatch.setattr(fit_module, "_gauss_newton", interrupt_after)
+    state = tmp_path / "fit.state"
+    with pytest.raises(Interrupted) as err:
+        _gn_fit(resume=state)
+    assert len(err.value.partial.history) == stop_after + 1
+    monkeypatch.undo()
+    resumed = _gn_fit(resume=state)
+    assert _same_fit(resumed, full)
+    with pytest.raises(InputError, match="another fit"):
+        problem = nf.problems.scalar_factorization(3)
+        traj = nf.run_gd(problem, 0.02, 60, eig_every=0, progress=False)
+        model = nf.Hybrid(nf.flows.GradientFlow(problem, 0.02), nf.corrections.TermLibrary(problem, 0.02,
+                                                                                           terms=["Hg", "H2g"]))
+        nf.fit(model, traj, window=10, method="direct", init="current", max_iters=4, progress=False, resume=state)
