@@ -103,7 +103,8 @@ def main() -> None:
     print(f"digits n {SETUP['n']} widths {SETUP['widths']} ({problem.dim} parameters), lr {SETUP['lr']}, "
           f"{args.steps} steps, sharpness every step, checkpoint every {args.every}; EoS onset {reference.eos_onset}")
     for row in rows:
-        print(f"  SIGKILL aimed at step {row['kill aimed at step']:>5}; checkpoint at step {row['checkpoint at step']:>5}")
+        aimed, saved = row["kill aimed at step"], row["checkpoint at step"]
+        print(f"  SIGKILL aimed at step {aimed:>5}; checkpoint at step {saved:>5}")
     print(f"resumed run identical bit for bit to the uninterrupted one: {same}")
     print(f"temporary files left: {leftovers}")
     print(f"uninterrupted {t_ref:.0f} s; the resumed part {t_resume:.0f} s")
