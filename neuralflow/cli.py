@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._io import check_writable
+from ._validate import MAX_PARAMS
 from .errors import DivergenceError, Interrupted, NeuralflowError
 
 
@@ -88,7 +89,17 @@ def cmd_run_gd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_max_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-params", type=int, default=MAX_PARAMS,
+                   help="refuse to rebuild a problem of more parameters than this from a file (0: no limit)")
+
+
+def _max_params(args: argparse.Namespace) -> int | None:
+    return args.max_params or None
+
+
 def _add_compare(p: argparse.ArgumentParser) -> None:
+    _add_max_params(p)
     p.add_argument("trajectory", help="trajectory file written by run-gd (.nft)")
     p.add_argument("--flows", default="gradient,modified1,modified2,central",
                    help="comma-separated flow names (gradient, modified1, modified2, principal, central)")
@@ -112,7 +123,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(args.json)
     traj = Trajectory.load(args.trajectory)
-    problem = make(traj.problem)
+    problem = make(traj.problem, max_params=_max_params(args))
     flows = [FLOWS[n](problem, traj.lr) for n in names]
     result = compare(traj, *flows, problem=problem, steps=args.steps, progress=True)
     print(result)
@@ -125,6 +136,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
+    _add_max_params(p)
     p.add_argument("fit", help="fit file written by `neuralflow fit` (.nff)")
     p.add_argument("--figures", default=None,
                    help="folder for the report's figures (default: the fit file's name + .report/)")
@@ -139,7 +151,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.markdown:
         check_writable(args.markdown)
     # The numbers saved with the fit render at once; a fit saved without them is rebuilt and reported.
-    report = stored_report(args.fit) or load(args.fit).report()
+    report = stored_report(args.fit) or load(args.fit, max_params=_max_params(args)).report()
     print(report)
     for path in report.save_figures(directory):
         print(f"figure       {path}")
@@ -150,6 +162,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_fit(p: argparse.ArgumentParser) -> None:
+    _add_max_params(p)
     p.add_argument("trajectory", help="trajectory file written by run-gd (.nft)")
     p.add_argument("--physics", default="gradient", help="physics flow by name (see neuralflow.flows.FLOWS)")
     p.add_argument("--terms", default="Hg,H2g,D3gg", help="comma-separated correction terms (see corrections.TERMS)")
@@ -189,7 +202,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.resume is not None:
         check_writable(args.resume)
     traj = Trajectory.load(args.trajectory)
-    problem = make(traj.problem)
+    problem = make(traj.problem, max_params=_max_params(args))
     terms = _names(args.terms)
     library = TermLibrary(problem, traj.lr, terms, gated=_names(args.gated), features=_names(args.features),
                           baseline=_names(args.baseline))

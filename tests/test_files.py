@@ -262,3 +262,20 @@ def test_a_problem_description_is_refused_or_builds_within_the_limit(description
     assert description.get("dtype", "float64") in ("float64", "float32")
     assert all(isinstance(w, int) and w >= 1 for w in widths)
     assert _validate.PROBLEM_DESCRIPTIONS["mlp-digits"].size(description) <= 50_000
+
+
+def test_the_size_limit_holds_for_checkpoints_and_the_command_line_until_raised(small, tmp_path, capsys):
+    from neuralflow.cli import main
+
+    path = "checkpoints/modified_equation.nff"  # mlp-digits, 610 parameters
+    with pytest.raises(InputError, match="610 parameters, more than the limit of 100"):
+        nf.load(path, max_params=100)
+    assert nf.load(path, max_params=None).model.problem.dim == 610
+    tensors, meta = _parts(small, tmp_path / "run.nft")
+    meta["problem"] = {"name": "mlp-digits", "n": 60, "widths": [100000, 100000], "activation": "tanh", "seed": 0,
+                       "dtype": "float64", "batch_size": None}
+    huge = _craft(tmp_path / "huge.nft", "trajectory", meta, tensors)
+    assert main(["compare", str(huge), "--out", str(tmp_path / "c.png")]) == 2
+    assert "more than the limit of 10,000,000" in capsys.readouterr().err
+    assert main(["compare", str(huge), "--max-params", "100", "--out", str(tmp_path / "c.png")]) == 2
+    assert "more than the limit of 100;" in capsys.readouterr().err
