@@ -259,17 +259,20 @@ class Trajectory:
         return fig
 
 
+_SPECIAL_DTYPES = {"steps": torch.int64, "history.step": torch.int64, "history.eig_converged": torch.bool}
+
+
 def _check_tensors(tensors: dict[str, Tensor], where: str) -> None:
-    """Dtypes and ranks of a stored trajectory's tensors (integer steps, one float dtype, vectors and matrices)."""
+    """Dtypes and ranks of a stored trajectory's tensors: int64 steps, a boolean convergence mask, and every other
+    series in the iterates' float dtype; vectors, except the iterates and the sharpness (matrices)."""
     missing = [k for k in ("steps", "iterates", *_SERIES) if k not in tensors]
     if missing:
         raise FileFormatError(f"{where}: the trajectory lacks the tensors {missing}.")
     dtype = tensors["iterates"].dtype
     for name, t in sorted(tensors.items(), key=lambda item: item[0] != "iterates"):
-        integer = name in ("steps", "history.step")
-        ok_dtype = t.dtype == torch.int64 if integer else t.dtype == dtype or name.startswith("history.eig")
+        wanted = _SPECIAL_DTYPES.get(name, dtype)
         rank = 2 if name in ("iterates", "sharpness", "history.sharpness") else 1
-        if not ok_dtype or t.dim() != rank or (not integer and dtype not in _FLOATS):
+        if t.dtype != wanted or t.dim() != rank or dtype not in _FLOATS:
             raise FileFormatError(
                 f"{where}: tensor {name!r} has dtype {t.dtype} and shape {tuple(t.shape)}; a trajectory stores "
                 f"int64 steps and float64 or float32 series ({rank}-D here)."
