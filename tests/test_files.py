@@ -230,7 +230,9 @@ def test_only_a_supported_int_format_version_passes(small, tmp_path, version):
 @given(data=st.binary(max_size=300), prefix=st.integers(0, 2000))
 def test_arbitrary_bytes_give_a_neuralflow_error_and_nothing_else(small, tmp_path, data, prefix):
     good = small.save(tmp_path / "run.nft").read_bytes()
-    for blob in (data, good[:prefix] + data):
+    for blob in (data, good[: min(prefix, len(good) - 1)] + data):  # junk, or a cut file with junk after the cut
+        if blob == good:  # the junk happened to restore the cut
+            continue
         with pytest.raises(NeuralflowError):
             _io.parse(blob, "trajectory", "probe")
 
