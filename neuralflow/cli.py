@@ -136,7 +136,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
-    _add_max_params(p)
     p.add_argument("fit", help="fit file written by `neuralflow fit` (.nff)")
     p.add_argument("--figures", default=None,
                    help="folder for the report's figures (default: the fit file's name + .report/)")
@@ -151,7 +150,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.markdown:
         check_writable(args.markdown)
     # The numbers saved with the fit render at once; a fit saved without them is rebuilt and reported.
-    report = stored_report(args.fit) or load(args.fit, max_params=_max_params(args)).report()
+    report = stored_report(args.fit) or load(args.fit).report()
     print(report)
     for path in report.save_figures(directory):
         print(f"figure       {path}")
