@@ -41,7 +41,8 @@ class Stability:
     approximation names it, or the verdict ``"outside"`` / ``"negligible"``) to the fraction of the
     re-fits in which it came out on top; ``original`` is the original report's. ``coefficients``
     and ``closed`` give the original value, the median and the 2.5 and 97.5 percentiles over the
-    re-fits. ``failed`` counts the re-fits that raised an error (too few windows left, a solver failure).
+    re-fits. ``failed`` counts the re-fits that raised an error (too few windows left, a solver failure);
+    ``notes`` says which and why.
     """
 
     replicates: int
@@ -116,6 +117,7 @@ def stability(
     coefficients: dict[str, list[float]] = {name: [] for name in result.coefficients}
     closed: list[float] = []
     failed = 0
+    notes: list[str] = []
     for _ in range(replicates):
         dropped = torch.randperm(blocks, generator=gen)[: blocks // 2].sort().values.tolist()
         exclude = base_exclude + [(edges[b], edges[b + 1]) for b in dropped]
@@ -123,8 +125,9 @@ def stability(
         try:
             refit = fit(model, trajectory, exclude=exclude, progress=False, **settings)
             report = build_report(refit, **report_options)
-        except NeuralflowError:
+        except NeuralflowError as exc:
             failed += 1
+            notes.append(f"  a re-fit without blocks {dropped} failed: {exc}")
             continue
         key = _top(report)
         tops[key] = tops.get(key, 0) + 1
@@ -144,4 +147,5 @@ def stability(
         coefficients={n: _spread(result.coefficients[n], v) for n, v in coefficients.items()},
         closed=_spread(original.closed, closed),
         failed=failed,
+        notes=notes,
     )
