@@ -1139,13 +1139,15 @@ class _GaussNewtonCheckpoint:
                     f"{self.path}: this fit checkpoint belongs to another fit (its {key} differ); pass the same model, "
                     "trajectory and settings, or another resume file."
                 )
-        n = len(self.obj.get())
-        if any(tensors[k].shape != (n,) or tensors[k].dtype != self.obj.get().dtype for k in ("params", "best")):
-            raise FileFormatError(f"{self.path}: the checkpoint's parameters do not fit this model ({n} parameters).")
+        current = self.obj.get()
+        if any(tensors[k].shape != current.shape or tensors[k].dtype != current.dtype for k in ("params", "best")):
+            raise FileFormatError(
+                f"{self.path}: the checkpoint's parameters do not fit this model ({len(current)} parameters)."
+            )
         self.history[:] = meta["history"]
-        self.best.update(score=meta["best_score"], params=tensors["best"], iteration=meta["best_iteration"],
-                         stale=meta["stale"])
-        return {"iteration": meta["iteration"], "params": tensors["params"], "mu": meta["mu"],
+        self.best.update(score=meta["best_score"], params=tensors["best"].to(current.device),
+                         iteration=meta["best_iteration"], stale=meta["stale"])
+        return {"iteration": meta["iteration"], "params": tensors["params"].to(current.device), "mu": meta["mu"],
                 "finished": meta["finished"]}
 
     def save(self, iteration: int, params: Tensor, mu: float, finished: bool = False) -> None:
