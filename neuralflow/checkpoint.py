@@ -2,11 +2,13 @@
 
 The persist stage of the pipeline (see the README). A checkpoint is one file (suffix ``.nff``, kind ``"fit"``) in
 the safe container of :mod:`neuralflow._io`: a safetensors file whose JSON header carries the
-format version, the neuralflow and torch versions and a SHA-256 of the tensor bytes. Writes are
-atomic (temporary file in the same folder, then rename), so a crash mid-save leaves any previous
-checkpoint intact; loading parses JSON and raw numbers only and never executes code from the file.
+format version, the neuralflow and torch versions and a SHA-256 of the metadata and the tensors. Writes
+are atomic (temporary file in the same folder, then rename), so a crash mid-save leaves any previous
+checkpoint intact; loading parses JSON and raw numbers only, never executes code from the file, and
+checks the metadata against its schema (:data:`neuralflow._validate.FIT`) before building anything.
 
-Format version 1 (``_io.FORMAT_VERSION``). Tensors, by name:
+Format version 2 (``_io.FORMAT_VERSION``; version 1, whose checksum covers the tensors only, still
+loads). Tensors, by name:
 
 * ``model.<key>``: the fitted model's ``state_dict()`` (a :class:`~neuralflow.corrections.Hybrid`);
 * ``trajectory.<field>`` and ``trajectory.<field>.<key>``: the fit's targets, a
