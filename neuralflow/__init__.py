@@ -9,13 +9,14 @@ __version__ = "0.1.0"
 from . import autodiff, corrections, flows, problems  # noqa: E402
 from .checkpoint import load  # noqa: E402
 from .corrections import Hybrid  # noqa: E402
-from .errors import DivergenceError, EngineError, FileFormatError, InputError, NeuralflowError  # noqa: E402
+from .errors import DivergenceError, EngineError, FileFormatError, InputError, Interrupted, NeuralflowError  # noqa: E402,E501
 from .fit import FitResult, JointFitResult, coefficient_profile, fit  # noqa: E402
 from .flows import Approximation  # noqa: E402
 from .flows.simulate import compare, simulate  # noqa: E402
 from .gd import run_gd  # noqa: E402
 from .problems import Problem  # noqa: E402
 from .report import Report, ladder  # noqa: E402
+from .stability import Stability, stability  # noqa: E402
 from .sweep import sweep  # noqa: E402
 from .trajectory import Trajectory  # noqa: E402
 
@@ -41,8 +42,11 @@ __all__ = [
     "ladder",
     "sweep",
     "EngineError",
+    "stability",
+    "Stability",
     "NeuralflowError",
     "InputError",
     "DivergenceError",
     "FileFormatError",
+    "Interrupted",
 ]

@@ -2,11 +2,13 @@
 
 The persist stage of the pipeline (see the README). A checkpoint is one file (suffix ``.nff``, kind ``"fit"``) in
 the safe container of :mod:`neuralflow._io`: a safetensors file whose JSON header carries the
-format version, the neuralflow and torch versions and a SHA-256 of the tensor bytes. Writes are
-atomic (temporary file in the same folder, then rename), so a crash mid-save leaves any previous
-checkpoint intact; loading parses JSON and raw numbers only and never executes code from the file.
+format version, the neuralflow and torch versions and a SHA-256 of the metadata and the tensors. Writes
+are atomic (temporary file in the same folder, then rename), so a crash mid-save leaves any previous
+checkpoint intact; loading parses JSON and raw numbers only, never executes code from the file, and
+checks the metadata against its schema (:data:`neuralflow._validate.FIT`) before building anything.
 
-Format version 1 (``_io.FORMAT_VERSION``). Tensors, by name:
+Format version 2 (``_io.FORMAT_VERSION``; version 1, whose checksum covers the tensors only, still
+loads). Tensors, by name:
 
 * ``model.<key>``: the fitted model's ``state_dict()`` (a :class:`~neuralflow.corrections.Hybrid`);
 * ``trajectory.<field>`` and ``trajectory.<field>.<key>``: the fit's targets, a
@@ -50,12 +52,13 @@ import torch
 from torch import Tensor
 
 from . import _io
+from ._validate import MAX_PARAMS
 from .corrections import CORRECTIONS, Correction, Hybrid, TermLibrary
 from .errors import FileFormatError, InputError, NeuralflowError
 from .fit import FitResult
 from .flows import FLOWS
 from .flows.base import Flow
-from .problems import Problem, make
+from .problems import PROBLEMS, Problem, make
 from .report import Report, build_report
 from .trajectory import Trajectory
 
@@ -168,17 +171,19 @@ def _first_loss(problem: Problem, trajectory: Trajectory) -> float:
         return float(problem.loss(trajectory.iterates[0].to(device=problem.device, dtype=problem.dtype)))
 
 
-def _problem(meta: dict[str, Any], problem: Problem | None, device: Any, where: str) -> Problem:
+def _problem(meta: dict[str, Any], problem: Problem | None, device: Any, where: str, max_params: int | None) -> Problem:
     description = meta["problem"]
     if problem is None:
-        try:
-            problem = make(description if device is None else {**description, "device": device})
-        except InputError:
+        if description.get("name") not in PROBLEMS:
             raise InputError(
                 f"{where}: the fit was made on problem {description.get('name')!r}, which cannot be rebuilt from its "
                 f"description ({description}); build that problem again (e.g. with problems.from_module) and pass "
                 "it: checkpoint.load(path, problem=...)."
-            ) from None
+            )
+        try:
+            problem = make(description, max_params, device=device)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
     elif not isinstance(problem, Problem):
         raise InputError(f"load: problem must be a neuralflow Problem, got {type(problem).__name__}.")
     if problem.name != description.get("name"):
@@ -230,20 +235,22 @@ def save(result: FitResult, path: str | os.PathLike, report: Report | bool = Tru
 
 
 def load(
-    path: str | os.PathLike, problem: Problem | None = None, device: torch.device | str | None = None
+    path: str | os.PathLike, problem: Problem | None = None, device: torch.device | str | None = None,
+    max_params: int | None = MAX_PARAMS,
 ) -> FitResult:
     """Read a checkpoint written by :func:`save` and rebuild a working :class:`FitResult`.
 
     The problem is rebuilt from its stored description (on ``device``), or taken from ``problem``
     for problems that cannot be rebuilt (``from_module``, ``from_function``); either way its loss
     at the first target state must match the one recorded. Errors (:class:`FileFormatError` for
-    the file, :class:`InputError` for the problem) name the file and say what to do.
+    the file, :class:`InputError` for the problem) name the file and say what to do. A problem of
+    more than ``max_params`` parameters is not rebuilt from a file unless the limit is raised (None: none).
     """
     tensors, header = _io.read(path, _KIND)
     meta = header["meta"]
     where = str(path)
     try:
-        problem = _problem(meta, problem, device, where)
+        problem = _problem(meta, problem, device, where, max_params)
         trajectory = _decode(Trajectory, meta["trajectory"], "trajectory.", tensors, problem.device, where)
         state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         model = _model(meta["model"], problem, state, where)

@@ -1,17 +1,22 @@
 """Command line: ``neuralflow run-gd | compare | fit | report | sweep | demo`` (also ``python -m neuralflow``).
 
 Each subcommand is a function ``cmd_<name>(args)`` registered in :data:`COMMANDS` with the
-function that adds its arguments.
+function that adds its arguments. Every output path is checked writable before any computation;
+Ctrl-C or SIGTERM stops a command with exit status 130 after ``run-gd`` and ``fit`` have saved what
+they had (the trajectory so far, the best fit so far) and said where.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import DivergenceError, NeuralflowError
+from ._io import check_writable
+from ._validate import MAX_PARAMS
+from .errors import DivergenceError, Interrupted, NeuralflowError
 
 
 def _names(text: str) -> list[str]:
@@ -43,25 +48,32 @@ def _add_run_gd(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-eigs", type=int, default=1, help="how many top Hessian eigenvalues to track")
     p.add_argument("--store-every", type=int, default=1, help="keep every this many iterates")
     p.add_argument("--out", default="run.nft", help="trajectory file to write")
+    p.add_argument("--resume", default=None, metavar="FILE",
+                   help="the run's checkpoint file: continue from it if it exists, and write it as the run goes")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="with --resume: write the checkpoint every this many steps")
 
 
 def cmd_run_gd(args: argparse.Namespace) -> int:
     from .gd import run_gd
 
+    out = check_writable(args.out)
+    png = check_writable(out.with_suffix(".png"))
+    if args.resume is not None:
+        check_writable(args.resume)
     problem = _problem_from_args(args)
-    out = Path(args.out)
     try:
         traj = run_gd(
             problem, args.lr, args.steps, eig_every=args.eig_every, n_eigs=args.n_eigs,
-            store_every=args.store_every, progress=True,
+            store_every=args.store_every, progress=True, resume=args.resume,
+            checkpoint_every=args.checkpoint_every if args.resume is not None else 0,
         )
-    except DivergenceError as err:
+    except (DivergenceError, Interrupted) as err:
         if err.partial is not None:
             err.partial.save(out)
-            print(f"saved the trajectory up to the divergence to {out}", file=sys.stderr)
+            print(f"saved the trajectory so far (up to step {int(err.partial.steps[-1])}) to {out}", file=sys.stderr)
         raise
     traj.save(out)
-    png = out.with_suffix(".png")
     traj.plot().savefig(png, dpi=120)
     s = traj.history["sharpness"][:, 0]
     s = s[s.isfinite()]
@@ -77,7 +89,17 @@ def cmd_run_gd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_max_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-params", type=int, default=MAX_PARAMS,
+                   help="refuse to rebuild a problem of more parameters than this from a file (0: no limit)")
+
+
+def _max_params(args: argparse.Namespace) -> int | None:
+    return args.max_params or None
+
+
 def _add_compare(p: argparse.ArgumentParser) -> None:
+    _add_max_params(p)
     p.add_argument("trajectory", help="trajectory file written by run-gd (.nft)")
     p.add_argument("--flows", default="gradient,modified1,modified2,central",
                    help="comma-separated flow names (gradient, modified1, modified2, principal, central)")
@@ -97,12 +119,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in FLOWS]
     if unknown or not names:
         raise NeuralflowError(f"unknown flows {unknown or names}; choose from {', '.join(FLOWS)}.")
+    out = check_writable(args.out if args.out else Path(args.trajectory).with_suffix(".compare.png"))
+    if args.json:
+        check_writable(args.json)
     traj = Trajectory.load(args.trajectory)
-    problem = make(traj.problem)
+    problem = make(traj.problem, max_params=_max_params(args))
     flows = [FLOWS[n](problem, traj.lr) for n in names]
     result = compare(traj, *flows, problem=problem, steps=args.steps, progress=True)
     print(result)
-    out = Path(args.out) if args.out else Path(args.trajectory).with_suffix(".compare.png")
     result.figure().savefig(out, dpi=120)
     print(f"figure       {out}")
     if args.json:
@@ -121,10 +145,13 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from .checkpoint import load, stored_report
 
+    directory = check_writable(Path(args.figures) if args.figures else Path(args.fit).with_suffix(".report"),
+                               folder=True)
+    if args.markdown:
+        check_writable(args.markdown)
     # The numbers saved with the fit render at once; a fit saved without them is rebuilt and reported.
     report = stored_report(args.fit) or load(args.fit).report()
     print(report)
-    directory = Path(args.figures) if args.figures else Path(args.fit).with_suffix(".report")
     for path in report.save_figures(directory):
         print(f"figure       {path}")
     if args.markdown:
@@ -134,6 +161,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_fit(p: argparse.ArgumentParser) -> None:
+    _add_max_params(p)
     p.add_argument("trajectory", help="trajectory file written by run-gd (.nft)")
     p.add_argument("--physics", default="gradient", help="physics flow by name (see neuralflow.flows.FLOWS)")
     p.add_argument("--terms", default="Hg,H2g,D3gg", help="comma-separated correction terms (see corrections.TERMS)")
@@ -155,6 +183,8 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-transients", action="store_true",
                    help="leave out the stretches past 2/lr where GD does not oscillate yet (Trajectory.eos_transients)")
     p.add_argument("--out", default="fit.nff", help="fit file to write (.nff)")
+    p.add_argument("--resume", default=None, metavar="FILE",
+                   help="Gauss-Newton state file: continue the fit from it if it exists, and update it every iteration")
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -167,17 +197,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if args.physics not in FLOWS:
         raise NeuralflowError(f"unknown physics {args.physics!r}; choose from {', '.join(FLOWS)}.")
+    out = check_writable(args.out)
+    if args.resume is not None:
+        check_writable(args.resume)
     traj = Trajectory.load(args.trajectory)
-    problem = make(traj.problem)
+    problem = make(traj.problem, max_params=_max_params(args))
     terms = _names(args.terms)
     library = TermLibrary(problem, traj.lr, terms, gated=_names(args.gated), features=_names(args.features),
                           baseline=_names(args.baseline))
     model = Hybrid(FLOWS[args.physics](problem, traj.lr), library)
-    result = fit(
-        model, traj, window=args.window, target=args.target, method=args.method, optimizer=args.optimizer,
-        max_iters=args.max_iters, solver=args.solver, step_size=args.step_size, progress=True, balance=args.balance,
-        exclude=traj.eos_transients() if args.exclude_transients else (),
-    )
+    try:
+        result = fit(
+            model, traj, window=args.window, target=args.target, method=args.method, optimizer=args.optimizer,
+            max_iters=args.max_iters, solver=args.solver, step_size=args.step_size, progress=True,
+            balance=args.balance, exclude=traj.eos_transients() if args.exclude_transients else (),
+            resume=args.resume,
+        )
+    except Interrupted as err:
+        save(err.partial, out)
+        print(f"saved the best fit so far ({err.partial.settings['interrupted_after']} iterations) to {out}",
+              file=sys.stderr)
+        raise
     print(f"fit          {args.physics} + [{', '.join(terms)}] on {problem.name} ({problem.dim} parameters), "
           f"lr = {traj.lr:g}, window {args.window} steps, {args.method}")
     for name, value in result.coefficients.items():
@@ -185,8 +225,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"error        physics {result.physics_error:.4g} -> hybrid {result.hybrid_error:.4g} "
           f"(validation windows, normalised by the mean squared displacement)")
     print(f"time         {result.timing['total']:.3g} s, {result.n_function_evals} right-hand-side evaluations")
-    save(result, args.out)
-    print(f"fit file     {args.out}")
+    save(result, out)
+    print(f"fit file     {out}")
     return 0
 
 
@@ -198,6 +238,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    check_writable(args.out, folder=True)
     run_demo(args.out, fast=args.fast, progress=True)
     return 0
 
@@ -260,11 +301,23 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return COMMANDS[args.command][1](args)
     except NeuralflowError as err:
         print(f"neuralflow {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        print(f"neuralflow {args.command}: interrupted. {err if isinstance(err, Interrupted) else ''}".rstrip(),
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops a command as Ctrl-C does, so that it saves what it has."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

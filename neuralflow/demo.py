@@ -16,7 +16,8 @@
 4. *Explanation*: the report and its suggestion of the approximation to revise: the oscillation
    terms switching on at ``lr S = 2``, attributed to gradient flow's "no oscillation".
 5. *Files*: the trajectory (``.nft``), the checkpoint (``.nff``), the report (Markdown) and the
-   figures (PNG) in one output folder, named at the end.
+   figures (PNG) in one output folder, named at the end. A re-run into the same folder first removes
+   the files of the earlier run (the demo's own names only), so that two runs never mix.
 
 ``fast=True`` shrinks every stage (fewer steps, a shorter span, one fit iteration) for the test suite.
 """
@@ -71,6 +72,18 @@ def _say(text: str, quiet: bool) -> None:
         print(text, flush=True)
 
 
+_FILES = ("trajectory.nft", "gd.png", "ladder.png", f"fit{SUFFIX}", "report.md", "summary.json")
+
+
+def _clear_previous_run(out: Path) -> None:
+    """Remove the files an earlier demo run wrote into ``out`` (its own names only), so that two runs never mix.
+
+    ``summary.json`` is written last: a folder holding it holds one complete run.
+    """
+    for path in [*(out / name for name in _FILES), *out.glob("report_*.png")]:
+        path.unlink(missing_ok=True)
+
+
 def run_demo(
     out: str | Path = "neuralflow-demo", fast: bool = False, settings: DemoSettings | None = None,
     progress: bool = True, quiet: bool = False,
@@ -84,6 +97,7 @@ def run_demo(
     s = settings or (FAST if fast else DEFAULT)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _clear_previous_run(out)
     files: dict[str, str] = {}
     timing: dict[str, float] = {}
     begin = time.perf_counter()

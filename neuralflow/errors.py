@@ -32,3 +32,17 @@ class FileFormatError(NeuralflowError, OSError):
 
 class EngineError(NeuralflowError, RuntimeError):
     """A sweep's engine cannot run tasks (Ray missing or unreachable, workers dying); finished runs are kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A long run was interrupted (Ctrl-C, or SIGTERM from the command line); nothing computed is lost.
+
+    ``partial`` holds what was computed (a ``Trajectory`` for GD, the best ``FitResult`` so far for
+    a fit); ``checkpoint`` is the file a resumable run wrote, if any. A ``KeyboardInterrupt``, so
+    code that stops on Ctrl-C keeps stopping.
+    """
+
+    def __init__(self, message: str, partial: object = None, checkpoint: object = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+        self.checkpoint = checkpoint

@@ -47,8 +47,8 @@ from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
 
 from .corrections import FEATURES, Hybrid, TermLibrary
-from .errors import DivergenceError, InputError
-from .problems import check_positive_int
+from .errors import DivergenceError, FileFormatError, InputError, Interrupted
+from .problems import Problem, check_positive_int
 from .trajectory import Trajectory
 
 if TYPE_CHECKING:
@@ -701,6 +701,7 @@ def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: st
         raise InputError(
             f"fit: the trajectory comes from problem {name!r} but the model is built on {problem.name!r}."
         )
+    _check_first_loss(problem, trajectory)
     if target not in ("iterates", "smoothed"):
         raise InputError(f"fit: target must be 'iterates' or 'smoothed', got {target!r}.")
     if method not in ("adjoint", "direct", "regression"):
@@ -713,6 +714,26 @@ def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: st
             f"trajectory.slice(stop={step})."
         )
     return trajectory if target == "iterates" else trajectory.smoothed()
+
+
+def _check_first_loss(problem: Problem, trajectory: Trajectory) -> None:
+    """The problem must reproduce the loss the trajectory recorded at its first iterate (same data, same net).
+
+    Skipped where there is nothing to compare: a smoothed trajectory (its loss series is GD's, its
+    iterates midpoints) or a recorded loss that is not finite.
+    """
+    recorded = float(trajectory.loss[0])
+    if trajectory.meta.get("smoothed") or not math.isfinite(recorded):
+        return
+    with torch.no_grad():
+        now = float(problem.loss(trajectory.iterates[0].to(device=problem.device, dtype=problem.dtype)))
+    rtol = max(1e-9, 1e4 * torch.finfo(problem.dtype).eps)
+    if not math.isclose(now, recorded, rel_tol=rtol, abs_tol=1e-300):
+        raise InputError(
+            f"fit: the model's problem gives loss {now:.12g} at the trajectory's first iterate but the trajectory "
+            f"recorded {recorded:.12g}; the trajectory comes from another problem (other data or architecture). "
+            "Build the model on the problem that produced the trajectory."
+        )
 
 
 def _check_exclude(exclude: Sequence[Sequence[int | None]] | None) -> list[list[int]]:
@@ -819,6 +840,7 @@ def fit(
     progress: bool = True,
     balance: bool = False,
     exclude: Sequence[tuple[int, int]] = (),
+    resume: str | os.PathLike | None = None,
 ) -> FitResult:
     """Fit ``model`` (a :class:`~neuralflow.corrections.Hybrid`) to ``trajectory`` by multiple shooting.
 
@@ -846,7 +868,14 @@ def fit(
     onset of the edge-of-stability oscillation, ``Trajectory.eos_transients()``).
 
     A solver failure mid-fit raises :class:`~neuralflow.errors.DivergenceError`; the model then
-    holds the best parameters found so far (also in ``error.partial``). Runs are reproducible
+    holds the best parameters found so far (also in ``error.partial``). Ctrl-C during the optimisation
+    raises :class:`~neuralflow.errors.Interrupted` whose ``partial`` is the FitResult of the best
+    parameters so far (``settings["interrupted_after"]`` iterations).
+
+    ``resume=path`` (Gauss-Newton only, the default for term libraries): the optimiser's state is
+    written atomically to ``path`` after every iteration, and a fit started with an existing ``path``
+    continues from it; the fitted numbers are bit for bit those of an uninterrupted fit. The file
+    must come from the same settings, model and targets. Runs are reproducible
     bit-for-bit on the same machine.
 
     ``trajectory`` may be a list of runs (e.g. at several ``lr``): one set of coefficients is then fitted
@@ -902,8 +931,10 @@ def fit(
         timing["regression"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    interrupted = False
     if method != "regression" and obj.params:
-        optimizer = _optimise(obj, optimizer, max_iters, patience, tol, learning_rate, history, progress)
+        optimizer, interrupted = _optimise(obj, optimizer, max_iters, patience, tol, learning_rate, history, progress,
+                                           resume, settings)
     timing["optimise"] = time.perf_counter() - t0
     n_evals = obj.counted.n
 
@@ -930,7 +961,9 @@ def fit(
     timing["total"] = time.perf_counter() - t_begin
     settings["optimizer_used"] = optimizer if method != "regression" else None
     settings["init_used"] = init
-    return FitResult(
+    if interrupted:
+        settings["interrupted_after"] = len(history)
+    result = FitResult(
         model=model,
         coefficients=coefficients,
         uncertainty=uncertainty,
@@ -946,6 +979,13 @@ def fit(
         windows={"step": win.steps, "validation": torch.isin(everything, win.val)},
         normaliser=win.normaliser,
     )
+    if interrupted:
+        raise Interrupted(
+            f"fit interrupted after {len(history)} iterations; the best fit so far is in this exception's .partial "
+            "(a FitResult: save it with .save(path)).",
+            partial=result,
+        )
+    return result
 
 
 def _uncertainty(
@@ -963,9 +1003,14 @@ def _uncertainty(
 
 def _optimise(
     obj: _Objective, optimizer: str, max_iters: int | None, patience: int, tol: float, learning_rate: float,
-    history: list[dict[str, float]], progress: bool,
-) -> str:
-    """Run the optimiser; on return the model holds the best parameters (by validation loss)."""
+    history: list[dict[str, float]], progress: bool, resume: str | os.PathLike | None = None,
+    settings: dict[str, Any] | None = None,
+) -> tuple[str, bool]:
+    """Run the optimiser; on return the model holds the best parameters (by validation loss).
+
+    Returns the optimiser used and whether Ctrl-C stopped it (the best parameters are kept then too).
+    With ``resume`` the Gauss-Newton state is kept in that file (:class:`_GaussNewtonCheckpoint`).
+    """
     n_params = len(obj.get())
     if optimizer == "auto":
         optimizer = "gauss-newton" if n_params <= _GN_MAX_PARAMS else "lbfgs"
@@ -997,8 +1042,19 @@ def _optimise(
         return best["stale"] >= patience
 
     step = _gauss_newton if optimizer == "gauss-newton" else _torch_optimiser
+    saver = None
+    if resume is not None:
+        if optimizer != "gauss-newton":
+            raise InputError(f"fit: resume= needs the gauss-newton optimiser, not {optimizer!r}.")
+        saver = _GaussNewtonCheckpoint(resume, obj, settings or {}, best, history)
+        step = saver.wrap(step)
+    interrupted = False
     try:
         step(obj, optimizer, iters, tol, learning_rate, record)
+        if saver is not None:
+            saver.finish()
+    except KeyboardInterrupt:  # keep the best parameters; fit() evaluates them and raises Interrupted
+        interrupted = True
     except _SolverFailure as exc:
         obj.set(best["params"])
         bar.close()
@@ -1010,11 +1066,11 @@ def _optimise(
         ) from None
     obj.set(best["params"])
     bar.close()
-    return optimizer
+    return optimizer, interrupted
 
 
 def _gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record,
-                  xtol: float = 1e-5) -> None:
+                  xtol: float = 1e-5, start: dict[str, Any] | None = None, after=None) -> None:
     """Levenberg-Marquardt on the residual vector with finite-difference sensitivities ``J``.
 
     Each iteration costs ``P + 1`` forward solves (no backward pass): ``J`` by one-sided
@@ -1022,14 +1078,22 @@ def _gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learn
     decreases. For constant coefficients the residuals are nearly linear in them, so a handful of
     iterations suffice. Stops when the loss decreases by less than ``tol`` relative or the
     parameters move by less than ``xtol`` relative.
+
+    ``start`` (``{"iteration", "params", "mu"}``) continues a run that stopped after that iteration;
+    ``after(iteration, params, mu)`` is called after every iteration that does not end the run.
     """
-    p = obj.get()
+    if start is None:
+        p, first, mu = obj.get(), 1, 1e-8
+    else:
+        p, first, mu = start["params"], start["iteration"] + 1, start["mu"]
+        obj.set(p)
     r = obj.residuals(grad=False)
     loss = float(r.square().sum())
-    if record(0, loss, p):
+    if start is None and record(0, loss, p):
         return
-    mu = 1e-8
-    for it in range(1, iters + 1):
+    if start is None and after is not None:
+        after(0, p, mu)
+    for it in range(first, iters + 1):
         J = obj.jacobian(p, r)
         A, b = J.T @ J, J.T @ r
         D = A.diagonal().clamp_min(1e-12 * float(A.diagonal().max()) + torch.finfo(A.dtype).tiny)
@@ -1049,6 +1113,75 @@ def _gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learn
         mu = max(mu / 10, 1e-12)
         if record(it, loss, p) or done:
             return
+        if after is not None:
+            after(it, p, mu)
+
+
+_FIT_CHECKPOINT = "fit-checkpoint"
+
+
+class _GaussNewtonCheckpoint:
+    """The Gauss-Newton state of a fit, kept in one file: parameters, damping, iteration, best so far, history.
+
+    Written atomically after every iteration and once more, marked finished, at the end. Loading checks
+    that the file belongs to this fit: the same settings (model, window, solver, ...) and the same
+    targets (a SHA-256 of the window tensors).
+    """
+
+    def __init__(self, path: str | os.PathLike, obj: _Objective, settings: dict[str, Any], best: dict[str, Any],
+                 history: list[dict[str, float]]) -> None:
+        import hashlib
+        import json
+
+        self.path, self.obj, self.best, self.history = Path(path), obj, best, history
+        digest = hashlib.sha256(obj.win.targets.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(obj.win.steps.cpu().numpy().tobytes())
+        self.identity = {"settings": json.loads(json.dumps(settings)), "targets_sha256": digest.hexdigest()}
+        self.state: dict[str, Any] | None = None
+        if self.path.exists():
+            self.state = self._load()
+
+    def _load(self) -> dict[str, Any]:
+        from . import _io
+
+        tensors, header = _io.read(self.path, _FIT_CHECKPOINT)
+        meta = header["meta"]
+        for key, value in self.identity.items():
+            if meta[key] != value:
+                raise InputError(
+                    f"{self.path}: this fit checkpoint belongs to another fit (its {key} differ); pass the same model, "
+                    "trajectory and settings, or another resume file."
+                )
+        current = self.obj.get()
+        if any(tensors[k].shape != current.shape or tensors[k].dtype != current.dtype for k in ("params", "best")):
+            raise FileFormatError(
+                f"{self.path}: the checkpoint's parameters do not fit this model ({len(current)} parameters)."
+            )
+        self.history[:] = meta["history"]
+        self.best.update(score=meta["best_score"], params=tensors["best"].to(current.device),
+                         iteration=meta["best_iteration"], stale=meta["stale"])
+        return {"iteration": meta["iteration"], "params": tensors["params"].to(current.device), "mu": meta["mu"],
+                "finished": meta["finished"]}
+
+    def save(self, iteration: int, params: Tensor, mu: float, finished: bool = False) -> None:
+        from . import _io
+
+        meta = {**self.identity, "iteration": iteration, "mu": mu, "finished": finished, "history": self.history,
+                "best_score": self.best["score"], "best_iteration": self.best["iteration"],
+                "stale": self.best["stale"]}
+        _io.write(self.path, _FIT_CHECKPOINT, {"params": params, "best": self.best["params"]}, meta)
+
+    def wrap(self, step):
+        """``step`` (Gauss-Newton) started from the saved state, saving after every iteration."""
+        def resumed(obj, optimizer, iters, tol, learning_rate, record) -> None:
+            if self.state is not None and self.state["finished"]:
+                return
+            step(obj, optimizer, iters, tol, learning_rate, record, start=self.state,
+                 after=lambda it, p, mu: self.save(it, p, mu))
+        return resumed
+
+    def finish(self) -> None:
+        self.save(self.best["iteration"], self.best["params"], math.nan, finished=True)
 
 
 def _torch_optimiser(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record) -> None:

@@ -3,17 +3,28 @@
 Stage 2 of the pipeline. Records iterates, loss, gradient norm, the top Hessian eigenvalues
 (sharpness, by warm-started LOBPCG on Hessian-vector products) and the top-eigenvector component
 of each update.
+
+A long run can write its state atomically every ``checkpoint_every`` steps to a checkpoint file
+(``resume=path``, kind ``"gd-checkpoint"``) and continue from it bit for bit: the iterate, the series
+so far, the eigen-solver's warm start and the random generator's state are all in the file.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .autodiff import Curvature, top_eigenpairs, value_and_gradient
-from .errors import DivergenceError, InputError
+from . import _io
+from ._validate import check_positive_finite
+from .autodiff import Curvature, EigenResult, top_eigenpairs, value_and_gradient
+from .errors import DivergenceError, FileFormatError, InputError, Interrupted
 from .problems import Problem, check_lr, check_positive_int
 from .trajectory import Trajectory
 
@@ -30,6 +41,9 @@ def run_gd(
     progress: bool = True,
     eig_tol: float = 5e-3,
     theta0: torch.Tensor | None = None,
+    eig_retries: int = 2,
+    checkpoint_every: int = 0,
+    resume: str | os.PathLike | None = None,
 ) -> Trajectory:
     """Run ``steps`` steps of full-batch GD on ``problem`` and record the trajectory.
 
@@ -38,81 +52,259 @@ def run_gd(
     previous one. Iterates are kept every ``store_every`` steps (the last step always); scalar
     series are kept at every step in ``Trajectory.history``.
 
+    An eigen-solve that misses ``eig_tol`` is retried up to ``eig_retries`` times from a cold
+    start with guard vectors and more iterations (:func:`_measure`); if it still fails, the step's
+    sharpness is recorded as NaN, ``history["eig_converged"]`` is False there, and a warning names
+    the steps: a value that failed its residual check is never recorded.
+
+    ``resume=path`` names the run's checkpoint file: if it exists, the run continues from it (its
+    settings must be these); with ``checkpoint_every=N`` the state is written there atomically every
+    ``N`` steps, at the end, and on an interruption. The result is bit for bit the uninterrupted run's.
+
     A non-finite loss or iterate stops the run with a :class:`DivergenceError` that names the
     step and the last finite sharpness; ``error.partial`` is the trajectory up to that point.
+    Ctrl-C (KeyboardInterrupt) raises :class:`~neuralflow.errors.Interrupted`, whose ``partial`` is
+    the trajectory so far (and whose ``checkpoint`` is the file written, with ``resume``).
     """
     lr = check_lr(lr)
+    eig_tol = check_positive_finite(eig_tol, "eig_tol")
+    if isinstance(eig_retries, bool) or not isinstance(eig_retries, int) or eig_retries < 0:
+        raise InputError(f"eig_retries must be a non-negative int, got {eig_retries!r}.")
     steps = check_positive_int(steps, "steps")
     store_every = check_positive_int(store_every, "store_every")
     if isinstance(eig_every, bool) or not isinstance(eig_every, int) or eig_every < 0:
         raise InputError(f"eig_every must be a non-negative int (0 = never), got {eig_every!r}.")
     if isinstance(n_eigs, bool) or not isinstance(n_eigs, int) or not 1 <= n_eigs <= problem.dim:
         raise InputError(f"n_eigs must be an int in [1, {problem.dim}] (the problem's dimension), got {n_eigs!r}.")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise InputError(f"checkpoint_every must be a non-negative int (0 = never), got {checkpoint_every!r}.")
+    if checkpoint_every and resume is None:
+        raise InputError("checkpoint_every needs the checkpoint file: pass resume=path (it need not exist yet).")
     theta = problem.check_theta(problem.theta0 if theta0 is None else theta0, "theta0").detach().clone()
     if theta.dim() != 1:
         raise InputError("theta0 must be a single parameter vector, not a batch.")
+    if not bool(torch.isfinite(theta).all()):
+        raise InputError("theta0 contains NaN or inf values; pass a finite starting point.")
 
+    settings = {"lr": lr, "problem": problem.description, "steps": steps, "eig_every": eig_every, "n_eigs": n_eigs,
+                "store_every": store_every, "eig_tol": eig_tol, "eig_retries": eig_retries}
+    run = _Run.start(theta, steps, n_eigs)
+    if resume is not None and Path(resume).exists():
+        run = _Run.load(resume, settings, theta, problem)
     n = steps + 1
-    dev, dt = theta.device, theta.dtype
-    hist = {
-        "step": torch.arange(n, device=dev),
-        "loss": torch.full((n,), math.nan, dtype=dt, device=dev),
-        "grad_norm": torch.full((n,), math.nan, dtype=dt, device=dev),
-        "sharpness": torch.full((n, n_eigs), math.nan, dtype=dt, device=dev),
-        "update_u": torch.full((n,), math.nan, dtype=dt, device=dev),
-    }
-    stored_steps: list[int] = []
-    # one preallocated block: stacking a list of iterates at the end would hold every iterate twice
-    stored = theta.new_empty(len(range(0, steps + 1, store_every)) + (steps % store_every != 0), problem.dim)
-    block = None
-    u = None
-    last_sharpness = math.nan
-    gen = torch.Generator(device=dev).manual_seed(0)
 
     def trajectory(upto: int) -> Trajectory:
-        keep = torch.tensor(stored_steps, dtype=torch.long, device=dev)
-        h = {k: v[: upto + 1] for k, v in hist.items()}
+        dev = theta.device
+        keep = torch.tensor(run.stored_steps, dtype=torch.long, device=dev)
+        h = {k: v[: upto + 1] for k, v in run.hist.items()}
         return Trajectory(
             lr=lr,
             steps=keep,
-            iterates=stored[: len(stored_steps)],
+            iterates=torch.stack(run.stored) if run.stored else theta.new_zeros(0, problem.dim),
             **{k: h[k][keep] for k in ("loss", "grad_norm", "sharpness", "update_u")},
             problem=problem.description,
             history=h,
-            meta={"eig_every": eig_every, "n_eigs": n_eigs, "store_every": store_every, "eig_tol": eig_tol},
+            meta={"eig_every": eig_every, "n_eigs": n_eigs, "store_every": store_every, "eig_tol": eig_tol,
+                  "eig_retries": eig_retries},
         )
 
-    bar = tqdm(range(n), desc=f"GD lr={lr:g}", disable=not progress, unit="step")
-    for k in bar:
-        measure = eig_every > 0 and k % eig_every == 0
-        if measure:
-            curv = Curvature(problem, theta)
-            value, g = curv.value, curv.grad
-        else:
-            value, g = value_and_gradient(problem, theta)
-        if not (torch.isfinite(value) and torch.isfinite(theta).all() and torch.isfinite(g).all()):
-            bar.close()
-            partial = trajectory(k - 1) if k > 0 else None
-            raise DivergenceError(
-                f"GD diverged at step {k} (loss {value.item()}); last finite sharpness "
-                f"{last_sharpness:.4g} against 2/lr = {2 / lr:.4g}. Lower lr; the trajectory up to "
-                f"step {k - 1} is in this error's .partial.",
-                partial=partial,
-            )
-        if measure:
-            eig = top_eigenpairs(curv, k=n_eigs, v0=block, tol=eig_tol, generator=gen)
-            block, u = eig.block, eig.vectors[0]
-            hist["sharpness"][k] = eig.values
-            last_sharpness = float(eig.values[0])
-        hist["loss"][k] = value
-        hist["grad_norm"][k] = g.norm()
-        if u is not None:
-            hist["update_u"][k] = -lr * torch.dot(u, g)
-        if k % store_every == 0 or k == steps:
-            stored[len(stored_steps)] = theta
-            stored_steps.append(k)
-        if progress and k % 50 == 0:
-            bar.set_postfix(loss=f"{value.item():.4g}", sharpness=f"{last_sharpness:.4g}")
-        if k < steps:
-            theta = theta - lr * g
+    bar = tqdm(range(run.step, n), desc=f"GD lr={lr:g}", disable=not progress, unit="step", initial=run.step, total=n)
+    run.mark(run.step)
+    try:
+        for k in bar:
+            run.mark(k)
+            if checkpoint_every and k > run.resumed_at and k % checkpoint_every == 0:
+                run.save(resume, settings)
+            _step(problem, run, k, lr, steps, eig_every, n_eigs, eig_tol, eig_retries, store_every, bar, progress,
+                  trajectory)
+    except KeyboardInterrupt:
+        bar.close()
+        run.rewind()
+        if resume is not None:
+            run.save(resume, settings)
+        raise Interrupted(
+            f"GD interrupted at step {run.step}"
+            + (f"; its state is in {resume} (run again with resume= to continue)." if resume is not None else ".")
+            + " The trajectory so far is in this exception's .partial.",
+            partial=trajectory(run.step - 1) if run.step > 0 else None,
+            checkpoint=None if resume is None else Path(resume),
+        ) from None
+    run.mark(n)
+    if checkpoint_every:
+        run.save(resume, settings)
+    _warn_unconverged(run.hist["eig_converged"], eig_tol)
     return trajectory(steps)
+
+
+def _step(problem: Problem, run: _Run, k: int, lr: float, steps: int, eig_every: int, n_eigs: int, eig_tol: float,
+          eig_retries: int, store_every: int, bar: Any, progress: bool, trajectory: Any) -> None:
+    """GD step ``k``: measure at ``theta_k``, record, store, then move to ``theta_{k+1}``."""
+    hist, theta = run.hist, run.theta
+    measure = eig_every > 0 and k % eig_every == 0
+    if measure:
+        curv = Curvature(problem, theta)
+        value, g = curv.value, curv.grad
+    else:
+        value, g = value_and_gradient(problem, theta)
+    if not (torch.isfinite(value) and torch.isfinite(theta).all() and torch.isfinite(g).all()):
+        bar.close()
+        _warn_unconverged(hist["eig_converged"][:k], eig_tol)
+        partial = trajectory(k - 1) if k > 0 else None
+        raise DivergenceError(
+            f"GD diverged at step {k} (loss {value.item()}); last finite sharpness "
+            f"{run.last_sharpness:.4g} against 2/lr = {2 / lr:.4g}. Lower lr; the trajectory up to "
+            f"step {k - 1} is in this error's .partial.",
+            partial=partial,
+        )
+    if measure:
+        eig = _measure(curv, n_eigs, run.block, eig_tol, eig_retries, run.gen)
+        if eig.converged:
+            run.block, run.u = eig.block, eig.vectors[0]
+            hist["sharpness"][k] = eig.values
+            run.last_sharpness = float(eig.values[0])
+        else:  # keep the last converged warm start; no update_u along an unmeasured direction
+            hist["eig_converged"][k] = False
+            run.u = None
+    hist["loss"][k] = value
+    hist["grad_norm"][k] = g.norm()
+    if run.u is not None:
+        hist["update_u"][k] = -lr * torch.dot(run.u, g)
+    if k % store_every == 0 or k == steps:
+        run.stored_steps.append(k)
+        run.stored.append(theta.clone())
+    if progress and k % 50 == 0:
+        bar.set_postfix(loss=f"{value.item():.4g}", sharpness=f"{run.last_sharpness:.4g}")
+    if k < steps:
+        run.theta = theta - lr * g
+
+
+_CHECKPOINT = "gd-checkpoint"
+_HIST_FILL = {"loss": math.nan, "grad_norm": math.nan, "sharpness": math.nan, "update_u": math.nan,
+              "eig_converged": True}
+
+
+@dataclass
+class _Run:
+    """Everything a GD run carries from one step to the next, and a copy of it taken at the start of a step."""
+
+    step: int
+    theta: torch.Tensor
+    hist: dict[str, torch.Tensor]
+    stored_steps: list[int]
+    stored: list[torch.Tensor]
+    gen: torch.Generator
+    block: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    last_sharpness: float = math.nan
+    resumed_at: int = 0
+    _mark: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, theta: torch.Tensor, steps: int, n_eigs: int) -> _Run:
+        n, dev, dt = steps + 1, theta.device, theta.dtype
+        hist = {"step": torch.arange(n, device=dev)}
+        for name, fill in _HIST_FILL.items():
+            shape = (n, n_eigs) if name == "sharpness" else (n,)
+            hist[name] = torch.full(shape, fill, dtype=torch.bool if name == "eig_converged" else dt, device=dev)
+        return cls(0, theta, hist, [], [], torch.Generator(device=dev).manual_seed(0))
+
+    def mark(self, step: int) -> None:
+        """Remember the state at the start of ``step`` (what an interruption rewinds to, what a checkpoint holds)."""
+        self._mark = {"step": step, "theta": self.theta, "stored": len(self.stored), "block": self.block,
+                      "u": self.u, "gen": self.gen.get_state(), "last_sharpness": self.last_sharpness}
+        self.step = step
+
+    def rewind(self) -> None:
+        """Back to the start of the marked step: its half-written row is cleared, its stored iterate dropped."""
+        m = self._mark
+        self.step = m["step"]
+        self.theta, self.block, self.u, self.last_sharpness = m["theta"], m["block"], m["u"], m["last_sharpness"]
+        self.gen.set_state(m["gen"])
+        del self.stored[m["stored"]:], self.stored_steps[m["stored"]:]
+        if self.step < self.hist["step"].shape[0]:
+            for name, fill in _HIST_FILL.items():
+                self.hist[name][self.step] = fill
+
+    def save(self, path: str | os.PathLike, settings: dict[str, Any]) -> None:
+        """Write the state at the start of the marked step (:meth:`mark`) atomically to ``path``."""
+        m = self._mark
+        tensors = {f"history.{k}": v for k, v in self.hist.items()}
+        tensors.update(theta=m["theta"], generator=m["gen"],
+                       stored_steps=torch.tensor(self.stored_steps[: m["stored"]], dtype=torch.long),
+                       stored=torch.stack(self.stored[: m["stored"]]) if m["stored"] else self.theta.new_zeros(0,
+                       self.theta.shape[0]))
+        for name in ("block", "u"):
+            if m[name] is not None:
+                tensors[name] = m[name]
+        meta = {**settings, "next_step": m["step"], "last_sharpness": m["last_sharpness"]}
+        _io.write(path, _CHECKPOINT, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, settings: dict[str, Any], theta0: torch.Tensor, problem: Problem) -> _Run:
+        """The state saved by :meth:`save`, checked against this run's settings, starting point and problem."""
+        tensors, header = _io.read(path, _CHECKPOINT)
+        meta = header["meta"]
+        differ = {k: (meta.get(k), v) for k, v in settings.items() if meta.get(k) != v}
+        if differ:
+            raise InputError(
+                f"{path}: this checkpoint is of another run; its settings differ from these in "
+                + ", ".join(f"{k} (file {a!r}, now {b!r})" for k, (a, b) in differ.items())
+                + ". Pass the run's own settings, or another resume file."
+            )
+        dev, dt, d = theta0.device, theta0.dtype, problem.dim
+        steps, n_eigs = settings["steps"], settings["n_eigs"]
+        try:
+            start = cls.start(theta0, steps, n_eigs)
+            for name, ref in start.hist.items():
+                _same_layout(tensors[f"history.{name}"], ref, f"history.{name}")
+            _same_layout(tensors["theta"], theta0, "theta")
+            stored = tensors["stored"].to(dev)
+            if stored.dtype != dt or stored.dim() != 2 or stored.shape[1] != d:
+                raise FileFormatError(f"tensor 'stored' has dtype {stored.dtype} and shape {tuple(stored.shape)}")
+            if stored.shape[0] and not torch.equal(stored[0], theta0):
+                raise InputError(f"{path}: this checkpoint's run started from another theta0; pass that one.")
+            gen = torch.Generator(device=dev)
+            gen.set_state(tensors["generator"])
+            run = cls(
+                meta["next_step"], tensors["theta"].to(dev), {k: tensors[f"history.{k}"].to(dev) for k in start.hist},
+                tensors["stored_steps"].tolist(), list(stored.unbind(0)), gen,
+                tensors["block"].to(dev) if "block" in tensors else None,
+                tensors["u"].to(dev) if "u" in tensors else None,
+                float(meta.get("last_sharpness", math.nan)), meta["next_step"],
+            )
+        except (KeyError, RuntimeError, FileFormatError) as exc:
+            raise FileFormatError(f"{path}: the checkpoint's tensors do not fit its settings ({exc}).") from None
+        if run.step > steps + 1 or len(run.stored) != len(run.stored_steps):
+            raise FileFormatError(f"{path}: the checkpoint's step {run.step} does not fit a run of {steps} steps.")
+        return run
+
+
+def _same_layout(t: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    if t.dtype != ref.dtype or t.shape != ref.shape:
+        raise FileFormatError(f"tensor {name!r} has dtype {t.dtype} and shape {tuple(t.shape)}, expected "
+                              f"{ref.dtype} {tuple(ref.shape)}")
+
+
+def _measure(
+    curv: Curvature, n_eigs: int, block: torch.Tensor | None, tol: float, retries: int, gen: torch.Generator
+) -> EigenResult:
+    """The top eigenpairs at one step: warm-started, then ``retries`` cold starts with guard vectors, each with
+    four times the iterations of the one before; the last result (converged or not) is returned."""
+    eig = top_eigenpairs(curv, k=n_eigs, v0=block, tol=tol, generator=gen)
+    for attempt in range(1, retries + 1):
+        if eig.converged:
+            break
+        eig = top_eigenpairs(curv, k=n_eigs, tol=tol, max_iters=200 * 4**attempt, guard=n_eigs + 1, generator=gen)
+    return eig
+
+
+def _warn_unconverged(converged: torch.Tensor, tol: float) -> None:
+    failed = torch.nonzero(~converged).flatten().tolist()
+    if failed:
+        shown = ", ".join(map(str, failed[:10])) + (" ..." if len(failed) > 10 else "")
+        warnings.warn(
+            f"run_gd: the eigen-solve missed eig_tol = {tol:g} at {len(failed)} step(s) ({shown}) even after "
+            "retries; their sharpness is recorded as NaN (history['eig_converged'] is False there). Loosen eig_tol "
+            "or check the problem's scaling.",
+            stacklevel=3,
+        )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._validate import MAX_PARAMS, check_max_params, check_problem_description
 from .errors import InputError
 
 LossFn = Callable[[Tensor], Tensor]
@@ -59,6 +60,11 @@ class Problem:
             raise InputError(
                 f"problem {self.name!r}: theta0 has dtype {self.theta0.dtype}; pass a floating "
                 "tensor (float64 is recommended for anything involving third derivatives)."
+            )
+        if self.theta0.dtype not in (torch.float64, torch.float32):
+            raise InputError(
+                f"problem {self.name!r}: theta0 has dtype {self.theta0.dtype}; neuralflow needs float64 (recommended) "
+                "or float32: Hessian eigen-solves and third derivatives break down in half precision."
             )
         if not torch.isfinite(self.theta0).all():
             raise InputError(f"problem {self.name!r}: theta0 contains NaN or inf values.")
@@ -266,12 +272,27 @@ def mlp_digits(
     return problem
 
 
+def _batch_shape(t: Tensor) -> str:
+    return "(" + ", ".join(["N", *map(str, t.shape[1:])]) + ")"
+
+
+def _same_shape(out: Tensor, target: Tensor, also: str = "") -> None:
+    """Never broadcast: a target of another shape than the output is a mistake in the data."""
+    if out.shape != target.shape:
+        raise InputError(
+            f"from_module: targets have shape {_batch_shape(target)} but the module's outputs have shape "
+            f"{_batch_shape(out)}; pass targets of the outputs' shape{also}."
+        )
+
+
 def _mse(out: Tensor, target: Tensor) -> Tensor:
+    _same_shape(out, target)
     return 0.5 * ((out - target) ** 2).reshape(out.shape[0], -1).sum(dim=1).sum()
 
 
 def _ce(out: Tensor, target: Tensor) -> Tensor:
-    if target.dim() == out.dim():  # one-hot or soft targets
+    if target.dim() == out.dim() or target.is_floating_point():  # one-hot or soft targets
+        _same_shape(out, target, " (or one class index per example)")
         return -(target * torch.log_softmax(out, dim=-1)).sum()
     return torch.nn.functional.cross_entropy(out, target, reduction="sum")
 
@@ -356,8 +377,17 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
 }
 
 
-def make(description: dict[str, Any]) -> Problem:
-    """Rebuild a registered problem from its JSON description (as saved in trajectories)."""
+def make(
+    description: dict[str, Any], max_params: int | None = MAX_PARAMS, device: torch.device | str | None = None
+) -> Problem:
+    """Rebuild a registered problem from its JSON description (as saved in trajectories).
+
+    The description is checked against its schema (``neuralflow._validate.PROBLEM_DESCRIPTIONS``) first,
+    and a problem of more than ``max_params`` parameters is refused before it is built (None: no
+    limit); a description comes from a file, and a file must not decide how much memory is allocated.
+    ``device``: where to build it (registered problems only take it).
+    """
+    check_problem_description(description, check_max_params(max_params))
     kwargs = dict(description)
     name = kwargs.pop("name", None)
     if name not in PROBLEMS:
@@ -371,6 +401,8 @@ def make(description: dict[str, Any]) -> Problem:
         kwargs["widths"] = tuple(kwargs["widths"])
     if "theta0" in kwargs:
         kwargs["theta0"] = tuple(kwargs["theta0"])
+    if device is not None:
+        kwargs["device"] = device
     return PROBLEMS[name](**kwargs)
 
 

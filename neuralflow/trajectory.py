@@ -16,6 +16,8 @@ from .errors import FileFormatError, InputError
 
 __all__ = ["Trajectory"]
 
+_FLOATS = (torch.float64, torch.float32)
+
 _KIND = "trajectory"
 _SERIES = ("loss", "grad_norm", "sharpness", "update_u")
 
@@ -193,11 +195,25 @@ class Trajectory:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> Trajectory:
-        """Read a trajectory written by :meth:`save`; errors name the file."""
-        tensors, header = _io.read(path, _KIND)
+        """Read a trajectory written by :meth:`save`; errors name the file.
+
+        The metadata is checked against its schema (and covered by the file's checksum) and the
+        tensors' dtypes and shapes against each other before the trajectory is built.
+        """
+        traj = cls._build(*_io.read(path, _KIND), str(path))
+        return traj if device is None else traj.to(device)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "<bytes>") -> Trajectory:
+        """The trajectory held by the bytes of a ``.nft`` file, checked as :meth:`load` does (``where`` names it)."""
+        return cls._build(*_io.parse(data, _KIND, where), where)
+
+    @classmethod
+    def _build(cls, tensors: dict[str, Tensor], header: dict[str, Any], where: str) -> Trajectory:
         meta = header["meta"]
+        _check_tensors(tensors, where)
         try:
-            traj = cls(
+            return cls(
                 lr=float(meta["lr"]),
                 steps=tensors["steps"],
                 iterates=tensors["iterates"],
@@ -207,8 +223,7 @@ class Trajectory:
                 meta=meta.get("meta", {}),
             )
         except (KeyError, InputError, TypeError) as exc:
-            raise FileFormatError(f"{path}: the trajectory's tensors do not fit together ({exc}).") from None
-        return traj if device is None else traj.to(device)
+            raise FileFormatError(f"{where}: the trajectory's tensors do not fit together ({exc}).") from None
 
     # ------------------------------------------------------------------- plots
     def plot(self, ax: Any = None) -> Any:
@@ -242,3 +257,23 @@ class Trajectory:
         ax_loss.set_title(f"GD on {self.problem.get('name', 'problem')}, lr = {self.lr:g}")
         fig.tight_layout()
         return fig
+
+
+_SPECIAL_DTYPES = {"steps": torch.int64, "history.step": torch.int64, "history.eig_converged": torch.bool}
+
+
+def _check_tensors(tensors: dict[str, Tensor], where: str) -> None:
+    """Dtypes and ranks of a stored trajectory's tensors: int64 steps, a boolean convergence mask, and every other
+    series in the iterates' float dtype; vectors, except the iterates and the sharpness (matrices)."""
+    missing = [k for k in ("steps", "iterates", *_SERIES) if k not in tensors]
+    if missing:
+        raise FileFormatError(f"{where}: the trajectory lacks the tensors {missing}.")
+    dtype = tensors["iterates"].dtype
+    for name, t in sorted(tensors.items(), key=lambda item: item[0] != "iterates"):
+        wanted = _SPECIAL_DTYPES.get(name, dtype)
+        rank = 2 if name in ("iterates", "sharpness", "history.sharpness") else 1
+        if t.dtype != wanted or t.dim() != rank or dtype not in _FLOATS:
+            raise FileFormatError(
+                f"{where}: tensor {name!r} has dtype {t.dtype} and shape {tuple(t.shape)}; a trajectory stores "
+                f"int64 steps and float64 or float32 series ({rank}-D here)."
+            )

@@ -33,6 +33,7 @@ Predicted time averages: ``E[L] ~ L + 1/2 <H, Sigma> = L + 1/2 tr(X M)`` (:meth:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -307,8 +308,9 @@ class CentralFlow(Flow):
             )
         if not 0 < critical <= 2:
             raise InputError(f"CentralFlow: critical must be in (0, 2] (times 1/lr), got {critical!r}.")
-        if not relaxation > 0:
-            raise InputError(f"CentralFlow: relaxation must be a positive time in steps, got {relaxation!r}.")
+        if isinstance(relaxation, bool) or not (isinstance(relaxation, (int, float)) and 0 < relaxation < math.inf):
+            # 0 would divide by zero, inf would switch the oscillation's restoring force off without a word
+            raise InputError(f"CentralFlow: relaxation must be a positive finite time in steps, got {relaxation!r}.")
         if isinstance(max_critical, bool) or not isinstance(max_critical, int) or max_critical < 1:
             raise InputError(f"CentralFlow: max_critical must be a positive int, got {max_critical!r}.")
         if isinstance(gram_every, bool) or not isinstance(gram_every, int) or gram_every < 1:
