@@ -309,8 +309,12 @@ FIT_CHECKPOINT = Record(
 )
 
 # The metadata schema of each file kind; one entry per kind a file may hold.
+# One finished run of a sweep: its table row (flat JSON: configuration, measurements, coefficients).
+SWEEP_ROW = Record({"row": Map(Json())}, ("row",))
+
 SCHEMAS: dict[str, Spec] = {
     "trajectory": TRAJECTORY, "fit": FIT, "gd-checkpoint": GD_CHECKPOINT, "fit-checkpoint": FIT_CHECKPOINT,
+    "sweep-row": SWEEP_ROW,
 }
 
 HEADER = Record(

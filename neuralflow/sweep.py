@@ -276,7 +276,7 @@ def run_task(config: dict[str, Any], threads: int = 1) -> dict[str, Any]:
         _flatten("", {k: v for k, v in config.items() if k != "fit"}, row)
         if config["fit"]:
             _flatten("fit", config["fit"], row)
-        problem = make({**config["problem"], "device": config["device"]})
+        problem = make(config["problem"], device=config["device"])
         files: dict[str, bytes] = {}
         try:
             traj = run_gd(problem, config["lr"], config["steps"], eig_every=config["eig_every"],
