@@ -164,14 +164,15 @@ class Trajectory:
         inner = self.slice(int(self.steps[1]), int(self.steps[-1]))
         return replace(inner, iterates=mid, meta={**self.meta, "smoothed": True})
 
-    def to(self, device: torch.device | str) -> Trajectory:
-        """A copy with every tensor on ``device``."""
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Trajectory:
+        """A copy with every tensor on ``device`` and every floating tensor in ``dtype`` (None: unchanged)."""
+        move = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
         return replace(
             self,
-            steps=self.steps.to(device),
-            iterates=self.iterates.to(device),
-            **{name: getattr(self, name).to(device) for name in _SERIES},
-            history={k: v.to(device) for k, v in self.history.items()},
+            steps=move(self.steps),
+            iterates=move(self.iterates),
+            **{name: move(getattr(self, name)) for name in _SERIES},
+            history={k: move(v) for k, v in self.history.items()},
         )
 
     def __repr__(self) -> str:

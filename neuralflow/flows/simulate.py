@@ -245,6 +245,10 @@ def compare(
     window: int = 10,
     n_probe: int = 50,
     progress: bool = False,
+    method: str | None = None,
+    step_size: float | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> Comparison:
     """Simulate each flow from the trajectory's first iterate and compare it with GD.
 
@@ -253,7 +257,8 @@ def compare(
     for a dense recording, to the smoothed iterates (interior steps); relative loss error; at
     ``n_probe`` evenly spaced stored steps the sharpness (LOBPCG, warm-started) against GD's, and the
     predicted time-averaged loss (``CentralFlow.predicted_loss``; the loss itself for other flows)
-    against GD's loss averaged over ``+-window`` steps.
+    against GD's loss averaged over ``+-window`` steps. ``method``, ``step_size``, ``rtol`` and ``atol``
+    go to :func:`simulate` for every flow (default: each flow's own solver).
     """
     if not flows:
         raise InputError("compare: pass at least one flow, e.g. compare(traj, GradientFlow(problem, traj.lr)).")
@@ -292,7 +297,7 @@ def compare(
     records = []
     for f in flows:
         start = time.perf_counter()
-        states = simulate(f, gd[0], tr.times, progress=progress)
+        states = simulate(f, gd[0], tr.times, method, step_size, rtol, atol, progress=progress)
         seconds = time.perf_counter() - start
         with torch.no_grad():
             loss = torch.stack([problem.loss(th) for th in states])
