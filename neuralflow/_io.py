@@ -2,8 +2,10 @@
 
 The container is safetensors: an 8-byte header length, a JSON header, raw tensor bytes. Our
 metadata sits in the header under ``"neuralflow"``: the file kind, the format version, the
-library versions, the caller's metadata and a SHA-256 of the tensor bytes, so truncation and
-tampering are detected. Loading parses JSON and raw numbers only; it never executes code.
+library versions, the caller's metadata, a SHA-256 of the tensor bytes, so truncation and
+tampering are detected, and the ``"provenance"`` of the file (:func:`neuralflow.provenance.provenance`:
+command, commit, versions, device, dtype, threads; files written before it lack the key and load).
+Loading parses JSON and raw numbers only; it never executes code.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: 
     """Write ``tensors`` and JSON-able ``meta`` to ``path`` atomically (temporary file, rename)."""
     from safetensors.torch import save
 
+    from .provenance import provenance
+
     path = Path(path)
+    floating = next((v for v in tensors.values() if v.is_floating_point()), None)
+    prov = provenance(*(None, None) if floating is None else (floating.device, floating.dtype))
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = {
         "kind": kind,
@@ -54,6 +60,7 @@ def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: 
         "torch_version": torch.__version__,
         "sha256": _digest(cpu),
         "meta": meta,
+        "provenance": prov,
     }
     blob = save(cpu, metadata={"neuralflow": json.dumps(header)})
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from .options import (
     read_config,
     write_config,
 )
+from .provenance import provenance, set_command, write_json
 
 #: Command-line defaults for keywords the Python function requires (it has no default).
 CLI_DEFAULTS: dict[str, Any] = {"run_gd.lr": 0.1, "run_gd.steps": 3000}
@@ -252,7 +253,7 @@ def cmd_compare(cmd: Command, args: argparse.Namespace) -> int:
     result.figure().savefig(out, dpi=120)
     say(f"figure       {out}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+        write_json(args.json, result.to_dict(), device=problem.device, dtype=problem.dtype)
         say(f"table        {args.json}")
     return _written_back(cmd, args, out, say)
 
@@ -343,7 +344,8 @@ def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
         "latex": report.to_latex,
         "html": lambda: f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(report._title())}"
                         f"</title></head><body>{report._repr_html_()}</body></html>\n",
-        "json": lambda: json.dumps(report.to_dict(), indent=2),
+        "json": lambda: json.dumps({**report.to_dict(), "provenance": provenance(args.device, args.dtype)},
+                                   indent=2),
     }
     for what, render in renders.items():
         target = getattr(args, what)
@@ -392,8 +394,6 @@ def _values(cmd: Command, args: argparse.Namespace) -> dict[str, Any]:
 
 def _written_back(cmd: Command, args: argparse.Namespace, beside: Path, say: Callable[[str], None]) -> int:
     """Write the run's options as TOML beside its result (``run.nft`` -> ``run.nft.toml``)."""
-    from .provenance import provenance
-
     path = beside if beside.suffix == ".toml" else beside.with_name(beside.name + ".toml")
     prov = provenance(device=args.device, dtype=args.dtype)
     comments = {k: prov[k] for k in ("command", "neuralflow", "commit")}
@@ -442,8 +442,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .provenance import set_command
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, commands = build_parser()
     args = parser.parse_args(argv)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
 import platform
 import shlex
 import subprocess
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["provenance", "set_command"]
+__all__ = ["provenance", "set_command", "write_json"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _command: list[str] | None = None
@@ -90,3 +92,12 @@ def provenance(device: torch.device | str | None = None, dtype: torch.dtype | st
         "dtype": str(torch.get_default_dtype() if dtype is None else dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
     }
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any], device: torch.device | str | None = None,
+               dtype: torch.dtype | str | None = None, indent: int = 2) -> Path:
+    """Write ``data`` as JSON with its :func:`provenance` under ``"provenance"`` (the benchmarks' and CLI's JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**data, "provenance": provenance(device, dtype)}, indent=indent, default=str))
+    return path
