@@ -100,11 +100,9 @@ class Command:
 
 def _add(parser: argparse.ArgumentParser, flag: str, default: Any, help_: str, **kw: Any) -> None:
     """A subcommand's own option (not a keyword of a public function), its default in the help."""
-    shown = "automatic" if default is None else default
-    if kw.get("action") == "store_true":
-        parser.add_argument(flag, default=default, help=help_, **kw)
-    else:
-        parser.add_argument(flag, default=default, help=f"{help_} (default: {shown})", **kw)
+    if kw.get("action") != "store_true" and "default:" not in help_:
+        help_ = f"{help_} (default: {'none' if default is None else default})"
+    parser.add_argument(flag, default=default, help=help_, **kw)
 
 
 def _add_common(cmd: Command) -> None:
@@ -361,6 +359,9 @@ def _add_demo(cmd: Command) -> None:
 
 
 def cmd_demo(cmd: Command, args: argparse.Namespace) -> int:
+    if args.dtype is not None or args.device is not None:
+        raise InputError("the demo runs its built-in default in float64 on the CPU; run-gd, compare and fit take "
+                         "--dtype and --device.")
     _module("demo").run_demo(**cmd.kwargs("run_demo", args), progress=not args.quiet, quiet=args.quiet)
     return 0
 
