@@ -39,7 +39,7 @@ def test_outside_a_git_checkout_the_commit_is_unknown_not_an_error(tmp_path, mon
 def test_a_command_line_file_records_the_command_device_and_dtype(tmp_path):
     out = tmp_path / "run.nft"
     assert main(["run-gd", "--problem", "scalar-factorization", "--lr", "0.02", "--steps", "5", "--dtype", "float32",
-                 "--quiet", "--out", str(out)]) == 0
+                 "--device", "cpu", "--quiet", "--out", str(out)]) == 0
     _, header = _io.read(out, "trajectory")
     prov = header["provenance"]
     assert prov["command"].startswith("neuralflow run-gd --problem scalar-factorization") and prov["caller"] == "cli"
