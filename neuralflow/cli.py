@@ -331,7 +331,8 @@ def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
         cmd.generated[k].default)]
     # The numbers saved with the fit render at once; other options, or a fit saved without them, rebuild it.
     stored = None if changed else stored_report(args.fit)
-    report = stored or load(args.fit, device=args.device).report(**options)
+    on_device = {} if args.device is None else {"device": args.device}
+    report = stored or load(args.fit, **on_device).report(**{k: options[k] for k in changed})
     say = _say(args)
     say(str(report))
     directory = Path(args.figures) if args.figures else Path(args.fit).with_suffix(".report")
@@ -350,7 +351,7 @@ def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
         if target:
             Path(target).write_text(render())
             say(f"{what:<12} {target}")
-    return _written_back(cmd, args, directory / "report.toml", say)
+    return _written_back(cmd, args, Path(args.fit).with_suffix(".report.toml"), say)
 
 
 # ----------------------------------------------------------------------------------------------- demo

@@ -42,6 +42,9 @@ HELP: dict[str, str] = {
     "run_gd.n_eigs": "How many top Hessian eigenvalues to track.",
     "run_gd.store_every": "Keep every this many iterates (the scalar series are kept at every step).",
     "run_gd.eig_tol": "Relative residual to which LOBPCG solves for the sharpness.",
+    # (planned in the design: the Gaussian noise nu added to each coordinate after every step)
+    "run_gd.noise": "Standard deviation of the Gaussian noise added to each coordinate after every step (0: exact GD).",
+    "run_gd.noise_seed": "Seed of the noise added after every step.",
     # problem builders
     "n": "Number of training examples.",
     "widths": "Hidden-layer widths of the MLP.",
