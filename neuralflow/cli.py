@@ -74,6 +74,7 @@ class Command:
     parser: argparse.ArgumentParser
     generated: dict[str, Option] = field(default_factory=dict)
     owners: dict[str, list[str]] = field(default_factory=dict)  # owner -> its option names
+    functions: dict[str, Any] = field(default_factory=dict)  # owner -> the function
     positional: tuple[str, ...] = ()
 
     def add_generated(self, owner: str, fn: Any, skip: tuple[str, ...] = ()) -> None:
@@ -88,13 +89,13 @@ class Command:
             self.generated[opt.name] = opt
             names.append(opt.name)
         self.owners[owner] = names
+        self.functions[owner] = fn
 
-    def kwargs(self, owner: str, args: argparse.Namespace, fn: Any = None) -> dict[str, Any]:
-        """The keywords for ``owner`` from the parsed options, the common ones included where ``fn`` takes them."""
+    def kwargs(self, owner: str, args: argparse.Namespace) -> dict[str, Any]:
+        """The keywords for ``owner`` from the parsed options, the common ones (``--seed``, ...) where it takes them."""
         out = {name: getattr(args, name) for name in self.owners[owner]}
-        if fn is not None:
-            accepted = inspect.signature(fn).parameters
-            out.update({k: getattr(args, k) for k in COMMON if k in accepted and getattr(args, k) is not None})
+        accepted = inspect.signature(self.functions[owner]).parameters
+        out.update({k: getattr(args, k) for k in COMMON if k in accepted and getattr(args, k) is not None})
         return out
 
 
