@@ -402,7 +402,7 @@ def flows_help(registry: dict[str, Any]) -> str:
     lines = []
     for name, builder in registry.items():
         opts = flow_options(builder)
-        lines.append(f"{name}" + (":" + ":".join(f"{k}={o.shown(o.default)}" for k, o in opts.items()) if opts else ""))
+        lines.append(format_flows([(name, {k: o.default for k, o in opts.items()})], registry))
     return "; ".join(lines)
 
 
@@ -411,7 +411,7 @@ def format_flows(specs: list[tuple[str, dict[str, Any]]], registry: dict[str, An
     out = []
     for name, kwargs in specs:
         known = flow_options(registry[name])
-        out.append(":".join([name, *(f"{k}={known[k].text(v)}" for k, v in kwargs.items())]))
+        out.append(":".join([name, *(f"{k}={'none' if v is None else known[k].text(v)}" for k, v in kwargs.items())]))
     return ",".join(out)
 
 
