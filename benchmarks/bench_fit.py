@@ -16,7 +16,6 @@ Plain script: prints a table and writes JSON (default benchmarks/results/fit.jso
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import resource
 import time
@@ -29,6 +28,7 @@ import neuralflow as nf
 from neuralflow.corrections import Hybrid, TermLibrary
 from neuralflow.fit import fit_loss
 from neuralflow.flows import GradientFlow
+from neuralflow.provenance import write_json
 
 THEORY = {"Hg": -1 / 2, "H2g": -1 / 3, "D3gg": -1 / 12}
 LR = 0.02
@@ -127,7 +127,7 @@ def main() -> None:
             print(f"{r['window']:>8}{r['factor']:>8}{r['method']:>10}{r['peak_mb']:>10.1f}{r['seconds']:>8.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "recovery": rec, "memory": mem}, indent=2))
+    write_json(out, {"threads": args.threads, "recovery": rec, "memory": mem})
     print(f"\nwrote {out}")
 
 

@@ -18,7 +18,6 @@ whatever machine runs it; on a shared machine they vary with the load. Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import neuralflow as nf
 from neuralflow.autodiff import gradient
 from neuralflow.flows import CentralFlow, GradientFlow, ModifiedFlow, PrincipalFlow, compare
+from neuralflow.provenance import write_json
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -94,7 +94,7 @@ def main() -> None:
     for name, c in cost.items():
         print(f"  {name:16s} {c:8.2f}")
     if args.cost_only:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
         print(f"\nwrote {args.out}")
         return
 
@@ -130,7 +130,7 @@ def main() -> None:
     print("\ncentral flow on the EoS run")
     for key, value in c.items():
         print(f"  {key:42s} {value:.4g}")
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"\nwrote {args.out} and {png}")
 
 

@@ -19,7 +19,6 @@ second with ``eig_every=1``. Prints a table and writes ``results/gd.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 
 import neuralflow as nf
 from neuralflow.autodiff import Curvature, top_eigenpairs, value_and_gradient
+from neuralflow.provenance import write_json
 
 
 def timed(fn, *args, **kwargs):
@@ -121,8 +121,7 @@ def main() -> None:
     result["gd_steps_per_second_eig_every_1"] = 200 / t_run
     result["gd_steps_per_second_no_eigs"] = 200 / t_plain
     print(f"GD steps/s at EoS: {200 / t_run:.1f} with eig_every=1, {200 / t_plain:.1f} without sharpness")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from neuralflow.corrections import TERMS  # noqa: E402
+from neuralflow.provenance import write_json  # noqa: E402
 from neuralflow.report import Gate, Report, TermSummary, gate_formula  # noqa: E402
 
 
@@ -96,8 +97,8 @@ def main() -> None:
     print(f"{'everything':20s} {text_total + times['figures (+ PNG)']:10.4f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"stored_bytes": len(stored), "seconds": times, "text_total": text_total,
-                               "total": text_total + times["figures (+ PNG)"]}, indent=1))
+    write_json(out, {"stored_bytes": len(stored), "seconds": times, "text_total": text_total,
+                     "total": text_total + times["figures (+ PNG)"]}, indent=1)
     print(f"wrote {out} ({len(stored)} bytes of stored report)")
 
 

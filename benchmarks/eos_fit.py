@@ -45,10 +45,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from _digits_eos import LR, digits_eos_run  # noqa: E402
 
-import neuralflow as nf  # noqa: E402
+import neuralflow as nf
 from neuralflow.autodiff import top_eigenpairs  # noqa: E402
 from neuralflow.corrections import Hybrid, TermLibrary  # noqa: E402
 from neuralflow.flows import CentralFlow, GradientFlow  # noqa: E402
+from neuralflow.provenance import write_json  # noqa: E402
 
 STEP = 0.5  # Euler substep (steps)
 
@@ -304,7 +305,7 @@ def main() -> None:
                    "suggestions": rep.suggestions()},
         "gd_sharpness": traj.sharpness[:, 0].tolist(), "timing": timing,
     }
-    out.write_text(json.dumps(result, indent=1, default=str))
+    write_json(out, result, indent=1)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name, ro in rollouts.items():

@@ -36,8 +36,9 @@ matplotlib.use("Agg")
 import torch  # noqa: E402
 from _digits_eos import LR, digits_eos_run  # noqa: E402
 
-import neuralflow as nf  # noqa: E402
+import neuralflow as nf
 from neuralflow.flows import CentralFlow, GradientFlow  # noqa: E402
+from neuralflow.provenance import write_json  # noqa: E402
 
 TERMS = ["Hg", "gradS", "gradScrit"]
 
@@ -100,7 +101,7 @@ def main() -> None:
     timing["rollout"] = time.perf_counter() - t0
     print(f"rollout of the gradient-flow hybrid from step 0: {rollout}")
 
-    json.dump({
+    write_json(out, {
         "settings": {"n": 500, "widths": [32, 32], "lr": LR, "steps": args.steps, "window": args.window,
                      "terms": TERMS, "baseline": ["Hg"], "quiet_stretches": quiet, "eos_onset": traj.eos_onset},
         "ladder": ladder.to_dict(),
@@ -108,7 +109,7 @@ def main() -> None:
                        "window_steps": gradient.windows["step"].tolist()},
         "rollout": rollout,
         "timing": timing,
-    }, open(out, "w"), indent=1)
+    }, indent=1)
     print(f"wrote {out}; timing {json.dumps({k: round(v, 1) for k, v in timing.items()})}")
 
 

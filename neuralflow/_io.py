@@ -6,8 +6,10 @@ library versions, the caller's metadata and a SHA-256 of the whole of it (format
 canonical JSON of every header field but the checksum itself, then the tensors' names, dtypes, shapes
 and bytes), so truncation, bit flips and edits of the numbers *or the metadata* are detected. Version 1
 files (checksum of the tensors only) still load. Before anything is built from it, the metadata is
-checked against its kind's schema (:data:`neuralflow._validate.SCHEMAS`). Loading parses JSON and raw
-numbers only; it never executes code.
+checked against its kind's schema (:data:`neuralflow._validate.SCHEMAS`). The header also records the
+``"provenance"`` of the file (:func:`neuralflow.provenance.provenance`: command, commit, versions, device,
+dtype, threads; files written before it lack the key and load). Loading parses JSON and raw numbers only;
+it never executes code.
 
 Writes are atomic: a temporary file ``.<name>.nf<pid>-<random>.tmp`` next to the target, then a
 rename. A write first removes the temporary files of *its own target* left by a killed neuralflow
@@ -129,6 +131,10 @@ def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: 
     """Write ``tensors`` and JSON-able ``meta`` to ``path`` atomically (temporary file, rename)."""
     from safetensors.torch import save
 
+    from .provenance import provenance
+
+    floating = next((v for v in tensors.values() if v.is_floating_point()), None)
+    prov = provenance(*(None, None) if floating is None else (floating.device, floating.dtype))
     cpu, storages = {}, set()
     for name, tensor in tensors.items():
         t = tensor.detach().to("cpu").contiguous()
@@ -142,6 +148,7 @@ def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: 
         "neuralflow_version": _version(),
         "torch_version": torch.__version__,
         "meta": meta,
+        "provenance": prov,
     }
     header = json.loads(json.dumps(header))  # what a reader will parse (tuples become lists, keys strings)
     header["sha256"] = _digest(header, cpu)

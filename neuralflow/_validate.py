@@ -237,6 +237,14 @@ def _mlp_size(d: dict[str, Any]) -> int:
     return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
 
 
+def _cnn_size(c1: int, c2: int) -> int:
+    return (9 + 1) * c1 + (9 * c1 + 1) * c2 + (16 * c2 + 1) * 10
+
+
+def _lstm_size(hidden: int) -> int:
+    return 4 * hidden * (1 + hidden) + 8 * hidden + hidden + 1
+
+
 def _named(fields: dict[str, Spec], required: Sequence[str] = ()) -> Record:
     return Record({"name": Str(max_len=200), **fields}, ("name", *required))
 
@@ -251,6 +259,24 @@ PROBLEM_DESCRIPTIONS: dict[str, _Problem] = {
             "activation": Str(("tanh", "gelu", "softplus", "sigmoid", "relu")), "batch_size": Optional(Int(1)),
         }),
         _mlp_size,
+    ),
+    "cnn-digits": _Problem(
+        _named({
+            "n": Int(1, 1797), "channels": List(Int(1, 4096), 2, 2), "seed": SEED, "dtype": Str(DTYPES),
+            "activation": Str(("tanh", "gelu", "softplus", "sigmoid", "relu")), "batch_size": Optional(Int(1)),
+        }),
+        lambda d: _cnn_size(*d.get("channels", (8, 8))),
+    ),
+    "lstm-recall": _Problem(
+        _named({"n": Int(1, 100_000), "length": Int(1, 1000), "hidden": Int(1, 4096), "seed": SEED,
+                "dtype": Str(DTYPES)}),
+        lambda d: _lstm_size(d.get("hidden", 8)),
+    ),
+    # The user's own Python file (problems.from_file): rebuilt only when the caller allows running it.
+    "module": _Problem(
+        _named({"path": Str(max_len=4096), "function": Str(max_len=200), "loss": Str(("mse", "ce")),
+                "batch_size": Optional(Int(1)), "dtype": Str(DTYPES)}, ("path", "function")),
+        lambda d: 0,
     ),
 }
 # Problems that cannot be rebuilt from their description (from_module, from_function): the user passes them.
@@ -320,7 +346,7 @@ SCHEMAS: dict[str, Spec] = {
 HEADER = Record(
     {
         "kind": Str(max_len=100), "format_version": Int(1), "neuralflow_version": Str(max_len=100),
-        "torch_version": Str(max_len=100), "sha256": Str(max_len=64), "meta": Json(),
+        "torch_version": Str(max_len=100), "sha256": Str(max_len=64), "meta": Json(), "provenance": Map(Json()),
     },
     ("kind", "format_version", "sha256", "meta"),
 )

@@ -301,7 +301,7 @@ def stored_report(path: str | os.PathLike) -> Report | None:
 
 def info(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's metadata (see the module docstring) plus ``format_version``, ``neuralflow_version``,
-    ``torch_version``."""
+    ``torch_version`` and ``provenance`` (None for files written before it was recorded)."""
     _, header = _io.read(path, _KIND)
-    versions = {k: header.get(k) for k in ("format_version", "neuralflow_version", "torch_version")}
+    versions = {k: header.get(k) for k in ("format_version", "neuralflow_version", "torch_version", "provenance")}
     return {**versions, **header["meta"]}

@@ -1,73 +1,199 @@
 """Command line: ``neuralflow run-gd | compare | fit | report | sweep | demo`` (also ``python -m neuralflow``).
 
-Each subcommand is a function ``cmd_<name>(args)`` registered in :data:`COMMANDS` with the
-function that adds its arguments. Every output path is checked writable before any computation;
-Ctrl-C or SIGTERM stops a command with exit status 130 after ``run-gd`` and ``fit`` have saved what
-they had (the trajectory so far, the best fit so far) and said where.
+Each subcommand is a function ``cmd_<name>(args)`` registered in :data:`COMMANDS` with the public
+functions whose keywords it exposes. Those options are generated from the functions' signatures
+(:mod:`neuralflow.options`): a new keyword of ``run_gd``, ``fit``, ``compare``, ``build_report``, a
+problem builder or a flow becomes an option by itself. Every subcommand takes ``--config FILE``
+(TOML, a ``[subcommand]`` table; the command line wins) and writes the options it ran with back
+beside its results (``run.nft`` -> ``run.nft.toml``), which ``--config`` reads again.
+
+Every output path is checked writable before any computation; Ctrl-C or SIGTERM stops a command with
+exit status 130 after ``run-gd`` and ``fit`` have saved what they had (the trajectory so far, the best
+fit so far) and said where.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import importlib
+import inspect
+import json
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from . import __version__
 from ._io import check_writable
 from ._validate import MAX_PARAMS
-from .errors import DivergenceError, Interrupted, NeuralflowError
+from .errors import DivergenceError, InputError, Interrupted, NeuralflowError
+from .options import (
+    Option,
+    flows_help,
+    options_of,
+    parse_flows,
+    read_config,
+    write_config,
+)
+from .provenance import provenance, set_command, write_json
+
+#: Command-line defaults for keywords the Python function requires (it has no default).
+CLI_DEFAULTS: dict[str, Any] = {"run_gd.lr": 0.1, "run_gd.steps": 3000}
+#: Keywords every subcommand takes (routed to any function that has them), and the config file.
+COMMON = ("seed", "dtype", "device")
+#: Problems the command line builds by name (``quadratic`` needs a matrix: Python only).
+CLI_PROBLEMS = ("mlp-digits", "cnn-digits", "lstm-recall", "zhu-quartic", "scalar-factorization")
 
 
-def _names(text: str) -> list[str]:
-    """The names in a comma-separated option, stripped, empty ones dropped."""
-    return [n.strip() for n in text.split(",") if n.strip()]
+def _module(name: str) -> Any:
+    """A submodule by name (``neuralflow.fit`` is also the name of the function the package exports)."""
+    return importlib.import_module(f"neuralflow.{name}")
 
 
-def _problem_from_args(args: argparse.Namespace):
-    from . import problems
-
-    if args.problem == "mlp-digits":
-        return problems.mlp_digits(n=args.n, widths=tuple(args.widths), seed=args.seed)
-    if args.problem == "zhu-quartic":
-        return problems.zhu_quartic()
-    if args.problem == "scalar-factorization":
-        return problems.scalar_factorization(args.depth)
-    raise NeuralflowError(f"unknown problem {args.problem!r}")
-
-
-def _add_run_gd(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--problem", default="mlp-digits", choices=["mlp-digits", "zhu-quartic", "scalar-factorization"])
-    p.add_argument("--n", type=int, default=1000, help="mlp-digits: number of training examples")
-    p.add_argument("--widths", type=int, nargs="+", default=[64, 64], help="mlp-digits: hidden widths")
-    p.add_argument("--seed", type=int, default=0, help="mlp-digits: initialisation seed")
-    p.add_argument("--depth", type=int, default=3, help="scalar-factorization: depth")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--eig-every", type=int, default=1, help="measure sharpness every this many steps (0: never)")
-    p.add_argument("--n-eigs", type=int, default=1, help="how many top Hessian eigenvalues to track")
-    p.add_argument("--store-every", type=int, default=1, help="keep every this many iterates")
-    p.add_argument("--out", default="run.nft", help="trajectory file to write")
-    p.add_argument("--resume", default=None, metavar="FILE",
-                   help="the run's checkpoint file: continue from it if it exists, and write it as the run goes")
-    p.add_argument("--checkpoint-every", type=int, default=100,
-                   help="with --resume: write the checkpoint every this many steps")
+def public_functions(command: str) -> dict[str, Any]:
+    """The public functions whose keywords ``command`` exposes, by owner name (what the options test walks)."""
+    report = _module("report")
+    return {
+        "run-gd": {"run_gd": _module("gd").run_gd},
+        "compare": {"compare": _module("flows.simulate").compare},
+        "fit": {"fit": _module("fit").fit, "TermLibrary": _module("corrections").TermLibrary,
+                "build_report": report.build_report},
+        "report": {"build_report": report.build_report},
+        "demo": {"run_demo": _module("demo").run_demo},
+    }[command]
 
 
-def cmd_run_gd(args: argparse.Namespace) -> int:
-    from .gd import run_gd
+def problem_builders() -> dict[str, Any]:
+    """The problem builders the command line reaches: by name, and ``from_file`` for ``--problem module:...``."""
+    from .problems import PROBLEMS
 
+    return {**{name: PROBLEMS[name] for name in CLI_PROBLEMS}, "module": PROBLEMS["module"]}
+
+
+@dataclass
+class Command:
+    """A subcommand: its options by destination (generated and its own) and the parser."""
+
+    name: str
+    parser: argparse.ArgumentParser
+    generated: dict[str, Option] = field(default_factory=dict)
+    owners: dict[str, list[str]] = field(default_factory=dict)  # owner -> its option names
+    functions: dict[str, Any] = field(default_factory=dict)  # owner -> the function
+    positional: tuple[str, ...] = ()
+
+    def add_generated(self, owner: str, fn: Any, skip: tuple[str, ...] = ()) -> None:
+        names = []
+        for opt in options_of(fn, owner, skip=skip + COMMON):
+            if opt.name in self.generated:
+                raise InputError(f"{self.name}: keyword {opt.name!r} of {owner} clashes with the one of "
+                                 f"{self.generated[opt.name].owner}; route one of them in options.ROUTED.")
+            key = f"{owner}.{opt.name}"
+            default = CLI_DEFAULTS.get(key, opt.default)
+            opt.add_to(self.parser, default)
+            self.generated[opt.name] = opt
+            names.append(opt.name)
+        self.owners[owner] = names
+        self.functions[owner] = fn
+
+    def kwargs(self, owner: str, args: argparse.Namespace) -> dict[str, Any]:
+        """The keywords for ``owner`` from the parsed options, the common ones (``--seed``, ...) where it takes them."""
+        out = {name: getattr(args, name) for name in self.owners[owner]}
+        accepted = inspect.signature(self.functions[owner]).parameters
+        out.update({k: getattr(args, k) for k in COMMON if k in accepted and getattr(args, k) is not None})
+        return out
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, default: Any, help_: str, **kw: Any) -> None:
+    """A subcommand's own option (not a keyword of a public function), its default in the help."""
+    if kw.get("action") != "store_true" and "default:" not in help_:
+        help_ = f"{help_} (default: {'none' if default is None else default})"
+    parser.add_argument(flag, default=default, help=help_, **kw)
+
+
+def _add_common(cmd: Command) -> None:
+    p = cmd.parser
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help=f"TOML file with this command's options in a [{cmd.name}] table (the command line wins)")
+    p.add_argument("--quiet", action="store_true", default=False, help="no progress bars and no summary")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the problem's initialisation in run-gd, "
+                   "the fit's validation split and gates in fit, torch's generator everywhere (default: 0)")
+    p.add_argument("--dtype", default=None, choices=("float64", "float32"),
+                   help="floating dtype (default: the problem builder's float64 in run-gd, the trajectory's "
+                        "elsewhere)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def _problem_options(cmd: Command) -> None:
+    """One option per keyword of any problem builder; each passes only to the builders that take it."""
+    builders = problem_builders()
+    seen: dict[str, Option] = {}
+    defaults: dict[str, list[str]] = {}
+    for name, fn in builders.items():
+        for opt in options_of(fn, fn.__name__, skip=COMMON):
+            if opt.name in seen and seen[opt.name].kind != opt.kind:
+                raise InputError(f"problem builders disagree on the type of {opt.name!r}.")
+            seen.setdefault(opt.name, opt)
+            defaults.setdefault(opt.name, []).append(f"{name} {opt.shown(opt.default)}")
+    for name, opt in seen.items():
+        opt.add_to(cmd.parser, None, f"per problem, {'; '.join(defaults[name])}")
+        cmd.generated[name] = opt
+    cmd.owners["problem"] = list(seen)
+    cmd.parser.add_argument(
+        "--problem", default="mlp-digits", metavar="NAME|module:FILE.py:FUNCTION",
+        help=f"problem by name ({', '.join(CLI_PROBLEMS)}) or your own: module:path/to/file.py:build, a function "
+             "returning (module, (inputs, targets)), checked like problems.from_module (default: mlp-digits)")
+
+
+def _problem_from_args(cmd: Command, args: argparse.Namespace):
+    builders = problem_builders()
+    spec = args.problem
+    if spec.startswith("module:"):
+        path, sep, function = spec.removeprefix("module:").rpartition(":")
+        if not sep or not function.isidentifier():
+            path, function = spec.removeprefix("module:"), "build"
+        builder, base = builders["module"], {"path": path, "function": function}
+    elif spec in builders and spec != "module":
+        builder, base = builders[spec], {}
+    else:
+        raise InputError(f"unknown problem {spec!r}; choose from {', '.join(CLI_PROBLEMS)} or pass "
+                         "module:path/to/file.py:build.")
+    accepted = inspect.signature(builder).parameters
+    kwargs = dict(base)
+    for name in cmd.owners["problem"]:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in accepted:
+            raise InputError(f"--{name.replace('_', '-')} does not apply to problem {spec!r}; its options are "
+                             f"{', '.join(k for k in accepted if k not in base)}.")
+        kwargs[name] = value
+    kwargs.update({k: getattr(args, k) for k in COMMON if k in accepted and getattr(args, k) is not None})
+    if "dtype" in kwargs:
+        import torch
+
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return builder(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- run-gd
+def _add_run_gd(cmd: Command) -> None:
+    _problem_options(cmd)
+    cmd.add_generated("run_gd", public_functions("run-gd")["run_gd"])
+    _add(cmd.parser, "--out", "run.nft", "trajectory file to write")
+
+
+def cmd_run_gd(cmd: Command, args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     png = check_writable(out.with_suffix(".png"))
-    if args.resume is not None:
-        check_writable(args.resume)
-    problem = _problem_from_args(args)
+    kwargs = cmd.kwargs("run_gd", args)
+    if kwargs["resume"] is not None:
+        check_writable(kwargs["resume"])
+    problem = _problem_from_args(cmd, args)
     try:
-        traj = run_gd(
-            problem, args.lr, args.steps, eig_every=args.eig_every, n_eigs=args.n_eigs,
-            store_every=args.store_every, progress=True, resume=args.resume,
-            checkpoint_every=args.checkpoint_every if args.resume is not None else 0,
-        )
+        traj = _module("gd").run_gd(problem, **kwargs, progress=not args.quiet)
     except (DivergenceError, Interrupted) as err:
         if err.partial is not None:
             err.partial.save(out)
@@ -78,211 +204,249 @@ def cmd_run_gd(args: argparse.Namespace) -> int:
     s = traj.history["sharpness"][:, 0]
     s = s[s.isfinite()]
     onset = traj.eos_onset
-    print(f"problem      {problem.name} ({problem.dim} parameters), lr = {args.lr:g}, {args.steps} steps")
-    print(f"final loss   {traj.history['loss'][-1].item():.6g}")
+    lr = kwargs["lr"]
+    say = _say(args)
+    say(f"problem      {problem.name} ({problem.dim} parameters), lr = {lr:g}, {kwargs['steps']} steps")
+    say(f"final loss   {traj.history['loss'][-1].item():.6g}")
     if len(s):
-        print(f"sharpness    {s.min().item():.4g} .. {s.max().item():.4g} (2/lr = {2 / args.lr:.4g}); "
-              f"final {s[-1].item():.4g}")
-    print(f"EoS onset    {'step ' + str(onset) if onset is not None else 'not reached'}")
-    print(f"trajectory   {out}")
-    print(f"figure       {png}")
-    return 0
+        say(f"sharpness    {s.min().item():.4g} .. {s.max().item():.4g} (2/lr = {2 / lr:.4g}); "
+            f"final {s[-1].item():.4g}")
+    say(f"EoS onset    {'step ' + str(onset) if onset is not None else 'not reached'}")
+    say(f"trajectory   {out}")
+    say(f"figure       {png}")
+    return _written_back(cmd, args, out, say)
 
 
-def _add_max_params(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-params", type=int, default=MAX_PARAMS,
-                   help="refuse to rebuild a problem of more parameters than this from a file (0: no limit)")
+# ----------------------------------------------------------------------------------------------- compare
+def _add_compare(cmd: Command) -> None:
+    from .flows import FLOWS
+
+    cmd.parser.add_argument("trajectory", nargs="?", default=None, help="trajectory file written by run-gd (.nft)")
+    cmd.positional = ("trajectory",)
+    _add(cmd.parser, "--flows", "gradient,modified1,modified2,central",
+         f"comma-separated flows, each with its options after a colon: {flows_help(FLOWS)}")
+    cmd.add_generated("compare", public_functions("compare")["compare"])
+    _add(cmd.parser, "--out", None, "figure to write (default: the trajectory's name + .compare.png)")
+    _add(cmd.parser, "--json", None, "also write the table as JSON here")
+    _add_max_params(cmd)
 
 
-def _max_params(args: argparse.Namespace) -> int | None:
-    return args.max_params or None
+def _add_max_params(cmd: Command) -> None:
+    """Limits on what a trajectory file may make the loader build (its size, running the user's own code)."""
+    _add(cmd.parser, "--max-params", MAX_PARAMS, "refuse to rebuild a problem of more parameters than this from a "
+         "file (0: no limit)", type=int)
+    _add(cmd.parser, "--allow-code", False, "rebuild a problem from your own Python file (module:FILE.py:FUNCTION) "
+         "by running it; without it such a trajectory is refused (default: off)", action="store_true")
 
 
-def _add_compare(p: argparse.ArgumentParser) -> None:
-    _add_max_params(p)
-    p.add_argument("trajectory", help="trajectory file written by run-gd (.nft)")
-    p.add_argument("--flows", default="gradient,modified1,modified2,central",
-                   help="comma-separated flow names (gradient, modified1, modified2, principal, central)")
-    p.add_argument("--steps", type=int, default=None, help="compare up to this step (default: the whole run)")
-    p.add_argument("--out", default=None, help="figure to write (default: the trajectory's name + .compare.png)")
-    p.add_argument("--json", default=None, help="also write the table as JSON here")
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    import json
-
-    from .flows import FLOWS, compare
+def _load_trajectory(args: argparse.Namespace):
+    """The trajectory and its problem on ``--device`` in ``--dtype`` (default: as recorded)."""
     from .problems import make
     from .trajectory import Trajectory
 
-    names = _names(args.flows)
-    unknown = [n for n in names if n not in FLOWS]
-    if unknown or not names:
-        raise NeuralflowError(f"unknown flows {unknown or names}; choose from {', '.join(FLOWS)}.")
+    traj = Trajectory.load(args.trajectory, device=args.device)
+    description = dict(traj.problem)
+    if args.dtype is not None:
+        import torch
+
+        traj = traj.to(traj.iterates.device, dtype=getattr(torch, args.dtype))
+        description["dtype"] = args.dtype
+    if args.device is not None:
+        description["device"] = args.device
+    return traj, make(description, max_params=args.max_params or None, allow_code=args.allow_code)
+
+
+def cmd_compare(cmd: Command, args: argparse.Namespace) -> int:
+    from .flows import FLOWS
+
+    specs = parse_flows(args.flows, FLOWS, "--flows")
     out = check_writable(args.out if args.out else Path(args.trajectory).with_suffix(".compare.png"))
     if args.json:
         check_writable(args.json)
-    traj = Trajectory.load(args.trajectory)
-    problem = make(traj.problem, max_params=_max_params(args))
-    flows = [FLOWS[n](problem, traj.lr) for n in names]
-    result = compare(traj, *flows, problem=problem, steps=args.steps, progress=True)
-    print(result)
+    traj, problem = _load_trajectory(args)
+    flows = [FLOWS[name](problem, traj.lr, **kw) for name, kw in specs]
+    result = _module("flows.simulate").compare(traj, *flows, problem=problem, **cmd.kwargs("compare", args),
+                                               progress=not args.quiet)
+    say = _say(args)
+    say(str(result))
     result.figure().savefig(out, dpi=120)
-    print(f"figure       {out}")
+    say(f"figure       {out}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
-        print(f"table        {args.json}")
-    return 0
+        write_json(args.json, result.to_dict(), device=problem.device, dtype=problem.dtype)
+        say(f"table        {args.json}")
+    return _written_back(cmd, args, out, say)
 
 
-def _add_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("fit", help="fit file written by `neuralflow fit` (.nff)")
-    p.add_argument("--figures", default=None,
-                   help="folder for the report's figures (default: the fit file's name + .report/)")
-    p.add_argument("--markdown", default=None, help="also write the report as Markdown here")
+# ----------------------------------------------------------------------------------------------- fit
+def _add_fit(cmd: Command) -> None:
+    from .flows import FLOWS
+
+    cmd.parser.add_argument("trajectory", nargs="?", default=None, help="trajectory file written by run-gd (.nft)")
+    cmd.positional = ("trajectory",)
+    _add(cmd.parser, "--physics", "gradient",
+         "physics flow with its options after a colon (several, comma-separated, fit one library on each: a "
+         f"ladder): {flows_help(FLOWS)}")
+    functions = public_functions("fit")
+    cmd.add_generated("fit", functions["fit"])
+    cmd.add_generated("TermLibrary", functions["TermLibrary"])
+    cmd.add_generated("build_report", functions["build_report"])
+    _add(cmd.parser, "--exclude-transients", False, "leave out the stretches past 2/lr where GD does not oscillate "
+         "yet (Trajectory.eos_transients), besides --exclude", action="store_true")
+    _add(cmd.parser, "--out", "fit.nff", "fit file to write (.nff); a ladder writes one per physics, NAME.PHYSICS.nff")
+    _add_max_params(cmd)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_fit(cmd: Command, args: argparse.Namespace) -> int:
+    from .corrections import Hybrid, TermLibrary
+    from .flows import FLOWS
+    from .report import Ladder
+
+    specs = parse_flows(args.physics, FLOWS, "--physics")
+    fit_kw = cmd.kwargs("fit", args)
+    if fit_kw["resume"] is not None and len(specs) > 1:
+        raise InputError("--resume continues one fit; a ladder of several --physics fits one at a time.")
+    out = Path(args.out)
+    outs = [out] if len(specs) == 1 else [out.with_suffix(f".{name}{out.suffix}") for name, _ in specs]
+    for path in [*outs, *([fit_kw["resume"]] if fit_kw["resume"] is not None else [])]:
+        check_writable(path)
+    traj, problem = _load_trajectory(args)
+    if args.exclude_transients:
+        fit_kw["exclude"] = [*fit_kw["exclude"], *traj.eos_transients()]
+    library_kw = cmd.kwargs("TermLibrary", args)
+    report_kw = cmd.kwargs("build_report", args)
+    say = _say(args)
+    results, reports = [], []
+    for (name, flow_kw), path in zip(specs, outs):
+        model = Hybrid(FLOWS[name](problem, traj.lr, **flow_kw), TermLibrary(problem, traj.lr, **library_kw))
+        try:
+            result = _module("fit").fit(model, traj, **fit_kw, progress=not args.quiet)
+        except Interrupted as err:
+            _module("checkpoint").save(err.partial, path)
+            print(f"saved the best fit so far ({err.partial.settings['interrupted_after']} iterations) to {path}",
+                  file=sys.stderr)
+            raise
+        say(f"fit          {name} + [{', '.join(library_kw['terms'])}] on {problem.name} ({problem.dim} parameters), "
+            f"lr = {traj.lr:g}, window {fit_kw['window']} steps, {fit_kw['method']}")
+        for term, value in result.coefficients.items():
+            say(f"  {term:<10} {value:+.6g} +- {result.uncertainty[term]:.2g}")
+        say(f"error        physics {result.physics_error:.4g} -> hybrid {result.hybrid_error:.4g} "
+            f"(validation windows, normalised by the mean squared displacement)")
+        say(f"time         {result.timing['total']:.3g} s, {result.n_function_evals} right-hand-side evaluations")
+        report = result.report(**report_kw)
+        result.save(path, report=report)
+        say(f"fit file     {path}")
+        results.append(result)
+        reports.append(report)
+    if len(specs) > 1:
+        say(str(Ladder(reports, results)))
+    return _written_back(cmd, args, out, say)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _add_report(cmd: Command) -> None:
+    cmd.parser.add_argument("fit", nargs="?", default=None, help="fit file written by `neuralflow fit` (.nff)")
+    cmd.positional = ("fit",)
+    cmd.add_generated("build_report", public_functions("report")["build_report"])
+    _add(cmd.parser, "--figures", None, "folder for the report's figures (default: the fit file's name + .report/)")
+    _add(cmd.parser, "--figure-format", "png", "format of the figures (png, pdf, svg)")
+    _add(cmd.parser, "--markdown", None, "also write the report as Markdown here")
+    _add(cmd.parser, "--latex", None, "also write the report as LaTeX here")
+    _add(cmd.parser, "--html", None, "also write the report as an HTML page here")
+    _add(cmd.parser, "--json", None, "also write every number of the report as JSON here (Report.from_dict reads it)")
+
+
+def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
     from .checkpoint import load, stored_report
 
     directory = check_writable(Path(args.figures) if args.figures else Path(args.fit).with_suffix(".report"),
                                folder=True)
-    if args.markdown:
-        check_writable(args.markdown)
-    # The numbers saved with the fit render at once; a fit saved without them is rebuilt and reported.
-    report = stored_report(args.fit) or load(args.fit).report()
-    print(report)
-    for path in report.save_figures(directory):
-        print(f"figure       {path}")
-    if args.markdown:
-        Path(args.markdown).write_text(report.to_markdown())
-        print(f"markdown     {args.markdown}")
-    return 0
+    for what in ("markdown", "latex", "html", "json"):
+        if getattr(args, what):
+            check_writable(getattr(args, what))
+    options = cmd.kwargs("build_report", args)
+    changed = [k for k, v in options.items() if cmd.generated[k].text(v) != cmd.generated[k].text(
+        cmd.generated[k].default)]
+    # The numbers saved with the fit render at once; other options, or a fit saved without them, rebuild it.
+    stored = None if changed else stored_report(args.fit)
+    on_device = {} if args.device is None else {"device": args.device}
+    report = stored or load(args.fit, **on_device).report(**{k: options[k] for k in changed})
+    say = _say(args)
+    say(str(report))
+    for path in report.save_figures(directory, fmt=args.figure_format):
+        say(f"figure       {path}")
+    renders = {
+        "markdown": report.to_markdown,
+        "latex": report.to_latex,
+        "html": lambda: f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(report._title())}"
+                        f"</title></head><body>{report._repr_html_()}</body></html>\n",
+        "json": lambda: json.dumps({**report.to_dict(), "provenance": provenance(args.device, args.dtype)},
+                                   indent=2),
+    }
+    for what, render in renders.items():
+        target = getattr(args, what)
+        if target:
+            Path(target).write_text(render())
+            say(f"{what:<12} {target}")
+    return _written_back(cmd, args, Path(args.fit).with_suffix(".report.toml"), say)
 
 
-def _add_fit(p: argparse.ArgumentParser) -> None:
-    _add_max_params(p)
-    p.add_argument("trajectory", help="trajectory file written by run-gd (.nft)")
-    p.add_argument("--physics", default="gradient", help="physics flow by name (see neuralflow.flows.FLOWS)")
-    p.add_argument("--terms", default="Hg,H2g,D3gg", help="comma-separated correction terms (see corrections.TERMS)")
-    p.add_argument("--gated", default="", help="comma-separated terms whose coefficient is gated by state features")
-    p.add_argument("--baseline", default="",
-                   help="comma-separated gated terms that keep a constant coefficient below the edge of stability "
-                        "(their gate is then the coefficient's change at lr S = 2)")
-    p.add_argument("--features", default="lr_S_minus_2,lr_S,loss",
-                   help="comma-separated state features the gates see (see corrections.FEATURES)")
-    p.add_argument("--window", type=int, default=20, help="steps integrated from each window start")
-    p.add_argument("--target", default="iterates", choices=["iterates", "smoothed"])
-    p.add_argument("--method", default="adjoint", choices=["adjoint", "direct", "regression"])
-    p.add_argument("--optimizer", default="auto", choices=["auto", "gauss-newton", "lbfgs", "adam"])
-    p.add_argument("--max-iters", type=int, default=None)
-    p.add_argument("--solver", default="rk4", help="torchdiffeq method (rk4, dopri5, ...)")
-    p.add_argument("--step-size", type=float, default=None, help="fixed-grid substep in steps (default: automatic)")
-    p.add_argument("--balance", action="store_true",
-                   help="regression: weight points by the inverse local mean of their squared residual")
-    p.add_argument("--exclude-transients", action="store_true",
-                   help="leave out the stretches past 2/lr where GD does not oscillate yet (Trajectory.eos_transients)")
-    p.add_argument("--out", default="fit.nff", help="fit file to write (.nff)")
-    p.add_argument("--resume", default=None, metavar="FILE",
-                   help="Gauss-Newton state file: continue the fit from it if it exists, and update it every iteration")
+# ----------------------------------------------------------------------------------------------- demo
+def _add_demo(cmd: Command) -> None:
+    cmd.add_generated("run_demo", public_functions("demo")["run_demo"])
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    from .checkpoint import save
-    from .corrections import Hybrid, TermLibrary
-    from .fit import fit
-    from .flows import FLOWS
-    from .problems import make
-    from .trajectory import Trajectory
-
-    if args.physics not in FLOWS:
-        raise NeuralflowError(f"unknown physics {args.physics!r}; choose from {', '.join(FLOWS)}.")
-    out = check_writable(args.out)
-    if args.resume is not None:
-        check_writable(args.resume)
-    traj = Trajectory.load(args.trajectory)
-    problem = make(traj.problem, max_params=_max_params(args))
-    terms = _names(args.terms)
-    library = TermLibrary(problem, traj.lr, terms, gated=_names(args.gated), features=_names(args.features),
-                          baseline=_names(args.baseline))
-    model = Hybrid(FLOWS[args.physics](problem, traj.lr), library)
-    try:
-        result = fit(
-            model, traj, window=args.window, target=args.target, method=args.method, optimizer=args.optimizer,
-            max_iters=args.max_iters, solver=args.solver, step_size=args.step_size, progress=True,
-            balance=args.balance, exclude=traj.eos_transients() if args.exclude_transients else (),
-            resume=args.resume,
-        )
-    except Interrupted as err:
-        save(err.partial, out)
-        print(f"saved the best fit so far ({err.partial.settings['interrupted_after']} iterations) to {out}",
-              file=sys.stderr)
-        raise
-    print(f"fit          {args.physics} + [{', '.join(terms)}] on {problem.name} ({problem.dim} parameters), "
-          f"lr = {traj.lr:g}, window {args.window} steps, {args.method}")
-    for name, value in result.coefficients.items():
-        print(f"  {name:<10} {value:+.6g} +- {result.uncertainty[name]:.2g}")
-    print(f"error        physics {result.physics_error:.4g} -> hybrid {result.hybrid_error:.4g} "
-          f"(validation windows, normalised by the mean squared displacement)")
-    print(f"time         {result.timing['total']:.3g} s, {result.n_function_evals} right-hand-side evaluations")
-    save(result, out)
-    print(f"fit file     {out}")
-    return 0
-
-
-def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="neuralflow-demo", help="folder for the demo's files (created if needed)")
-    p.add_argument("--fast", action="store_true", help="a shrunken run (seconds, for tests): fewer steps, one fit step")
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
+def cmd_demo(cmd: Command, args: argparse.Namespace) -> int:
+    if args.dtype is not None or args.device is not None:
+        raise InputError("the demo runs its built-in default in float64 on the CPU; run-gd, compare and fit take "
+                         "--dtype and --device.")
     check_writable(args.out, folder=True)
-    run_demo(args.out, fast=args.fast, progress=True)
+    _module("demo").run_demo(**cmd.kwargs("run_demo", args), progress=not args.quiet, quiet=args.quiet)
     return 0
 
 
-def _add_sweep(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help='JSON file: a list of run configurations, {"runs": [...]}, or {"base": {...}, '
-                                  '"grid": {"lr": [...], "problem.seed": [...]}} (see neuralflow.sweep)')
-    p.add_argument("--out", default="sweep", help="results folder (created; a finished run in it is not run again)")
-    p.add_argument("--engine", default="local", help="where the runs go: local (process pool) or ray")
-    p.add_argument("--workers", type=int, default=None, help="local engine: worker processes (default: CPU count)")
-    p.add_argument("--address", default=None, help="ray engine: head address host:port (default: ray.init())")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+# ----------------------------------------------------------------------------------------------- sweep
+def _add_sweep(cmd: Command) -> None:
+    cmd.parser.add_argument("spec", nargs="?", default=None, metavar="SPEC",
+                            help='JSON file: a list of run configurations, {"runs": [...]}, or {"base": {...}, '
+                                 '"grid": {"lr": [...], "problem.seed": [...]}} (see neuralflow.sweep)')
+    cmd.positional = ("spec",)
+    _add(cmd.parser, "--out", "sweep", "results folder (created; a finished run in it is not run again)")
+    _add(cmd.parser, "--engine", "local", "where the runs go: local (process pool) or ray")
+    _add(cmd.parser, "--workers", None, "local engine: worker processes (default: CPU count)", type=int)
+    _add(cmd.parser, "--address", None, "ray engine: head address host:port (default: ray.init())")
+    _add(cmd.parser, "--threads", 1, "torch threads per run", type=int)
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    import json
-
+def cmd_sweep(cmd: Command, args: argparse.Namespace) -> int:
     from .sweep import coefficient_figure, grid, law_figure, sweep
 
+    check_writable(args.out, folder=True)
     try:
-        spec = json.loads(Path(args.config).read_text())
+        spec = json.loads(Path(args.spec).read_text())
     except (OSError, ValueError) as err:
-        raise NeuralflowError(f"cannot read the sweep configuration {args.config}: {err}") from None
+        raise NeuralflowError(f"cannot read the sweep configuration {args.spec}: {err}") from None
     if isinstance(spec, dict) and "grid" in spec:
         configs = grid(spec.get("base", {}), spec["grid"])
     else:
         configs = spec.get("runs") if isinstance(spec, dict) else spec
     table = sweep(configs, out=args.out, engine=args.engine, workers=args.workers, address=args.address,
-                  threads=args.threads, progress=True)
+                  threads=args.threads, progress=not args.quiet)
+    say = _say(args)
     shown = [c for c in ("lr", "problem.seed", "status", "eos_onset", "plateau_ratio", "quiet_steps", "wall_s")
              if c in table]
     shown += [c for c in table.columns if c.startswith(("coef.", "distance."))]
-    print(table[shown].to_string(index=False))
+    say(table[shown].to_string(index=False))
     out = Path(args.out)
     figures = {"law": law_figure(table)}
     figures.update({f"coef_{c[5:]}": coefficient_figure(table, c[5:]) for c in table.columns if c.startswith("coef.")})
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=120)
-        print(f"figure       {out / (name + '.png')}")
-    print(f"table        {out / 'table.csv'} ({len(table)} runs)")
+        say(f"figure       {out / (name + '.png')}")
+    say(f"table        {out / 'table.csv'} ({len(table)} runs)")
     return 0
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
+COMMANDS: dict[str, tuple[Callable[[Command], None], Callable[[Command, argparse.Namespace], int], str]] = {
     "run-gd": (_add_run_gd, cmd_run_gd, "run full-batch GD and record the trajectory"),
     "compare": (_add_compare, cmd_compare, "simulate physics flows from a GD trajectory and compare them with it"),
     "fit": (_add_fit, cmd_fit, "fit a physics flow plus correction terms to a GD trajectory"),
@@ -292,18 +456,95 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+# ----------------------------------------------------------------------------------------------- machinery
+def _say(args: argparse.Namespace) -> Callable[[str], None]:
+    return (lambda text: None) if args.quiet else print
+
+
+def _values(cmd: Command, args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of the run as a config file holds it."""
+    skip = {"help", "config", "command"}
+    out = {}
+    for action in cmd.parser._actions:
+        if action.dest in skip:
+            continue
+        value = getattr(args, action.dest)
+        opt = cmd.generated.get(action.dest)
+        out[action.dest] = opt.text(value) if opt is not None else value
+    return out
+
+
+def _written_back(cmd: Command, args: argparse.Namespace, beside: Path, say: Callable[[str], None]) -> int:
+    """Write the run's options as TOML beside its result (``run.nft`` -> ``run.nft.toml``)."""
+    path = beside if beside.suffix == ".toml" else beside.with_name(beside.name + ".toml")
+    prov = provenance(device=args.device, dtype=args.dtype)
+    comments = {k: prov[k] for k in ("command", "neuralflow", "commit")}
+    comments["rerun"] = f"neuralflow {cmd.name} --config {path.name}"
+    write_config(path, cmd.name, _values(cmd, args), comments)
+    say(f"config       {path}")
+    return 0
+
+
+def _apply_config(cmd: Command, path: str) -> None:
+    """Make the config file's ``[command]`` table (and its top-level keys) the parser's defaults."""
+    data = read_config(path)
+    table = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    section = data.get(cmd.name, {})
+    if not isinstance(section, dict):
+        raise InputError(f"--config {path}: {cmd.name} must be a table ([{cmd.name}]).")
+    table.update(section)
+    actions = {a.dest: a for a in cmd.parser._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        if dest not in actions:
+            raise InputError(f"--config {path}: {cmd.name} has no option {key!r}; see neuralflow {cmd.name} --help.")
+        opt = cmd.generated.get(dest)
+        if opt is not None:
+            defaults[dest] = opt.coerce(value)
+        elif actions[dest].type is not None and isinstance(value, str):
+            defaults[dest] = actions[dest].type(value)
+        else:
+            defaults[dest] = value
+    cmd.parser.set_defaults(**defaults)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    """The parser and its subcommands (generated from the public functions' signatures)."""
     parser = argparse.ArgumentParser(prog="neuralflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"neuralflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
     for name, (add, _, help_) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_, description=help_))
+        cmd = Command(name, sub.add_parser(name, help=help_, description=help_))
+        add(cmd)
+        _add_common(cmd)
+        commands[name] = cmd
+    return parser, commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = build_parser()
     args = parser.parse_args(argv)
+    cmd = commands[args.command]
     import matplotlib
 
     matplotlib.use("Agg")
+    set_command(argv)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return COMMANDS[args.command][1](args)
+        if args.config:
+            _apply_config(cmd, args.config)
+            args = parser.parse_args(argv)
+        missing = [p for p in cmd.positional if getattr(args, p) is None]
+        missing += [o.flag for o in cmd.generated.values() if o.required and getattr(args, o.name) is None]
+        if missing:
+            raise InputError(f"missing {', '.join(missing)} (on the command line or in the --config file).")
+        import torch
+
+        torch.manual_seed(args.seed)
+        return COMMANDS[args.command][1](cmd, args)
     except NeuralflowError as err:
         print(f"neuralflow {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -313,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        set_command(None)
 
 
 def _interrupt(signum: int, frame: object) -> None:

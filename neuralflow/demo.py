@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from .fit import fit
 from .flows import CentralFlow, GradientFlow, ModifiedFlow, compare
 from .gd import run_gd
 from .problems import mlp_digits
+from .provenance import write_json
 from .report import build_report
 
 __all__ = ["DemoSettings", "DEFAULT", "FAST", "run_demo"]
@@ -174,7 +174,7 @@ def run_demo(
         "timing": timing,
         "files": files,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out / "summary.json", summary)
     files["summary"] = str(out / "summary.json")
     _say("", quiet)
     for what, path in files.items():

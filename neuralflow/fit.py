@@ -46,6 +46,7 @@ from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
 
+from ._display import columns, data_frame, html_table
 from .corrections import FEATURES, Hybrid, TermLibrary
 from .errors import DivergenceError, FileFormatError, InputError, Interrupted
 from .problems import Problem, check_positive_int
@@ -111,6 +112,16 @@ class FitResult:
         from .checkpoint import save
 
         return save(self, path, report=report)
+
+    def _repr_html_(self) -> str:
+        settings = self.settings
+        rows = [(name, f"{value:+.6g}", f"{self.uncertainty.get(name, math.nan):.2g}")
+                for name, value in self.coefficients.items()]
+        caption = (f"fit of {settings.get('model', {}).get('flow', {}).get('name', 'physics')} + correction, "
+                   f"window {settings.get('window')}, {settings.get('method')}: error physics "
+                   f"{self.physics_error:.4g} -> hybrid {self.hybrid_error:.4g}, "
+                   f"{self.timing.get('total', math.nan):.3g} s")
+        return html_table(("term", "coefficient", "standard error"), rows, caption)
 
     def __repr__(self) -> str:
         unc = self.uncertainty
@@ -456,10 +467,20 @@ def _regression(model: Hybrid, targets: Trajectory, win: _Windows, balance: bool
     return coef, se
 
 
+class CoefficientProfile(dict):
+    """What :func:`coefficient_profile` returns: a dict (``step``, ``coefficients``, ``se``, ``unexplained``)."""
+
+    def to_frame(self) -> Any:
+        """One row per bin (indexed by its first step): each term's coefficient, ``se_<term>``, ``unexplained``."""
+        cols = {"step": self["step"], **self["coefficients"], **{f"se_{k}": v for k, v in self["se"].items()},
+                "unexplained": self["unexplained"]}
+        return data_frame(columns(cols)).set_index("step")
+
+
 def coefficient_profile(
     model: Hybrid, trajectory: Trajectory, bin: int = 20, target: str = "smoothed",
     exclude: Sequence[tuple[int, int]] = (),
-) -> dict[str, Any]:
+) -> CoefficientProfile:
     """Each term's coefficient fitted as a constant bin by bin along the trajectory: ``c(t)`` free of any gate model.
 
     In every bin of ``bin`` consecutive steps, the derivative regression of :func:`fit`
@@ -493,12 +514,12 @@ def coefficient_profile(
         q = part.q.sum()
         rows.append((win.steps[k], coef, se, rss / q.clamp_min(torch.finfo(q.dtype).tiny)))
     coefs, ses = torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
-    return {
+    return CoefficientProfile({
         "step": torch.stack([r[0] for r in rows]),
         "coefficients": {n: coefs[:, j] for j, n in enumerate(lib.terms)},
         "se": {n: ses[:, j] for j, n in enumerate(lib.terms)},
         "unexplained": torch.stack([r[3] for r in rows]),
-    }
+    })
 
 
 def _reset_gates(lib: TermLibrary, seed: int) -> None:

@@ -9,8 +9,10 @@ forward pass; the derivatives in :mod:`neuralflow.autodiff` accumulate over the 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +29,10 @@ __all__ = [
     "zhu_quartic",
     "scalar_factorization",
     "mlp_digits",
+    "cnn_digits",
+    "lstm_recall",
     "from_module",
+    "from_file",
     "from_function",
     "PROBLEMS",
     "make",
@@ -217,13 +222,15 @@ _ACTIVATIONS: dict[str, tuple[type[torch.nn.Module], bool]] = {
 }
 
 
-def _digits(n: int, dtype: torch.dtype, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+def _digits(n: int, dtype: torch.dtype, device: torch.device | str | None, who: str = "mlp_digits",
+            images: bool = False) -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
     if not isinstance(n, int) or not 1 <= n <= len(data.target):
-        raise InputError(f"mlp_digits: n must be an int in [1, {len(data.target)}], got {n!r}.")
-    x = torch.as_tensor(data.data[:n] / 16.0, dtype=dtype, device=device)
+        raise InputError(f"{who}: n must be an int in [1, {len(data.target)}], got {n!r}.")
+    pixels = data.images[:n, None] if images else data.data[:n]
+    x = torch.as_tensor(pixels / 16.0, dtype=dtype, device=device)
     y = torch.nn.functional.one_hot(torch.as_tensor(data.target[:n]), 10).to(dtype=dtype, device=device)
     return x, y
 
@@ -283,6 +290,89 @@ def _same_shape(out: Tensor, target: Tensor, also: str = "") -> None:
             f"from_module: targets have shape {_batch_shape(target)} but the module's outputs have shape "
             f"{_batch_shape(out)}; pass targets of the outputs' shape{also}."
         )
+
+
+def cnn_digits(
+    n: int = 500,
+    channels: Sequence[int] = (8, 8),
+    activation: str = "tanh",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+) -> Problem:
+    """A small convolutional net on the digits as 8x8 images (one channel, pixels / 16), MSE on one-hot targets.
+
+    ``Conv2d(1, c1, 3, padding=1), act, Conv2d(c1, c2, 3, stride=2, padding=1), act, Flatten,
+    Linear(16 c2, 10)``: the 8x8 image is halved to 4x4 by the strided layer. Built like
+    :func:`mlp_digits` (``torch.manual_seed(seed)``, PyTorch's default initialisation, ``dtype``). The
+    architecture family of the central-flow experiments (Cohen et al. 2025 train CNNs on CIFAR), small
+    enough for third derivatives on a CPU.
+    """
+    if activation not in _ACTIVATIONS:
+        raise InputError(f"cnn_digits: unknown activation {activation!r}; choose from {sorted(_ACTIVATIONS)}.")
+    channels = tuple(int(c) for c in channels)
+    if len(channels) != 2 or any(c < 1 for c in channels):
+        raise InputError(f"cnn_digits: channels must be two positive ints (c1, c2), got {channels}.")
+    x, y = _digits(n, dtype, device, "cnn_digits", images=True)
+    act, smooth = _ACTIVATIONS[activation]
+    torch.manual_seed(seed)
+    kw = {"dtype": dtype, "device": device}
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, channels[0], 3, padding=1, **kw), act(),
+        torch.nn.Conv2d(channels[0], channels[1], 3, stride=2, padding=1, **kw), act(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * channels[1], 10, **kw),
+    )
+    problem = from_module(net, x, y, loss="mse", batch_size=batch_size)
+    problem.name = "cnn-digits"
+    problem.description = {
+        "name": "cnn-digits", "n": n, "channels": list(channels), "activation": activation, "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size,
+    }
+    problem.thrice_differentiable = problem.twice_differentiable = smooth
+    return problem
+
+
+class _LastStepLSTM(torch.nn.Module):
+    """An LSTM read out by a linear layer at its last time step: ``(n, T, 1) -> (n, 1)``."""
+
+    def __init__(self, hidden: int, dtype: torch.dtype, device: torch.device | str | None) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(1, hidden, batch_first=True, dtype=dtype, device=device)
+        self.readout = torch.nn.Linear(hidden, 1, dtype=dtype, device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(x)
+        return self.readout(out[:, -1])
+
+
+def lstm_recall(
+    n: int = 128,
+    length: int = 8,
+    hidden: int = 8,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Problem:
+    """A tiny LSTM that must recall the first entry of a generated sequence, MSE.
+
+    Inputs ``x`` are ``n`` sequences of ``length`` standard normal numbers (generated from ``seed``),
+    the target is ``x[:, 0]``: the net has to carry one number through ``length - 1`` steps of its
+    memory. ``LSTM(1, hidden)`` read out by ``Linear(hidden, 1)`` at the last step, initialised by
+    PyTorch after ``torch.manual_seed(seed)``. Smooth (sigmoid and tanh gates), so every flow applies.
+    """
+    for name, value in (("n", n), ("length", length), ("hidden", hidden)):
+        check_positive_int(value, f"lstm_recall: {name}")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, length, 1, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    torch.manual_seed(seed)
+    problem = from_module(_LastStepLSTM(hidden, dtype, device), x, x[:, 0].clone(), loss="mse")
+    problem.name = "lstm-recall"
+    problem.description = {
+        "name": "lstm-recall", "n": n, "length": length, "hidden": hidden, "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return problem
 
 
 def _mse(out: Tensor, target: Tensor) -> Tensor:
@@ -369,27 +459,85 @@ def from_function(fn: LossFn, theta0: Tensor, name: str = "function") -> Problem
     return Problem(name, theta0, [fn], {"function": getattr(fn, "__qualname__", repr(fn))})
 
 
+def from_file(
+    path: str | os.PathLike,
+    function: str = "build",
+    loss: str = "mse",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+) -> Problem:
+    """A problem from a Python file defining ``function() -> (module, (inputs, targets))``, through :func:`from_module`.
+
+    What the command line's ``--problem module:path/to/file.py:build`` calls. The file is run as a
+    module (it may import anything); ``function`` takes no arguments and returns the module and its
+    data, either as ``(module, (inputs, targets))`` or ``(module, inputs, targets)``. The module is
+    cast to ``dtype`` (default: as built) and moved to ``device``; the data follow it. Then every check
+    of :func:`from_module` applies. The description records the file's absolute path and the
+    function, so :func:`make` rebuilds the problem from a trajectory (the file must still be there).
+    """
+    import importlib.util
+
+    file = Path(path).expanduser().resolve()
+    if not file.is_file() or file.suffix != ".py":
+        raise InputError(f"from_file: {path} is not a Python file; pass module:path/to/file.py:function.")
+    spec = importlib.util.spec_from_file_location(f"neuralflow_user_{file.stem}", file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    build = getattr(mod, function, None)
+    if not callable(build):
+        raise InputError(f"from_file: {file} defines no function {function!r}; define {function}() returning "
+                         "(module, (inputs, targets)).")
+    built = build()
+    if isinstance(built, tuple) and len(built) == 2 and isinstance(built[1], (tuple, list)) and len(built[1]) == 2:
+        built = (built[0], *built[1])
+    if not (isinstance(built, tuple) and len(built) == 3 and isinstance(built[0], torch.nn.Module)):
+        raise InputError(f"from_file: {file}:{function}() must return (module, (inputs, targets)) with a "
+                         f"torch.nn.Module, got {type(built).__name__}.")
+    module, inputs, targets = built
+    module = module.to(device=device, dtype=dtype)
+    problem = from_module(module, inputs, targets, loss=loss, batch_size=batch_size)
+    problem.name = "module"
+    problem.description = {
+        "name": "module", "path": str(file), "function": function, "loss": loss, "batch_size": batch_size,
+        "dtype": str(problem.dtype).removeprefix("torch."),
+    }
+    return problem
+
+
 PROBLEMS: dict[str, Callable[..., Problem]] = {
     "quadratic": quadratic,
     "zhu-quartic": zhu_quartic,
     "scalar-factorization": scalar_factorization,
     "mlp-digits": mlp_digits,
+    "cnn-digits": cnn_digits,
+    "lstm-recall": lstm_recall,
+    "module": from_file,
 }
 
 
 def make(
-    description: dict[str, Any], max_params: int | None = MAX_PARAMS, device: torch.device | str | None = None
+    description: dict[str, Any],
+    max_params: int | None = MAX_PARAMS,
+    device: torch.device | str | None = None,
+    allow_code: bool = False,
 ) -> Problem:
     """Rebuild a registered problem from its JSON description (as saved in trajectories).
 
     The description is checked against its schema (``neuralflow._validate.PROBLEM_DESCRIPTIONS``) first,
     and a problem of more than ``max_params`` parameters is refused before it is built (None: no
     limit); a description comes from a file, and a file must not decide how much memory is allocated.
-    ``device``: where to build it (registered problems only take it).
+    Nor which code runs: a problem from the user's own Python file (:func:`from_file`) is rebuilt by
+    running that file, so only with ``allow_code=True``. ``device``: where to build it.
     """
     check_problem_description(description, check_max_params(max_params))
     kwargs = dict(description)
     name = kwargs.pop("name", None)
+    if name == "module" and not allow_code:
+        raise InputError(
+            f"this problem is your own Python file ({kwargs.get('path')}:{kwargs.get('function')}); rebuilding it "
+            "runs that file. Pass allow_code=True (command line: --allow-code) if you trust it."
+        )
     if name not in PROBLEMS:
         raise InputError(
             f"cannot rebuild problem {name!r} from its description; registered problems are "
@@ -397,8 +545,9 @@ def make(
         )
     if "dtype" in kwargs:
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-    if "widths" in kwargs:
-        kwargs["widths"] = tuple(kwargs["widths"])
+    for key in ("widths", "channels"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
     if "theta0" in kwargs:
         kwargs["theta0"] = tuple(kwargs["theta0"])
     if device is not None:

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._display import data_frame, html_table
 from .errors import InputError, NeuralflowError
 from .flows import Approximation
 from .sparse import SparseSolution, sparse_regression
@@ -174,11 +175,6 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
             *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows)]
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 # ---------------------------------------------------------------------------------------- gated formula
@@ -618,8 +614,24 @@ class Report:
         sugg = "".join(f"<li>{e(s)}</li>" for s in self.suggestions())
         notes = "".join(f"<p><em>note: {e(n)}</em></p>" for n in self.notes)
         return (f"<div><h4>{e(self._title())}</h4><p>{e(self._error_line())}</p>"
-                f"{_html_table(self._HEADER, self._rows())}"
+                f"{html_table(self._HEADER, self._rows())}"
                 f"<p><b>Suggestions</b></p><ol>{sugg}</ol><p>${e(self.equation())}$</p>{notes}</div>")
+
+    def to_frame(self) -> Any:
+        """One row per term, in rank order, as a pandas DataFrame (needs pandas).
+
+        Columns: ``term`` (the label, ``Hg (change at lr S = 2)`` for a baseline-gated change), ``name``,
+        ``share``, ``coefficient`` (mean for a gated one), ``uncertainty``, ``theory``, ``approximation``
+        (the slug to revise) and ``formula`` (a gate's sparse formula, else empty).
+        """
+        rows = [{
+            "term": t.label, "name": t.name, "share": t.share, "coefficient": t.coefficient,
+            "uncertainty": t.uncertainty, "theory": t.theory,
+            "approximation": None if t.approximation is None else t.approximation.name,
+            "formula": "" if t.gate is None or t.gate.formula is None else t.gate.formula.text(),
+        } for t in self.terms]
+        return data_frame(rows, columns=["term", "name", "share", "coefficient", "uncertainty", "theory",
+                                         "approximation", "formula"]).set_index("term")
 
     def to_dict(self) -> dict[str, Any]:
         """Every number of the report, JSON-able (what checkpoints store); inverse :meth:`from_dict`."""
@@ -1154,7 +1166,7 @@ class Ladder:
         return "\n".join(_markdown_table(self._HEADER, self._rows())) + "\n"
 
     def _repr_html_(self) -> str:
-        return _html_table(self._HEADER, self._rows())
+        return html_table(self._HEADER, self._rows())
 
     def to_dict(self) -> dict[str, Any]:
         return {"reports": [r.to_dict() for r in self.reports]}

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _io
+from ._display import columns, data_frame, html_table
 from .errors import FileFormatError, InputError
 
 __all__ = ["Trajectory"]
@@ -166,14 +167,15 @@ class Trajectory:
         inner = self.slice(int(self.steps[1]), int(self.steps[-1]))
         return replace(inner, iterates=mid, meta={**self.meta, "smoothed": True})
 
-    def to(self, device: torch.device | str) -> Trajectory:
-        """A copy with every tensor on ``device``."""
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Trajectory:
+        """A copy with every tensor on ``device`` and every floating tensor in ``dtype`` (None: unchanged)."""
+        move = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
         return replace(
             self,
-            steps=self.steps.to(device),
-            iterates=self.iterates.to(device),
-            **{name: getattr(self, name).to(device) for name in _SERIES},
-            history={k: v.to(device) for k, v in self.history.items()},
+            steps=move(self.steps),
+            iterates=move(self.iterates),
+            **{name: move(getattr(self, name)) for name in _SERIES},
+            history={k: move(v) for k, v in self.history.items()},
         )
 
     def __repr__(self) -> str:
@@ -183,6 +185,34 @@ class Trajectory:
             f"steps={int(self.steps[0])}..{int(self.steps[-1])} ({len(self)} stored), dim={self.dim}, "
             f"eos_onset={onset})"
         )
+
+    def _summary(self) -> list[tuple[str, str]]:
+        s = self.sharpness[:, 0] if self.sharpness.numel() else self.sharpness.new_zeros(0)
+        s = s[torch.isfinite(s)]
+        onset = self.eos_onset
+        rows = [
+            ("problem", f"{self.problem.get('name', '-')} ({self.dim} parameters)"),
+            ("lr", f"{self.lr:g} (2/lr = {self.eos_threshold:.4g})"),
+            ("steps", f"{int(self.steps[0])}..{int(self.steps[-1])}, {len(self)} stored (every {self.store_every})"),
+            ("loss", f"{float(self.loss[0]):.4g} -> {float(self.loss[-1]):.4g}"),
+        ]
+        if len(s):
+            rows.append(("sharpness", f"{float(s.min()):.4g} .. {float(s.max()):.4g}, final {float(s[-1]):.4g}"))
+        rows.append(("EoS onset", "not reached" if onset is None else f"step {onset}"))
+        rows.append(("dtype, device", f"{str(self.iterates.dtype).removeprefix('torch.')}, {self.iterates.device}"))
+        return rows
+
+    def _repr_html_(self) -> str:
+        return html_table(("trajectory", ""), self._summary(), caption="neuralflow Trajectory")
+
+    def to_frame(self) -> Any:
+        """The scalar series at every step (``history``; the stored ones without it) as a pandas DataFrame.
+
+        One row per step, columns ``step``, ``loss``, ``grad_norm``, ``sharpness`` (``sharpness_1`` ..
+        ``sharpness_k`` when several eigenvalues were tracked) and ``update_u``. Needs pandas.
+        """
+        src = self.history or {"step": self.steps, **{name: getattr(self, name) for name in _SERIES}}
+        return data_frame(columns(src)).set_index("step")
 
     # ------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> Path:

@@ -71,3 +71,27 @@ def test_the_notebook_executes_on_the_shipped_checkpoint():
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("text/html" in o.get("data", {}) for o in outputs)  # the report as HTML
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the figures
+
+
+def test_the_tour_notebook_shows_reprs_and_frames(monkeypatch):
+    import os
+
+    import nbclient
+    import nbformat
+
+    # the kernel is a new process: make it import this checkout, whatever the environment has installed
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    nb = nbformat.read(EXAMPLES / "notebook_tour.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(EXAMPLES)}})
+    client.execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any("neuralflow Trajectory" in h for h in html)  # Trajectory._repr_html_
+    assert any("flows against GD" in h for h in html)  # Comparison._repr_html_
+    assert any("standard error" in h for h in html)  # FitResult._repr_html_
+    assert sum("dataframe" in h for h in html) >= 4  # the four to_frame() tables, rendered by pandas
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "Comparison(scalar-factorization" in printed and "tensor" not in printed

@@ -97,3 +97,26 @@ def test_check_theta():
         p.check_theta(torch.ones(3, dtype=torch.float64))
     with pytest.raises(InputError, match="dtype"):
         p.check_theta(torch.ones(2, dtype=torch.float32))
+
+
+def test_zoo_problems_rebuild_from_their_description_and_are_smooth():
+    cnn = nf.problems.cnn_digits(n=20, channels=(2, 3), seed=1)
+    # Conv2d(1, 2, 3): 18 + 2; Conv2d(2, 3, 3): 54 + 3; Linear(16 * 3, 10): 480 + 10
+    assert cnn.dim == 20 + 57 + 490 and cnn.thrice_differentiable
+    assert torch.equal(nf.problems.make(cnn.description).theta0, cnn.theta0)
+    lstm = nf.problems.lstm_recall(n=16, length=5, hidden=3, seed=2)
+    assert lstm.dim == 4 * 3 * (1 + 3 + 2) + 3 + 1 and lstm.thrice_differentiable
+    assert torch.equal(nf.problems.make(lstm.description).theta0, lstm.theta0)
+    other = nf.problems.lstm_recall(n=16, length=5, hidden=3, seed=3)
+    assert other.loss(lstm.theta0 * 0) != lstm.loss(lstm.theta0 * 0)  # the data follow the seed
+    with pytest.raises(nf.InputError, match="channels"):
+        nf.problems.cnn_digits(channels=(4,))
+    with pytest.raises(nf.InputError, match="length"):
+        nf.problems.lstm_recall(length=0)
+
+
+def test_the_lstm_target_is_the_first_entry_of_each_sequence():
+    lstm = nf.problems.lstm_recall(n=8, length=4, hidden=2)
+    # at zero weights the net outputs 0, so the loss is half the mean square of the targets
+    x = torch.randn(8, 4, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert lstm.loss(torch.zeros_like(lstm.theta0)).item() == pytest.approx(0.5 * (x[:, 0] ** 2).mean().item())

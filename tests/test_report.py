@@ -445,19 +445,16 @@ def test_ladder_shows_the_gap_shrink_as_the_physics_improves(recovery):
 
 def test_command_line_prints_the_report_and_saves_the_figures(tmp_path, monkeypatch, capsys):
     """``neuralflow report fit.nff``: the checkpoint loader is stubbed so that only the command is tested here."""
-    import sys
-    import types
-
+    from neuralflow import checkpoint
     from neuralflow.cli import main
 
     class Loaded:
         def report(self):
             return _eos_report()
 
-    stub = types.ModuleType("neuralflow.checkpoint")
-    stub.load = lambda path: Loaded() if str(path).endswith("fit.nff") else None
-    stub.stored_report = lambda path: None  # a fit saved without its report's numbers: rebuilt from the fit
-    monkeypatch.setitem(sys.modules, "neuralflow.checkpoint", stub)
+    monkeypatch.setattr(checkpoint, "load", lambda path: Loaded() if str(path).endswith("fit.nff") else None)
+    # a fit saved without its report's numbers: rebuilt from the fit
+    monkeypatch.setattr(checkpoint, "stored_report", lambda path: None)
     assert main(["report", str(tmp_path / "fit.nff"), "--markdown", str(tmp_path / "report.md")]) == 0
     out = capsys.readouterr().out
     assert out.startswith(str(_eos_report()))

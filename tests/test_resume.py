@@ -3,6 +3,7 @@ also after a real SIGKILL; Ctrl-C and SIGTERM keep the trajectory or the best fi
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import signal
@@ -188,11 +189,21 @@ def test_unwritable_outputs_are_refused_before_any_computation(tmp_path, monkeyp
     fit_path = tmp_path / "fit.nff"
     for module, name in (("gd", "run_gd"), ("fit", "fit"), ("flows", "compare"), ("checkpoint", "stored_report"),
                          ("demo", "run_demo")):
-        monkeypatch.setattr(importlib.import_module(f"neuralflow.{module}"), name,
-                            lambda *a, **k: pytest.fail("computed before checking the outputs"))
+        where = importlib.import_module(f"neuralflow.{module}")
+        monkeypatch.setattr(where, name, _refusing(getattr(where, name)))
     words = [w.format(file=tmp_path / "a-file", dir=tmp_path, run=run, fit=fit_path) for w in command]
     assert main(words) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def _refusing(fn):
+    """``fn``'s signature (the command line's options come from it), failing the test if it is called."""
+
+    @functools.wraps(fn)
+    def computed(*args, **kwargs):
+        pytest.fail("computed before checking the outputs")
+
+    return computed
 
 
 def test_a_demo_rerun_does_not_mix_files_of_two_runs(tmp_path):

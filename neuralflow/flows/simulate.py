@@ -18,6 +18,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
+from .._display import data_frame, html_table
 from ..autodiff import top_eigenpairs
 from ..errors import DivergenceError, InputError
 from ..problems import Problem, make
@@ -176,14 +177,34 @@ class Comparison:
             f"the stored steps; errors relative. avg loss: predicted time-averaged loss vs GD's loss averaged "
             f"over +-{self.window} steps.\n"
         )
-        cols = ["flow", "distance", "distance_smoothed", "final_distance", "loss_error", "avg_loss_error",
-                "sharpness_error", "seconds"]
         heads = ["flow", "dist GD", "dist smoothed", "final dist", "loss err", "avg loss err", "sharp err", "time s"]
-        fmt = lambda v: "-" if v is None else (v if isinstance(v, str) else f"{v:.4g}")  # noqa: E731
-        cells = [[fmt(row[c]) for c in cols] for row in self.rows]
+        cells = self._cells()
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
         line = lambda xs: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths)))  # noqa: E731
         return head + "\n".join([line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+    def __repr__(self) -> str:
+        tr = self.trajectory
+        flows = ", ".join(f"{r['flow']} {r['distance']:.3g}" for r in self.rows)
+        return (f"Comparison({tr.problem.get('name', 'problem')}, lr={tr.lr:g}, steps {int(tr.steps[0])}.."
+                f"{int(tr.steps[-1])}; mean distance to GD: {flows})")
+
+    _COLUMNS = ("flow", "distance", "distance_smoothed", "final_distance", "loss_error", "avg_loss_error",
+                "sharpness_error", "seconds")
+
+    def _cells(self) -> list[list[str]]:
+        fmt = lambda v: "-" if v is None else (v if isinstance(v, str) else f"{v:.4g}")  # noqa: E731
+        return [[fmt(row[c]) for c in self._COLUMNS] for row in self.rows]
+
+    def _repr_html_(self) -> str:
+        tr = self.trajectory
+        caption = (f"flows against GD on {tr.problem.get('name', 'problem')}, lr = {tr.lr:g}, steps "
+                   f"{int(tr.steps[0])}..{int(tr.steps[-1])}")
+        return html_table(self._COLUMNS, self._cells(), caption)
+
+    def to_frame(self) -> Any:
+        """One row per flow (the numbers of :meth:`__str__`), indexed by flow name, as a pandas DataFrame."""
+        return data_frame([{c: row[c] for c in self._COLUMNS} for row in self.rows]).set_index("flow")
 
     def to_dict(self) -> dict[str, Any]:
         tr = self.trajectory
@@ -195,13 +216,20 @@ class Comparison:
             "flows": self.rows,
         }
 
-    def figure(self) -> Any:
-        """Distance to GD (raw and smoothed), loss, and sharpness over steps; returns the figure."""
+    def figure(self, ax: Any = None) -> Any:
+        """Distance to GD (raw and smoothed), loss, and sharpness over steps; returns the figure.
+
+        ``ax``: three matplotlib axes to draw into (distance, loss, sharpness); default a new figure.
+        """
         import matplotlib.pyplot as plt
 
         tr = self.trajectory
         steps = tr.steps.cpu().numpy()
-        fig, (ax_d, ax_l, ax_s) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+        if ax is None:
+            fig, (ax_d, ax_l, ax_s) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+        else:
+            ax_d, ax_l, ax_s = ax
+            fig = ax_d.figure
         ax_l.semilogy(steps, tr.loss.cpu().numpy(), color="0.7", lw=0.8, label="GD")
         ax_l.semilogy(steps, self.gd_loss_avg.cpu().numpy(), color="k", lw=1, label=f"GD, +-{self.window} avg")
         probe_steps = steps[self.records[0].probe.cpu().numpy()] if self.records else steps[:0]
@@ -245,6 +273,10 @@ def compare(
     window: int = 10,
     n_probe: int = 50,
     progress: bool = False,
+    method: str | None = None,
+    step_size: float | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> Comparison:
     """Simulate each flow from the trajectory's first iterate and compare it with GD.
 
@@ -253,7 +285,8 @@ def compare(
     for a dense recording, to the smoothed iterates (interior steps); relative loss error; at
     ``n_probe`` evenly spaced stored steps the sharpness (LOBPCG, warm-started) against GD's, and the
     predicted time-averaged loss (``CentralFlow.predicted_loss``; the loss itself for other flows)
-    against GD's loss averaged over ``+-window`` steps.
+    against GD's loss averaged over ``+-window`` steps. ``method``, ``step_size``, ``rtol`` and ``atol``
+    go to :func:`simulate` for every flow (default: each flow's own solver).
     """
     if not flows:
         raise InputError("compare: pass at least one flow, e.g. compare(traj, GradientFlow(problem, traj.lr)).")
@@ -292,7 +325,7 @@ def compare(
     records = []
     for f in flows:
         start = time.perf_counter()
-        states = simulate(f, gd[0], tr.times, progress=progress)
+        states = simulate(f, gd[0], tr.times, method, step_size, rtol, atol, progress=progress)
         seconds = time.perf_counter() - start
         with torch.no_grad():
             loss = torch.stack([problem.loss(th) for th in states])
