@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import _io
 from .errors import FileFormatError, InputError
+from .oscillation import ESTABLISHED_RATIO, Oscillation
 
 __all__ = ["Trajectory"]
 
@@ -91,31 +92,47 @@ class Trajectory:
         hit = torch.nonzero(s >= self.eos_threshold).flatten()
         return int(source["step"][hit[0]]) if len(hit) else None
 
-    def eos_transients(self, ratio: float = 0.1) -> list[tuple[int, int]]:
+    @property
+    def oscillation(self) -> Oscillation:
+        """GD's measured period-two oscillation at every step (:class:`~neuralflow.oscillation.Oscillation`).
+
+        From the series ``run_gd`` records at every step (the demodulated amplitude along each tracked
+        eigenvector, their variance, ``||theta_k - m_k||^2`` and the smoothed step); for a trajectory
+        without them (older files, hand-built ones) from consecutive stored iterates, over all directions.
+        See :mod:`neuralflow.oscillation` for the demodulation that lifts the measurement floor.
+        """
+        h = self.history
+        if "oscillation" in h:
+            amp = h["oscillation"]
+            return Oscillation(h["step"], amp, amp.pow(2).sum(dim=1), h["oscillation_total"], h["smoothed_step"])
+        if self.store_every != 1:
+            raise InputError(
+                "this trajectory holds no oscillation series and stores every "
+                f"{self.store_every} steps; record it with run_gd (or store_every=1) to measure the oscillation."
+            )
+        return Oscillation.from_iterates(self.steps, self.iterates)
+
+    def eos_transients(self, ratio: float = ESTABLISHED_RATIO) -> list[tuple[int, int]]:
         """Step ranges ``[start, stop)`` past ``2/lr`` in which GD does not oscillate yet.
 
-        A step ``k`` is *quiet* when ``lr * S_k > 2`` but the period-two oscillation amplitude
-        ``||theta_k - m_k||`` (``m`` the midpoint process of :meth:`smoothed`) is below ``ratio``
-        times the smoothed step ``||m_{k+1} - m_k||``: GD still moves like a flow while its
-        oscillation grows from round-off (in float64 full-batch GD that takes hundreds of steps).
-        There the central flow's premise, an oscillation at quasi-static equilibrium (Cohen et al.,
-        ICLR 2025), fails, and a coefficient gated on ``lr * S - 2`` cannot be a function of the
-        state. Measured on the digits runs, the two regimes differ by three orders of magnitude
-        (``~1e-3`` against ``4``-``9``), so ``ratio`` is not delicate. Pass the result to
-        ``fit(..., exclude=...)``.
+        A step ``k`` is *quiet* when ``lr * S_k > 2`` but the oscillation is not established
+        (:attr:`oscillation`: its demodulated variance is below ``ratio^2`` times the squared smoothed
+        step ``||m_{k+1} - m_k||^2``, ``m`` the midpoint process): GD still moves like a flow while its
+        oscillation grows from round-off or injected noise (in float64 full-batch GD that takes hundreds
+        of steps). There the central flow's premise, an oscillation at quasi-static equilibrium (Cohen
+        et al., ICLR 2025), fails, and a coefficient gated on ``lr * S - 2`` cannot be a function of the
+        state. Steps where the measurement is undefined (the first and last two) are not quiet. Pass the
+        result to ``fit(..., exclude=...)``.
         """
-        if not (isinstance(ratio, (int, float)) and ratio > 0):
-            raise InputError(f"eos_transients: ratio must be a positive number, got {ratio!r}.")
-        sm = self.smoothed()  # checks for a dense recording
-        s = sm.sharpness[:, 0]
+        osc = self.oscillation
+        source = self.history if self.history else {"step": self.steps, "sharpness": self.sharpness}
+        s = source["sharpness"][:, 0]
         if bool(torch.isnan(s).any()):
             raise InputError("eos_transients needs the sharpness at every step; run GD with eig_every=1.")
-        x, m = self.iterates[1:-1], sm.iterates
-        amplitude = (x[:-1] - m[:-1]).norm(dim=1)
-        quiet = (self.lr * s[:-1] > 2) & (amplitude < ratio * (m[1:] - m[:-1]).norm(dim=1))
-        steps = sm.steps[:-1].tolist()
+        defined = torch.isfinite(osc.variance) & torch.isfinite(osc.smoothed_step)
+        quiet = (self.lr * s > 2) & defined & ~osc.established(ratio)
         ranges: list[tuple[int, int]] = []
-        for k, q in zip(steps, quiet.tolist()):
+        for k, q in zip(osc.steps.tolist(), quiet.tolist()):
             if not q:
                 continue
             if ranges and ranges[-1][1] == k:
