@@ -11,7 +11,7 @@ from .checkpoint import load  # noqa: E402
 from .corrections import Hybrid  # noqa: E402
 from .errors import DivergenceError, FileFormatError, InputError, NeuralflowError  # noqa: E402
 from .fit import FitResult, coefficient_profile, fit  # noqa: E402
-from .flows import Approximation  # noqa: E402
+from .flows import Approximation, OscillationFlow  # noqa: E402
 from .flows.simulate import compare, simulate  # noqa: E402
 from .gd import run_gd  # noqa: E402
 from .problems import Problem  # noqa: E402
@@ -29,6 +29,7 @@ __all__ = [
     "FitResult",
     "problems",
     "Approximation",
+    "OscillationFlow",
     "simulate",
     "compare",
     "Problem",

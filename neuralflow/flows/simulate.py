@@ -65,8 +65,16 @@ def simulate(
     rtol: float | None = None,
     atol: float | None = None,
     progress: bool = False,
-) -> Tensor:
+    extra0: Tensor | None = None,
+    return_extra: bool = False,
+) -> Tensor | tuple[Tensor, Tensor | None]:
     """Integrate ``dtheta/dt = flow(t, theta)`` from ``theta0`` at ``t[0]``; states at ``t``, shape ``(len(t), d)``.
+
+    A flow that carries state beyond ``theta`` (``flow.extra_state``, e.g. the oscillation flow's covariance
+    ``X``) starts it from ``extra0``, by default ``flow.initial_extra(theta0)``; it is integrated from one
+    output time to the next, with ``flow.rebase`` in between (output times one step apart keep its basis
+    fresh). ``return_extra=True`` returns ``(theta states, extra states)``, the latter ``(len(t), *shape)``
+    (None for a flow without extra state).
 
     Times are step times (iterate ``k`` at ``t = k``), increasing. The solver defaults to the flow's
     own choice (``flow.solver``: explicit Euler with 2 substeps per step for :class:`CentralFlow`)
@@ -96,12 +104,21 @@ def simulate(
         solver["atol"] = atol
     if hasattr(flow, "reset"):
         flow.reset()
+    if flow.extra_state is not None and extra0 is None:
+        extra0 = flow.initial_extra(theta0)
+    y0 = flow.join(theta0.detach(), extra0)
     span = float(t[-1] - t[0])
     with tqdm(total=span, desc=f"{flow.name} flow", unit="step", disable=not progress) as bar:
         func = _Guarded(flow, bar)
         try:
             with torch.no_grad():
-                states = odeint(func, theta0.detach(), t, **solver)
+                if flow.extra_state is None:
+                    states = odeint(func, y0, t, **solver)
+                else:
+                    ys = [y0]
+                    for i in range(len(t) - 1):
+                        ys.append(flow.rebase(odeint(func, ys[-1], t[i : i + 2], **solver)[-1]))
+                    states = torch.stack(ys)
         except _NonFinite as err:
             raise DivergenceError(
                 f"{flow.name} flow blew up: non-finite state or velocity at t = {err.t:.6g} (step time; "
@@ -115,7 +132,8 @@ def simulate(
     if not torch.isfinite(states).all():
         bad = int(torch.nonzero(~torch.isfinite(states).all(dim=1))[0])
         raise DivergenceError(f"{flow.name} flow produced non-finite states at t = {float(t[bad]):.6g}.")
-    return states
+    thetas, extras = flow.split(states)
+    return (thetas, extras) if return_extra else thetas
 
 
 @dataclass

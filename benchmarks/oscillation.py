@@ -1,0 +1,291 @@
+"""The oscillation flow against GD and the central flow at the edge of stability (science.md section 7).
+
+Two digits set-ups (``mlp_digits``, seed 0): ``small`` n 500, widths (32, 32), lr 0.15, 1000 steps, flows
+started at step 150; ``large`` n 1000, widths (64, 64), lr 0.1, 2000 steps, flows started at step 600
+(both before the EoS onset). Per set-up, GD runs with injected Gaussian noise ``nu`` per coordinate per
+step (``1e-12``, ``1e-10``, ``1e-8``), plain float64 (round-off only) and plain float32 (small set-up).
+The oscillation flow has no fitted parameter: ``q = nu^2`` plus the round-off floor
+``(u ||theta|| / sqrt(d))^2`` (``u`` the unit round-off; ``neuralflow.oscillation.roundoff_variance``),
+and starts from GD's iterate with ``X`` from GD's measurement there (the equilibrium below the edge).
+The float32 run is compared with the float64 flow seeded by float32's round-off floor (third derivatives
+in float32 lose the signal). The central flow does not depend on ``nu``; it is computed once per
+set-up, from the round-off run's iterate.
+
+Measured per run: GD's EoS onset and the step its oscillation becomes established (the rule of
+``neuralflow.oscillation``: demodulated variance along the 4 tracked eigenvectors at least 0.01 times the
+squared smoothed step), the flow's predicted step (the same rule on ``tr X`` and the flow's own step);
+the quiet stretch's length against ``log(1/nu)``; distance to smoothed GD (midpoint process) over the
+transient (onset to onset + 400) and the whole run; the first sharpness peak after the onset; the
+predicted time-averaged loss (``L + 1/2 sum_i lambda_i X_ii``) against GD's loss averaged over +-10
+steps; cost per GD step in seconds and gradient-equivalents (one run each, one thread).
+
+Prints a table, writes ``benchmarks/results/oscillation_<setup>.json`` and ``oscillation_<setup>.png``.
+
+    python benchmarks/oscillation.py --setups small --noise 1e-12 1e-10 1e-8 f64 f32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import torch  # noqa: E402
+
+import neuralflow as nf  # noqa: E402
+from neuralflow.autodiff import gradient, top_eigenpairs  # noqa: E402
+from neuralflow.flows import CentralFlow, OscillationFlow, simulate  # noqa: E402
+from neuralflow.oscillation import first_established  # noqa: E402
+
+SETUPS = {
+    "small": {"n": 500, "widths": (32, 32), "lr": 0.15, "steps": 1000, "start": 150},
+    "large": {"n": 1000, "widths": (64, 64), "lr": 0.1, "steps": 2000, "start": 600},
+}
+N_TRACK = 4
+TRANSIENT = 400
+WINDOW = 10
+
+
+def window_average(x: torch.Tensor, w: int) -> torch.Tensor:
+    c = torch.cat([x.new_zeros(1), torch.cumsum(x, 0)])
+    i = torch.arange(len(x))
+    lo, hi = (i - w).clamp(min=0), (i + w + 1).clamp(max=len(x))
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+def eigen_series(problem: nf.Problem, states: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k eigenvalues at every state (warm-started LOBPCG)."""
+    out, block = [], None
+    for th in states:
+        eig = top_eigenpairs(problem, th, k=k, v0=block, tol=1e-4)
+        block = eig.block
+        out.append(eig.values)
+    return torch.stack(out)
+
+
+def first_peak(steps: torch.Tensor, s: torch.Tensor, onset: int, threshold: float) -> tuple[int, float] | None:
+    """The maximum of ``s`` from ``onset`` until it first falls back below ``threshold``."""
+    after = steps >= onset
+    below = torch.nonzero(after & (s < threshold)).flatten()
+    stop = int(below[0]) if len(below) else len(s)
+    seg = torch.nonzero(after).flatten()
+    seg = seg[seg < stop]
+    if not len(seg):
+        return None
+    i = int(seg[torch.argmax(s[seg])])
+    return int(steps[i]), float(s[i])
+
+
+def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path) -> dict:
+    cfg = SETUPS[name]
+    lr, steps, start = cfg["lr"], cfg["steps"], cfg["start"]
+    p64 = nf.problems.mlp_digits(n=cfg["n"], widths=cfg["widths"], seed=0)
+    thr = 2 / lr
+    g_seconds = statistics.median(
+        [(lambda t0: (gradient(p64, p64.theta0), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(9)]
+    )
+    result: dict = {"setup": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                    "dim": p64.dim, "gradient_seconds": g_seconds, "runs": {}}
+
+    def gd(variant: str) -> nf.Trajectory:
+        nu = 0.0 if variant in ("f64", "f32") else float(variant)
+        dtype = torch.float32 if variant == "f32" else torch.float64
+        path = None if cache is None else cache / f"gd_{name}_{variant}.nft"
+        if path is not None and path.exists():
+            return nf.Trajectory.load(path)
+        prob = nf.problems.mlp_digits(n=cfg["n"], widths=cfg["widths"], seed=0, dtype=dtype)
+        t0 = time.perf_counter()
+        traj = nf.run_gd(prob, lr, steps, n_eigs=N_TRACK, noise=nu, noise_seed=0, progress=False)
+        traj.meta["seconds"] = time.perf_counter() - t0
+        if path is not None:
+            traj.save(path)
+        return traj
+
+    trajs = {v: gd(v) for v in variants}
+    ref = trajs.get("f64") or next(iter(trajs.values()))
+    t = torch.arange(start, steps, dtype=torch.float64)
+
+    # ---- central flow, once per set-up
+    theta_start = ref.iterates[start].double()
+    central = CentralFlow(p64, lr)
+    t0 = time.perf_counter()
+    c_states = simulate(central, theta_start, t)
+    c_seconds = (time.perf_counter() - t0) / len(t)
+    c_sharp = eigen_series(p64, c_states, 1)[:, 0]
+    probe = torch.arange(0, len(t), 10)
+    c_pred_loss = torch.stack([central.predicted_loss(c_states[i]) for i in probe])
+    result["central"] = {"seconds_per_step": c_seconds, "gradients_per_step": c_seconds / g_seconds}
+
+    figs = {}
+    for variant, traj in trajs.items():
+        h = traj.history
+        sm = traj.smoothed()
+        smooth = sm.iterates.double()  # steps 1..steps-1
+        idx = t.long() - 1  # rows of smooth for steps start..steps-1
+        valid = idx < len(smooth)
+        onset = traj.eos_onset
+        osc = traj.oscillation
+        gd_est = osc.first_established(onset) if onset is not None else None
+
+        flow = OscillationFlow.from_trajectory(p64, traj.slice(start, None).to("cpu"), n_track=N_TRACK)
+        seg = traj.slice(start, None)
+        t0 = time.perf_counter()
+        x0 = seg.iterates[0].double()
+        flow.reset()
+        X0 = flow.initial_extra(x0, seg)
+        states, X = simulate(flow, x0, t, extra0=X0, return_extra=True)
+        o_seconds = (time.perf_counter() - t0) / len(t)
+        var = flow.predicted_variance(X)
+        lam = eigen_series(p64, states, N_TRACK)
+        o_sharp = lam[:, 0]
+        with torch.no_grad():
+            o_loss = torch.stack([p64.loss(th) for th in states])
+        o_pred = o_loss + 0.5 * (lam * X.diagonal(dim1=1, dim2=2)).sum(dim=1)
+        o_step = torch.cat([(states[1:] - states[:-1]).norm(dim=1), torch.tensor([math.nan], dtype=torch.float64)])
+        o_est = first_established(t.long(), var, o_step, onset) if onset is not None else None
+
+        d_osc = (states[valid] - smooth[idx[valid]]).norm(dim=1)
+        d_cen = (c_states[valid] - smooth[idx[valid]]).norm(dim=1)
+        tv = t[valid]
+        win = (tv >= onset) & (tv < onset + TRANSIENT) if onset is not None else torch.zeros_like(tv, dtype=torch.bool)
+        gd_loss_avg = window_average(h["loss"].double(), WINDOW)[t.long()]
+        gd_peak = first_peak(h["step"], h["sharpness"][:, 0].double(), onset, thr) if onset is not None else None
+        o_peak = first_peak(t.long(), o_sharp, onset, thr) if onset is not None else None
+        c_peak = first_peak(t.long(), c_sharp, onset, thr) if onset is not None else None
+        rel = lambda a, b: float(((a - b).abs() / b.abs()).mean())  # noqa: E731
+        quiet = None if gd_est is None else gd_est - onset
+        run = {
+            "noise": float(traj.meta.get("noise", 0.0)),
+            "dtype": str(traj.iterates.dtype).removeprefix("torch."),
+            "q": flow.q,
+            "gd_seconds": traj.meta.get("seconds"),
+            "onset": onset,
+            "gd_established": gd_est,
+            "flow_established": o_est,
+            "quiet_stretch": quiet,
+            "established_error_fraction": None if (o_est is None or not quiet) else abs(o_est - gd_est) / quiet,
+            "distance_transient": {"oscillation": float(d_osc[win].mean()), "central": float(d_cen[win].mean())},
+            "distance_run": {"oscillation": float(d_osc.mean()), "central": float(d_cen.mean())},
+            "first_peak": {"gd": gd_peak, "oscillation": o_peak, "central": c_peak},
+            "avg_loss_error": {
+                "oscillation": rel(o_pred, gd_loss_avg),
+                "central": rel(c_pred_loss, gd_loss_avg[probe]),
+            },
+            "seconds_per_step": o_seconds,
+            "gradients_per_step": o_seconds / g_seconds,
+        }
+        result["runs"][variant] = run
+        figs[variant] = {
+            "gd_steps": h["step"], "gd_sharp": h["sharpness"][:, 0].double(), "gd_var": osc.variance.double(),
+            "gd_total": osc.total.double(), "t": t, "o_sharp": o_sharp, "o_var": var, "tv": tv, "d_osc": d_osc,
+            "d_cen": d_cen,
+        }
+        print(f"[{name} {variant}] onset {onset} GD established {gd_est} flow {o_est}; dist transient "
+              f"osc {run['distance_transient']['oscillation']:.4g} central {run['distance_transient']['central']:.4g}",
+              flush=True)
+
+    noisy = sorted((float(v), r) for v, r in result["runs"].items() if v not in ("f64", "f32"))
+    pts = [(math.log(1 / nu), r["quiet_stretch"], r["flow_established"] - r["onset"]) for nu, r in noisy
+           if r["quiet_stretch"] is not None and r["flow_established"] is not None]
+    if len(pts) >= 2:
+        xs = torch.tensor([p[0] for p in pts])
+        slope = lambda ys: float(torch.linalg.lstsq(  # noqa: E731
+            torch.stack([xs, torch.ones_like(xs)], 1), torch.tensor(ys, dtype=xs.dtype)[:, None]).solution[0, 0])
+        sg, sf = slope([p[1] for p in pts]), slope([p[2] for p in pts])
+        result["quiet_slope"] = {"gd": sg, "oscillation": sf, "relative_error": abs(sf - sg) / abs(sg)}
+    if noisy:
+        tr = [r["distance_transient"] for _, r in noisy]
+        result["transient_ratio_mean"] = statistics.mean(d["central"] / d["oscillation"] for d in tr)
+    figure(result, figs, c_sharp, t, thr, out_dir / f"oscillation_{name}.png")
+    return result
+
+
+def figure(result: dict, figs: dict, c_sharp: torch.Tensor, t: torch.Tensor, thr: float, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (a_s, a_v, a_d) = plt.subplots(3, 1, figsize=(8, 10), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    a_s.plot(t.numpy(), c_sharp.numpy(), color="k", lw=1.2, label="central flow")
+    for i, (variant, f) in enumerate(figs.items()):
+        c = colors[i % len(colors)]
+        lab = {"f64": "float64 round-off", "f32": "float32 round-off"}.get(variant, f"nu = {variant}")
+        a_s.plot(f["gd_steps"].numpy(), f["gd_sharp"].numpy(), color=c, lw=0.6, alpha=0.6)
+        a_s.plot(f["t"].numpy(), f["o_sharp"].numpy(), color=c, lw=1.2, ls="--", label=f"oscillation flow, {lab}")
+        a_v.semilogy(f["gd_steps"].numpy(), f["gd_var"].numpy(), color=c, lw=0.6, alpha=0.6)
+        a_v.semilogy(f["t"].numpy(), f["o_var"].numpy(), color=c, lw=1.2, ls="--", label=lab)
+        a_d.semilogy(f["tv"].numpy(), f["d_osc"].numpy(), color=c, lw=1, ls="--", label=f"oscillation flow, {lab}")
+        if i == 0:
+            a_d.semilogy(f["tv"].numpy(), f["d_cen"].numpy(), color="k", lw=1.2, label="central flow")
+    a_s.axhline(thr, color="0.5", ls=":", lw=1)
+    a_s.set_ylabel("sharpness\n(thin: GD)")
+    a_v.set_ylabel("oscillation variance\n(thin: GD measured, dashed: flow tr X)")
+    a_d.set_ylabel("distance to smoothed GD")
+    a_d.set_xlabel("step")
+    a_s.legend(fontsize="x-small")
+    a_v.legend(fontsize="x-small")
+    a_d.legend(fontsize="x-small")
+    lo = max(0, int(t[0]) - 50)
+    a_s.set_xlim(lo, int(t[-1]))
+    a_s.set_title(f"oscillation flow vs GD and central flow: digits {result['setup']} set-up (lr = {result['lr']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    lines = [f"set-up {result['setup']} (n {result['n']}, widths {result['widths']}, lr {result['lr']}): "
+             f"central flow {result['central']['seconds_per_step']:.3g} s/step "
+             f"({result['central']['gradients_per_step']:.0f} gradients)"]
+    head = ("run", "q", "onset", "GD est.", "flow est.", "err/quiet", "d trans osc", "d trans cen", "d run osc",
+            "d run cen", "peak GD", "peak osc", "avg loss err", "s/step")
+    lines.append(" | ".join(head))
+    for v, r in result["runs"].items():
+        fp = r["first_peak"]
+        pk = lambda x: "-" if x is None else f"{x[0]}: {x[1]:.3f}"  # noqa: E731
+        err = r["established_error_fraction"]
+        lines.append(" | ".join([
+            v, f"{r['q']:.2g}", str(r["onset"]), str(r["gd_established"]), str(r["flow_established"]),
+            "-" if err is None else f"{err:.3f}",
+            f"{r['distance_transient']['oscillation']:.4f}", f"{r['distance_transient']['central']:.4f}",
+            f"{r['distance_run']['oscillation']:.4f}", f"{r['distance_run']['central']:.4f}",
+            pk(fp["gd"]), pk(fp["oscillation"]), f"{r['avg_loss_error']['oscillation']:.4f}",
+            f"{r['seconds_per_step']:.3g}",
+        ]))
+    if "quiet_slope" in result:
+        s = result["quiet_slope"]
+        lines.append(f"quiet stretch vs log(1/nu): slope GD {s['gd']:.2f}, flow {s['oscillation']:.2f} steps "
+                     f"(relative error {s['relative_error']:.3f})")
+    if "transient_ratio_mean" in result:
+        lines.append(f"transient distance, central / oscillation, mean over nu: {result['transient_ratio_mean']:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setups", nargs="+", default=["small", "large"], choices=sorted(SETUPS))
+    ap.add_argument("--noise", nargs="+", default=["1e-12", "1e-10", "1e-8", "f64", "f32"],
+                    help="noise levels nu, 'f64' (round-off only) and 'f32' (float32 round-off, small set-up)")
+    ap.add_argument("--cache", default=None, help="folder to keep the GD runs in (reused when present)")
+    ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cache = None if args.cache is None else Path(args.cache)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    for name in args.setups:
+        variants = [v for v in args.noise if not (v == "f32" and name != "small")]
+        res = run_setup(name, variants, cache, Path(args.out_dir))
+        print(table(res), flush=True)
+        out = Path(args.out_dir) / f"oscillation_{name}.json"
+        out.write_text(json.dumps(res, indent=1))
+        print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
