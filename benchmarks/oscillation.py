@@ -69,6 +69,18 @@ def eigen_series(problem: nf.Problem, states: torch.Tensor, k: int) -> torch.Ten
     return torch.stack(out)
 
 
+def cached(cache: Path | None, filename: str, compute) -> dict:
+    """``compute()`` (a dict of tensors), or its result saved in ``cache`` by an earlier run."""
+    if cache is None:
+        return compute()
+    path = cache / filename
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    out = compute()
+    torch.save(out, path)
+    return out
+
+
 def first_peak(steps: torch.Tensor, s: torch.Tensor, onset: int, threshold: float) -> tuple[int, float] | None:
     """The maximum of ``s`` from ``onset`` until it first falls back below ``threshold``."""
     after = steps >= onset
@@ -82,7 +94,7 @@ def first_peak(steps: torch.Tensor, s: torch.Tensor, onset: int, threshold: floa
     return int(steps[i]), float(s[i])
 
 
-def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path) -> dict:
+def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path, gd_only: bool = False) -> dict:
     cfg = SETUPS[name]
     lr, steps, start = cfg["lr"], cfg["steps"], cfg["start"]
     p64 = nf.problems.mlp_digits(n=cfg["n"], widths=cfg["widths"], seed=0)
@@ -108,18 +120,24 @@ def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path)
         return traj
 
     trajs = {v: gd(v) for v in variants}
+    if gd_only:
+        return result
     ref = trajs.get("f64") or next(iter(trajs.values()))
     t = torch.arange(start, steps, dtype=torch.float64)
 
     # ---- central flow, once per set-up
-    theta_start = ref.iterates[start].double()
-    central = CentralFlow(p64, lr)
-    t0 = time.perf_counter()
-    c_states = simulate(central, theta_start, t)
-    c_seconds = (time.perf_counter() - t0) / len(t)
-    c_sharp = eigen_series(p64, c_states, 1)[:, 0]
-    probe = torch.arange(0, len(t), 10)
-    c_pred_loss = torch.stack([central.predicted_loss(c_states[i]) for i in probe])
+    def run_central() -> dict:
+        central = CentralFlow(p64, lr)
+        t0 = time.perf_counter()
+        states = simulate(central, ref.iterates[start].double(), t)
+        seconds = (time.perf_counter() - t0) / len(t)
+        probe = torch.arange(0, len(t), 10)
+        return {"states": states, "seconds": torch.tensor(seconds), "sharp": eigen_series(p64, states, 1)[:, 0],
+                "probe": probe, "pred_loss": torch.stack([central.predicted_loss(states[i]) for i in probe])}
+
+    c = cached(cache, f"central_{name}.pt", run_central)
+    c_states, c_sharp, probe, c_pred_loss = c["states"], c["sharp"], c["probe"], c["pred_loss"]
+    c_seconds = float(c["seconds"])
     result["central"] = {"seconds_per_step": c_seconds, "gradients_per_step": c_seconds / g_seconds}
 
     figs = {}
@@ -133,20 +151,30 @@ def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path)
         osc = traj.oscillation
         gd_est = osc.first_established(onset) if onset is not None else None
 
-        flow = OscillationFlow.from_trajectory(p64, traj.slice(start, None).to("cpu"), n_track=N_TRACK)
-        seg = traj.slice(start, None)
-        t0 = time.perf_counter()
-        x0 = seg.iterates[0].double()
-        flow.reset()
-        X0 = flow.initial_extra(x0, seg)
-        states, X = simulate(flow, x0, t, extra0=X0, return_extra=True)
-        o_seconds = (time.perf_counter() - t0) / len(t)
-        var = flow.predicted_variance(X)
-        lam = eigen_series(p64, states, N_TRACK)
-        o_sharp = lam[:, 0]
-        with torch.no_grad():
-            o_loss = torch.stack([p64.loss(th) for th in states])
-        o_pred = o_loss + 0.5 * (lam * X.diagonal(dim1=1, dim2=2)).sum(dim=1)
+        def run_flow(traj: nf.Trajectory = traj) -> dict:
+            seg = traj.slice(start, None)
+            flow = OscillationFlow.from_trajectory(p64, seg, n_track=N_TRACK)
+            x0 = seg.iterates[0].double()
+            t0 = time.perf_counter()
+            X0 = flow.initial_extra(x0, seg)
+            first = flow.state_at(x0, X0, index=1)  # what the flow sees at the start, in its own track
+            seen = [(first.values, first.predicted_loss)]
+            rebase = flow.rebase
+
+            def recording_rebase(y: torch.Tensor) -> torch.Tensor:  # eigenvalues of each step's last evaluation
+                seen.append((flow.last.values, flow.last.predicted_loss))
+                return rebase(y)
+
+            flow.rebase = recording_rebase
+            states, X = simulate(flow, x0, t, extra0=X0, return_extra=True, reset=False)
+            return {"states": states, "X": X, "seconds": torch.tensor((time.perf_counter() - t0) / len(t)),
+                    "values": torch.stack([v for v, _ in seen]), "pred_loss": torch.stack([p for _, p in seen]),
+                    "q": torch.tensor(flow.q)}
+
+        o = cached(cache, f"oscillation_{name}_{variant}.pt", run_flow)
+        states, X, o_seconds, o_pred = o["states"], o["X"], float(o["seconds"]), o["pred_loss"]
+        var = X.diagonal(dim1=1, dim2=2).sum(dim=1)
+        o_sharp = o["values"][:, 0]
         o_step = torch.cat([(states[1:] - states[:-1]).norm(dim=1), torch.tensor([math.nan], dtype=torch.float64)])
         o_est = first_established(t.long(), var, o_step, onset) if onset is not None else None
 
@@ -163,7 +191,7 @@ def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path)
         run = {
             "noise": float(traj.meta.get("noise", 0.0)),
             "dtype": str(traj.iterates.dtype).removeprefix("torch."),
-            "q": flow.q,
+            "q": float(o["q"]),
             "gd_seconds": traj.meta.get("seconds"),
             "onset": onset,
             "gd_established": gd_est,
@@ -272,6 +300,7 @@ def main() -> None:
     ap.add_argument("--noise", nargs="+", default=["1e-12", "1e-10", "1e-8", "f64", "f32"],
                     help="noise levels nu, 'f64' (round-off only) and 'f32' (float32 round-off, small set-up)")
     ap.add_argument("--cache", default=None, help="folder to keep the GD runs in (reused when present)")
+    ap.add_argument("--gd-only", action="store_true", help="only run GD into --cache (to split the work)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -280,7 +309,9 @@ def main() -> None:
         cache.mkdir(parents=True, exist_ok=True)
     for name in args.setups:
         variants = [v for v in args.noise if not (v == "f32" and name != "small")]
-        res = run_setup(name, variants, cache, Path(args.out_dir))
+        res = run_setup(name, variants, cache, Path(args.out_dir), args.gd_only)
+        if args.gd_only:
+            continue
         print(table(res), flush=True)
         out = Path(args.out_dir) / f"oscillation_{name}.json"
         out.write_text(json.dumps(res, indent=1))

@@ -133,6 +133,16 @@ class Flow(torch.nn.Module):
         """Re-express the extra state between two output times (e.g. in a rotated basis); identity by default."""
         return y
 
+    def warm_tensors(self) -> dict[str, Tensor]:
+        """What the flow carries between evaluations besides the ODE state (warm starts, the basis of the extra
+        state), by name; with :meth:`load_warm_tensors` a saved simulation resumes exactly. Empty by default."""
+        return {}
+
+    def load_warm_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what :meth:`warm_tensors` returned."""
+        if tensors:
+            raise InputError(f"{type(self).__name__} keeps no warm state; got tensors {sorted(tensors)}.")
+
     def config(self) -> dict[str, object]:
         """JSON-able settings that rebuild this flow on the same problem (for checkpoints)."""
         return {"name": self.name, "lr": self.lr}

@@ -56,6 +56,7 @@ from .gradient import CONTINUOUS_TIME_1
 
 __all__ = [
     "OscillationFlow",
+    "carry_covariance",
     "OscillationState",
     "LINEAR_FLOQUET_GROWTH",
     "TRACKED_SUBSPACE",
@@ -110,6 +111,21 @@ OSCILLATION_COVARIANCE = ExtraState(
     statement="The covariance of GD's period-two oscillation in the basis of the tracked top-k Hessian "
     "eigenvectors: Sigma = U^T X U.",
 )
+
+
+def carry_covariance(X: Tensor, U_old: Tensor, U_new: Tensor, floor: Tensor) -> Tensor:
+    """``X`` (in the basis of the rows of ``U_old``) re-expressed in the basis ``U_new``, both (k, d).
+
+    ``X_new = C X C^T + diag((1 - ||c_i||^2) floor_i)`` with ``C = U_new U_old^T``. Within the same tracked
+    subspace ``C`` is orthogonal (eigenvectors rotated or swapped inside a cluster) and ``Sigma = U^T X U``
+    is unchanged. A direction of ``U_new`` partly outside the old span gets the carried part plus its
+    ``floor`` (the equilibrium variance) for the share outside; the variance of a direction that left the
+    span is dropped.
+    """
+    C = U_new @ U_old.T
+    carried = C @ X @ C.T
+    outside = (1 - C.pow(2).sum(dim=1)).clamp_min(0)
+    return 0.5 * (carried + carried.T) + torch.diag(outside * floor)
 
 
 @dataclass
@@ -215,6 +231,8 @@ class OscillationFlow(Flow):
     def reset(self) -> None:
         """Forget the warm starts and reference bases before integrating a new trajectory."""
         self._tracks: dict[int, _Track] = {}
+        # the first eigen-solve's random start, seeded: the same start gives the same simulation
+        self._generator = torch.Generator(device=self.problem.device).manual_seed(0)
 
     # ----------------------------------------------------------------------------------- the physics
     def rates(self, values: Tensor) -> Tensor:
@@ -233,7 +251,7 @@ class OscillationFlow(Flow):
         """The tracked top-k eigenpairs at ``theta`` (warm-started from this batch index's last solve)."""
         track = self._tracks.setdefault(index, _Track())
         curv = Curvature(self.problem, theta) if curv is None else curv
-        eig = top_eigenpairs(curv, k=self.n_track, v0=track.block, tol=self.eig_tol)
+        eig = top_eigenpairs(curv, k=self.n_track, v0=track.block, tol=self.eig_tol, generator=self._generator)
         track.block = eig.block
         return eig.values, eig.vectors
 
@@ -265,10 +283,9 @@ class OscillationFlow(Flow):
         values, U = self.eigen(theta, index, curv)
         if track.U_ref is None:
             track.U_ref = U
-        C = U @ track.U_ref.T
-        X_U = C @ X @ C.T
-        X_U = 0.5 * (X_U + X_U.T)
         r = self.rates(values)
+        X_U = carry_covariance(X, track.U_ref, U, self.equilibrium(r))
+        C = U @ track.U_ref.T
         dX_U = r[:, None] * X_U + X_U * r[None, :] + self.q * torch.eye(len(r), dtype=X.dtype, device=X.device)
         dm = -self.lr * (curv.grad + 0.5 * covariance_drift(curv, U, X_U))
         track.U_last, track.rates_last = U, r
@@ -296,11 +313,8 @@ class OscillationFlow(Flow):
         return res if y.dim() == 2 else res[0]
 
     def rebase(self, y: Tensor) -> Tensor:
-        """Carry ``X`` into the last evaluation's eigenvectors (and make them the reference basis).
-
-        ``X <- C X C^T + diag((1 - ||c_i||^2) floor_i)``, ``C = U_last U_ref^T``: the carried part, plus the
-        equilibrium floor for the share of each new direction that lies outside the old tracked span.
-        """
+        """Carry ``X`` into the last evaluation's eigenvectors and make them the reference basis
+        (:func:`carry_covariance`, with the equilibrium floor for a direction that entered the tracked set)."""
         batch = y if y.dim() == 2 else y.unsqueeze(0)
         thetas, Xs = self.split(batch)
         out = []
@@ -309,14 +323,30 @@ class OscillationFlow(Flow):
             if track is None or track.U_last is None or track.U_ref is None:
                 out.append(batch[b])
                 continue
-            C = track.U_last @ track.U_ref.T
-            X = C @ Xs[b] @ C.T
-            outside = (1 - C.pow(2).sum(dim=1)).clamp_min(0)
-            X = 0.5 * (X + X.T) + torch.diag(outside * self.equilibrium(track.rates_last))
+            X = carry_covariance(Xs[b], track.U_ref, track.U_last, self.equilibrium(track.rates_last))
             track.U_ref = track.U_last
             out.append(self.join(thetas[b], X))
         res = torch.stack(out)
         return res if y.dim() == 2 else res[0]
+
+    def warm_tensors(self) -> dict[str, Tensor]:
+        """Per batch index ``b``: ``block.b`` (eigen-solver warm start), ``U_ref.b`` (the basis of the state's ``X``),
+        ``U_last.b`` and ``rates_last.b``."""
+        out = {}
+        for b, track in self._tracks.items():
+            for name in ("block", "U_ref", "U_last", "rates_last"):
+                value = getattr(track, name)
+                if value is not None:
+                    out[f"{name}.{b}"] = value.clone()
+        return out
+
+    def load_warm_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.reset()
+        for key, value in tensors.items():
+            name, _, b = key.partition(".")
+            if name not in ("block", "U_ref", "U_last", "rates_last") or not b.isdigit():
+                raise InputError(f"OscillationFlow: unknown warm tensor {key!r}.")
+            setattr(self._tracks.setdefault(int(b), _Track()), name, value.to(self.problem.device))
 
     # ------------------------------------------------------------------------------- predictions
     def state_at(self, theta: Tensor, X: Tensor, index: int = 0) -> OscillationState:

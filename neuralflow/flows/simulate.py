@@ -67,6 +67,7 @@ def simulate(
     progress: bool = False,
     extra0: Tensor | None = None,
     return_extra: bool = False,
+    reset: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor | None]:
     """Integrate ``dtheta/dt = flow(t, theta)`` from ``theta0`` at ``t[0]``; states at ``t``, shape ``(len(t), d)``.
 
@@ -74,7 +75,8 @@ def simulate(
     ``X``) starts it from ``extra0``, by default ``flow.initial_extra(theta0)``; it is integrated from one
     output time to the next, with ``flow.rebase`` in between (output times one step apart keep its basis
     fresh). ``return_extra=True`` returns ``(theta states, extra states)``, the latter ``(len(t), *shape)``
-    (None for a flow without extra state).
+    (None for a flow without extra state). ``reset=False`` keeps the flow's warm state (to resume a saved
+    simulation, :func:`neuralflow.checkpoint.load_simulation`).
 
     Times are step times (iterate ``k`` at ``t = k``), increasing. The solver defaults to the flow's
     own choice (``flow.solver``: explicit Euler with 2 substeps per step for :class:`CentralFlow`)
@@ -102,7 +104,7 @@ def simulate(
         solver["rtol"] = rtol
     if atol is not None:
         solver["atol"] = atol
-    if hasattr(flow, "reset"):
+    if reset and hasattr(flow, "reset"):
         flow.reset()
     if flow.extra_state is not None and extra0 is None:
         extra0 = flow.initial_extra(theta0)
