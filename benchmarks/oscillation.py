@@ -157,7 +157,7 @@ def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path,
             x0 = seg.iterates[0].double()
             t0 = time.perf_counter()
             X0 = flow.initial_extra(x0, seg)
-            first = flow.state_at(x0, X0, index=1)  # what the flow sees at the start, in its own track
+            first = flow.state_at(x0, X0)  # what the flow sees at the start
             seen = [(first.values, first.predicted_loss)]
             rebase = flow.rebase
 

@@ -42,6 +42,8 @@ def _add_run_gd(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eig-every", type=int, default=1, help="measure sharpness every this many steps (0: never)")
     p.add_argument("--n-eigs", type=int, default=1, help="how many top Hessian eigenvalues to track")
     p.add_argument("--store-every", type=int, default=1, help="keep every this many iterates")
+    p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std per coordinate added after each step")
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--out", default="run.nft", help="trajectory file to write")
 
 
@@ -53,7 +55,7 @@ def cmd_run_gd(args: argparse.Namespace) -> int:
     try:
         traj = run_gd(
             problem, args.lr, args.steps, eig_every=args.eig_every, n_eigs=args.n_eigs,
-            store_every=args.store_every, progress=True,
+            store_every=args.store_every, progress=True, noise=args.noise, noise_seed=args.noise_seed,
         )
     except DivergenceError as err:
         if err.partial is not None:

@@ -187,3 +187,18 @@ def test_bad_input_is_refused_clearly():
         flow(torch.tensor(0.0), p.theta0)
     with pytest.raises(nf.InputError, match="simulation-only"):
         flow(torch.tensor(0.0), flow.join(p.theta0, torch.eye(1, dtype=torch.float64)).requires_grad_())
+
+
+def test_compare_reports_the_predicted_variance_beside_gd():
+    p = damian(alpha=0.5, y0=-0.2)
+    traj = nf.run_gd(p, LR, 60, progress=False, noise=1e-4, noise_seed=0)
+    comp = nf.compare(traj, OscillationFlow.from_trajectory(p, traj, n_track=1), problem=p, n_probe=10)
+    record = comp.records[0]
+    assert record.extra.shape == (61, 1, 1) and record.variance.shape == (61,)
+    assert comp.gd_established is not None and comp.rows[0]["established"] is not None
+    assert abs(comp.rows[0]["established"] - comp.gd_established) <= 5
+    assert "oscillation established" in str(comp)
+    fig = comp.figure()
+    assert fig.axes[3].get_ylabel() == "oscillation variance"
+    with pytest.raises(nf.InputError, match="beyond theta"):
+        nf.Hybrid(OscillationFlow(p, LR, n_track=1))

@@ -334,6 +334,8 @@ class OscillationFlow(Flow):
         ``U_last.b`` and ``rates_last.b``."""
         out = {}
         for b, track in self._tracks.items():
+            if b < 0:  # state_at's own track
+                continue
             for name in ("block", "U_ref", "U_last", "rates_last"):
                 value = getattr(track, name)
                 if value is not None:
@@ -349,10 +351,13 @@ class OscillationFlow(Flow):
             setattr(self._tracks.setdefault(int(b), _Track()), name, value.to(self.problem.device))
 
     # ------------------------------------------------------------------------------- predictions
-    def state_at(self, theta: Tensor, X: Tensor, index: int = 0) -> OscillationState:
-        """Evaluate at ``(theta, X)`` (``X`` in the reference basis, as :func:`simulate` returns it)."""
+    def state_at(self, theta: Tensor, X: Tensor) -> OscillationState:
+        """Evaluate at ``(theta, X)``, ``X`` in the eigenbasis at ``theta`` (as :func:`simulate` returns it, up to
+        the rotation of the last half step); uses its own warm start, so a simulation in progress is untouched."""
+        track = self._tracks.setdefault(-1, _Track())
+        track.U_ref = None
         with torch.no_grad():
-            self.solve(self.problem.check_theta(theta, "state").detach(), X, index)
+            self.solve(self.problem.check_theta(theta, "state").detach(), X, -1)
         assert self.last is not None
         return self.last
 
