@@ -31,6 +31,7 @@ import json
 import math
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -69,6 +70,28 @@ def eigen_series(problem: nf.Problem, states: torch.Tensor, k: int) -> torch.Ten
     return torch.stack(out)
 
 
+def run_flow(problem: nf.Problem, traj: nf.Trajectory, start: int, t: torch.Tensor) -> dict:
+    """The oscillation flow from GD's iterate at ``start`` (q and the initial X from the trajectory), at times ``t``."""
+    seg = traj.slice(start, None)
+    flow = OscillationFlow.from_trajectory(problem, seg, n_track=N_TRACK)
+    x0 = seg.iterates[0].double()
+    t0 = time.perf_counter()
+    X0 = flow.initial_extra(x0, seg)
+    first = flow.state_at(x0, X0)  # what the flow sees at the start
+    seen = [(first.values, first.predicted_loss)]
+    rebase = flow.rebase
+
+    def recording_rebase(y: torch.Tensor) -> torch.Tensor:  # eigenvalues of each step's last evaluation
+        seen.append((flow.last.values, flow.last.predicted_loss))
+        return rebase(y)
+
+    flow.rebase = recording_rebase
+    states, extra = simulate(flow, x0, t, extra0=X0, return_extra=True, reset=False)
+    return {"states": states, "X": flow.covariance(extra), "seconds": torch.tensor((time.perf_counter() - t0) / len(t)),
+            "values": torch.stack([v for v, _ in seen]), "pred_loss": torch.stack([p for _, p in seen]),
+            "q": torch.tensor(flow.q)}
+
+
 def cached(cache: Path | None, filename: str, compute) -> dict:
     """``compute()`` (a dict of tensors), or its result saved in ``cache`` by an earlier run."""
     if cache is None:
@@ -94,7 +117,7 @@ def first_peak(steps: torch.Tensor, s: torch.Tensor, onset: int, threshold: floa
     return int(steps[i]), float(s[i])
 
 
-def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path, gd_only: bool = False) -> dict:
+def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path, stage: str = "all") -> dict:
     cfg = SETUPS[name]
     lr, steps, start = cfg["lr"], cfg["steps"], cfg["start"]
     p64 = nf.problems.mlp_digits(n=cfg["n"], widths=cfg["widths"], seed=0)
@@ -120,10 +143,14 @@ def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path,
         return traj
 
     trajs = {v: gd(v) for v in variants}
-    if gd_only:
+    t = torch.arange(start, steps, dtype=torch.float64)
+    if stage == "gd":
+        return result
+    if stage == "flows":
+        for variant, traj in trajs.items():
+            cached(cache, f"oscillation_{name}_{variant}.pt", partial(run_flow, p64, traj, start, t))
         return result
     ref = trajs.get("f64") or next(iter(trajs.values()))
-    t = torch.arange(start, steps, dtype=torch.float64)
 
     # ---- central flow, once per set-up
     def run_central() -> dict:
@@ -151,27 +178,7 @@ def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path,
         osc = traj.oscillation
         gd_est = osc.first_established(onset) if onset is not None else None
 
-        def run_flow(traj: nf.Trajectory = traj) -> dict:
-            seg = traj.slice(start, None)
-            flow = OscillationFlow.from_trajectory(p64, seg, n_track=N_TRACK)
-            x0 = seg.iterates[0].double()
-            t0 = time.perf_counter()
-            X0 = flow.initial_extra(x0, seg)
-            first = flow.state_at(x0, X0)  # what the flow sees at the start
-            seen = [(first.values, first.predicted_loss)]
-            rebase = flow.rebase
-
-            def recording_rebase(y: torch.Tensor) -> torch.Tensor:  # eigenvalues of each step's last evaluation
-                seen.append((flow.last.values, flow.last.predicted_loss))
-                return rebase(y)
-
-            flow.rebase = recording_rebase
-            states, X = simulate(flow, x0, t, extra0=X0, return_extra=True, reset=False)
-            return {"states": states, "X": X, "seconds": torch.tensor((time.perf_counter() - t0) / len(t)),
-                    "values": torch.stack([v for v, _ in seen]), "pred_loss": torch.stack([p for _, p in seen]),
-                    "q": torch.tensor(flow.q)}
-
-        o = cached(cache, f"oscillation_{name}_{variant}.pt", run_flow)
+        o = cached(cache, f"oscillation_{name}_{variant}.pt", partial(run_flow, p64, traj, start, t))
         states, X, o_seconds, o_pred = o["states"], o["X"], float(o["seconds"]), o["pred_loss"]
         var = X.diagonal(dim1=1, dim2=2).sum(dim=1)
         o_sharp = o["values"][:, 0]
@@ -300,7 +307,8 @@ def main() -> None:
     ap.add_argument("--noise", nargs="+", default=["1e-12", "1e-10", "1e-8", "f64", "f32"],
                     help="noise levels nu, 'f64' (round-off only) and 'f32' (float32 round-off, small set-up)")
     ap.add_argument("--cache", default=None, help="folder to keep the GD runs in (reused when present)")
-    ap.add_argument("--gd-only", action="store_true", help="only run GD into --cache (to split the work)")
+    ap.add_argument("--stage", default="all", choices=["gd", "flows", "all"],
+                    help="gd / flows: only run GD / the oscillation flows into --cache (to split the work)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -309,8 +317,8 @@ def main() -> None:
         cache.mkdir(parents=True, exist_ok=True)
     for name in args.setups:
         variants = [v for v in args.noise if not (v == "f32" and name != "small")]
-        res = run_setup(name, variants, cache, Path(args.out_dir), args.gd_only)
-        if args.gd_only:
+        res = run_setup(name, variants, cache, Path(args.out_dir), args.stage)
+        if args.stage != "all":
             continue
         print(table(res), flush=True)
         out = Path(args.out_dir) / f"oscillation_{name}.json"

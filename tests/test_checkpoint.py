@@ -47,8 +47,13 @@ def _same_json(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-aware equality
 
 
+# a flow with state beyond theta cannot carry a correction yet (Hybrid refuses it); test_oscillation round-trips
+# such a flow's simulation through checkpoint.save_simulation
+HYBRID_FLOWS = sorted(set(FLOWS) - {"oscillation"})
+
+
 @pytest.mark.parametrize("correction", sorted(CORRECTIONS))
-@pytest.mark.parametrize("flow", sorted(FLOWS))
+@pytest.mark.parametrize("flow", HYBRID_FLOWS)
 def test_round_trip_is_bit_for_bit(fitted, tmp_path, flow, correction):
     problem = fitted.model.problem
     model = nf.Hybrid(FLOWS[flow](problem, LR), CORRECTIONS[correction](problem))

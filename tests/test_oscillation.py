@@ -42,7 +42,9 @@ def test_cycle_period_matches_the_self_stabilisation_map():
     p = damian(alpha)
     flow = OscillationFlow(p, LR, q=0.0, n_track=1)
     t = torch.arange(n, dtype=torch.float64)
-    theta, X = simulate(flow, p.theta0, t, extra0=torch.tensor([[s0]], dtype=torch.float64), return_extra=True)
+    X0 = flow.extra_from_covariance(torch.tensor([[s0]], dtype=torch.float64))
+    theta, extra = simulate(flow, p.theta0, t, extra0=X0, return_extra=True)
+    X = flow.covariance(extra)
     flow_peaks = peaks(theta[:, 1])[:4]
     map_period = (map_peaks[-1] - map_peaks[0]) / 3
     flow_period = (flow_peaks[-1] - flow_peaks[0]) / 3
@@ -159,7 +161,7 @@ def test_flow_starts_above_the_edge_with_the_measured_variance():
     assert flow.q == pytest.approx(1e-6, rel=1e-6)
     X0 = flow.initial_extra(traj.iterates[4], traj, step=4)
     amp = traj.oscillation.amplitude[4, 0]
-    assert float(X0[0, 0]) == pytest.approx(float(amp) ** 2)
+    assert float(flow.covariance(X0)[0, 0]) == pytest.approx(float(amp) ** 2)
     theta = simulate(flow, traj.iterates[4], torch.arange(4, 8, dtype=torch.float64), extra0=X0)
     assert bool(torch.isfinite(theta).all())
 
@@ -173,7 +175,7 @@ def test_a_saved_simulation_resumes_exactly(tmp_path):
     head, Xh = simulate(flow2, p.theta0, t[:5], return_extra=True)
     path = save_simulation(tmp_path / "run.nfs", flow2, float(t[4]), flow2.join(head[-1], Xh[-1]))
     back, t0, theta, extra = load_simulation(path)
-    assert t0 == 4.0 and back.config() == flow.config() and back.extra_state.shape == (2, 2)
+    assert t0 == 4.0 and back.config() == flow.config() and back.extra_state.shape == (3, 2)
     tail, Xt = simulate(back, theta, t[4:], extra0=extra, reset=False, return_extra=True)
     assert torch.equal(tail, full[4:]) and torch.equal(Xt, X[4:])
 
@@ -186,7 +188,7 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(nf.InputError, match="ODE state"):
         flow(torch.tensor(0.0), p.theta0)
     with pytest.raises(nf.InputError, match="simulation-only"):
-        flow(torch.tensor(0.0), flow.join(p.theta0, torch.eye(1, dtype=torch.float64)).requires_grad_())
+        flow(torch.tensor(0.0), flow.join(p.theta0, torch.ones(2, 1, dtype=torch.float64)).requires_grad_())
 
 
 def test_compare_reports_the_predicted_variance_beside_gd():
@@ -194,7 +196,7 @@ def test_compare_reports_the_predicted_variance_beside_gd():
     traj = nf.run_gd(p, LR, 60, progress=False, noise=1e-4, noise_seed=0)
     comp = nf.compare(traj, OscillationFlow.from_trajectory(p, traj, n_track=1), problem=p, n_probe=10)
     record = comp.records[0]
-    assert record.extra.shape == (61, 1, 1) and record.variance.shape == (61,)
+    assert record.extra.shape == (61, 2, 1) and record.variance.shape == (61,)
     assert comp.gd_established is not None and comp.rows[0]["established"] is not None
     assert abs(comp.rows[0]["established"] - comp.gd_established) <= 5
     assert "oscillation established" in str(comp)

@@ -53,6 +53,7 @@ __all__ = [
     "SECOND_ORDER_OSCILLATION",
     "SINGLE_CRITICAL",
     "covariance_drift",
+    "project_psd",
 ]
 
 _CDTKL = (
@@ -98,7 +99,8 @@ SINGLE_CRITICAL = Approximation(
 )
 
 
-def _project_psd(X: Tensor) -> Tensor:
+def project_psd(X: Tensor) -> Tensor:
+    """The nearest positive semi-definite matrix to the symmetric part of ``X`` (Frobenius norm)."""
     lam, V = torch.linalg.eigh(0.5 * (X + X.T))
     return (V * lam.clamp_min(0)) @ V.T
 
@@ -135,12 +137,12 @@ def solve_sdcp(
     def grad(Z: Tensor) -> Tensor:
         return A + (B @ Z.reshape(-1)).reshape(k, k)
 
-    X = torch.zeros_like(A) if X0 is None or X0.shape != A.shape else _project_psd(X0)
+    X = torch.zeros_like(A) if X0 is None or X0.shape != A.shape else project_psd(X0)
     Y, momentum = X, 1.0
     residual = float("inf")
     for _ in range(max_iters):
-        X_new = _project_psd(Y - step * grad(Y))
-        residual = float((X_new - _project_psd(X_new - step * grad(X_new))).norm()) / scale
+        X_new = project_psd(Y - step * grad(Y))
+        residual = float((X_new - project_psd(X_new - step * grad(X_new))).norm()) / scale
         if residual <= tol:
             return X_new, residual
         if float(((Y - X_new) * (X_new - X)).sum()) > 0:  # restart when the momentum points uphill
