@@ -12,7 +12,7 @@ from neuralflow.autodiff import value_and_gradient
 from neuralflow.checkpoint import load_simulation, save_simulation
 from neuralflow.flows import FLOWS, CentralFlow, OscillationFlow, simulate
 from neuralflow.flows.oscillation import carry_covariance
-from neuralflow.oscillation import roundoff_variance
+from neuralflow.oscillation import Oscillation, roundoff_variance
 
 LR = 0.1
 
@@ -204,3 +204,15 @@ def test_compare_reports_the_predicted_variance_beside_gd():
     assert fig.axes[3].get_ylabel() == "oscillation variance"
     with pytest.raises(nf.InputError, match="beyond theta"):
         nf.Hybrid(OscillationFlow(p, LR, n_track=1))
+
+
+def test_gd_records_the_same_oscillation_as_its_iterates_show():
+    # with every eigenvector tracked (n_eigs = d) the recorded amplitudes carry the whole demodulated vector
+    p = nf.problems.zhu_quartic(theta0=(3.0, 0.3))
+    traj = nf.run_gd(p, 0.2, 40, n_eigs=2, progress=False, noise=1e-6, noise_seed=0)
+    recorded, from_iterates = traj.oscillation, Oscillation.from_iterates(traj.steps, traj.iterates)
+    ok = torch.isfinite(from_iterates.variance)
+    assert int(ok.sum()) == 41 - 4
+    torch.testing.assert_close(recorded.variance[ok], from_iterates.variance[ok], rtol=1e-8, atol=1e-30)
+    torch.testing.assert_close(recorded.total, from_iterates.total, equal_nan=True)
+    torch.testing.assert_close(recorded.smoothed_step, from_iterates.smoothed_step, equal_nan=True)
