@@ -181,9 +181,9 @@ class OscillationFlow(Flow):
     The ODE state is ``[m, Z.flatten(), rho]`` (:attr:`extra_state`, shape ``(k + 1, k)``; :meth:`covariance`
     gives ``X``, :meth:`extra_from_covariance` the reverse); :func:`~neuralflow.flows.simulate` starts it from
     :meth:`initial_extra` and calls :meth:`rebase` at every output time (where ``rho = 0`` and ``X = Z``).
-    Each evaluation stores an :class:`OscillationState` in ``self.last``. Cost per evaluation: one gradient graph, a warm LOBPCG for k
-    eigenpairs and one backward pass through k Hessian-vector-product graphs for the drift; no
-    complementarity solve and no Gram matrix of ``D3L`` pairs. Simulation only: the adjoint (fitting a
+    Each evaluation stores an :class:`OscillationState` in ``self.last``. Cost per evaluation: one gradient
+    graph, a warm LOBPCG for k eigenpairs and one backward pass through k Hessian-vector-product graphs for the
+    drift; no complementarity solve and no Gram matrix of ``D3L`` pairs. Simulation only: the adjoint (fitting a
     correction to this flow) needs the derivatives with respect to ``X`` too and is not implemented.
     """
 
