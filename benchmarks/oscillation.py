@@ -70,6 +70,17 @@ def eigen_series(problem: nf.Problem, states: torch.Tensor, k: int) -> torch.Ten
     return torch.stack(out)
 
 
+def run_central(problem: nf.Problem, lr: float, theta0: torch.Tensor, t: torch.Tensor) -> dict:
+    """The central flow from ``theta0`` at times ``t``: states, sharpness, predicted loss every 10 steps, seconds."""
+    central = CentralFlow(problem, lr)
+    t0 = time.perf_counter()
+    states = simulate(central, theta0, t)
+    seconds = (time.perf_counter() - t0) / len(t)
+    probe = torch.arange(0, len(t), 10)
+    return {"states": states, "seconds": torch.tensor(seconds), "sharp": eigen_series(problem, states, 1)[:, 0],
+            "probe": probe, "pred_loss": torch.stack([central.predicted_loss(states[i]) for i in probe])}
+
+
 def run_flow(problem: nf.Problem, traj: nf.Trajectory, start: int, t: torch.Tensor) -> dict:
     """The oscillation flow from GD's iterate at ``start`` (q and the initial X from the trajectory), at times ``t``."""
     seg = traj.slice(start, None)
@@ -117,7 +128,9 @@ def first_peak(steps: torch.Tensor, s: torch.Tensor, onset: int, threshold: floa
     return int(steps[i]), float(s[i])
 
 
-def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path, stage: str = "all") -> dict:
+def run_setup(
+    name: str, variants: list[str], cache: Path | None, out_dir: Path, stage: str = "all", stop: int | None = None
+) -> dict:
     cfg = SETUPS[name]
     lr, steps, start = cfg["lr"], cfg["steps"], cfg["start"]
     p64 = nf.problems.mlp_digits(n=cfg["n"], widths=cfg["widths"], seed=0)
@@ -143,26 +156,23 @@ def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path,
         return traj
 
     trajs = {v: gd(v) for v in variants}
-    t = torch.arange(start, steps, dtype=torch.float64)
+    stop = steps if stop is None else min(stop, steps)
+    result["stop"] = stop
+    tag = "" if stop == steps else f"_to{stop}"
+    t = torch.arange(start, stop, dtype=torch.float64)
     if stage == "gd":
         return result
     if stage == "flows":
         for variant, traj in trajs.items():
-            cached(cache, f"oscillation_{name}_{variant}.pt", partial(run_flow, p64, traj, start, t))
+            cached(cache, f"oscillation_{name}_{variant}{tag}.pt", partial(run_flow, p64, traj, start, t))
         return result
     ref = trajs.get("f64") or next(iter(trajs.values()))
+    if stage == "central":
+        cached(cache, f"central_{name}{tag}.pt", partial(run_central, p64, lr, ref.iterates[start].double(), t))
+        return result
 
     # ---- central flow, once per set-up
-    def run_central() -> dict:
-        central = CentralFlow(p64, lr)
-        t0 = time.perf_counter()
-        states = simulate(central, ref.iterates[start].double(), t)
-        seconds = (time.perf_counter() - t0) / len(t)
-        probe = torch.arange(0, len(t), 10)
-        return {"states": states, "seconds": torch.tensor(seconds), "sharp": eigen_series(p64, states, 1)[:, 0],
-                "probe": probe, "pred_loss": torch.stack([central.predicted_loss(states[i]) for i in probe])}
-
-    c = cached(cache, f"central_{name}.pt", run_central)
+    c = cached(cache, f"central_{name}{tag}.pt", partial(run_central, p64, lr, ref.iterates[start].double(), t))
     c_states, c_sharp, probe, c_pred_loss = c["states"], c["sharp"], c["probe"], c["pred_loss"]
     c_seconds = float(c["seconds"])
     result["central"] = {"seconds_per_step": c_seconds, "gradients_per_step": c_seconds / g_seconds}
@@ -178,7 +188,7 @@ def run_setup(name: str, variants: list[str], cache: Path | None, out_dir: Path,
         osc = traj.oscillation
         gd_est = osc.first_established(onset) if onset is not None else None
 
-        o = cached(cache, f"oscillation_{name}_{variant}.pt", partial(run_flow, p64, traj, start, t))
+        o = cached(cache, f"oscillation_{name}_{variant}{tag}.pt", partial(run_flow, p64, traj, start, t))
         states, X, o_seconds, o_pred = o["states"], o["X"], float(o["seconds"]), o["pred_loss"]
         var = X.diagonal(dim1=1, dim2=2).sum(dim=1)
         o_sharp = o["values"][:, 0]
@@ -307,8 +317,9 @@ def main() -> None:
     ap.add_argument("--noise", nargs="+", default=["1e-12", "1e-10", "1e-8", "f64", "f32"],
                     help="noise levels nu, 'f64' (round-off only) and 'f32' (float32 round-off, small set-up)")
     ap.add_argument("--cache", default=None, help="folder to keep the GD runs in (reused when present)")
-    ap.add_argument("--stage", default="all", choices=["gd", "flows", "all"],
-                    help="gd / flows: only run GD / the oscillation flows into --cache (to split the work)")
+    ap.add_argument("--stage", default="all", choices=["gd", "flows", "central", "all"],
+                    help="gd / flows / central: only run that part into --cache (to split the work)")
+    ap.add_argument("--stop", type=int, default=None, help="integrate the flows up to this step (default: the end)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -317,7 +328,7 @@ def main() -> None:
         cache.mkdir(parents=True, exist_ok=True)
     for name in args.setups:
         variants = [v for v in args.noise if not (v == "f32" and name != "small")]
-        res = run_setup(name, variants, cache, Path(args.out_dir), args.stage)
+        res = run_setup(name, variants, cache, Path(args.out_dir), args.stage, args.stop)
         if args.stage != "all":
             continue
         print(table(res), flush=True)
