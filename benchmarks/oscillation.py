@@ -81,6 +81,27 @@ def run_central(problem: nf.Problem, lr: float, theta0: torch.Tensor, t: torch.T
             "probe": probe, "pred_loss": torch.stack([central.predicted_loss(states[i]) for i in probe])}
 
 
+def cost(problem: nf.Problem, lr: float, c_states: torch.Tensor, osc: dict, t: torch.Tensor, n: int = 20) -> dict:
+    """Seconds and gradient-equivalents per GD step of both flows, in one process, each over ``n`` steps of its own
+    trajectory from 150 steps past its start (inside the edge of stability), and of one gradient."""
+    i = min(150, len(t) - n - 1)
+    span = t[i : i + n + 1]
+    grad_s = statistics.median(
+        [(lambda t0: (gradient(problem, problem.theta0), time.perf_counter() - t0)[1])(time.perf_counter())
+         for _ in range(15)]
+    )
+    t0 = time.perf_counter()
+    simulate(CentralFlow(problem, lr, above_edge="hold"), c_states[i], span)
+    central_s = (time.perf_counter() - t0) / n
+    flow = OscillationFlow(problem, lr, q=float(osc["q"]), n_track=N_TRACK)
+    t0 = time.perf_counter()
+    simulate(flow, osc["states"][i], span, extra0=flow.extra_from_covariance(osc["X"][i]))
+    osc_s = (time.perf_counter() - t0) / n
+    return {"steps": [int(span[0]), int(span[-1])], "gradient_seconds": grad_s,
+            "central": {"seconds_per_step": central_s, "gradients_per_step": central_s / grad_s},
+            "oscillation": {"seconds_per_step": osc_s, "gradients_per_step": osc_s / grad_s}}
+
+
 def run_flow(problem: nf.Problem, traj: nf.Trajectory, start: int, t: torch.Tensor) -> dict:
     """The oscillation flow from GD's iterate at ``start`` (q and the initial X from the trajectory), at times ``t``."""
     seg = traj.slice(start, None)
@@ -115,16 +136,17 @@ def cached(cache: Path | None, filename: str, compute) -> dict:
     return out
 
 
-def first_peak(steps: torch.Tensor, s: torch.Tensor, onset: int, threshold: float) -> tuple[int, float] | None:
-    """The maximum of ``s`` from ``onset`` until it first falls back below ``threshold``."""
-    after = steps >= onset
-    below = torch.nonzero(after & (s < threshold)).flatten()
-    stop = int(below[0]) if len(below) else len(s)
-    seg = torch.nonzero(after).flatten()
-    seg = seg[seg < stop]
-    if not len(seg):
+def first_peak(steps: torch.Tensor, s: torch.Tensor, threshold: float) -> tuple[int, float] | None:
+    """The first sharpness peak past the edge: the maximum of ``s`` from its first crossing of ``threshold`` until
+    it first falls back below it (each series from its own crossing)."""
+    above = s >= threshold
+    cross = torch.nonzero(above).flatten()
+    if not len(cross):
         return None
-    i = int(seg[torch.argmax(s[seg])])
+    i0 = int(cross[0])
+    below = torch.nonzero(~above[i0:]).flatten()
+    i1 = i0 + int(below[0]) if len(below) else len(s)
+    i = i0 + int(torch.argmax(s[i0:i1]))
     return int(steps[i]), float(s[i])
 
 
@@ -189,6 +211,8 @@ def run_setup(
         gd_est = osc.first_established(onset) if onset is not None else None
 
         o = cached(cache, f"oscillation_{name}_{variant}{tag}.pt", partial(run_flow, p64, traj, start, t))
+        if "cost" not in result:
+            result["cost"] = cost(p64, lr, c_states, o, t)
         states, X, o_seconds, o_pred = o["states"], o["X"], float(o["seconds"]), o["pred_loss"]
         var = X.diagonal(dim1=1, dim2=2).sum(dim=1)
         o_sharp = o["values"][:, 0]
@@ -200,9 +224,9 @@ def run_setup(
         tv = t[valid]
         win = (tv >= onset) & (tv < onset + TRANSIENT) if onset is not None else torch.zeros_like(tv, dtype=torch.bool)
         gd_loss_avg = window_average(h["loss"].double(), WINDOW)[t.long()]
-        gd_peak = first_peak(h["step"], h["sharpness"][:, 0].double(), onset, thr) if onset is not None else None
-        o_peak = first_peak(t.long(), o_sharp, onset, thr) if onset is not None else None
-        c_peak = first_peak(t.long(), c_sharp, onset, thr) if onset is not None else None
+        gd_peak = first_peak(h["step"], h["sharpness"][:, 0].double(), thr)
+        o_peak = first_peak(t.long(), o_sharp, thr)
+        c_peak = first_peak(t.long(), c_sharp, thr)
         rel = lambda a, b: float(((a - b).abs() / b.abs()).mean())  # noqa: E731
         quiet = None if gd_est is None else gd_est - onset
         run = {
@@ -288,7 +312,7 @@ def table(result: dict) -> str:
              f"central flow {result['central']['seconds_per_step']:.3g} s/step "
              f"({result['central']['gradients_per_step']:.0f} gradients)"]
     head = ("run", "q", "onset", "GD est.", "flow est.", "err/quiet", "d trans osc", "d trans cen", "d run osc",
-            "d run cen", "peak GD", "peak osc", "avg loss err", "s/step")
+            "d run cen", "peak GD", "peak osc", "avg loss err osc", "avg loss err cen", "s/step")
     lines.append(" | ".join(head))
     for v, r in result["runs"].items():
         fp = r["first_peak"]
@@ -300,12 +324,20 @@ def table(result: dict) -> str:
             f"{r['distance_transient']['oscillation']:.4f}", f"{r['distance_transient']['central']:.4f}",
             f"{r['distance_run']['oscillation']:.4f}", f"{r['distance_run']['central']:.4f}",
             pk(fp["gd"]), pk(fp["oscillation"]), f"{r['avg_loss_error']['oscillation']:.4f}",
+            f"{r['avg_loss_error']['central']:.4f}",
             f"{r['seconds_per_step']:.3g}",
         ]))
     if "quiet_slope" in result:
         s = result["quiet_slope"]
         lines.append(f"quiet stretch vs log(1/nu): slope GD {s['gd']:.2f}, flow {s['oscillation']:.2f} steps "
                      f"(relative error {s['relative_error']:.3f})")
+    if "cost" in result:
+        c = result["cost"]
+        lines.append(f"cost per GD step, one process, steps {c['steps'][0]}-{c['steps'][1]}: central flow "
+                     f"{c['central']['seconds_per_step']:.3g} s ({c['central']['gradients_per_step']:.0f} gradients), "
+                     f"oscillation flow {c['oscillation']['seconds_per_step']:.3g} s "
+                     f"({c['oscillation']['gradients_per_step']:.0f} gradients); one gradient "
+                     f"{1e3 * c['gradient_seconds']:.2f} ms")
     if "transient_ratio_mean" in result:
         lines.append(f"transient distance, central / oscillation, mean over nu: {result['transient_ratio_mean']:.2f}")
     return "\n".join(lines)
