@@ -72,6 +72,8 @@ __all__ = [
     "ISOTROPIC_INJECTION",
 ]
 
+NEGLIGIBLE = 1e-12  # an oscillation mode below this share of the loss is left out of the drift
+
 _SCIENCE = ("Damian, Nichani, Lee, Self-Stabilization, ICLR 2023 (sec. 4); Cohen, Damian, Talwalkar, Kolter, Lee, "
             "Central Flows, ICLR 2025; derived together in neuralflow's science notes, section 7")
 
@@ -311,10 +313,17 @@ class OscillationFlow(Flow):
         N = R_ref - torch.diag(d)
         E = torch.exp(extra[-1])
         dZ = (N @ X + X @ N + self.q * C.T @ C) / (E[:, None] * E[None, :])
-        dm = -self.lr * (curv.grad + 0.5 * covariance_drift(curv, U, X_U))
+        dm = -self.lr * (curv.grad + 0.5 * self._drift(curv, values, U, X_U))
         track.U_last, track.rates_last = U, r
         self.last = OscillationState(values, U, X_U, r, curv.value)
         return dm, torch.cat([dZ, d[None]])
+
+    def _drift(self, curv: Curvature, values: Tensor, U: Tensor, X_U: Tensor) -> Tensor:
+        """``grad <H, Sigma>`` over the principal axes of ``X_U`` whose share ``s lambda_max / 2`` of the time-averaged
+        loss exceeds ``NEGLIGIBLE`` times the loss (the quiet stretch's 1e-30 variances cost nothing)."""
+        s, V = torch.linalg.eigh(0.5 * (X_U + X_U.T))
+        keep = 0.5 * s.abs() * values.abs().max() > NEGLIGIBLE * curv.value.abs()
+        return covariance_drift(curv, (V.T @ U)[keep], torch.diag(s[keep]))
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         if torch.is_grad_enabled() and y.requires_grad:
