@@ -33,7 +33,9 @@ class Trajectory:
     * ``update_u`` (T,): the component ``u . (theta_{k+1} - theta_k)`` of each step's update
       along the top eigenvector, whose sign flips every step at the edge of stability.
 
-    ``history`` holds the same scalar series at *every* step, whatever ``store_every`` was.
+    ``history`` holds the same scalar series at *every* step, whatever ``store_every`` was, and, from
+    :func:`~neuralflow.gd.run_gd`, the oscillation series behind :attr:`oscillation` (``oscillation`` (n, n_eigs),
+    ``oscillation_total``, ``smoothed_step``): projections, not eigenvectors, so files stay small.
     ``problem`` is the problem's JSON description; ``meta`` free-form JSON-able notes.
     """
 
