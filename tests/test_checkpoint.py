@@ -87,7 +87,9 @@ def test_every_field_of_the_result_survives(fitted, tmp_path):
                 if isinstance(x, torch.Tensor):
                     assert torch.equal(x, y), g.name
                 elif g.name == "history":
-                    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                    assert x.keys() == y.keys()
+                    for k in x:  # the oscillation series are NaN where a step's neighbours are missing
+                        torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, equal_nan=True)
                 else:
                     assert _same_json(x, y), g.name
         elif isinstance(a, torch.Tensor):
