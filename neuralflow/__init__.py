@@ -11,7 +11,7 @@ from .checkpoint import load  # noqa: E402
 from .corrections import Hybrid  # noqa: E402
 from .errors import DivergenceError, EngineError, FileFormatError, InputError, Interrupted, NeuralflowError  # noqa: E402,E501
 from .fit import FitResult, JointFitResult, coefficient_profile, fit  # noqa: E402
-from .flows import Approximation  # noqa: E402
+from .flows import Approximation, OscillationFlow  # noqa: E402
 from .flows.simulate import compare, simulate  # noqa: E402
 from .gd import run_gd  # noqa: E402
 from .problems import Problem  # noqa: E402
@@ -32,6 +32,7 @@ __all__ = [
     "JointFitResult",
     "problems",
     "Approximation",
+    "OscillationFlow",
     "simulate",
     "compare",
     "Problem",

@@ -289,7 +289,7 @@ PROBLEM = ByName({k: v.record for k, v in PROBLEM_DESCRIPTIONS.items()}, OTHER_P
 # ``Trajectory.meta``: what run_gd and the trajectory's own methods record.
 TRAJECTORY_META = Record({
     "eig_every": Int(0), "n_eigs": Int(1), "store_every": Int(1), "eig_tol": POSITIVE, "smoothed": Bool(),
-    "eig_retries": Int(0),
+    "eig_retries": Int(0), "noise": Num(0.0), "noise_seed": SEED,
 })
 TRAJECTORY = Record({"lr": LR, "problem": PROBLEM, "meta": TRAJECTORY_META}, ("lr",))
 
@@ -315,11 +315,18 @@ FIT = Record(
     ("problem", "check", "model", "result", "trajectory"),
 )
 
+# A simulation in progress (checkpoint.save_simulation): the flow, where it stands in time, its problem.
+SIMULATION = Record(
+    {"problem": PROBLEM, "flow": _CONFIG, "t": Num(), "check": Record({"first_loss": Num()}, ("first_loss",))},
+    ("problem", "flow", "t", "check"),
+)
+
 # A run_gd checkpoint (resume): the run's settings and where it stands.
 GD_CHECKPOINT = Record(
     {
         "lr": LR, "problem": PROBLEM, "steps": Int(1), "next_step": Int(0), "eig_every": Int(0), "n_eigs": Int(1),
         "store_every": Int(1), "eig_tol": POSITIVE, "eig_retries": Int(0), "last_sharpness": Num(nan_ok=True),
+        "noise": Num(0.0), "noise_seed": SEED,
     },
     ("lr", "problem", "steps", "next_step", "eig_every", "n_eigs", "store_every", "eig_tol"),
 )
@@ -340,7 +347,7 @@ SWEEP_ROW = Record({"row": Map(Json())}, ("row",))
 
 SCHEMAS: dict[str, Spec] = {
     "trajectory": TRAJECTORY, "fit": FIT, "gd-checkpoint": GD_CHECKPOINT, "fit-checkpoint": FIT_CHECKPOINT,
-    "sweep-row": SWEEP_ROW,
+    "sweep-row": SWEEP_ROW, "simulation": SIMULATION,
 }
 
 HEADER = Record(

@@ -62,7 +62,7 @@ from .problems import PROBLEMS, Problem, make
 from .report import Report, build_report
 from .trajectory import Trajectory
 
-__all__ = ["SUFFIX", "save", "load", "stored_report", "info"]
+__all__ = ["SUFFIX", "save", "load", "stored_report", "info", "save_simulation", "load_simulation"]
 
 SUFFIX = ".nff"
 _KIND = "fit"
@@ -305,3 +305,54 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
     _, header = _io.read(path, _KIND)
     versions = {k: header.get(k) for k in ("format_version", "neuralflow_version", "torch_version", "provenance")}
     return {**versions, **header["meta"]}
+
+
+# ------------------------------------------------------------------------------- a simulation in progress
+
+_SIMULATION_KIND = "simulation"
+
+
+def save_simulation(path: str | os.PathLike, flow: Flow, t: float, state: Tensor) -> Path:
+    """Write a flow in the middle of a simulation: its settings, the time ``t``, the ODE ``state`` (``theta``
+    and any extra state, ``flow.join(theta, extra)``) and its warm tensors (``flow.warm_tensors()``).
+
+    :func:`load_simulation` gives them back; ``simulate(flow, theta, t, extra0=extra, reset=False)`` from them
+    continues exactly where the saved run was (same file format and checks as a fit's checkpoint).
+    """
+    _registered(FLOWS, flow, "flow")
+    if state.dim() != 1 or state.shape[0] != flow.state_dim:
+        raise InputError(f"save_simulation: state must be one ODE state of length {flow.state_dim}, got "
+                         f"{tuple(state.shape)}.")
+    tensors = {"state": state, **{f"warm.{k}": v for k, v in flow.warm_tensors().items()}}
+    meta = {"problem": flow.problem.description, "flow": flow.config(), "t": float(t),
+            "check": {"first_loss": float(flow.problem.loss(flow.split(state)[0].detach()))}}
+    return _io.write(path, _SIMULATION_KIND, tensors, meta)
+
+
+def load_simulation(
+    path: str | os.PathLike, problem: Problem | None = None, device: torch.device | str | None = None,
+    max_params: int | None = MAX_PARAMS,
+) -> tuple[Flow, float, Tensor, Tensor | None]:
+    """Read a file written by :func:`save_simulation`: ``(flow, t, theta, extra)``, the flow's warm state restored.
+
+    ``problem``, ``device`` and ``max_params`` as in :func:`load`."""
+    tensors, header = _io.read(path, _SIMULATION_KIND)
+    meta, where = header["meta"], str(path)
+    try:
+        problem = _problem(meta, problem, device, where, max_params)
+        flow = _build(FLOWS, meta["flow"], problem, "flow", where)
+        state = tensors.pop("state").to(problem.device)
+        t = float(meta["t"])
+        recorded = float(meta["check"]["first_loss"])
+    except KeyError as exc:
+        raise FileFormatError(f"{where}: the metadata lacks {exc}; the file is damaged.") from None
+    if state.shape != (flow.state_dim,):
+        raise FileFormatError(f"{where}: the stored state has length {state.shape[0]} but the flow's is "
+                              f"{flow.state_dim}.")
+    theta, extra = flow.split(state)
+    now = float(problem.loss(theta))
+    if not math.isclose(recorded, now, rel_tol=_CHECK_RTOL, abs_tol=1e-300):
+        raise InputError(f"{where}: the problem gives loss {now:.12g} at the saved state but the file recorded "
+                         f"{recorded:.12g}; pass the problem the simulation ran on.")
+    flow.load_warm_tensors({k.removeprefix("warm."): v for k, v in tensors.items()})
+    return flow, t, theta, extra

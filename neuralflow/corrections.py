@@ -598,6 +598,11 @@ class Hybrid(Flow):
             raise InputError(
                 f"Hybrid: flow must be a physics flow (one of {sorted(FLOWS)}), got {type(flow).__name__}."
             )
+        if flow.extra_state is not None:
+            raise InputError(
+                f"Hybrid: the {flow.name} flow carries state beyond theta ({flow.extra_state.name}); corrections and "
+                "fits on such flows are not available yet. Simulate it with nf.simulate and compare it with nf.compare."
+            )
         if correction is not None:
             if not isinstance(correction, Correction):
                 raise InputError(

@@ -6,11 +6,13 @@ of each update.
 
 A long run can write its state atomically every ``checkpoint_every`` steps to a checkpoint file
 (``resume=path``, kind ``"gd-checkpoint"``) and continue from it bit for bit: the iterate, the series
-so far, the eigen-solver's warm start and the random generator's state are all in the file.
+so far, the eigen-solver's warm start, the random generators' states and the oscillation recorder's
+last updates are all in the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -25,6 +27,7 @@ from . import _io
 from ._validate import check_positive_finite
 from .autodiff import Curvature, EigenResult, top_eigenpairs, value_and_gradient
 from .errors import DivergenceError, FileFormatError, InputError, Interrupted
+from .oscillation import OscillationRecorder
 from .problems import Problem, check_lr, check_positive_int
 from .trajectory import Trajectory
 
@@ -44,6 +47,8 @@ def run_gd(
     eig_retries: int = 2,
     checkpoint_every: int = 0,
     resume: str | os.PathLike | None = None,
+    noise: float = 0.0,
+    noise_seed: int = 0,
 ) -> Trajectory:
     """Run ``steps`` steps of full-batch GD on ``problem`` and record the trajectory.
 
@@ -60,6 +65,15 @@ def run_gd(
     ``resume=path`` names the run's checkpoint file: if it exists, the run continues from it (its
     settings must be these); with ``checkpoint_every=N`` the state is written there atomically every
     ``N`` steps, at the end, and on an interruption. The result is bit for bit the uninterrupted run's.
+
+    ``noise = nu > 0`` adds Gaussian noise of standard deviation ``nu`` per coordinate after each step,
+    ``theta_{k+1} = theta_k - lr g_k + nu xi_k``, drawn from its own generator seeded with ``noise_seed`` on
+    the problem's device (same seed, same run); it seeds the edge-of-stability oscillation at a known
+    level (science.md 7). ``noise = 0`` leaves GD exactly as without it. Both are in ``meta``.
+
+    The period-two oscillation is measured at every step along the tracked eigenvectors (the series
+    ``oscillation``, ``oscillation_total`` and ``smoothed_step`` of ``history``; see
+    :attr:`Trajectory.oscillation`).
 
     A non-finite loss or iterate stops the run with a :class:`DivergenceError` that names the
     step and the last finite sharpness; ``error.partial`` is the trajectory up to that point.
@@ -78,6 +92,10 @@ def run_gd(
         raise InputError(f"n_eigs must be an int in [1, {problem.dim}] (the problem's dimension), got {n_eigs!r}.")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise InputError(f"checkpoint_every must be a non-negative int (0 = never), got {checkpoint_every!r}.")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
+        raise InputError(f"noise must be a finite non-negative standard deviation, got {noise!r}.")
+    if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
+        raise InputError(f"noise_seed must be a non-negative int, got {noise_seed!r}.")
     if checkpoint_every and resume is None:
         raise InputError("checkpoint_every needs the checkpoint file: pass resume=path (it need not exist yet).")
     theta = problem.check_theta(problem.theta0 if theta0 is None else theta0, "theta0").detach().clone()
@@ -87,8 +105,9 @@ def run_gd(
         raise InputError("theta0 contains NaN or inf values; pass a finite starting point.")
 
     settings = {"lr": lr, "problem": problem.description, "steps": steps, "eig_every": eig_every, "n_eigs": n_eigs,
-                "store_every": store_every, "eig_tol": eig_tol, "eig_retries": eig_retries}
-    run = _Run.start(theta, steps, n_eigs)
+                "store_every": store_every, "eig_tol": eig_tol, "eig_retries": eig_retries, "noise": float(noise),
+                "noise_seed": noise_seed}
+    run = _Run.start(theta, steps, n_eigs, store_every, noise, noise_seed)
     if resume is not None and Path(resume).exists():
         run = _Run.load(resume, settings, theta, problem)
     n = steps + 1
@@ -100,12 +119,12 @@ def run_gd(
         return Trajectory(
             lr=lr,
             steps=keep,
-            iterates=torch.stack(run.stored) if run.stored else theta.new_zeros(0, problem.dim),
+            iterates=run.stored[: len(run.stored_steps)],
             **{k: h[k][keep] for k in ("loss", "grad_norm", "sharpness", "update_u")},
             problem=problem.description,
             history=h,
             meta={"eig_every": eig_every, "n_eigs": n_eigs, "store_every": store_every, "eig_tol": eig_tol,
-                  "eig_retries": eig_retries},
+                  "eig_retries": eig_retries, "noise": float(noise), "noise_seed": noise_seed},
         )
 
     bar = tqdm(range(run.step, n), desc=f"GD lr={lr:g}", disable=not progress, unit="step", initial=run.step, total=n)
@@ -115,8 +134,8 @@ def run_gd(
             run.mark(k)
             if checkpoint_every and k > run.resumed_at and k % checkpoint_every == 0:
                 run.save(resume, settings)
-            _step(problem, run, k, lr, steps, eig_every, n_eigs, eig_tol, eig_retries, store_every, bar, progress,
-                  trajectory)
+            _step(problem, run, k, lr, steps, eig_every, n_eigs, eig_tol, eig_retries, store_every, noise, bar,
+                  progress, trajectory)
     except KeyboardInterrupt:
         bar.close()
         run.rewind()
@@ -137,7 +156,7 @@ def run_gd(
 
 
 def _step(problem: Problem, run: _Run, k: int, lr: float, steps: int, eig_every: int, n_eigs: int, eig_tol: float,
-          eig_retries: int, store_every: int, bar: Any, progress: bool, trajectory: Any) -> None:
+          eig_retries: int, store_every: int, noise: float, bar: Any, progress: bool, trajectory: Any) -> None:
     """GD step ``k``: measure at ``theta_k``, record, store, then move to ``theta_{k+1}``."""
     hist, theta = run.hist, run.theta
     measure = eig_every > 0 and k % eig_every == 0
@@ -159,23 +178,28 @@ def _step(problem: Problem, run: _Run, k: int, lr: float, steps: int, eig_every:
     if measure:
         eig = _measure(curv, n_eigs, run.block, eig_tol, eig_retries, run.gen)
         if eig.converged:
-            run.block, run.u = eig.block, eig.vectors[0]
+            run.block, run.U = eig.block, eig.vectors
             hist["sharpness"][k] = eig.values
             run.last_sharpness = float(eig.values[0])
-        else:  # keep the last converged warm start; no update_u along an unmeasured direction
+        else:  # keep the last converged warm start; nothing recorded along unmeasured directions
             hist["eig_converged"][k] = False
-            run.u = None
+            run.U = None
     hist["loss"][k] = value
     hist["grad_norm"][k] = g.norm()
-    if run.u is not None:
-        hist["update_u"][k] = -lr * torch.dot(run.u, g)
+    if run.U is not None:
+        hist["update_u"][k] = -lr * torch.dot(run.U[0], g)
     if k % store_every == 0 or k == steps:
+        run.stored[len(run.stored_steps)] = theta
         run.stored_steps.append(k)
-        run.stored.append(theta.clone())
     if progress and k % 50 == 0:
         bar.set_postfix(loss=f"{value.item():.4g}", sharpness=f"{run.last_sharpness:.4g}")
     if k < steps:
-        run.theta = theta - lr * g
+        new = theta - lr * g
+        if run.noise_gen is not None:
+            new = new + noise * torch.randn(theta.shape, dtype=theta.dtype, device=theta.device,
+                                            generator=run.noise_gen)
+        run.recorder.update(k, new - theta, run.U)
+        run.theta = new
 
 
 _CHECKPOINT = "gd-checkpoint"
@@ -191,36 +215,49 @@ class _Run:
     theta: torch.Tensor
     hist: dict[str, torch.Tensor]
     stored_steps: list[int]
-    stored: list[torch.Tensor]
+    stored: torch.Tensor  # preallocated (stored iterates, d): stacking a list at the end would hold them twice
     gen: torch.Generator
+    noise_gen: torch.Generator | None
+    recorder: OscillationRecorder
     block: torch.Tensor | None = None
-    u: torch.Tensor | None = None
+    U: torch.Tensor | None = None  # the tracked eigenvectors (rows), the first the top one
     last_sharpness: float = math.nan
     resumed_at: int = 0
     _mark: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, theta: torch.Tensor, steps: int, n_eigs: int) -> _Run:
+    def start(cls, theta: torch.Tensor, steps: int, n_eigs: int, store_every: int, noise: float,
+              noise_seed: int) -> _Run:
         n, dev, dt = steps + 1, theta.device, theta.dtype
         hist = {"step": torch.arange(n, device=dev)}
         for name, fill in _HIST_FILL.items():
             shape = (n, n_eigs) if name == "sharpness" else (n,)
             hist[name] = torch.full(shape, fill, dtype=torch.bool if name == "eig_converged" else dt, device=dev)
-        return cls(0, theta, hist, [], [], torch.Generator(device=dev).manual_seed(0))
+        recorder = OscillationRecorder(n, n_eigs, dt, dev)
+        hist.update(recorder.series)  # the same tensors: the recorder fills them, checkpoints carry them
+        stored = theta.new_empty(len(range(0, n, store_every)) + (steps % store_every != 0), theta.shape[0])
+        noise_gen = torch.Generator(device=dev).manual_seed(noise_seed) if noise > 0 else None
+        return cls(0, theta, hist, [], stored, torch.Generator(device=dev).manual_seed(0), noise_gen, recorder)
 
     def mark(self, step: int) -> None:
         """Remember the state at the start of ``step`` (what an interruption rewinds to, what a checkpoint holds)."""
-        self._mark = {"step": step, "theta": self.theta, "stored": len(self.stored), "block": self.block,
-                      "u": self.u, "gen": self.gen.get_state(), "last_sharpness": self.last_sharpness}
+        self._mark = {"step": step, "theta": self.theta, "stored": len(self.stored_steps), "block": self.block,
+                      "U": self.U, "gen": self.gen.get_state(), "last_sharpness": self.last_sharpness,
+                      "noise_gen": None if self.noise_gen is None else self.noise_gen.get_state(),
+                      "recorder": self.recorder.snapshot()}
         self.step = step
 
     def rewind(self) -> None:
-        """Back to the start of the marked step: its half-written row is cleared, its stored iterate dropped."""
+        """Back to the start of the marked step: its half-written rows are cleared, its stored iterate dropped."""
         m = self._mark
         self.step = m["step"]
-        self.theta, self.block, self.u, self.last_sharpness = m["theta"], m["block"], m["u"], m["last_sharpness"]
+        self.theta, self.block, self.U, self.last_sharpness = m["theta"], m["block"], m["U"], m["last_sharpness"]
         self.gen.set_state(m["gen"])
-        del self.stored[m["stored"]:], self.stored_steps[m["stored"]:]
+        if self.noise_gen is not None:
+            self.noise_gen.set_state(m["noise_gen"])
+        self.recorder.restore(m["recorder"])
+        self.recorder.clear(self.step)
+        del self.stored_steps[m["stored"]:]
         if self.step < self.hist["step"].shape[0]:
             for name, fill in _HIST_FILL.items():
                 self.hist[name][self.step] = fill
@@ -231,9 +268,9 @@ class _Run:
         tensors = {f"history.{k}": v for k, v in self.hist.items()}
         tensors.update(theta=m["theta"], generator=m["gen"],
                        stored_steps=torch.tensor(self.stored_steps[: m["stored"]], dtype=torch.long),
-                       stored=torch.stack(self.stored[: m["stored"]]) if m["stored"] else self.theta.new_zeros(0,
-                       self.theta.shape[0]))
-        for name in ("block", "u"):
+                       stored=self.stored[: m["stored"]])
+        tensors.update({f"recorder.{k}": v for k, v in OscillationRecorder.to_tensors(m["recorder"]).items()})
+        for name in ("block", "U", "noise_gen"):
             if m[name] is not None:
                 tensors[name] = m[name]
         meta = {**settings, "next_step": m["step"], "last_sharpness": m["last_sharpness"]}
@@ -254,7 +291,8 @@ class _Run:
         dev, dt, d = theta0.device, theta0.dtype, problem.dim
         steps, n_eigs = settings["steps"], settings["n_eigs"]
         try:
-            start = cls.start(theta0, steps, n_eigs)
+            start = cls.start(theta0, steps, n_eigs, settings["store_every"], settings["noise"],
+                              settings["noise_seed"])
             for name, ref in start.hist.items():
                 _same_layout(tensors[f"history.{name}"], ref, f"history.{name}")
             _same_layout(tensors["theta"], theta0, "theta")
@@ -263,18 +301,26 @@ class _Run:
                 raise FileFormatError(f"tensor 'stored' has dtype {stored.dtype} and shape {tuple(stored.shape)}")
             if stored.shape[0] and not torch.equal(stored[0], theta0):
                 raise InputError(f"{path}: this checkpoint's run started from another theta0; pass that one.")
-            gen = torch.Generator(device=dev)
-            gen.set_state(tensors["generator"])
-            run = cls(
-                meta["next_step"], tensors["theta"].to(dev), {k: tensors[f"history.{k}"].to(dev) for k in start.hist},
-                tensors["stored_steps"].tolist(), list(stored.unbind(0)), gen,
-                tensors["block"].to(dev) if "block" in tensors else None,
-                tensors["u"].to(dev) if "u" in tensors else None,
-                float(meta.get("last_sharpness", math.nan)), meta["next_step"],
+            if stored.shape[0] > start.stored.shape[0]:
+                raise FileFormatError(f"tensor 'stored' holds {stored.shape[0]} iterates, more than the run stores")
+            start.stored[: stored.shape[0]] = stored
+            for name, t in start.hist.items():
+                t.copy_(tensors[f"history.{name}"])  # in place: the recorder writes into the same tensors
+            start.gen.set_state(tensors["generator"])
+            if start.noise_gen is not None:
+                start.noise_gen.set_state(tensors["noise_gen"])
+            start.recorder.restore(OscillationRecorder.from_tensors(
+                {k.removeprefix("recorder."): v.to(dev) for k, v in tensors.items() if k.startswith("recorder.")}))
+            run = dataclasses.replace(
+                start, step=meta["next_step"], theta=tensors["theta"].to(dev),
+                stored_steps=tensors["stored_steps"].tolist(),
+                block=tensors["block"].to(dev) if "block" in tensors else None,
+                U=tensors["U"].to(dev) if "U" in tensors else None,
+                last_sharpness=float(meta.get("last_sharpness", math.nan)), resumed_at=meta["next_step"],
             )
         except (KeyError, RuntimeError, FileFormatError) as exc:
             raise FileFormatError(f"{path}: the checkpoint's tensors do not fit its settings ({exc}).") from None
-        if run.step > steps + 1 or len(run.stored) != len(run.stored_steps):
+        if run.step > steps + 1 or stored.shape[0] != len(run.stored_steps):
             raise FileFormatError(f"{path}: the checkpoint's step {run.step} does not fit a run of {steps} steps.")
         return run
 

@@ -117,6 +117,10 @@ HELP: dict[str, str] = {
     "above_edge": "error: refuse a start above 2/lr; hold: hold those eigenvalues where they are.",
     "order": "Order of the modified equation.",
     "k": "Number of eigen-directions (default: all).",
+    "q": "Oscillation flow: variance injected per step along each direction (default: the float round-off floor).",
+    "n_track": "Oscillation flow: number of top eigenvectors whose oscillation covariance is carried.",
+    "stiffness": "Oscillation flow: factor on the Floquet rate (1 is GD; large values approach the central flow).",
+    "max_decay": "Oscillation flow: clamp on the decay rate -log|1 - lr lambda| near lr lambda = 1.",
     # demo
     "run_demo.out": "Folder for the demo's files (created if needed).",
     "run_demo.fast": "A shrunken run (seconds, for tests): fewer steps, one fit step.",

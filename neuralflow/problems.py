@@ -247,9 +247,11 @@ def mlp_digits(
     """A fully connected net on scikit-learn's bundled digits, the EoS set-up of Cohen et al. 2021.
 
     First ``n`` examples, inputs / 16, one-hot targets, loss ``0.5 ||f(x) - y||^2`` averaged over
-    examples. The net is ``Sequential(Linear(64, w1), act, ..., Linear(wk, 10))`` built in
-    ``dtype`` right after ``torch.manual_seed(seed)`` with PyTorch's default initialisation; the
-    flat vector follows ``named_parameters()`` order.
+    examples. The net is ``Sequential(Linear(64, w1), act, ..., Linear(wk, 10))`` built in float64 on
+    the CPU right after ``torch.manual_seed(seed)`` with PyTorch's default initialisation, then cast to
+    ``dtype`` and moved to ``device``: the same seed gives the same net, up to rounding, in every dtype and
+    on every device (a float32 run against a float64 one compares round-off, not two nets). The flat
+    vector follows ``named_parameters()`` order.
     """
     if activation not in _ACTIVATIONS:
         raise InputError(f"mlp_digits: unknown activation {activation!r}; choose from {sorted(_ACTIVATIONS)}.")
@@ -262,9 +264,10 @@ def mlp_digits(
     layers: list[torch.nn.Module] = []
     sizes = (64, *widths)
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [torch.nn.Linear(a, b, dtype=dtype, device=device), act()]
-    layers.append(torch.nn.Linear(sizes[-1], 10, dtype=dtype, device=device))
-    problem = from_module(torch.nn.Sequential(*layers), x, y, loss="mse", batch_size=batch_size)
+        layers += [torch.nn.Linear(a, b, dtype=torch.float64), act()]
+    layers.append(torch.nn.Linear(sizes[-1], 10, dtype=torch.float64))
+    net = torch.nn.Sequential(*layers).to(dtype=dtype, device=device)
+    problem = from_module(net, x, y, loss="mse", batch_size=batch_size)
     problem.name = "mlp-digits"
     problem.description = {
         "name": "mlp-digits",

@@ -14,6 +14,7 @@ from torch import Tensor
 from . import _io
 from ._display import columns, data_frame, html_table
 from .errors import FileFormatError, InputError
+from .oscillation import ESTABLISHED_RATIO, Oscillation
 
 __all__ = ["Trajectory"]
 
@@ -35,7 +36,9 @@ class Trajectory:
     * ``update_u`` (T,): the component ``u . (theta_{k+1} - theta_k)`` of each step's update
       along the top eigenvector, whose sign flips every step at the edge of stability.
 
-    ``history`` holds the same scalar series at *every* step, whatever ``store_every`` was.
+    ``history`` holds the same scalar series at *every* step, whatever ``store_every`` was, and, from
+    :func:`~neuralflow.gd.run_gd`, the oscillation series behind :attr:`oscillation` (``oscillation`` (n, n_eigs),
+    ``oscillation_total``, ``smoothed_step``): projections, not eigenvectors, so files stay small.
     ``problem`` is the problem's JSON description; ``meta`` free-form JSON-able notes.
     """
 
@@ -94,31 +97,47 @@ class Trajectory:
         hit = torch.nonzero(s >= self.eos_threshold).flatten()
         return int(source["step"][hit[0]]) if len(hit) else None
 
-    def eos_transients(self, ratio: float = 0.1) -> list[tuple[int, int]]:
+    @property
+    def oscillation(self) -> Oscillation:
+        """GD's measured period-two oscillation at every step (:class:`~neuralflow.oscillation.Oscillation`).
+
+        From the series ``run_gd`` records at every step (the demodulated amplitude along each tracked
+        eigenvector, their variance, ``||theta_k - m_k||^2`` and the smoothed step); for a trajectory
+        without them (older files, hand-built ones) from consecutive stored iterates, over all directions.
+        See :mod:`neuralflow.oscillation` for the demodulation that lifts the measurement floor.
+        """
+        h = self.history
+        if "oscillation" in h:
+            amp = h["oscillation"]
+            return Oscillation(h["step"], amp, amp.pow(2).sum(dim=1), h["oscillation_total"], h["smoothed_step"])
+        if self.store_every != 1:
+            raise InputError(
+                "this trajectory holds no oscillation series and stores every "
+                f"{self.store_every} steps; record it with run_gd (or store_every=1) to measure the oscillation."
+            )
+        return Oscillation.from_iterates(self.steps, self.iterates)
+
+    def eos_transients(self, ratio: float = ESTABLISHED_RATIO) -> list[tuple[int, int]]:
         """Step ranges ``[start, stop)`` past ``2/lr`` in which GD does not oscillate yet.
 
-        A step ``k`` is *quiet* when ``lr * S_k > 2`` but the period-two oscillation amplitude
-        ``||theta_k - m_k||`` (``m`` the midpoint process of :meth:`smoothed`) is below ``ratio``
-        times the smoothed step ``||m_{k+1} - m_k||``: GD still moves like a flow while its
-        oscillation grows from round-off (in float64 full-batch GD that takes hundreds of steps).
-        There the central flow's premise, an oscillation at quasi-static equilibrium (Cohen et al.,
-        ICLR 2025), fails, and a coefficient gated on ``lr * S - 2`` cannot be a function of the
-        state. Measured on the digits runs, the two regimes differ by three orders of magnitude
-        (``~1e-3`` against ``4``-``9``), so ``ratio`` is not delicate. Pass the result to
-        ``fit(..., exclude=...)``.
+        A step ``k`` is *quiet* when ``lr * S_k > 2`` but the oscillation is not established
+        (:attr:`oscillation`: its demodulated variance is below ``ratio^2`` times the squared smoothed
+        step ``||m_{k+1} - m_k||^2``, ``m`` the midpoint process): GD still moves like a flow while its
+        oscillation grows from round-off or injected noise (in float64 full-batch GD that takes hundreds
+        of steps). There the central flow's premise, an oscillation at quasi-static equilibrium (Cohen
+        et al., ICLR 2025), fails, and a coefficient gated on ``lr * S - 2`` cannot be a function of the
+        state. Steps where the measurement is undefined (the first and last two) are not quiet. Pass the
+        result to ``fit(..., exclude=...)``.
         """
-        if not (isinstance(ratio, (int, float)) and ratio > 0):
-            raise InputError(f"eos_transients: ratio must be a positive number, got {ratio!r}.")
-        sm = self.smoothed()  # checks for a dense recording
-        s = sm.sharpness[:, 0]
+        osc = self.oscillation
+        source = self.history if self.history else {"step": self.steps, "sharpness": self.sharpness}
+        s = source["sharpness"][:, 0]
         if bool(torch.isnan(s).any()):
             raise InputError("eos_transients needs the sharpness at every step; run GD with eig_every=1.")
-        x, m = self.iterates[1:-1], sm.iterates
-        amplitude = (x[:-1] - m[:-1]).norm(dim=1)
-        quiet = (self.lr * s[:-1] > 2) & (amplitude < ratio * (m[1:] - m[:-1]).norm(dim=1))
-        steps = sm.steps[:-1].tolist()
+        defined = torch.isfinite(osc.variance) & torch.isfinite(osc.smoothed_step)
+        quiet = (self.lr * s > 2) & defined & ~osc.established(ratio)
         ranges: list[tuple[int, int]] = []
-        for k, q in zip(steps, quiet.tolist()):
+        for k, q in zip(osc.steps.tolist(), quiet.tolist()):
             if not q:
                 continue
             if ranges and ranges[-1][1] == k:
@@ -292,16 +311,20 @@ class Trajectory:
 _SPECIAL_DTYPES = {"steps": torch.int64, "history.step": torch.int64, "history.eig_converged": torch.bool}
 
 
+#: Stored tensors that are matrices (steps x something); every other series is a vector over the steps.
+_MATRICES = ("iterates", "sharpness", "history.sharpness", "history.oscillation")
+
+
 def _check_tensors(tensors: dict[str, Tensor], where: str) -> None:
     """Dtypes and ranks of a stored trajectory's tensors: int64 steps, a boolean convergence mask, and every other
-    series in the iterates' float dtype; vectors, except the iterates and the sharpness (matrices)."""
+    series in the iterates' float dtype; vectors, except :data:`_MATRICES`."""
     missing = [k for k in ("steps", "iterates", *_SERIES) if k not in tensors]
     if missing:
         raise FileFormatError(f"{where}: the trajectory lacks the tensors {missing}.")
     dtype = tensors["iterates"].dtype
     for name, t in sorted(tensors.items(), key=lambda item: item[0] != "iterates"):
         wanted = _SPECIAL_DTYPES.get(name, dtype)
-        rank = 2 if name in ("iterates", "sharpness", "history.sharpness") else 1
+        rank = 2 if name in _MATRICES else 1
         if t.dtype != wanted or t.dim() != rank or dtype not in _FLOATS:
             raise FileFormatError(
                 f"{where}: tensor {name!r} has dtype {t.dtype} and shape {tuple(t.shape)}; a trajectory stores "

@@ -47,8 +47,13 @@ def _same_json(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-aware equality
 
 
+# a flow with state beyond theta cannot carry a correction yet (Hybrid refuses it); test_oscillation round-trips
+# such a flow's simulation through checkpoint.save_simulation
+HYBRID_FLOWS = sorted(set(FLOWS) - {"oscillation"})
+
+
 @pytest.mark.parametrize("correction", sorted(CORRECTIONS))
-@pytest.mark.parametrize("flow", sorted(FLOWS))
+@pytest.mark.parametrize("flow", HYBRID_FLOWS)
 def test_round_trip_is_bit_for_bit(fitted, tmp_path, flow, correction):
     problem = fitted.model.problem
     model = nf.Hybrid(FLOWS[flow](problem, LR), CORRECTIONS[correction](problem))
@@ -82,7 +87,9 @@ def test_every_field_of_the_result_survives(fitted, tmp_path):
                 if isinstance(x, torch.Tensor):
                     assert torch.equal(x, y), g.name
                 elif g.name == "history":
-                    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                    assert x.keys() == y.keys()
+                    for k in x:  # the oscillation series are NaN where a step's neighbours are missing
+                        torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, equal_nan=True)
                 else:
                     assert _same_json(x, y), g.name
         elif isinstance(a, torch.Tensor):

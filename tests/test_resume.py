@@ -50,19 +50,23 @@ def _interrupt_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(gd, "_step", step_or_interrupt)
 
 
+@pytest.mark.parametrize("noise", [0.0, 1e-4])
 @pytest.mark.parametrize("stop", [3, 17, 25])
-def test_an_interrupted_run_resumes_bit_for_bit(problem, tmp_path, monkeypatch, stop):
-    full = nf.run_gd(problem, LR, 30, store_every=2, progress=False)
+def test_an_interrupted_run_resumes_bit_for_bit(problem, tmp_path, monkeypatch, stop, noise):
+    """With injected noise too: its generator and the oscillation recorder's last updates are in the checkpoint."""
+    kw = {"store_every": 2, "progress": False, "noise": noise, "noise_seed": 5, "n_eigs": 2}
+    full = nf.run_gd(problem, LR, 30, **kw)
     ckpt = tmp_path / "run.ckpt"
     _interrupt_at(monkeypatch, stop)
     with pytest.raises(Interrupted, match=f"interrupted at step {stop}; its state is in .*run.ckpt") as err:
-        nf.run_gd(problem, LR, 30, store_every=2, progress=False, checkpoint_every=7, resume=ckpt)
+        nf.run_gd(problem, LR, 30, **kw, checkpoint_every=7, resume=ckpt)
     assert int(err.value.partial.history["step"][-1]) == stop - 1 and err.value.checkpoint == ckpt
     monkeypatch.undo()
     assert _io.read(ckpt, "gd-checkpoint")[1]["meta"]["next_step"] == stop
-    resumed = nf.run_gd(problem, LR, 30, store_every=2, progress=False, checkpoint_every=7, resume=ckpt)
+    resumed = nf.run_gd(problem, LR, 30, **kw, checkpoint_every=7, resume=ckpt)
     assert _identical(resumed, full)
-    assert _identical(nf.run_gd(problem, LR, 30, store_every=2, progress=False, resume=ckpt), full)  # finished
+    assert bool(full.history["oscillation"][2:-3].isfinite().all())  # the recorder's series are compared too
+    assert _identical(nf.run_gd(problem, LR, 30, **kw, resume=ckpt), full)  # finished
 
 
 def test_a_checkpoint_of_another_run_or_start_is_refused(problem, tmp_path):

@@ -8,10 +8,11 @@ Flows are registered by name in :data:`FLOWS` for the command line, checkpoints 
 from collections.abc import Callable
 from functools import partial
 
-from .base import Approximation, Flow
+from .base import Approximation, ExtraState, Flow
 from .central import CentralFlow, CriticalState, solve_sdcp
 from .gradient import GradientFlow
 from .modified import ModifiedFlow
+from .oscillation import OscillationFlow
 from .principal import PrincipalFlow
 from .simulate import Comparison, compare, simulate
 
@@ -21,11 +22,14 @@ FLOWS: dict[str, Callable[..., Flow]] = {
     "modified2": partial(ModifiedFlow, order=2),
     "principal": PrincipalFlow,
     "central": CentralFlow,
+    "oscillation": OscillationFlow,
 }
 
 __all__ = [
     "Approximation",
     "Flow",
+    "ExtraState",
+    "OscillationFlow",
     "GradientFlow",
     "ModifiedFlow",
     "PrincipalFlow",

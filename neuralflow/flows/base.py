@@ -9,6 +9,7 @@ vector-Jacobian products go through ``torch.autograd``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from ..autodiff import StateDerivatives
 from ..errors import InputError
 from ..problems import Problem, check_lr
 
-__all__ = ["Approximation", "Flow"]
+__all__ = ["Approximation", "ExtraState", "Flow"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,25 @@ class Approximation:
         }
 
 
+@dataclass(frozen=True)
+class ExtraState:
+    """State a flow carries beside ``theta`` (the oscillation covariance; later momentum, Adam's moments).
+
+    ``name`` a slug, ``symbol`` its letter in the equations, ``shape`` its shape for one trajectory,
+    ``statement`` what it is. The ODE state of such a flow is the flat vector ``[theta, extra.flatten()]``
+    (``Flow.join`` / ``Flow.split``); ``Flow.initial_extra`` says how it starts from a trajectory.
+    """
+
+    name: str
+    symbol: str
+    shape: tuple[int, ...]
+    statement: str
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
 class Flow(torch.nn.Module):
     """An ODE model of GD on ``problem`` with step size ``lr``, in step time.
 
@@ -56,6 +76,7 @@ class Flow(torch.nn.Module):
 
     name: str = "flow"
     approximations: tuple[Approximation, ...] = ()
+    extra_state: ExtraState | None = None
 
     def __init__(self, problem: Problem, lr: float) -> None:
         super().__init__()
@@ -76,6 +97,51 @@ class Flow(torch.nn.Module):
     def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
         """``dtheta/dt`` for each state of ``state.thetas`` (shape ``(B, d)``)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ states beyond theta
+    @property
+    def state_dim(self) -> int:
+        """Length of the ODE state: ``d``, plus the extra state's size for a flow that carries one."""
+        return self.problem.dim + (0 if self.extra_state is None else self.extra_state.size)
+
+    def split(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(theta, extra)`` of ODE states ``y`` (``(..., state_dim)``); ``extra`` has the extra state's shape."""
+        d = self.problem.dim
+        if self.extra_state is None:
+            return y, None
+        return y[..., :d], y[..., d:].reshape(*y.shape[:-1], *self.extra_state.shape)
+
+    def join(self, theta: Tensor, extra: Tensor | None) -> Tensor:
+        """The ODE state ``[theta, extra.flatten()]`` (``theta`` alone for a flow without extra state)."""
+        if self.extra_state is None:
+            if extra is not None:
+                raise InputError(f"{type(self).__name__} carries no state beyond theta; pass no extra state.")
+            return theta
+        shape = self.extra_state.shape
+        if extra is None or tuple(extra.shape[-len(shape):]) != shape:
+            raise InputError(
+                f"{type(self).__name__}: the extra state {self.extra_state.name!r} must have shape {shape}, got "
+                f"{None if extra is None else tuple(extra.shape)}."
+            )
+        return torch.cat([theta, extra.reshape(*theta.shape[:-1], -1).to(theta)], dim=-1)
+
+    def initial_extra(self, theta0: Tensor, trajectory: object = None, step: int | None = None) -> Tensor | None:
+        """The extra state at ``theta0``, from ``trajectory``'s measurement at ``step`` (default its first step)."""
+        return None
+
+    def rebase(self, y: Tensor) -> Tensor:
+        """Re-express the extra state between two output times (e.g. in a rotated basis); identity by default."""
+        return y
+
+    def warm_tensors(self) -> dict[str, Tensor]:
+        """What the flow carries between evaluations besides the ODE state (warm starts, the basis of the extra
+        state), by name; with :meth:`load_warm_tensors` a saved simulation resumes exactly. Empty by default."""
+        return {}
+
+    def load_warm_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what :meth:`warm_tensors` returned."""
+        if tensors:
+            raise InputError(f"{type(self).__name__} keeps no warm state; got tensors {sorted(tensors)}.")
 
     def config(self) -> dict[str, object]:
         """JSON-able settings that rebuild this flow on the same problem (for checkpoints)."""

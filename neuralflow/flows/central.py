@@ -53,6 +53,8 @@ __all__ = [
     "CRITICAL_SUBSPACE",
     "SECOND_ORDER_OSCILLATION",
     "SINGLE_CRITICAL",
+    "covariance_drift",
+    "project_psd",
 ]
 
 _CDTKL = (
@@ -98,7 +100,8 @@ SINGLE_CRITICAL = Approximation(
 )
 
 
-def _project_psd(X: Tensor) -> Tensor:
+def project_psd(X: Tensor) -> Tensor:
+    """The nearest positive semi-definite matrix to the symmetric part of ``X`` (Frobenius norm)."""
     lam, V = torch.linalg.eigh(0.5 * (X + X.T))
     return (V * lam.clamp_min(0)) @ V.T
 
@@ -135,12 +138,12 @@ def solve_sdcp(
     def grad(Z: Tensor) -> Tensor:
         return A + (B @ Z.reshape(-1)).reshape(k, k)
 
-    X = torch.zeros_like(A) if X0 is None or X0.shape != A.shape else _project_psd(X0)
+    X = torch.zeros_like(A) if X0 is None or X0.shape != A.shape else project_psd(X0)
     Y, momentum = X, 1.0
     residual = float("inf")
     for _ in range(max_iters):
-        X_new = _project_psd(Y - step * grad(Y))
-        residual = float((X_new - _project_psd(X_new - step * grad(X_new))).norm()) / scale
+        X_new = project_psd(Y - step * grad(Y))
+        residual = float((X_new - project_psd(X_new - step * grad(X_new))).norm()) / scale
         if residual <= tol:
             return X_new, residual
         if float(((Y - X_new) * (X_new - X)).sum()) > 0:  # restart when the momentum points uphill
@@ -149,6 +152,28 @@ def solve_sdcp(
         Y = X_new + ((momentum - 1) / m_new) * (X_new - X)
         X, momentum = X_new, m_new
     return X, residual
+
+
+def covariance_drift(curv: Curvature, U: Tensor, X: Tensor, hu: list[Tensor] | None = None) -> Tensor:
+    """The oscillation's pull ``grad_theta <H(theta), Sigma> = sum_kl X_kl D3L[u_k, u_l]``, ``Sigma = U^T X U``.
+
+    ``U`` (k, d) and ``X`` (k, k) are held fixed; one backward pass through the ``H u_b`` graphs (``hu``,
+    from ``curv.hvp_graphs(U)``; built here if not given, one at a time for a problem of several parts so that
+    memory stays that of one graph).
+    Shared by every flow whose drift is ``-lr [g + 1/2 grad <H, Sigma>]``.
+    """
+    k = U.shape[0]
+    if k == 0:
+        return torch.zeros_like(curv.grad)
+    XU = (X @ U).detach()
+    if hu is None and len(curv.problem.parts) == 1:
+        hu = curv.hvp_graphs(U)
+    with torch.enable_grad():
+        if hu is not None:
+            return torch.autograd.grad(sum((XU[b] * hu[b]).sum() for b in range(k)), curv.theta)[0]
+        return sum(
+            torch.autograd.grad((XU[b] * curv.hvp_graphs(U[b : b + 1])[0]).sum(), curv.theta)[0] for b in range(k)
+        )
 
 
 @dataclass
@@ -395,15 +420,8 @@ class CentralFlow(Flow):
         X, residual = solve_sdcp(A, gram, warm.X, tol=self.sdcp_tol)
         if D is not None:
             drift = torch.einsum("kl,kld->d", X, D)
-        elif crit:
-            XU = (X @ U).detach()
-            with torch.enable_grad():  # grad sum_kl X_kl u_k^T H u_l (one pass over the shared graphs)
-                if hu is not None:
-                    drift = torch.autograd.grad(sum((XU[b] * hu[b]).sum() for b in range(crit)), curv.theta)[0]
-                else:
-                    drift = sum(torch.autograd.grad((XU[b] * graph(b)).sum(), curv.theta)[0] for b in range(crit))
         else:
-            drift = torch.zeros_like(curv.grad)
+            drift = covariance_drift(curv, U, X, hu)
         warm.block, warm.n_track, warm.X, warm.theta = eig.block, n_track, X, theta
         self.n_critical_max = max(self.n_critical_max, crit)
         self.last = CriticalState(eig.values, U, M, X, drift.detach(), D, curv.value, curv.grad, residual)

@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 from .._display import data_frame, html_table
 from ..autodiff import top_eigenpairs
 from ..errors import DivergenceError, InputError
+from ..oscillation import first_established
 from ..problems import Problem, make
 from ..trajectory import Trajectory
 from .base import Flow
 from .central import CentralFlow
+from .oscillation import OscillationFlow
 
 __all__ = ["simulate", "compare", "Comparison", "FlowRecord", "DEFAULT_SOLVER"]
 
@@ -66,8 +68,18 @@ def simulate(
     rtol: float | None = None,
     atol: float | None = None,
     progress: bool = False,
-) -> Tensor:
+    extra0: Tensor | None = None,
+    return_extra: bool = False,
+    reset: bool = True,
+) -> Tensor | tuple[Tensor, Tensor | None]:
     """Integrate ``dtheta/dt = flow(t, theta)`` from ``theta0`` at ``t[0]``; states at ``t``, shape ``(len(t), d)``.
+
+    A flow that carries state beyond ``theta`` (``flow.extra_state``, e.g. the oscillation flow's covariance
+    ``X``) starts it from ``extra0``, by default ``flow.initial_extra(theta0)``; it is integrated from one
+    output time to the next, with ``flow.rebase`` in between (output times one step apart keep its basis
+    fresh). ``return_extra=True`` returns ``(theta states, extra states)``, the latter ``(len(t), *shape)``
+    (None for a flow without extra state). ``reset=False`` keeps the flow's warm state (to resume a saved
+    simulation, :func:`neuralflow.checkpoint.load_simulation`).
 
     Times are step times (iterate ``k`` at ``t = k``), increasing. The solver defaults to the flow's
     own choice (``flow.solver``: explicit Euler with 2 substeps per step for :class:`CentralFlow`)
@@ -95,14 +107,23 @@ def simulate(
         solver["rtol"] = rtol
     if atol is not None:
         solver["atol"] = atol
-    if hasattr(flow, "reset"):
+    if reset and hasattr(flow, "reset"):
         flow.reset()
+    if flow.extra_state is not None and extra0 is None:
+        extra0 = flow.initial_extra(theta0)
+    y0 = flow.join(theta0.detach(), extra0)
     span = float(t[-1] - t[0])
     with tqdm(total=span, desc=f"{flow.name} flow", unit="step", disable=not progress) as bar:
         func = _Guarded(flow, bar)
         try:
             with torch.no_grad():
-                states = odeint(func, theta0.detach(), t, **solver)
+                if flow.extra_state is None:
+                    states = odeint(func, y0, t, **solver)
+                else:
+                    ys = [y0]
+                    for i in range(len(t) - 1):
+                        ys.append(flow.rebase(odeint(func, ys[-1], t[i : i + 2], **solver)[-1]))
+                    states = torch.stack(ys)
         except _NonFinite as err:
             raise DivergenceError(
                 f"{flow.name} flow blew up: non-finite state or velocity at t = {err.t:.6g} (step time; "
@@ -116,7 +137,8 @@ def simulate(
     if not torch.isfinite(states).all():
         bad = int(torch.nonzero(~torch.isfinite(states).all(dim=1))[0])
         raise DivergenceError(f"{flow.name} flow produced non-finite states at t = {float(t[bad]):.6g}.")
-    return states
+    thetas, extras = flow.split(states)
+    return (thetas, extras) if return_extra else thetas
 
 
 @dataclass
@@ -124,7 +146,9 @@ class FlowRecord:
     """One flow simulated along a trajectory: states at the trajectory's stored steps and diagnostics.
 
     ``probe`` indexes the stored steps where sharpness (and, for a central flow, its predicted
-    time-averaged loss) were evaluated.
+    time-averaged loss) were evaluated. A flow with extra state keeps it in ``extra`` (one per stored
+    step); ``variance`` is its predicted oscillation variance (``tr X`` for the oscillation flow), to set
+    beside GD's measured ``trajectory.oscillation.variance``.
     """
 
     name: str
@@ -136,6 +160,8 @@ class FlowRecord:
     sharpness: Tensor
     predicted_loss: Tensor
     seconds: float
+    extra: Tensor | None = None
+    variance: Tensor | None = None
 
 
 @dataclass
@@ -152,6 +178,7 @@ class Comparison:
     def __post_init__(self) -> None:
         probe_steps = self.trajectory.steps
         gd_loss = self.trajectory.loss
+        onset = self.trajectory.eos_onset
         for r in self.records:
             p = r.probe
             rel = lambda a, b: float(((a - b).abs() / b.abs().clamp_min(1e-300)).mean())  # noqa: E731
@@ -166,8 +193,24 @@ class Comparison:
                     "sharpness_error": rel(r.sharpness, self.gd_sharpness),
                     "seconds": r.seconds,
                     "probe_steps": [int(s) for s in probe_steps[p]],
+                    "established": self._established(r, onset),
                 }
             )
+
+    def _established(self, record: FlowRecord, onset: int | None) -> int | None:
+        """The step past GD's EoS onset at which the flow's predicted oscillation becomes established (the rule
+        of :mod:`neuralflow.oscillation`, on its variance and its own step), or None."""
+        if record.variance is None or onset is None or len(record.states) < 2:
+            return None
+        step = (record.states[1:] - record.states[:-1]).norm(dim=1) / self.trajectory.store_every
+        step = torch.cat([step, step.new_full((1,), math.nan)])
+        return first_established(self.trajectory.steps, record.variance, step, onset)
+
+    @property
+    def gd_established(self) -> int | None:
+        """The step past the EoS onset at which GD's measured oscillation becomes established, or None."""
+        onset = self.trajectory.eos_onset
+        return None if onset is None else self.trajectory.oscillation.first_established(onset)
 
     def __str__(self) -> str:
         tr = self.trajectory
@@ -177,11 +220,15 @@ class Comparison:
             f"the stored steps; errors relative. avg loss: predicted time-averaged loss vs GD's loss averaged "
             f"over +-{self.window} steps.\n"
         )
-        heads = ["flow", "dist GD", "dist smoothed", "final dist", "loss err", "avg loss err", "sharp err", "time s"]
+        heads = ["flow", "dist GD", "dist smoothed", "final dist", "loss err", "avg loss err", "sharp err",
+                 "osc. established", "time s"]
         cells = self._cells()
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
         line = lambda xs: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths)))  # noqa: E731
-        return head + "\n".join([line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells])
+        table = "\n".join([line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells])
+        if any(r.variance is not None for r in self.records):
+            table += f"\nGD's oscillation established at step {self.gd_established} (EoS onset {tr.eos_onset})."
+        return head + table
 
     def __repr__(self) -> str:
         tr = self.trajectory
@@ -190,10 +237,10 @@ class Comparison:
                 f"{int(tr.steps[-1])}; mean distance to GD: {flows})")
 
     _COLUMNS = ("flow", "distance", "distance_smoothed", "final_distance", "loss_error", "avg_loss_error",
-                "sharpness_error", "seconds")
+                "sharpness_error", "established", "seconds")
 
     def _cells(self) -> list[list[str]]:
-        fmt = lambda v: "-" if v is None else (v if isinstance(v, str) else f"{v:.4g}")  # noqa: E731
+        fmt = lambda v: "-" if v is None else (str(v) if isinstance(v, (str, int)) else f"{v:.4g}")  # noqa: E731
         return [[fmt(row[c]) for c in self._COLUMNS] for row in self.rows]
 
     def _repr_html_(self) -> str:
@@ -213,23 +260,34 @@ class Comparison:
             "lr": tr.lr,
             "steps": [int(tr.steps[0]), int(tr.steps[-1])],
             "window": self.window,
+            "gd_established": self.gd_established,
             "flows": self.rows,
         }
 
     def figure(self, ax: Any = None) -> Any:
         """Distance to GD (raw and smoothed), loss, and sharpness over steps; returns the figure.
 
-        ``ax``: three matplotlib axes to draw into (distance, loss, sharpness); default a new figure.
+        ``ax``: matplotlib axes to draw into (distance, loss, sharpness, and the oscillation variance when a
+        flow predicts one); default a new figure.
         """
         import matplotlib.pyplot as plt
 
         tr = self.trajectory
         steps = tr.steps.cpu().numpy()
+        with_variance = any(r.variance is not None for r in self.records)
         if ax is None:
-            fig, (ax_d, ax_l, ax_s) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+            fig, axes = plt.subplots(3 + with_variance, 1, figsize=(7, 8 + 2.5 * with_variance), sharex=True)
         else:
-            ax_d, ax_l, ax_s = ax
-            fig = ax_d.figure
+            axes = list(ax)
+            if len(axes) != 3 + with_variance:
+                raise InputError(f"Comparison.figure: pass {3 + with_variance} axes (distance, loss, sharpness"
+                                 f"{', oscillation variance' if with_variance else ''}), got {len(axes)}.")
+            fig = axes[0].figure
+        ax_d, ax_l, ax_s = axes[:3]
+        if with_variance:
+            ax_v = axes[3]
+            osc = tr.oscillation
+            ax_v.semilogy(osc.steps.cpu().numpy(), osc.variance.cpu().numpy(), color="k", lw=0.8, label="GD, measured")
         ax_l.semilogy(steps, tr.loss.cpu().numpy(), color="0.7", lw=0.8, label="GD")
         ax_l.semilogy(steps, self.gd_loss_avg.cpu().numpy(), color="k", lw=1, label=f"GD, +-{self.window} avg")
         probe_steps = steps[self.records[0].probe.cpu().numpy()] if self.records else steps[:0]
@@ -245,12 +303,16 @@ class Comparison:
                     color=ln.get_color(), label="central, predicted avg",
                 )
             ax_s.plot(steps[r.probe.cpu().numpy()], r.sharpness.cpu().numpy(), lw=1, color=ln.get_color(), label=r.name)
+            if r.variance is not None:
+                ax_v.semilogy(steps, r.variance.cpu().numpy(), lw=1, color=ln.get_color(), label=f"{r.name}, predicted")
         ax_s.axhline(tr.eos_threshold, color="k", ls="--", lw=0.8, label="2 / lr")
         ax_d.set_ylabel("distance to GD\n(dashed: to smoothed GD)")
         ax_l.set_ylabel("loss")
         ax_s.set_ylabel("sharpness")
-        ax_s.set_xlabel("step")
-        for a in (ax_d, ax_l, ax_s):
+        if with_variance:
+            ax_v.set_ylabel("oscillation variance")
+        axes[-1].set_xlabel("step")
+        for a in axes:
             a.legend(fontsize="small", loc="best")
         ax_d.set_title(f"flows vs GD on {tr.problem.get('name', 'problem')}, lr = {tr.lr:g}")
         fig.tight_layout()
@@ -284,9 +346,11 @@ def compare(
     limits the comparison to stored steps ``<= steps``. Per flow: distance to the GD iterates and,
     for a dense recording, to the smoothed iterates (interior steps); relative loss error; at
     ``n_probe`` evenly spaced stored steps the sharpness (LOBPCG, warm-started) against GD's, and the
-    predicted time-averaged loss (``CentralFlow.predicted_loss``; the loss itself for other flows)
-    against GD's loss averaged over ``+-window`` steps. ``method``, ``step_size``, ``rtol`` and ``atol``
-    go to :func:`simulate` for every flow (default: each flow's own solver).
+    predicted time-averaged loss (``CentralFlow.predicted_loss``, ``OscillationFlow``'s ``L + 1/2 <H, Sigma>``;
+    the loss itself for other flows) against GD's loss averaged over ``+-window`` steps. A flow with extra
+    state starts it from the trajectory (``flow.initial_extra``); the oscillation flow's predicted variance
+    and the step at which its oscillation becomes established are reported beside GD's. ``method``,
+    ``step_size``, ``rtol`` and ``atol`` go to :func:`simulate` for every flow (default: each flow's own solver).
     """
     if not flows:
         raise InputError("compare: pass at least one flow, e.g. compare(traj, GradientFlow(problem, traj.lr)).")
@@ -325,7 +389,9 @@ def compare(
     records = []
     for f in flows:
         start = time.perf_counter()
-        states = simulate(f, gd[0], tr.times, method, step_size, rtol, atol, progress=progress)
+        extra0 = None if f.extra_state is None else f.initial_extra(gd[0], tr)
+        states, extras = simulate(f, gd[0], tr.times, method, step_size, rtol, atol, progress=progress,
+                                  extra0=extra0, return_extra=True)
         seconds = time.perf_counter() - start
         with torch.no_grad():
             loss = torch.stack([problem.loss(th) for th in states])
@@ -333,6 +399,10 @@ def compare(
             solved = [f.solve(th) for th in states[probe]]
             sharp = torch.stack([s.values[0] for s in solved])
             predicted = torch.stack([s.predicted_loss for s in solved])
+        elif isinstance(f, OscillationFlow):
+            seen = [f.state_at(states[i], extras[i]) for i in probe]
+            sharp = torch.stack([s.values[0] for s in seen])
+            predicted = torch.stack([s.predicted_loss for s in seen])
         else:
             sharp, predicted = sharpness(states[probe]), loss[probe]
         records.append(
@@ -346,6 +416,8 @@ def compare(
                 sharpness=sharp,
                 predicted_loss=predicted,
                 seconds=seconds,
+                extra=extras,
+                variance=None if not isinstance(f, OscillationFlow) else f.predicted_variance(extras),
             )
         )
     return Comparison(tr, records, gd_sharp, gd_loss_avg, window)

@@ -1,0 +1,412 @@
+"""The oscillation flow: the edge-of-stability flow that carries GD's oscillation covariance as a state.
+
+science.md section 7. Write GD's iterates as ``theta_k = m_k + (-1)^k x_k`` (``m`` the time-averaged
+iterate, ``x`` the period-two component) and ``Sigma = E[x x^T] = U^T X U`` over the tracked top-k
+Hessian eigenvectors ``U`` (rows). Along an eigenvector ``u_i`` the linearised GD map multiplies the
+component by ``1 - lr lambda_i`` per step, so its variance by ``(1 - lr lambda_i)^2``; averaging the
+gradient over ``m +- x`` gives the central flow's drift (Cohen, Damian, Talwalkar, Kolter, Lee, ICLR 2025).
+In step time:
+
+    dm/dt = -lr [g(m) + 1/2 grad_m <H(m), Sigma>],
+    dX/dt = R X + X R + q I,        R = diag(r_i),  r_i = log|1 - lr lambda_i|,
+
+with ``q`` the variance injected per step along every direction (``nu^2`` for Gaussian noise of standard
+deviation ``nu`` per coordinate, plus the float round-off floor, :func:`neuralflow.oscillation.roundoff_variance`).
+Past ``2/lr`` (``r > 0``) the oscillation grows from that floor, which makes the *quiet stretch* of GD
+past the edge; once large it bends the sharpness below ``2/lr`` through the drift (the *catapult*), then
+decays. Damian, Nichani, Lee (ICLR 2023, section 4) is its one-direction reduction: near the edge
+``2 r ~ 2 lr (lambda - 2/lr)``, their ``x_{k+1} = -(1 + lr y_k) x_k``. The central flow is its quasi-static
+limit: with ``R`` multiplied by a stiffness factor going to infinity, ``X`` sits where the critical
+eigenvalues stop moving (tested).
+
+**The basis of X.** ``X`` is stored in the basis of a reference block ``U_ref`` that the flow keeps per
+trajectory (batch index). An evaluation at ``m`` computes the current top-k eigenvectors ``U`` (warm-started
+LOBPCG, signs aligned), carries ``X`` into them with ``C = U U_ref^T`` (``X_U = C X C^T``; ``C`` is orthogonal
+while the tracked subspace is the same, whatever rotations and swaps happen inside it, as the central flow
+carries its Gram matrix), evaluates both equations there and carries ``dX/dt`` back (``C^T dX_U C``), so any
+torchdiffeq solver integrates a state in one fixed basis. Between output times :meth:`rebase` moves the
+reference to the last evaluation's eigenvectors. A direction that *leaves* the tracked set (an eigenvalue
+overtaken by the (k+1)-th) takes its variance with it: the flow models it as back at its floor. A direction
+that *enters* starts from its equilibrium ``q / (2 |r_i|)`` (its share ``1 - ||c_i||^2`` outside the old
+span; the part inside is carried), which is where the injected-variance approximation puts a direction
+below the edge; keep ``n_track`` above the number of eigenvalues that reach ``2/lr`` together.
+
+**The ODE state and its discretisation.** Explicit Euler with a unit step *is* GD and is unstable above
+``2/lr``; the default solver is explicit Euler with step 1/2 (any torchdiffeq solver works). The variance
+equation is stiff and its growth is the whole point (the quiet stretch is ``log(s_final / s_floor) / 2r``
+steps), so it is integrated in Lawson's integrating-factor form: the extra state is ``(Z, rho)`` with
+``X = E Z E``, ``E = diag(exp(rho))`` in the reference basis, ``drho/dt = diag(R_ref)`` and
+``dZ/dt = E^{-1} (N X + X N + q C^T C) E^{-1}`` (``R_ref = C^T R C``, ``N`` its off-diagonal part, non-zero
+only while eigenvectors rotate inside a cluster). Every solver then integrates the growth
+``exp(2 int r dt)`` exactly for a piecewise-constant rate, and a diagonal congruence keeps ``X`` positive
+semi-definite; :meth:`rebase` folds ``E`` back into ``Z`` (``rho = 0`` at every output time) and projects
+``X`` onto the PSD cone (the off-diagonal ``N`` terms are explicit). Plain Euler on ``X`` would make the
+growth ``(1 + r/2)^2`` per step instead of ``exp(r)``, a relative error of ``r/2`` (5-10 percent on the
+quiet stretch), and breaks positivity where a direction decays fast. ``r_i`` is clamped at
+``-max_decay``: at ``lambda = 1/lr`` GD kills its component in one step and ``log 0`` is not a rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..autodiff import Curvature, top_eigenpairs
+from ..errors import InputError
+from ..oscillation import roundoff_variance
+from ..problems import Problem
+from ..trajectory import Trajectory
+from .base import Approximation, ExtraState, Flow
+from .central import SECOND_ORDER_OSCILLATION, covariance_drift, project_psd
+from .gradient import CONTINUOUS_TIME_1
+
+__all__ = [
+    "OscillationFlow",
+    "carry_covariance",
+    "OscillationState",
+    "LINEAR_FLOQUET_GROWTH",
+    "TRACKED_SUBSPACE",
+    "ADIABATIC_EIGENVECTORS",
+    "ISOTROPIC_INJECTION",
+]
+
+NEGLIGIBLE = 1e-12  # an oscillation mode below this share of the loss is left out of the drift
+
+_SCIENCE = ("Damian, Nichani, Lee, Self-Stabilization, ICLR 2023 (sec. 4); Cohen, Damian, Talwalkar, Kolter, Lee, "
+            "Central Flows, ICLR 2025; derived together in neuralflow's science notes, section 7")
+
+LINEAR_FLOQUET_GROWTH = Approximation(
+    name="linear-floquet-growth",
+    statement="The oscillation's variance along each tracked eigenvector grows or decays at the linearised rate "
+    "2 log|1 - lr lambda_i| per step, whatever its amplitude; a finite amplitude shifts the effective curvature "
+    "the oscillation feels (GD hovers a little above 2/lr at the edge of stability).",
+    exact_when="infinitesimal oscillations (quiet stretch, onset of a catapult)",
+    revised_by=("gradScrit",),
+    reference=_SCIENCE,
+)
+
+TRACKED_SUBSPACE = Approximation(
+    name="oscillation-in-tracked-subspace",
+    statement="GD's oscillation lies in the span of the tracked top-k Hessian eigenvectors; a direction outside "
+    "them carries no oscillation and one that leaves the tracked set is reset to its floor.",
+    exact_when="a gap between the tracked eigenvalues and the rest of the spectrum",
+    revised_by=("gradScrit", "u_ug"),
+    reference=_SCIENCE,
+)
+
+ADIABATIC_EIGENVECTORS = Approximation(
+    name="adiabatic-eigenvectors",
+    statement="The tracked eigenvectors turn slowly against the oscillation's period (two steps), so the "
+    "covariance is carried into the new eigenbasis by a rotation, with no transfer between directions.",
+    exact_when="eigenvectors that rotate little per step (no near-crossing with an untracked eigenvalue)",
+    revised_by=("u_ug",),
+    reference=_SCIENCE,
+)
+
+ISOTROPIC_INJECTION = Approximation(
+    name="isotropic-constant-injection",
+    statement="The variance that seeds the oscillation (injected noise, float round-off) is the same constant q "
+    "per step along every direction.",
+    exact_when="isotropic Gaussian noise of fixed size; round-off only on average",
+    revised_by=(),
+    reference=_SCIENCE,
+)
+
+OSCILLATION_COVARIANCE = ExtraState(
+    name="oscillation-covariance",
+    symbol="X",
+    shape=(0, 0),  # set per flow: (n_track + 1, n_track)
+    statement="The covariance of GD's period-two oscillation in the basis of the tracked top-k Hessian "
+    "eigenvectors, Sigma = U^T X U, in integrating-factor form: k rows of Z and one row of rho, "
+    "X = diag(exp(rho)) Z diag(exp(rho)) (OscillationFlow.covariance).",
+)
+
+
+def carry_covariance(X: Tensor, U_old: Tensor, U_new: Tensor, floor: Tensor) -> Tensor:
+    """``X`` (in the basis of the rows of ``U_old``) re-expressed in the basis ``U_new``, both (k, d).
+
+    ``X_new = C X C^T + diag((1 - ||c_i||^2) floor_i)`` with ``C = U_new U_old^T``. Within the same tracked
+    subspace ``C`` is orthogonal (eigenvectors rotated or swapped inside a cluster) and ``Sigma = U^T X U``
+    is unchanged. A direction of ``U_new`` partly outside the old span gets the carried part plus its
+    ``floor`` (the equilibrium variance) for the share outside; the variance of a direction that left the
+    span is dropped.
+    """
+    C = U_new @ U_old.T
+    carried = C @ X @ C.T
+    outside = (1 - C.pow(2).sum(dim=1)).clamp_min(0)
+    return 0.5 * (carried + carried.T) + torch.diag(outside * floor)
+
+
+@dataclass
+class OscillationState:
+    """What one evaluation of the oscillation flow saw (detached): ``values`` (k,) the tracked eigenvalues,
+    ``vectors`` (k, d), ``X`` (k, k) in that basis, ``rates`` (k,) the ``r_i`` used, ``loss`` at the state."""
+
+    values: Tensor
+    vectors: Tensor
+    X: Tensor
+    rates: Tensor
+    loss: Tensor
+
+    @property
+    def variance(self) -> Tensor:
+        """Total predicted oscillation variance along the tracked eigenvectors, ``tr X``."""
+        return self.X.diagonal().sum()
+
+    @property
+    def predicted_loss(self) -> Tensor:
+        """Time-averaged loss ``L + 1/2 <H, Sigma> = L + 1/2 sum_i lambda_i X_ii``."""
+        return self.loss + 0.5 * (self.values * self.X.diagonal()).sum()
+
+
+@dataclass
+class _Track:
+    """Per batch index: the eigen-solver's warm block, the basis ``U_ref`` of the state's ``X`` and the last ``U``."""
+
+    block: Tensor | None = None
+    U_ref: Tensor | None = None
+    U_last: Tensor | None = None
+    rates_last: Tensor | None = None
+
+
+class OscillationFlow(Flow):
+    """``dm/dt = -lr [g + 1/2 grad <H, Sigma>]``, ``dX/dt = R X + X R + q I``: the oscillation as a state.
+
+    See the module docstring for the equations, the basis of ``X`` and the discretisation. Parameters:
+    ``q`` the variance injected per step per direction (default: the float round-off floor at the problem's
+    ``theta0``; :meth:`from_trajectory` adds the trajectory's noise ``nu^2``), ``n_track`` the number ``k`` of
+    tracked top eigenvectors (``X`` is k x k), ``stiffness`` a factor on ``R`` (1 is the physics; large values
+    approach the central flow), ``max_decay`` the clamp on ``-r``, ``eig_tol`` the LOBPCG relative residual.
+
+    The ODE state is ``[m, Z.flatten(), rho]`` (:attr:`extra_state`, shape ``(k + 1, k)``; :meth:`covariance`
+    gives ``X``, :meth:`extra_from_covariance` the reverse); :func:`~neuralflow.flows.simulate` starts it from
+    :meth:`initial_extra` and calls :meth:`rebase` at every output time (where ``rho = 0`` and ``X = Z``).
+    Each evaluation stores an :class:`OscillationState` in ``self.last``. Cost per evaluation: one gradient
+    graph, a warm LOBPCG for k eigenpairs and one backward pass through k Hessian-vector-product graphs for the
+    drift; no complementarity solve and no Gram matrix of ``D3L`` pairs. Simulation only: the adjoint (fitting a
+    correction to this flow) needs the derivatives with respect to ``X`` too and is not implemented.
+    """
+
+    name = "oscillation"
+    solver = {"method": "euler", "options": {"step_size": 0.5}}
+
+    def __init__(
+        self,
+        problem: Problem,
+        lr: float,
+        q: float | None = None,
+        n_track: int = 4,
+        stiffness: float = 1.0,
+        max_decay: float = 1.0,
+        eig_tol: float = 1e-3,
+    ) -> None:
+        super().__init__(problem, lr)
+        if not problem.thrice_differentiable:
+            raise InputError(
+                f"OscillationFlow needs third derivatives of the loss (D3L), but problem {problem.name!r} is not "
+                "smooth enough (e.g. a ReLU net); use a smooth activation (tanh, gelu)."
+            )
+        if q is None:
+            q = roundoff_variance(problem.theta0)
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0:
+            raise InputError(f"OscillationFlow: q must be a non-negative variance per step, got {q!r}.")
+        if isinstance(n_track, bool) or not isinstance(n_track, int) or n_track < 1:
+            raise InputError(f"OscillationFlow: n_track must be a positive int, got {n_track!r}.")
+        for what, v in (("stiffness", stiffness), ("max_decay", max_decay), ("eig_tol", eig_tol)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise InputError(f"OscillationFlow: {what} must be a positive number, got {v!r}.")
+        self.q = float(q)
+        self.n_track = min(n_track, problem.dim)
+        self.stiffness = float(stiffness)
+        self.max_decay = float(max_decay)
+        self.eig_tol = float(eig_tol)
+        self.extra_state = ExtraState(
+            OSCILLATION_COVARIANCE.name, OSCILLATION_COVARIANCE.symbol, (self.n_track + 1, self.n_track),
+            OSCILLATION_COVARIANCE.statement,
+        )
+        self.approximations = (
+            CONTINUOUS_TIME_1, LINEAR_FLOQUET_GROWTH, TRACKED_SUBSPACE, ADIABATIC_EIGENVECTORS,
+            ISOTROPIC_INJECTION, SECOND_ORDER_OSCILLATION,
+        )
+        self.last: OscillationState | None = None
+        self.reset()
+
+    @classmethod
+    def from_trajectory(cls, problem: Problem, trajectory: Trajectory, **options: object) -> OscillationFlow:
+        """The flow for ``trajectory``'s run, with no fitted parameter: ``q = nu^2`` + the round-off floor."""
+        nu = float(trajectory.meta.get("noise", 0.0))
+        q = nu**2 + roundoff_variance(trajectory.iterates[0].to(problem.device))
+        return cls(problem, trajectory.lr, q=q, **options)  # type: ignore[arg-type]
+
+    def reset(self) -> None:
+        """Forget the warm starts and reference bases before integrating a new trajectory."""
+        self._tracks: dict[int, _Track] = {}
+        # the first eigen-solve's random start, seeded: the same start gives the same simulation
+        self._generator = torch.Generator(device=self.problem.device).manual_seed(0)
+
+    # ----------------------------------------------------------------------------------- the physics
+    def rates(self, values: Tensor) -> Tensor:
+        """``r_i = stiffness * max(log|1 - lr lambda_i|, -max_decay)``: the growth rate of each amplitude per step."""
+        r = torch.log((1 - self.lr * values).abs().clamp_min(torch.finfo(values.dtype).tiny))
+        return self.stiffness * r.clamp_min(-self.max_decay)
+
+    def equilibrium(self, rates: Tensor) -> Tensor:
+        """Per-direction floor ``q / (2 |r_i|)`` where the oscillation decays; ``q`` (one step's worth) elsewhere."""
+        floor = torch.full_like(rates, self.q)
+        below = rates < 0
+        floor[below] = self.q / (2 * rates[below].abs())
+        return floor
+
+    def eigen(self, theta: Tensor, index: int = 0, curv: Curvature | None = None) -> tuple[Tensor, Tensor]:
+        """The tracked top-k eigenpairs at ``theta`` (warm-started from this batch index's last solve)."""
+        track = self._tracks.setdefault(index, _Track())
+        curv = Curvature(self.problem, theta) if curv is None else curv
+        eig = top_eigenpairs(curv, k=self.n_track, v0=track.block, tol=self.eig_tol, generator=self._generator)
+        track.block = eig.block
+        return eig.values, eig.vectors
+
+    def initial_extra(self, theta0: Tensor, trajectory: Trajectory | None = None, step: int | None = None) -> Tensor:
+        """``X`` at ``theta0``: diagonal, the equilibrium ``q / (2 |r_i|)`` along each direction below the edge;
+        along a direction at or above it, GD's measured variance (demodulated amplitude squared, along GD's
+        i-th tracked eigenvector at ``step``, default the trajectory's first step) where ``trajectory`` has
+        one, else ``q``. The start may lie above ``2/lr``."""
+        theta0 = self.problem.check_theta(theta0, "theta0").detach()
+        values, _ = self.eigen(theta0)
+        rates = self.rates(values)
+        var = self.equilibrium(rates)
+        if trajectory is not None:
+            osc = trajectory.oscillation
+            if osc.amplitude is not None:
+                k = int(trajectory.steps[0]) if step is None else int(step)
+                row = torch.nonzero(osc.steps == k).flatten()
+                if len(row):
+                    measured = osc.amplitude[row[0]].to(var).pow(2)
+                    n = min(len(measured), len(var))
+                    ok = (rates[:n] >= 0) & torch.isfinite(measured[:n])
+                    var[:n] = torch.where(ok, measured[:n].clamp_min(self.q), var[:n])
+        return self.extra_from_covariance(torch.diag(var))
+
+    def covariance(self, extra: Tensor) -> Tensor:
+        """``X = E Z E`` (``E = diag(exp(rho))``) from extra states ``(..., k + 1, k)``; shape ``(..., k, k)``."""
+        E = torch.exp(extra[..., -1, :])
+        return E[..., :, None] * extra[..., :-1, :] * E[..., None, :]
+
+    def extra_from_covariance(self, X: Tensor) -> Tensor:
+        """The extra state ``(k + 1, k)`` for a covariance ``X`` (k, k): ``Z = X``, ``rho = 0``."""
+        return torch.cat([X, X.new_zeros(1, X.shape[-1])])
+
+    def solve(self, theta: Tensor, extra: Tensor, index: int = 0) -> tuple[Tensor, Tensor]:
+        """``(dm/dt, d extra/dt)`` at one state; ``extra`` is ``(Z, rho)`` in the reference basis of ``index``."""
+        track = self._tracks.setdefault(index, _Track())
+        curv = Curvature(self.problem, theta)
+        values, U = self.eigen(theta, index, curv)
+        if track.U_ref is None:
+            track.U_ref = U
+        r = self.rates(values)
+        X = self.covariance(extra)
+        X_U = carry_covariance(X, track.U_ref, U, self.equilibrium(r))
+        C = U @ track.U_ref.T
+        R_ref = C.T @ (r[:, None] * C)
+        d = R_ref.diagonal()
+        N = R_ref - torch.diag(d)
+        E = torch.exp(extra[-1])
+        dZ = (N @ X + X @ N + self.q * C.T @ C) / (E[:, None] * E[None, :])
+        dm = -self.lr * (curv.grad + 0.5 * self._drift(curv, values, U, X_U))
+        track.U_last, track.rates_last = U, r
+        self.last = OscillationState(values, U, X_U, r, curv.value)
+        return dm, torch.cat([dZ, d[None]])
+
+    def _drift(self, curv: Curvature, values: Tensor, U: Tensor, X_U: Tensor) -> Tensor:
+        """``grad <H, Sigma>`` over the principal axes of ``X_U`` whose share ``s lambda_max / 2`` of the time-averaged
+        loss exceeds ``NEGLIGIBLE`` times the loss (the quiet stretch's 1e-30 variances cost nothing)."""
+        s, V = torch.linalg.eigh(0.5 * (X_U + X_U.T))
+        keep = 0.5 * s.abs() * values.abs().max() > NEGLIGIBLE * curv.value.abs()
+        return covariance_drift(curv, (V.T @ U)[keep], torch.diag(s[keep]))
+
+    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and y.requires_grad:
+            raise InputError(
+                "OscillationFlow is simulation-only for now: the adjoint needs derivatives with respect to the "
+                "oscillation covariance X, which are not implemented. Simulate it under torch.no_grad()."
+            )
+        batch = y if y.dim() == 2 else y.unsqueeze(0)
+        if batch.shape[-1] != self.state_dim:
+            raise InputError(
+                f"OscillationFlow: the ODE state is [theta (d = {self.problem.dim}), Z ({self.n_track}^2), rho "
+                f"({self.n_track})], length {self.state_dim}; got {batch.shape[-1]}. Build it with "
+                "flow.join(theta, flow.extra_from_covariance(X))."
+            )
+        thetas, extras = self.split(batch.detach())
+        out = []
+        for b in range(len(batch)):
+            dm, dextra = self.solve(thetas[b], extras[b], b)
+            out.append(self.join(dm, dextra))
+        res = torch.stack(out)
+        return res if y.dim() == 2 else res[0]
+
+    def rebase(self, y: Tensor) -> Tensor:
+        """Fold ``E`` into ``Z``, carry ``X`` into the last evaluation's eigenvectors and make them the reference
+        basis (:func:`carry_covariance`, with the equilibrium floor for a direction that entered the tracked set),
+        projected onto the PSD cone; ``rho = 0`` after it."""
+        batch = y if y.dim() == 2 else y.unsqueeze(0)
+        thetas, extras = self.split(batch)
+        out = []
+        for b in range(len(batch)):
+            track = self._tracks.get(b)
+            if track is None or track.U_last is None or track.U_ref is None:
+                out.append(batch[b])
+                continue
+            X = carry_covariance(self.covariance(extras[b]), track.U_ref, track.U_last,
+                                 self.equilibrium(track.rates_last))
+            track.U_ref = track.U_last
+            out.append(self.join(thetas[b], self.extra_from_covariance(project_psd(X))))
+        res = torch.stack(out)
+        return res if y.dim() == 2 else res[0]
+
+    def warm_tensors(self) -> dict[str, Tensor]:
+        """Per batch index ``b``: ``block.b`` (eigen-solver warm start), ``U_ref.b`` (the basis of the state's ``X``),
+        ``U_last.b`` and ``rates_last.b``."""
+        out = {}
+        for b, track in self._tracks.items():
+            if b < 0:  # state_at's own track
+                continue
+            for name in ("block", "U_ref", "U_last", "rates_last"):
+                value = getattr(track, name)
+                if value is not None:
+                    out[f"{name}.{b}"] = value.clone()
+        return out
+
+    def load_warm_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.reset()
+        for key, value in tensors.items():
+            name, _, b = key.partition(".")
+            if name not in ("block", "U_ref", "U_last", "rates_last") or not b.isdigit():
+                raise InputError(f"OscillationFlow: unknown warm tensor {key!r}.")
+            setattr(self._tracks.setdefault(int(b), _Track()), name, value.to(self.problem.device))
+
+    # ------------------------------------------------------------------------------- predictions
+    def state_at(self, theta: Tensor, extra: Tensor) -> OscillationState:
+        """Evaluate at ``(theta, extra)``, ``X`` in the eigenbasis at ``theta`` (as :func:`simulate` returns it, up to
+        the rotation of the last half step); uses its own warm start, so a simulation in progress is untouched."""
+        track = self._tracks.setdefault(-1, _Track())
+        track.U_ref = None
+        with torch.no_grad():
+            self.solve(self.problem.check_theta(theta, "state").detach(), extra, -1)
+        assert self.last is not None
+        return self.last
+
+    def predicted_variance(self, extra: Tensor) -> Tensor:
+        """The predicted oscillation variance along the tracked eigenvectors, ``tr X`` (basis-free), per state."""
+        return self.covariance(extra).diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+
+    def config(self) -> dict[str, object]:
+        return {
+            **super().config(),
+            "q": self.q,
+            "n_track": self.n_track,
+            "stiffness": self.stiffness,
+            "max_decay": self.max_decay,
+            "eig_tol": self.eig_tol,
+        }

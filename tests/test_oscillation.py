@@ -1,0 +1,218 @@
+"""The oscillation as a state: GD's noise and oscillation measurement, and the oscillation flow (science.md 7)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import neuralflow as nf
+from neuralflow.autodiff import value_and_gradient
+from neuralflow.checkpoint import load_simulation, save_simulation
+from neuralflow.flows import FLOWS, CentralFlow, OscillationFlow, simulate
+from neuralflow.flows.oscillation import carry_covariance
+from neuralflow.oscillation import Oscillation, roundoff_variance
+
+LR = 0.1
+
+
+def damian(alpha: float = 0.5, y0: float = 0.0) -> nf.Problem:
+    """``L(x, y) = 1/2 (2/lr + y) x^2 - alpha y``: GD on it is exactly the two-variable map of Damian et al. 2023,
+    ``x_{k+1} = -(1 + lr y_k) x_k``, ``y_{k+1} = y_k + lr (alpha - x_k^2 / 2)`` (``y = S - 2/lr``, ``beta = 1``)."""
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        x, y = theta[0], theta[1]
+        return 0.5 * (2 / LR + y) * x**2 - alpha * y
+
+    return nf.problems.from_function(loss, torch.tensor([0.0, y0], dtype=torch.float64), name="damian")
+
+
+def peaks(y: torch.Tensor) -> list[int]:
+    return [i for i in range(1, len(y) - 1) if y[i] > y[i - 1] and y[i] >= y[i + 1]]
+
+
+def test_cycle_period_matches_the_self_stabilisation_map():
+    alpha, s0, n = 0.5, 0.8, 260
+    x, y, ys = math.sqrt(s0), 0.0, []
+    for _ in range(n):
+        ys.append(y)
+        x, y = -(1 + LR * y) * x, y + LR * (alpha - x * x / 2)
+    map_peaks = peaks(torch.tensor(ys))[:4]
+    p = damian(alpha)
+    flow = OscillationFlow(p, LR, q=0.0, n_track=1)
+    t = torch.arange(n, dtype=torch.float64)
+    X0 = flow.extra_from_covariance(torch.tensor([[s0]], dtype=torch.float64))
+    theta, extra = simulate(flow, p.theta0, t, extra0=X0, return_extra=True)
+    X = flow.covariance(extra)
+    flow_peaks = peaks(theta[:, 1])[:4]
+    map_period = (map_peaks[-1] - map_peaks[0]) / 3
+    flow_period = (flow_peaks[-1] - flow_peaks[0]) / 3
+    linear = 2 * math.pi / (LR * math.sqrt(2 * alpha))  # small cycles around s = 2 alpha, y = 0
+    assert abs(flow_period - map_period) < 0.05 * map_period
+    assert abs(flow_period - linear) < 0.1 * linear
+    # the variance cycles around the central flow's sigma^2 = 2 alpha / beta
+    assert float(X[:, 0, 0].min()) < 2 * alpha < float(X[:, 0, 0].max())
+
+
+def test_fast_oscillation_limit_is_the_central_flow():
+    # from below the edge: GD sharpens (rate lr alpha) into 2/lr; the central flow holds S = 2/lr there
+    p = damian(alpha=0.5, y0=-0.3)
+    t = torch.arange(0, 41, dtype=torch.float64)
+    central = simulate(CentralFlow(p, LR, max_critical=1), p.theta0, t)
+    assert float(central[-1, 1].abs()) < 1e-3
+    gaps = []
+    for stiffness in (4.0, 16.0, 64.0):
+        flow = OscillationFlow(p, LR, q=1e-4, n_track=1, stiffness=stiffness)
+        theta = simulate(flow, p.theta0, t, step_size=0.1)
+        gaps.append(float((theta - central).norm(dim=1).max()))
+    # the overshoot past 2/lr shrinks about like stiffness^(-1/2) (measured 0.88, 0.49, 0.30)
+    assert gaps[0] > gaps[1] > gaps[2]
+    assert gaps[2] < 0.4 * gaps[0]
+
+
+def test_covariance_is_carried_through_swapped_and_rotated_eigenvectors():
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(6, 3, dtype=torch.float64, generator=g))
+    U = U.T  # (3, 6) orthonormal rows
+    A = torch.randn(3, 3, dtype=torch.float64, generator=g)
+    X = A @ A.T
+    sigma = U.T @ X @ U
+    floor = torch.full((3,), 7.0, dtype=torch.float64)
+    c, s = math.cos(0.4), math.sin(0.4)
+    R = torch.tensor([[c, s, 0], [-s, c, 0], [0, 0, 1]], dtype=torch.float64)
+    for U_new in (U[[1, 0, 2]], -U[[2, 1, 0]], R @ U):  # swapped, swapped with a sign, rotated in a cluster
+        X_new = carry_covariance(X, U, U_new, floor)
+        torch.testing.assert_close(U_new.T @ X_new @ U_new, sigma)
+    # a direction leaves the tracked span and one enters: the new one starts at its floor
+    e = torch.zeros(6, dtype=torch.float64)
+    e[0] = 1
+    e = e - U.T @ (U @ e)
+    e = e / e.norm()
+    X_new = carry_covariance(X, U, torch.stack([U[0], U[1], e]), floor)
+    torch.testing.assert_close(X_new[:2, :2], X[:2, :2])
+    torch.testing.assert_close(X_new[2], torch.tensor([0, 0, 7.0], dtype=torch.float64))
+
+
+def small_digits(dtype: torch.dtype = torch.float64) -> nf.Problem:
+    return nf.problems.mlp_digits(n=40, widths=(6,), seed=0, dtype=dtype)
+
+
+def test_gd_noise_is_reproducible_and_has_the_requested_size():
+    p = small_digits()
+    run = lambda **kw: nf.run_gd(p, 0.5, 6, eig_every=0, progress=False, **kw)  # noqa: E731
+    a, b, c = run(noise=1e-3, noise_seed=1), run(noise=1e-3, noise_seed=1), run(noise=1e-3, noise_seed=2)
+    assert torch.equal(a.iterates, b.iterates)
+    assert not torch.equal(a.iterates, c.iterates)
+    assert a.meta["noise"] == 1e-3 and a.meta["noise_seed"] == 1
+    exact = run()
+    theta = p.theta0.clone()
+    for k in range(6):  # noise = 0 is plain GD, bit for bit
+        assert torch.equal(exact.iterates[k], theta)
+        theta = theta - 0.5 * value_and_gradient(p, theta)[1]
+    kick = a.iterates[1] - exact.iterates[1]  # one step: nu xi, xi standard normal per coordinate
+    assert abs(float(kick.std()) / 1e-3 - 1) < 0.15
+    with pytest.raises(nf.InputError, match="noise"):
+        run(noise=-1.0)
+
+
+def test_noise_survives_a_save_and_load(tmp_path):
+    traj = nf.run_gd(small_digits(), 0.5, 5, progress=False, noise=1e-6, noise_seed=4)
+    back = nf.Trajectory.load(traj.save(tmp_path / "noisy.nft"))
+    assert back.meta["noise"] == 1e-6 and back.meta["noise_seed"] == 4
+    torch.testing.assert_close(back.oscillation.variance, traj.oscillation.variance, equal_nan=True)
+
+
+def test_oscillation_measurement_demodulates_the_period_two_part():
+    # a smooth curved path plus a period-two component of known, growing amplitude along e_1
+    k = torch.arange(60, dtype=torch.float64)
+    amp = 1e-5 * torch.exp(0.05 * k)
+    smooth = torch.stack([torch.sin(0.02 * k), 0.3 * torch.cos(0.03 * k)], dim=1)
+    x = smooth + torch.stack([torch.zeros_like(k), (-1.0) ** k * amp], dim=1)
+    nan = torch.full((60,), math.nan, dtype=torch.float64)
+    traj = nf.Trajectory(lr=0.1, steps=k.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=nan[:, None],
+                         update_u=nan)
+    osc = traj.oscillation
+    inner = slice(2, -2)
+    # the demodulated variance follows amp^2 well below the curvature floor of ||theta - m||^2
+    torch.testing.assert_close(osc.variance[inner], amp[inner] ** 2, rtol=2e-2, atol=0)
+    assert float(osc.total[5]) > 10 * float(amp[5] ** 2)
+
+
+def test_float32_problem_is_the_float64_net_rounded_and_runs():
+    p32, p64 = small_digits(torch.float32), small_digits()
+    assert p32.dtype == torch.float32
+    torch.testing.assert_close(p32.theta0.double(), p64.theta0, rtol=1e-7, atol=1e-7)
+    traj = nf.run_gd(p32, 0.5, 20, n_eigs=2, progress=False)
+    assert traj.iterates.dtype == torch.float32 and traj.oscillation.amplitude.shape == (21, 2)
+    q32, q64 = roundoff_variance(p32.theta0), roundoff_variance(p64.theta0)
+    assert q32 / q64 == pytest.approx((2.0**-24 / 2.0**-53) ** 2, rel=1e-3)
+    t = torch.arange(0, 6, dtype=torch.float32)
+    th32 = simulate(OscillationFlow(p32, 0.5, n_track=2), p32.theta0, t)
+    th64 = simulate(OscillationFlow(p64, 0.5, n_track=2), p64.theta0, t.double())
+    assert th32.dtype == torch.float32
+    torch.testing.assert_close(th32.double(), th64, rtol=0, atol=1e-4)
+
+
+def test_flow_starts_above_the_edge_with_the_measured_variance():
+    p = damian(y0=0.5)  # lr S = 2.05: past the edge
+    traj = nf.run_gd(p, LR, 10, progress=False, noise=1e-3, noise_seed=0)
+    flow = OscillationFlow.from_trajectory(p, traj, n_track=1)
+    assert flow.q == pytest.approx(1e-6, rel=1e-6)
+    X0 = flow.initial_extra(traj.iterates[4], traj, step=4)
+    amp = traj.oscillation.amplitude[4, 0]
+    assert float(flow.covariance(X0)[0, 0]) == pytest.approx(float(amp) ** 2)
+    theta = simulate(flow, traj.iterates[4], torch.arange(4, 8, dtype=torch.float64), extra0=X0)
+    assert bool(torch.isfinite(theta).all())
+
+
+def test_a_saved_simulation_resumes_exactly(tmp_path):
+    p = nf.problems.zhu_quartic()
+    flow = FLOWS["oscillation"](p, 0.2, q=1e-10, n_track=2)
+    t = torch.arange(0, 9, dtype=torch.float64)
+    full, X = simulate(flow, p.theta0, t, return_extra=True)
+    flow2 = OscillationFlow(p, 0.2, q=1e-10, n_track=2)
+    head, Xh = simulate(flow2, p.theta0, t[:5], return_extra=True)
+    path = save_simulation(tmp_path / "run.nfs", flow2, float(t[4]), flow2.join(head[-1], Xh[-1]))
+    back, t0, theta, extra = load_simulation(path)
+    assert t0 == 4.0 and back.config() == flow.config() and back.extra_state.shape == (3, 2)
+    tail, Xt = simulate(back, theta, t[4:], extra0=extra, reset=False, return_extra=True)
+    assert torch.equal(tail, full[4:]) and torch.equal(Xt, X[4:])
+
+
+def test_bad_input_is_refused_clearly():
+    p = damian()
+    with pytest.raises(nf.InputError, match="q must be"):
+        OscillationFlow(p, LR, q=-1.0)
+    flow = OscillationFlow(p, LR, n_track=1)
+    with pytest.raises(nf.InputError, match="ODE state"):
+        flow(torch.tensor(0.0), p.theta0)
+    with pytest.raises(nf.InputError, match="simulation-only"):
+        flow(torch.tensor(0.0), flow.join(p.theta0, torch.ones(2, 1, dtype=torch.float64)).requires_grad_())
+
+
+def test_compare_reports_the_predicted_variance_beside_gd():
+    p = damian(alpha=0.5, y0=-0.2)
+    traj = nf.run_gd(p, LR, 60, progress=False, noise=1e-4, noise_seed=0)
+    comp = nf.compare(traj, OscillationFlow.from_trajectory(p, traj, n_track=1), problem=p, n_probe=10)
+    record = comp.records[0]
+    assert record.extra.shape == (61, 2, 1) and record.variance.shape == (61,)
+    assert comp.gd_established is not None and comp.rows[0]["established"] is not None
+    assert abs(comp.rows[0]["established"] - comp.gd_established) <= 5
+    assert "oscillation established" in str(comp)
+    fig = comp.figure()
+    assert fig.axes[3].get_ylabel() == "oscillation variance"
+    with pytest.raises(nf.InputError, match="beyond theta"):
+        nf.Hybrid(OscillationFlow(p, LR, n_track=1))
+
+
+def test_gd_records_the_same_oscillation_as_its_iterates_show():
+    # with every eigenvector tracked (n_eigs = d) the recorded amplitudes carry the whole demodulated vector
+    p = nf.problems.zhu_quartic(theta0=(3.0, 0.3))
+    traj = nf.run_gd(p, 0.2, 40, n_eigs=2, progress=False, noise=1e-6, noise_seed=0)
+    recorded, from_iterates = traj.oscillation, Oscillation.from_iterates(traj.steps, traj.iterates)
+    ok = torch.isfinite(from_iterates.variance)
+    assert int(ok.sum()) == 41 - 4
+    torch.testing.assert_close(recorded.variance[ok], from_iterates.variance[ok], rtol=1e-8, atol=1e-30)
+    torch.testing.assert_close(recorded.total, from_iterates.total, equal_nan=True)
+    torch.testing.assert_close(recorded.smoothed_step, from_iterates.smoothed_step, equal_nan=True)
