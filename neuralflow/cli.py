@@ -257,14 +257,14 @@ def _load_trajectory(args: argparse.Namespace):
 
 
 def cmd_compare(cmd: Command, args: argparse.Namespace) -> int:
-    from .flows import FLOWS
+    from .flows import FLOWS, for_run
 
     specs = parse_flows(args.flows, FLOWS, "--flows")
     out = check_writable(args.out if args.out else Path(args.trajectory).with_suffix(".compare.png"))
     if args.json:
         check_writable(args.json)
     traj, problem = _load_trajectory(args)
-    flows = [FLOWS[name](problem, traj.lr, **kw) for name, kw in specs]
+    flows = [for_run(name, problem, traj, **kw) for name, kw in specs]
     result = _module("flows.simulate").compare(traj, *flows, problem=problem, **cmd.kwargs("compare", args),
                                                progress=not args.quiet)
     say = _say(args)
@@ -298,7 +298,7 @@ def _add_fit(cmd: Command) -> None:
 
 def cmd_fit(cmd: Command, args: argparse.Namespace) -> int:
     from .corrections import Hybrid, TermLibrary
-    from .flows import FLOWS
+    from .flows import FLOWS, for_run
     from .report import Ladder
 
     specs = parse_flows(args.physics, FLOWS, "--physics")
@@ -317,7 +317,8 @@ def cmd_fit(cmd: Command, args: argparse.Namespace) -> int:
     say = _say(args)
     results, reports = [], []
     for (name, flow_kw), path in zip(specs, outs):
-        model = Hybrid(FLOWS[name](problem, traj.lr, **flow_kw), TermLibrary(problem, traj.lr, **library_kw))
+        physics = for_run(name, problem, traj, **flow_kw)
+        model = Hybrid(physics, TermLibrary(problem, traj.lr, **library_kw))
         try:
             result = _module("fit").fit(model, traj, **fit_kw, progress=not args.quiet)
         except Interrupted as err:

@@ -10,7 +10,7 @@ import torch
 import neuralflow as nf
 from neuralflow.autodiff import value_and_gradient
 from neuralflow.checkpoint import load_simulation, save_simulation
-from neuralflow.flows import FLOWS, CentralFlow, OscillationFlow, simulate
+from neuralflow.flows import FLOWS, CentralFlow, OscillationFlow, for_run, simulate
 from neuralflow.flows.oscillation import carry_covariance
 from neuralflow.oscillation import Oscillation, roundoff_variance
 
@@ -216,3 +216,23 @@ def test_gd_records_the_same_oscillation_as_its_iterates_show():
     torch.testing.assert_close(recorded.variance[ok], from_iterates.variance[ok], rtol=1e-8, atol=1e-30)
     torch.testing.assert_close(recorded.total, from_iterates.total, equal_nan=True)
     torch.testing.assert_close(recorded.smoothed_step, from_iterates.smoothed_step, equal_nan=True)
+
+
+def test_every_flow_is_built_for_a_recorded_run_with_its_noise_as_the_injected_variance(tmp_path):
+    p = nf.problems.zhu_quartic(theta0=(1.5, 0.5))
+    noisy = nf.run_gd(p, 0.1, 5, noise=1e-5, progress=False)
+    floor = roundoff_variance(noisy.iterates[0])
+    assert OscillationFlow.from_trajectory(p, noisy).q == pytest.approx(1e-10 + floor, rel=1e-12)
+    assert OscillationFlow.from_trajectory(p, noisy, q=3e-7).q == 3e-7  # an explicit q wins
+    for name in FLOWS:  # the command line builds every flow this way
+        assert type(for_run(name, p, noisy)).__name__ in repr(FLOWS[name]) and for_run(name, p, noisy).lr == 0.1
+    assert for_run("modified2", p, noisy).order == 2
+    assert for_run("oscillation", p, noisy).q == pytest.approx(1e-10 + floor)
+    # compare on the command line: the oscillation flow's q comes from the run's noise
+    from neuralflow.cli import main
+
+    run = noisy.save(tmp_path / "noisy.nft")
+    out = tmp_path / "c.json"
+    assert main(["compare", str(run), "--flows", "oscillation:n_track=1", "--json", str(out), "--quiet",
+                 "--out", str(tmp_path / "c.png")]) == 0
+    assert out.exists()

@@ -8,6 +8,8 @@ Flows are registered by name in :data:`FLOWS` for the command line, checkpoints 
 from collections.abc import Callable
 from functools import partial
 
+from ..problems import Problem
+from ..trajectory import Trajectory
 from .base import Approximation, ExtraState, Flow
 from .central import CentralFlow, CriticalState, solve_sdcp
 from .gradient import GradientFlow
@@ -25,6 +27,16 @@ FLOWS: dict[str, Callable[..., Flow]] = {
     "oscillation": OscillationFlow,
 }
 
+
+def for_run(name: str, problem: Problem, trajectory: Trajectory, **options: object) -> Flow:
+    """``FLOWS[name]`` for a recorded run (:meth:`Flow.from_trajectory`): at its ``lr``, and for the oscillation
+    flow with the run's injected noise as ``q``; ``options`` go to the constructor and win."""
+    entry = FLOWS[name]
+    if isinstance(entry, partial):
+        return entry.func.from_trajectory(problem, trajectory, **{**entry.keywords, **options})
+    return entry.from_trajectory(problem, trajectory, **options)
+
+
 __all__ = [
     "Approximation",
     "Flow",
@@ -40,4 +52,5 @@ __all__ = [
     "compare",
     "Comparison",
     "FLOWS",
+    "for_run",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -86,6 +87,12 @@ class Flow(torch.nn.Module):
             )
         self.problem = problem
         self.lr = check_lr(lr)
+
+    @classmethod
+    def from_trajectory(cls, problem: Problem, trajectory: Any, **options: Any) -> Flow:
+        """The flow for a recorded run: at its ``lr``, with what else the flow takes from a run (its noise, for
+        the oscillation flow); ``options`` go to the constructor and win."""
+        return cls(problem, trajectory.lr, **options)
 
     def forward(self, t: Tensor, theta: Tensor) -> Tensor:
         self.problem.check_theta(theta, "state")

@@ -235,10 +235,12 @@ class OscillationFlow(Flow):
 
     @classmethod
     def from_trajectory(cls, problem: Problem, trajectory: Trajectory, **options: object) -> OscillationFlow:
-        """The flow for ``trajectory``'s run, with no fitted parameter: ``q = nu^2`` + the round-off floor."""
-        nu = float(trajectory.meta.get("noise", 0.0))
-        q = nu**2 + roundoff_variance(trajectory.iterates[0].to(problem.device))
-        return cls(problem, trajectory.lr, q=q, **options)  # type: ignore[arg-type]
+        """The flow for ``trajectory``'s run, with no fitted parameter: ``q = nu^2`` + the round-off floor
+        (unless ``q`` is among ``options``)."""
+        if "q" not in options:
+            nu = float(trajectory.meta.get("noise", 0.0))
+            options["q"] = nu**2 + roundoff_variance(trajectory.iterates[0].to(problem.device))
+        return cls(problem, trajectory.lr, **options)  # type: ignore[arg-type]
 
     def reset(self) -> None:
         """Forget the warm starts and reference bases before integrating a new trajectory."""
