@@ -15,6 +15,14 @@ starts, weighted by the physics-only error ``E_p`` on the training windows: the 
 it explains, and the bias on a needed correction is about ``min_norm (||F_a|| / ||F_p||)^2``
 relative, on any problem.
 
+A model whose flow carries state beyond ``theta`` (``flow.extra_state``, e.g. a
+:class:`~neuralflow.corrections.HiddenStateLibrary` on a flow with an oscillation variance) is integrated on
+its whole ODE state ``[theta, extra]``; each window starts from the flow's ``initial_extra`` at the window's
+first iterate and step, which reads the trajectory's measurement (``Trajectory.oscillation``) where there is
+one. The loss is ``E`` on ``theta`` alone (the measured variance is not in it yet), and the APHYNITY term is
+left out (weight 0): a hidden-state library's parameters are already the relative revision of the physics'
+coefficients. The flow must be differentiable (``flow.differentiable``; the oscillation flow is not yet).
+
 Gradients come from ``torchdiffeq.odeint_adjoint`` (adjoint parameters = the correction's
 parameters, seminorm) or from backpropagation through ``odeint`` (``method="direct"``); LBFGS and
 Adam use them. The default optimiser for at most 64 parameters is Gauss-Newton /
@@ -47,7 +55,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
 
 from ._display import columns, data_frame, html_table
-from .corrections import FEATURES, Hybrid, TermLibrary
+from .corrections import FEATURES, HiddenStateLibrary, Hybrid, TermLibrary
 from .errors import DivergenceError, FileFormatError, InputError, Interrupted
 from .problems import Problem, check_positive_int
 from .trajectory import Trajectory
@@ -213,9 +221,10 @@ class _Objective:
 
     def __init__(
         self, model: Hybrid, win: _Windows, method: str, solver: str, options: dict[str, Any], rtol: float,
-        atol: float, min_norm: float,
+        atol: float, min_norm: float, start: Tensor,
     ) -> None:
         self.model = model
+        self.start = start  # (W, state_dim): the windows' first iterates, joined with their extra state
         self.counted = _Counted(model)
         self.win = win
         self.method = method
@@ -227,12 +236,14 @@ class _Objective:
         self.val_loss = math.nan
         self.last_errors: Tensor | None = None
         physics = Hybrid(model.flow, None)
-        self.physics_errors = self.errors(self.solve(win.targets[0], grad=False, model=physics))
-        with torch.no_grad():
-            size = float(physics(win.t[0], win.targets[0, win.train]).square().sum(-1).mean())
-        # APHYNITY weight relative to the physics' own error, so the bias it puts on a needed
-        # correction is ~ min_norm (||F_a|| / ||F_p||)^2 whatever the problem.
-        self.penalty_weight = min_norm * float(self.physics_errors[win.train].mean()) / max(size, 1e-300)
+        self.physics_errors = self.errors(self.solve(start, grad=False, model=physics))
+        self.penalty_weight = 0.0
+        if model.extra_state is None:
+            with torch.no_grad():
+                size = float(physics(win.t[0], win.targets[0, win.train]).square().sum(-1).mean())
+            # APHYNITY weight relative to the physics' own error, so the bias it puts on a needed
+            # correction is ~ min_norm (||F_a|| / ||F_p||)^2 whatever the problem.
+            self.penalty_weight = min_norm * float(self.physics_errors[win.train].mean()) / max(size, 1e-300)
         lib = model.correction
         self.batched_sensitivities = (
             isinstance(lib, TermLibrary) and not lib.gated and solver in _FIXED_GRID
@@ -262,13 +273,14 @@ class _Objective:
 
     def errors(self, sol: Tensor) -> Tensor:
         """Normalised mean squared distance of each window to its targets, ``(W,)``."""
-        return (sol[1:] - self.win.targets[1:]).square().sum(-1).mean(0).detach() / self.win.normaliser
+        d = self.win.targets.shape[-1]
+        return (sol[1:, ..., :d] - self.win.targets[1:]).square().sum(-1).mean(0).detach() / self.win.normaliser
 
     def _residuals(self, sol: Tensor, fa: Tensor | None) -> Tensor:
         """Residual vector (trajectory, then penalty) of the training windows; loss = its squared norm."""
         idx = self.win.train
-        n_out, B = sol.shape[0] - 1, len(idx)
-        traj = (sol[1:, idx] - self.win.targets[1:, idx]) / math.sqrt(n_out * B * self.win.normaliser)
+        n_out, B, d = sol.shape[0] - 1, len(idx), self.win.targets.shape[-1]
+        traj = (sol[1:, idx, :d] - self.win.targets[1:, idx]) / math.sqrt(n_out * B * self.win.normaliser)
         if fa is None:
             return traj.reshape(-1)
         return torch.cat([traj.reshape(-1), fa.reshape(-1) * math.sqrt(self.penalty_weight / B)])
@@ -278,7 +290,7 @@ class _Objective:
 
     def residuals(self, grad: bool) -> Tensor:
         """Residual vector at the current parameters; also updates :attr:`val_loss`."""
-        sol = self.solve(self.win.targets[0], grad)
+        sol = self.solve(self.start, grad)
         self.last_errors = self.errors(sol)
         if len(self.win.val):
             self.val_loss = float(self.last_errors[self.win.val].mean())
@@ -324,7 +336,7 @@ class _Objective:
     def _batched_differences(self, base: Tensor, steps: Tensor) -> list[Tensor]:
         lib = self.model.correction
         P = len(base)
-        start = self.win.targets[0]
+        start = self.start
         W = start.shape[0]
         rows = base.expand(P, P) + torch.diag(steps)  # copy j has coefficient j shifted
         lib._row_constants = rows.repeat_interleave(W, dim=0)
@@ -657,10 +669,13 @@ def _gated_regression(
 def _coefficient_map(model: Hybrid, states: Tensor) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Mean coefficient of each term over ``states`` and its gradient w.r.t. the fitted parameters."""
     lib = model.correction
-    if not isinstance(lib, TermLibrary):
+    if isinstance(lib, HiddenStateLibrary):
+        coeffs = lib.coefficients(model.flow)
+    elif isinstance(lib, TermLibrary):
+        coeffs = lib._coefficients(lib._context(states))
+    else:
         return {}, {}
     params = [p for p in model.parameters() if p.requires_grad]
-    coeffs = lib._coefficients(lib._context(states))
     values, grads = {}, {}
     for name, c in coeffs.items():
         m = c.mean()
@@ -727,6 +742,16 @@ def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: st
         raise InputError(f"fit: target must be 'iterates' or 'smoothed', got {target!r}.")
     if method not in ("adjoint", "direct", "regression"):
         raise InputError(f"fit: method must be 'adjoint', 'direct' or 'regression', got {method!r}.")
+    if not model.flow.differentiable:
+        raise InputError(
+            f"fit: the {model.flow.name} flow is simulation-only (no derivatives through its extra state yet), so it "
+            "cannot be fitted; simulate it with nf.simulate and compare it with nf.compare."
+        )
+    if model.extra_state is not None and method == "regression":
+        raise InputError(
+            f"fit: method='regression' reads derivatives of theta alone, but the {model.flow.name} flow carries "
+            f"{model.extra_state.name}; use method='adjoint' or 'direct'."
+        )
     bad = ~torch.isfinite(trajectory.iterates).all(dim=1)
     if bool(bad.any()):
         step = int(trajectory.steps[bad.nonzero()[0, 0]])
@@ -802,7 +827,11 @@ def _objective(
     win = _make_windows(targets, window, stride, val_fraction, seed, problem.dtype, problem.device, exclude)
     if model.correction is not None:
         model.correction.reset_cache()
-    return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm)), targets
+    start = win.targets[0]
+    if model.extra_state is not None:  # the measured extra state at each window's first iterate
+        extra = torch.stack([model.initial_extra(x, trajectory, int(k)) for x, k in zip(start, win.steps)])
+        start = model.join(start, extra)
+    return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm), start), targets
 
 
 def fit_loss(
@@ -923,7 +952,7 @@ def fit(
         atol, exclude, settings,
     )
     win, problem, lib = obj.win, model.problem, model.correction
-    can_regress = isinstance(lib, TermLibrary)
+    can_regress = isinstance(lib, TermLibrary) and model.extra_state is None
     if method == "regression" and not can_regress:
         raise InputError(
             "fit: method='regression' needs a TermLibrary (constant or gated coefficients); fit a NeuralCorrection "
@@ -933,7 +962,8 @@ def fit(
         wanted = can_regress and (method == "regression" or not lib.gated)
         init = "regression" if wanted and len(targets) >= 5 else "current"
     if init == "regression" and not can_regress:
-        raise InputError("fit: init='regression' needs a TermLibrary; use init='current'.")
+        raise InputError("fit: init='regression' needs a TermLibrary on a flow without extra state; use "
+                         "init='current'.")
     timing: dict[str, float] = {}
     history: list[dict[str, float]] = []
     regression_se = None
