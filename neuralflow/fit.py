@@ -19,9 +19,11 @@ A model whose flow carries state beyond ``theta`` (``flow.extra_state``, e.g. a
 :class:`~neuralflow.corrections.HiddenStateLibrary` on a flow with an oscillation variance) is integrated on
 its whole ODE state ``[theta, extra]``; each window starts from the flow's ``initial_extra`` at the window's
 first iterate and step, which reads the trajectory's measurement (``Trajectory.oscillation``) where there is
-one. The loss is ``E`` on ``theta`` alone (the measured variance is not in it yet), and the APHYNITY term is
-left out (weight 0): a hidden-state library's parameters are already the relative revision of the physics'
-coefficients. The flow must be differentiable (``flow.differentiable``; the oscillation flow is not yet).
+one; with ``extra_start="fitted"`` every window's start of the extra state is a parameter of its own
+(initialised there) fitted with the correction, for runs where nothing is measured. The loss is ``E`` on
+``theta`` alone (the measured variance is not in it yet), and the APHYNITY term is left out (weight 0): a
+hidden-state library's parameters are already the relative revision of the physics' coefficients. The flow
+must be differentiable (``flow.differentiable``; the oscillation flow is not yet).
 
 Gradients come from ``torchdiffeq.odeint_adjoint`` (adjoint parameters = the correction's
 parameters, seminorm) or from backpropagation through ``odeint`` (``method="direct"``); LBFGS and
@@ -221,22 +223,27 @@ class _Objective:
 
     def __init__(
         self, model: Hybrid, win: _Windows, method: str, solver: str, options: dict[str, Any], rtol: float,
-        atol: float, min_norm: float, start: Tensor,
+        atol: float, min_norm: float, start: Tensor, fitted_start: bool = False,
     ) -> None:
         self.model = model
-        self.start = start  # (W, state_dim): the windows' first iterates, joined with their extra state
+        self._start = start  # (W, state_dim): the windows' first iterates, joined with their extra state
         self.counted = _Counted(model)
         self.win = win
         self.method = method
         self.solver = solver
         self.options = options
         self.rtol, self.atol = rtol, atol
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.params = list(self.model_params)
+        self.start_extra: torch.nn.Parameter | None = None
+        if fitted_start:  # a learnable start of the extra state per window (nuisance parameters, after the model's)
+            self.start_extra = torch.nn.Parameter(model.flow.split(start)[1].reshape(len(start), -1).clone())
+            self.params.append(self.start_extra)
         self.last_jacobian: Tensor | None = None
         self.val_loss = math.nan
         self.last_errors: Tensor | None = None
         physics = Hybrid(model.flow, None)
-        self.physics_errors = self.errors(self.solve(start, grad=False, model=physics))
+        self.physics_errors = self.errors(self.solve(self.start, grad=False, model=physics))
         self.penalty_weight = 0.0
         if model.extra_state is None:
             with torch.no_grad():
@@ -250,6 +257,13 @@ class _Objective:
             and len(self.params) == len(lib.terms)
         )
 
+    @property
+    def start(self) -> Tensor:
+        """The windows' initial ODE states ``(W, state_dim)`` (differentiable in the fitted extra-state starts)."""
+        if self.start_extra is None:
+            return self._start
+        return torch.cat([self._start[:, :self.win.targets.shape[-1]], self.start_extra], dim=1)
+
     def solve(self, y0: Tensor, grad: bool, model: torch.nn.Module | None = None) -> Tensor:
         """Integrate from the rows of ``y0`` over the window's output times, ``(n_out + 1, B, d)``."""
         func = self.counted if model is None else model
@@ -257,7 +271,7 @@ class _Objective:
         try:
             if grad and self.method == "adjoint":
                 sol = odeint_adjoint(
-                    func, y0, self.win.t, adjoint_params=tuple(self.params),
+                    func, y0, self.win.t, adjoint_params=tuple(self.model_params),
                     adjoint_options={**self.options, "norm": "seminorm"}, **kw,
                 )
             elif grad:
@@ -803,7 +817,7 @@ def _check_exclude(exclude: Sequence[Sequence[int | None]] | None) -> list[list[
 def _objective(
     model: Hybrid, trajectory: Trajectory, window: int, target: str, method: str, min_norm: float,
     val_fraction: float, stride: int | None, seed: int, solver: str, step_size: float | None, rtol: float,
-    atol: float, exclude: Sequence[tuple[int, int]], settings: dict[str, Any],
+    atol: float, exclude: Sequence[tuple[int, int]], settings: dict[str, Any], extra_start: str = "measured",
 ) -> tuple[_Objective, Trajectory]:
     """Validate the inputs and set up the windows and the loss; records resolved settings."""
     targets = _check_inputs(model, trajectory, target, method)
@@ -827,11 +841,20 @@ def _objective(
     win = _make_windows(targets, window, stride, val_fraction, seed, problem.dtype, problem.device, exclude)
     if model.correction is not None:
         model.correction.reset_cache()
+    if extra_start not in ("measured", "fitted"):
+        raise InputError(f"fit: extra_start must be 'measured' or 'fitted', got {extra_start!r}.")
+    if extra_start == "fitted" and model.extra_state is None:
+        raise InputError(f"fit: extra_start='fitted' fits the start of a flow's extra state, but the {model.flow.name} "
+                         "flow carries none; leave extra_start='measured'.")
+    if extra_start == "fitted" and val_fraction:
+        raise InputError("fit: with extra_start='fitted' a validation window's start would have to be fitted on the "
+                         "window itself, so it cannot validate; pass val_fraction=0.")
     start = win.targets[0]
     if model.extra_state is not None:  # the measured extra state at each window's first iterate
         extra = torch.stack([model.initial_extra(x, trajectory, int(k)) for x, k in zip(start, win.steps)])
         start = model.join(start, extra)
-    return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm), start), targets
+    return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm), start,
+                      extra_start == "fitted"), targets
 
 
 def fit_loss(
@@ -891,6 +914,7 @@ def fit(
     balance: bool = False,
     exclude: Sequence[tuple[int, int]] = (),
     resume: str | os.PathLike | None = None,
+    extra_start: str = "measured",
 ) -> FitResult:
     """Fit ``model`` (a :class:`~neuralflow.corrections.Hybrid`) to ``trajectory`` by multiple shooting.
 
@@ -930,6 +954,11 @@ def fit(
 
     ``trajectory`` may be a list of runs (e.g. at several ``lr``): one set of coefficients is then fitted
     to all of them and the result says which terms are universal (:func:`fit_runs`).
+
+    For a flow with extra state (module docstring) each window's extra state starts from the flow's
+    ``initial_extra`` at its first step (``extra_start="measured"``: the trajectory's measurement where it has
+    one), or is fitted per window from there (``"fitted"``, with ``val_fraction=0``: a validation window's start
+    would be fitted on it; these nuisance starts are not returned).
     """
     if isinstance(trajectory, (list, tuple)):  # several runs share one set of coefficients
         options = {k: v for k, v in locals().items() if k not in ("model", "trajectory")}
@@ -939,7 +968,7 @@ def fit(
         "window": window, "target": target, "method": method, "optimizer": optimizer, "min_norm": min_norm,
         "max_iters": max_iters, "val_fraction": val_fraction, "stride": stride, "patience": patience, "tol": tol,
         "init": init, "learning_rate": learning_rate, "seed": seed, "solver": solver, "step_size": step_size,
-        "rtol": rtol, "atol": atol, "balance": bool(balance),
+        "rtol": rtol, "atol": atol, "balance": bool(balance), "extra_start": extra_start,
         "model": model.config() if isinstance(model, Hybrid) else None,
     }
     patience = check_positive_int(patience, "fit: patience")
@@ -949,7 +978,7 @@ def fit(
         raise InputError(f"fit: init must be 'auto', 'regression' or 'current', got {init!r}.")
     obj, targets = _objective(
         model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-        atol, exclude, settings,
+        atol, exclude, settings, extra_start,
     )
     win, problem, lib = obj.win, model.problem, model.correction
     can_regress = isinstance(lib, TermLibrary) and model.extra_state is None
@@ -1049,7 +1078,9 @@ def _uncertainty(
     J = obj.last_jacobian if obj.last_jacobian is not None else obj.jacobian(obj.get(), r)
     n_out, B = obj.win.targets.shape[0] - 1, len(obj.win.train)
     cov = _sandwich(J, r, (n_out, B, obj.model.problem.dim))
-    return {n: float((g @ cov @ g).clamp_min(0).sqrt()) for n, g in grads.items()}
+    pad = len(cov) - len(next(iter(grads.values())))  # fitted extra-state starts: no coefficient depends on them
+    return {n: float((g2 @ cov @ g2).clamp_min(0).sqrt()) for n, g in grads.items()
+            for g2 in [torch.cat([g, g.new_zeros(pad)])]}
 
 
 def _optimise(
@@ -1465,6 +1496,9 @@ def fit_runs(
     if unknown:
         raise InputError(f"fit: unknown options {unknown}.")
     options = {**defaults, **options}
+    if options["extra_start"] != "measured":
+        raise InputError("fit: a fit to several runs starts the extra state from the measurement only; pass "
+                         "extra_start='measured' or fit the runs one by one.")
     settings = {k: v for k, v in options.items() if k != "progress"}
     progress, method, init = options["progress"], options["method"], options["init"]
     keys = ("window", "target", "method", "min_norm", "val_fraction", "stride", "seed", "solver", "step_size",

@@ -65,7 +65,7 @@ class PlantedHidden(Flow):
         return out if y.dim() == 2 else out[0]
 
     def initial_extra(self, theta0: Tensor, trajectory: object = None, step: int | None = None) -> Tensor:
-        if trajectory is None:
+        if trajectory is None or "oscillation" not in trajectory.history:  # nothing measured: the cycle's centre
             return theta0.new_full((1,), self.alpha)
         osc = trajectory.oscillation
         row = torch.nonzero(osc.steps == (int(trajectory.steps[0]) if step is None else step)).flatten()
@@ -156,6 +156,21 @@ def test_windows_start_from_the_measured_extra_state(planted):
     assert fit_loss(truth, wrong, window=20, **SOLVER)[0] > 1e-6
 
 
+def test_fitted_window_starts_recover_the_rates_without_a_measurement(planted):
+    p = planted_problem()
+    unmeasured = nf.Trajectory(**{**planted.__dict__, "history": {}})
+    model = Hybrid(PlantedHidden(p, LR), library(p))
+    measured = fit(model, unmeasured, window=20, progress=False, **SOLVER)  # every window starts at s = alpha
+    assert measured.coefficients["floquet"] != pytest.approx(TRUTH["floquet"], rel=0.02)
+    model = Hybrid(PlantedHidden(p, LR), library(p))
+    res = fit(model, unmeasured, window=20, extra_start="fitted", val_fraction=0, progress=False, **SOLVER)
+    assert res.coefficients["floquet"] == pytest.approx(TRUTH["floquet"], rel=0.02), res.coefficients
+    assert res.hybrid_error < 1e-9 * res.physics_error
+    # without a floor, s -> k s with c_d -> c_d / k leaves theta unchanged: theta alone fixes the rate, not the
+    # drift coupling; only a measured variance (or a floor) sets the scale that separates c_d from s
+    assert res.settings["extra_start"] == "fitted"
+
+
 def test_checkpoint_with_a_hidden_state_correction_round_trips(planted, tmp_path, monkeypatch):
     monkeypatch.setitem(FLOWS, PlantedHidden.name, PlantedHidden)
     p = planted_problem()
@@ -222,6 +237,12 @@ def test_bad_input_gets_clear_errors(planted):
     model = Hybrid(PlantedHidden(p, LR), library(p))
     with pytest.raises(nf.InputError, match="ODE state"):
         model(torch.zeros(()), p.theta0)
+    with pytest.raises(nf.InputError, match="extra_start must be"):
+        fit(model, planted, window=20, extra_start="guess", progress=False, **SOLVER)
+    with pytest.raises(nf.InputError, match="val_fraction=0"):
+        fit(model, planted, window=20, extra_start="fitted", progress=False, **SOLVER)
+    with pytest.raises(nf.InputError, match="carries none"):
+        fit(Hybrid(nf.flows.GradientFlow(p, LR), None), planted, window=20, extra_start="fitted", progress=False)
     with pytest.raises(nf.InputError, match="regression"):
         fit(model, planted, window=20, method="regression", progress=False, **SOLVER)
     q = damian()
