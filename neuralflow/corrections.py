@@ -9,6 +9,9 @@ A correction is a vector field ``F_a(theta)`` in step time; the model that is fi
   A coefficient is a constant or *gated*: a tiny network of scalar state features (``lr S - 2``,
   ``lr S``, the loss) that can stay near 0 below the edge of stability and switch on at ``lr S = 2``.
 * :class:`NeuralCorrection`: a free-form network for small problems, when no term fits.
+* :class:`HiddenStateLibrary`: for a flow that carries state beyond ``theta`` (the oscillation flow's
+  covariance), learnable changes of the coefficients of named terms (:data:`HIDDEN_TERMS`) of the extra
+  state's equation and of its coupling back into ``dtheta/dt``.
 
 Every field is evaluated on a batch of states through one
 :class:`~neuralflow.autodiff.StateDerivatives`, so it stays differentiable with respect to the
@@ -29,8 +32,10 @@ from .autodiff import StateDerivatives, top_eigenpairs
 from .errors import InputError
 from .flows import FLOWS
 from .flows.base import Approximation, Flow
+from .flows.central import SECOND_ORDER_OSCILLATION
 from .flows.gradient import CONTINUOUS_TIME_1, NO_OSCILLATION
 from .flows.modified import CONTINUOUS_TIME_2
+from .flows.oscillation import ISOTROPIC_INJECTION, LINEAR_FLOQUET_GROWTH
 from .problems import Problem
 
 __all__ = [
@@ -40,6 +45,9 @@ __all__ = [
     "Correction",
     "TermLibrary",
     "NeuralCorrection",
+    "HiddenTermSpec",
+    "HIDDEN_TERMS",
+    "HiddenStateLibrary",
     "Hybrid",
     "CORRECTIONS",
     "EFFECTIVE_STEP_SIZE",
@@ -581,7 +589,98 @@ class NeuralCorrection(Correction):
         }
 
 
-CORRECTIONS: dict[str, type[Correction]] = {"term-library": TermLibrary, "neural": NeuralCorrection}
+@dataclass(frozen=True)
+class HiddenTermSpec:
+    """One term of the equation of a flow's extra state, or of its coupling into ``dtheta/dt`` (:data:`HIDDEN_TERMS`).
+
+    Written per tracked direction ``i`` with ``s = s_i`` the oscillation variance along it (on the covariance
+    ``X`` the flow evaluates the matrix form). ``theory`` is GD's coefficient (None where it depends on the run:
+    the floor is ``q``); ``approximation`` what a fitted coefficient away from the physics' own says to revise;
+    ``equation`` ``"extra"`` or ``"theta"``. The flow evaluates the unit-coefficient field
+    (:meth:`~neuralflow.flows.Flow.hidden_fields`), since only it knows how its extra state is stored.
+    """
+
+    name: str
+    theory: float | None
+    approximation: Approximation
+    formula: str
+    equation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "theory": self.theory,
+            "formula": self.formula,
+            "equation": self.equation,
+            "approximation": self.approximation.to_dict(),
+        }
+
+
+HIDDEN_TERMS: dict[str, HiddenTermSpec] = {
+    spec.name: spec
+    for spec in (
+        HiddenTermSpec("floquet", 2.0, LINEAR_FLOQUET_GROWTH, "s log|1 - lr lambda|  (X: (R X + X R) / 2)", "extra"),
+        HiddenTermSpec("floquet_linear", 0.0, LINEAR_FLOQUET_GROWTH,
+                       "s (lr lambda - 2)  (X: (L X + X L) / 2, L = diag(lr lambda - 2))", "extra"),
+        HiddenTermSpec("amplitude", 0.0, LINEAR_FLOQUET_GROWTH, "s^2  (X: X X)", "extra"),
+        HiddenTermSpec("floor", None, ISOTROPIC_INJECTION, "1  (X: I)", "extra"),
+        HiddenTermSpec("drift", 0.5, SECOND_ORDER_OSCILLATION, "-lr grad <H, Sigma>", "theta"),
+    )
+}
+"""Terms of the extra state's equation by name (science notes section 7). ``floquet_linear`` is the near-edge
+linearisation of ``floquet`` (theory 2 when it replaces it; 0 beside it); ``amplitude`` is the nonlinearity that
+linear Floquet growth neglects. Add a :class:`HiddenTermSpec` here, and its field to the flows that support it."""
+
+
+class HiddenStateLibrary(Correction):
+    """Learnable coefficients of named hidden-state terms (:data:`HIDDEN_TERMS`) of a flow with extra state.
+
+    The fitted model's coefficient of term ``j`` is ``c_j = p_j (1 + delta_j)`` where the physics flow has its
+    own coefficient ``p_j != 0`` (:meth:`~neuralflow.flows.Flow.hidden_coefficients`: 2 for the Floquet growth,
+    ``q`` for the floor, 1/2 for the drift), and ``c_j = delta_j`` where it has none; ``delta`` (the parameters)
+    starts at 0, so the hybrid starts as the physics. Why a relative change on top of the physics rather than a
+    replaced coefficient: the physics stays intact and readable (``Hybrid(flow, None)`` is the same model at
+    ``delta = 0``), the parameter is the *revision* the data ask for, as for the theta terms of
+    :class:`TermLibrary`, and a floor of 1e-20 and a growth of 2 get parameters of the same scale (Gauss-Newton's
+    finite differences and LBFGS need that). :meth:`coefficients` gives ``c_j``.
+    """
+
+    name = "hidden-state"
+
+    def __init__(self, problem: Problem, lr: float, terms: Sequence[str] = ("floquet",)) -> None:
+        super().__init__(problem, lr)
+        self.terms = _check_names(terms, HIDDEN_TERMS, "hidden-state term")
+        if not self.terms:
+            raise InputError(f"a HiddenStateLibrary needs at least one term; known terms are {sorted(HIDDEN_TERMS)}.")
+        kw = {"dtype": problem.dtype, "device": problem.device}
+        self.deltas = torch.nn.ParameterDict({n: torch.nn.Parameter(torch.zeros((), **kw)) for n in self.terms})
+
+    @property
+    def specs(self) -> list[HiddenTermSpec]:
+        return [HIDDEN_TERMS[n] for n in self.terms]
+
+    @property
+    def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]
+        return tuple(dict.fromkeys(spec.approximation for spec in self.specs))
+
+    def coefficients(self, flow: Flow) -> dict[str, Tensor]:
+        """The model's coefficient ``c_j`` of each term with ``flow``'s own ``p_j`` (differentiable in ``delta``)."""
+        own = flow.hidden_coefficients()
+        return {n: self.deltas[n] * own[n] + own[n] if own[n] != 0 else self.deltas[n] for n in self.terms}
+
+    def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
+        raise InputError("a HiddenStateLibrary acts on a flow's extra state; use it inside nf.Hybrid(flow, library).")
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "lr": self.lr, "terms": list(self.terms)}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, terms={self.terms}"
+
+
+CORRECTIONS: dict[str, type[Correction]] = {
+    "term-library": TermLibrary, "neural": NeuralCorrection, "hidden-state": HiddenStateLibrary,
+}
 
 
 class Hybrid(Flow):
@@ -589,6 +688,11 @@ class Hybrid(Flow):
 
     The ODE right-hand side handed to torchdiffeq. ``Hybrid(flow, None)`` is the physics alone.
     Both parts read one shared :class:`~neuralflow.autodiff.StateDerivatives` per evaluation.
+
+    For a flow with extra state (``flow.extra_state``) the hybrid's ODE state is the flow's ``[theta, extra]``.
+    A :class:`HiddenStateLibrary` then adds ``(c_j - p_j)`` times each of its terms' fields (the flow's
+    :meth:`~neuralflow.flows.Flow.hidden_fields`); a :class:`TermLibrary` or :class:`NeuralCorrection` adds its
+    field to ``dtheta/dt`` only, and the extra state follows the physics.
     """
 
     name = "hybrid"
@@ -598,32 +702,66 @@ class Hybrid(Flow):
             raise InputError(
                 f"Hybrid: flow must be a physics flow (one of {sorted(FLOWS)}), got {type(flow).__name__}."
             )
-        if flow.extra_state is not None:
-            raise InputError(
-                f"Hybrid: the {flow.name} flow carries state beyond theta ({flow.extra_state.name}); corrections and "
-                "fits on such flows are not available yet. Simulate it with nf.simulate and compare it with nf.compare."
-            )
         if correction is not None:
             if not isinstance(correction, Correction):
                 raise InputError(
-                    f"Hybrid: correction must be a TermLibrary or NeuralCorrection (or None), got "
+                    f"Hybrid: correction must be a TermLibrary, NeuralCorrection or HiddenStateLibrary (or None), got "
                     f"{type(correction).__name__}."
                 )
             if correction.problem is not flow.problem:
                 raise InputError("Hybrid: the flow and the correction must be built on the same Problem object.")
             if abs(correction.lr - flow.lr) > 1e-12 * flow.lr:
                 raise InputError(f"Hybrid: the flow has lr={flow.lr:g} but the correction lr={correction.lr:g}.")
+        if isinstance(correction, HiddenStateLibrary):
+            supported = flow.hidden_coefficients()
+            missing = [n for n in correction.terms if n not in supported]
+            if missing:
+                raise InputError(
+                    f"Hybrid: the {flow.name} flow cannot evaluate the hidden-state terms {missing}"
+                    + (f"; it supports {sorted(supported)}." if supported else
+                       " (it carries no state beyond theta); use a flow with extra state, e.g. the oscillation flow.")
+                )
         super().__init__(flow.problem, flow.lr)
         self.flow = flow
         self.correction = correction
+        self.extra_state = flow.extra_state
+        self.differentiable = flow.differentiable
 
     @property
     def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]
         return tuple(self.flow.approximations)
 
+    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+        if self.extra_state is None:
+            return super().forward(t, y)
+        batch = y if y.dim() == 2 else y.unsqueeze(0)
+        if batch.shape[-1] != self.state_dim:
+            raise InputError(
+                f"Hybrid: the {self.flow.name} flow's ODE state [theta, {self.extra_state.name}] has length "
+                f"{self.state_dim}, got {batch.shape[-1]}; build it with flow.join(theta, flow.initial_extra(theta))."
+            )
+        lib = self.correction
+        if isinstance(lib, HiddenStateLibrary):
+            out, fields = self.flow.hidden_fields(t, batch, lib.terms)
+            own = self.flow.hidden_coefficients()
+            for n, c in lib.coefficients(self.flow).items():
+                out = out + (c - own[n]) * fields[n]
+        else:
+            out = self.flow(t, batch)
+            if lib is not None:
+                theta, extra = self.flow.split(batch)
+                out = out + self.flow.join(lib(t, theta), torch.zeros_like(extra))
+        return out if y.dim() == 2 else out[0]
+
     def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
         out = self.flow.vector_field(t, state)
         return out if self.correction is None else out + self.correction.vector_field(t, state)
+
+    def initial_extra(self, theta0: Tensor, trajectory: object = None, step: int | None = None) -> Tensor | None:
+        return self.flow.initial_extra(theta0, trajectory, step)
+
+    def rebase(self, y: Tensor) -> Tensor:
+        return self.flow.rebase(y)
 
     def config(self) -> dict[str, Any]:
         return {

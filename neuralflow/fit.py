@@ -15,6 +15,16 @@ starts, weighted by the physics-only error ``E_p`` on the training windows: the 
 it explains, and the bias on a needed correction is about ``min_norm (||F_a|| / ||F_p||)^2``
 relative, on any problem.
 
+A model whose flow carries state beyond ``theta`` (``flow.extra_state``, e.g. a
+:class:`~neuralflow.corrections.HiddenStateLibrary` on a flow with an oscillation variance) is integrated on
+its whole ODE state ``[theta, extra]``; each window starts from the flow's ``initial_extra`` at the window's
+first iterate and step, which reads the trajectory's measurement (``Trajectory.oscillation``) where there is
+one; with ``extra_start="fitted"`` every window's start of the extra state is a parameter of its own
+(initialised there) fitted with the correction, for runs where nothing is measured. The loss is ``E`` on
+``theta`` alone (the measured variance is not in it yet), and the APHYNITY term is left out (weight 0): a
+hidden-state library's parameters are already the relative revision of the physics' coefficients. The flow
+must be differentiable (``flow.differentiable``; the oscillation flow is not yet).
+
 Gradients come from ``torchdiffeq.odeint_adjoint`` (adjoint parameters = the correction's
 parameters, seminorm) or from backpropagation through ``odeint`` (``method="direct"``); LBFGS and
 Adam use them. The default optimiser for at most 64 parameters is Gauss-Newton /
@@ -47,7 +57,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
 
 from ._display import columns, data_frame, html_table
-from .corrections import FEATURES, Hybrid, TermLibrary
+from .corrections import FEATURES, HiddenStateLibrary, Hybrid, TermLibrary
 from .errors import DivergenceError, FileFormatError, InputError, Interrupted
 from .problems import Problem, check_positive_int
 from .trajectory import Trajectory
@@ -213,31 +223,46 @@ class _Objective:
 
     def __init__(
         self, model: Hybrid, win: _Windows, method: str, solver: str, options: dict[str, Any], rtol: float,
-        atol: float, min_norm: float,
+        atol: float, min_norm: float, start: Tensor, fitted_start: bool = False,
     ) -> None:
         self.model = model
+        self._start = start  # (W, state_dim): the windows' first iterates, joined with their extra state
         self.counted = _Counted(model)
         self.win = win
         self.method = method
         self.solver = solver
         self.options = options
         self.rtol, self.atol = rtol, atol
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.params = list(self.model_params)
+        self.start_extra: torch.nn.Parameter | None = None
+        if fitted_start:  # a learnable start of the extra state per window (nuisance parameters, after the model's)
+            self.start_extra = torch.nn.Parameter(model.flow.split(start)[1].reshape(len(start), -1).clone())
+            self.params.append(self.start_extra)
         self.last_jacobian: Tensor | None = None
         self.val_loss = math.nan
         self.last_errors: Tensor | None = None
         physics = Hybrid(model.flow, None)
-        self.physics_errors = self.errors(self.solve(win.targets[0], grad=False, model=physics))
-        with torch.no_grad():
-            size = float(physics(win.t[0], win.targets[0, win.train]).square().sum(-1).mean())
-        # APHYNITY weight relative to the physics' own error, so the bias it puts on a needed
-        # correction is ~ min_norm (||F_a|| / ||F_p||)^2 whatever the problem.
-        self.penalty_weight = min_norm * float(self.physics_errors[win.train].mean()) / max(size, 1e-300)
+        self.physics_errors = self.errors(self.solve(self.start, grad=False, model=physics))
+        self.penalty_weight = 0.0
+        if model.extra_state is None:
+            with torch.no_grad():
+                size = float(physics(win.t[0], win.targets[0, win.train]).square().sum(-1).mean())
+            # APHYNITY weight relative to the physics' own error, so the bias it puts on a needed
+            # correction is ~ min_norm (||F_a|| / ||F_p||)^2 whatever the problem.
+            self.penalty_weight = min_norm * float(self.physics_errors[win.train].mean()) / max(size, 1e-300)
         lib = model.correction
         self.batched_sensitivities = (
             isinstance(lib, TermLibrary) and not lib.gated and solver in _FIXED_GRID
             and len(self.params) == len(lib.terms)
         )
+
+    @property
+    def start(self) -> Tensor:
+        """The windows' initial ODE states ``(W, state_dim)`` (differentiable in the fitted extra-state starts)."""
+        if self.start_extra is None:
+            return self._start
+        return torch.cat([self._start[:, :self.win.targets.shape[-1]], self.start_extra], dim=1)
 
     def solve(self, y0: Tensor, grad: bool, model: torch.nn.Module | None = None) -> Tensor:
         """Integrate from the rows of ``y0`` over the window's output times, ``(n_out + 1, B, d)``."""
@@ -246,7 +271,7 @@ class _Objective:
         try:
             if grad and self.method == "adjoint":
                 sol = odeint_adjoint(
-                    func, y0, self.win.t, adjoint_params=tuple(self.params),
+                    func, y0, self.win.t, adjoint_params=tuple(self.model_params),
                     adjoint_options={**self.options, "norm": "seminorm"}, **kw,
                 )
             elif grad:
@@ -262,13 +287,14 @@ class _Objective:
 
     def errors(self, sol: Tensor) -> Tensor:
         """Normalised mean squared distance of each window to its targets, ``(W,)``."""
-        return (sol[1:] - self.win.targets[1:]).square().sum(-1).mean(0).detach() / self.win.normaliser
+        d = self.win.targets.shape[-1]
+        return (sol[1:, ..., :d] - self.win.targets[1:]).square().sum(-1).mean(0).detach() / self.win.normaliser
 
     def _residuals(self, sol: Tensor, fa: Tensor | None) -> Tensor:
         """Residual vector (trajectory, then penalty) of the training windows; loss = its squared norm."""
         idx = self.win.train
-        n_out, B = sol.shape[0] - 1, len(idx)
-        traj = (sol[1:, idx] - self.win.targets[1:, idx]) / math.sqrt(n_out * B * self.win.normaliser)
+        n_out, B, d = sol.shape[0] - 1, len(idx), self.win.targets.shape[-1]
+        traj = (sol[1:, idx, :d] - self.win.targets[1:, idx]) / math.sqrt(n_out * B * self.win.normaliser)
         if fa is None:
             return traj.reshape(-1)
         return torch.cat([traj.reshape(-1), fa.reshape(-1) * math.sqrt(self.penalty_weight / B)])
@@ -278,7 +304,7 @@ class _Objective:
 
     def residuals(self, grad: bool) -> Tensor:
         """Residual vector at the current parameters; also updates :attr:`val_loss`."""
-        sol = self.solve(self.win.targets[0], grad)
+        sol = self.solve(self.start, grad)
         self.last_errors = self.errors(sol)
         if len(self.win.val):
             self.val_loss = float(self.last_errors[self.win.val].mean())
@@ -324,7 +350,7 @@ class _Objective:
     def _batched_differences(self, base: Tensor, steps: Tensor) -> list[Tensor]:
         lib = self.model.correction
         P = len(base)
-        start = self.win.targets[0]
+        start = self.start
         W = start.shape[0]
         rows = base.expand(P, P) + torch.diag(steps)  # copy j has coefficient j shifted
         lib._row_constants = rows.repeat_interleave(W, dim=0)
@@ -657,10 +683,13 @@ def _gated_regression(
 def _coefficient_map(model: Hybrid, states: Tensor) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Mean coefficient of each term over ``states`` and its gradient w.r.t. the fitted parameters."""
     lib = model.correction
-    if not isinstance(lib, TermLibrary):
+    if isinstance(lib, HiddenStateLibrary):
+        coeffs = lib.coefficients(model.flow)
+    elif isinstance(lib, TermLibrary):
+        coeffs = lib._coefficients(lib._context(states))
+    else:
         return {}, {}
     params = [p for p in model.parameters() if p.requires_grad]
-    coeffs = lib._coefficients(lib._context(states))
     values, grads = {}, {}
     for name, c in coeffs.items():
         m = c.mean()
@@ -727,6 +756,16 @@ def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: st
         raise InputError(f"fit: target must be 'iterates' or 'smoothed', got {target!r}.")
     if method not in ("adjoint", "direct", "regression"):
         raise InputError(f"fit: method must be 'adjoint', 'direct' or 'regression', got {method!r}.")
+    if not model.flow.differentiable:
+        raise InputError(
+            f"fit: the {model.flow.name} flow is simulation-only (no derivatives through its extra state yet), so it "
+            "cannot be fitted; simulate it with nf.simulate and compare it with nf.compare."
+        )
+    if model.extra_state is not None and method == "regression":
+        raise InputError(
+            f"fit: method='regression' reads derivatives of theta alone, but the {model.flow.name} flow carries "
+            f"{model.extra_state.name}; use method='adjoint' or 'direct'."
+        )
     bad = ~torch.isfinite(trajectory.iterates).all(dim=1)
     if bool(bad.any()):
         step = int(trajectory.steps[bad.nonzero()[0, 0]])
@@ -778,7 +817,7 @@ def _check_exclude(exclude: Sequence[Sequence[int | None]] | None) -> list[list[
 def _objective(
     model: Hybrid, trajectory: Trajectory, window: int, target: str, method: str, min_norm: float,
     val_fraction: float, stride: int | None, seed: int, solver: str, step_size: float | None, rtol: float,
-    atol: float, exclude: Sequence[tuple[int, int]], settings: dict[str, Any],
+    atol: float, exclude: Sequence[tuple[int, int]], settings: dict[str, Any], extra_start: str = "measured",
 ) -> tuple[_Objective, Trajectory]:
     """Validate the inputs and set up the windows and the loss; records resolved settings."""
     targets = _check_inputs(model, trajectory, target, method)
@@ -802,7 +841,20 @@ def _objective(
     win = _make_windows(targets, window, stride, val_fraction, seed, problem.dtype, problem.device, exclude)
     if model.correction is not None:
         model.correction.reset_cache()
-    return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm)), targets
+    if extra_start not in ("measured", "fitted"):
+        raise InputError(f"fit: extra_start must be 'measured' or 'fitted', got {extra_start!r}.")
+    if extra_start == "fitted" and model.extra_state is None:
+        raise InputError(f"fit: extra_start='fitted' fits the start of a flow's extra state, but the {model.flow.name} "
+                         "flow carries none; leave extra_start='measured'.")
+    if extra_start == "fitted" and val_fraction:
+        raise InputError("fit: with extra_start='fitted' a validation window's start would have to be fitted on the "
+                         "window itself, so it cannot validate; pass val_fraction=0.")
+    start = win.targets[0]
+    if model.extra_state is not None:  # the measured extra state at each window's first iterate
+        extra = torch.stack([model.initial_extra(x, trajectory, int(k)) for x, k in zip(start, win.steps)])
+        start = model.join(start, extra)
+    return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm), start,
+                      extra_start == "fitted"), targets
 
 
 def fit_loss(
@@ -862,6 +914,7 @@ def fit(
     balance: bool = False,
     exclude: Sequence[tuple[int, int]] = (),
     resume: str | os.PathLike | None = None,
+    extra_start: str = "measured",
 ) -> FitResult:
     """Fit ``model`` (a :class:`~neuralflow.corrections.Hybrid`) to ``trajectory`` by multiple shooting.
 
@@ -901,6 +954,11 @@ def fit(
 
     ``trajectory`` may be a list of runs (e.g. at several ``lr``): one set of coefficients is then fitted
     to all of them and the result says which terms are universal (:func:`fit_runs`).
+
+    For a flow with extra state (module docstring) each window's extra state starts from the flow's
+    ``initial_extra`` at its first step (``extra_start="measured"``: the trajectory's measurement where it has
+    one), or is fitted per window from there (``"fitted"``, with ``val_fraction=0``: a validation window's start
+    would be fitted on it; these nuisance starts are not returned).
     """
     if isinstance(trajectory, (list, tuple)):  # several runs share one set of coefficients
         options = {k: v for k, v in locals().items() if k not in ("model", "trajectory")}
@@ -910,7 +968,7 @@ def fit(
         "window": window, "target": target, "method": method, "optimizer": optimizer, "min_norm": min_norm,
         "max_iters": max_iters, "val_fraction": val_fraction, "stride": stride, "patience": patience, "tol": tol,
         "init": init, "learning_rate": learning_rate, "seed": seed, "solver": solver, "step_size": step_size,
-        "rtol": rtol, "atol": atol, "balance": bool(balance),
+        "rtol": rtol, "atol": atol, "balance": bool(balance), "extra_start": extra_start,
         "model": model.config() if isinstance(model, Hybrid) else None,
     }
     patience = check_positive_int(patience, "fit: patience")
@@ -920,10 +978,10 @@ def fit(
         raise InputError(f"fit: init must be 'auto', 'regression' or 'current', got {init!r}.")
     obj, targets = _objective(
         model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-        atol, exclude, settings,
+        atol, exclude, settings, extra_start,
     )
     win, problem, lib = obj.win, model.problem, model.correction
-    can_regress = isinstance(lib, TermLibrary)
+    can_regress = isinstance(lib, TermLibrary) and model.extra_state is None
     if method == "regression" and not can_regress:
         raise InputError(
             "fit: method='regression' needs a TermLibrary (constant or gated coefficients); fit a NeuralCorrection "
@@ -933,7 +991,8 @@ def fit(
         wanted = can_regress and (method == "regression" or not lib.gated)
         init = "regression" if wanted and len(targets) >= 5 else "current"
     if init == "regression" and not can_regress:
-        raise InputError("fit: init='regression' needs a TermLibrary; use init='current'.")
+        raise InputError("fit: init='regression' needs a TermLibrary on a flow without extra state; use "
+                         "init='current'.")
     timing: dict[str, float] = {}
     history: list[dict[str, float]] = []
     regression_se = None
@@ -1019,7 +1078,9 @@ def _uncertainty(
     J = obj.last_jacobian if obj.last_jacobian is not None else obj.jacobian(obj.get(), r)
     n_out, B = obj.win.targets.shape[0] - 1, len(obj.win.train)
     cov = _sandwich(J, r, (n_out, B, obj.model.problem.dim))
-    return {n: float((g @ cov @ g).clamp_min(0).sqrt()) for n, g in grads.items()}
+    pad = len(cov) - len(next(iter(grads.values())))  # fitted extra-state starts: no coefficient depends on them
+    return {n: float((g2 @ cov @ g2).clamp_min(0).sqrt()) for n, g in grads.items()
+            for g2 in [torch.cat([g, g.new_zeros(pad)])]}
 
 
 def _optimise(
@@ -1435,6 +1496,9 @@ def fit_runs(
     if unknown:
         raise InputError(f"fit: unknown options {unknown}.")
     options = {**defaults, **options}
+    if options["extra_start"] != "measured":
+        raise InputError("fit: a fit to several runs starts the extra state from the measurement only; pass "
+                         "extra_start='measured' or fit the runs one by one.")
     settings = {k: v for k, v in options.items() if k != "progress"}
     progress, method, init = options["progress"], options["method"], options["init"]
     keys = ("window", "target", "method", "min_norm", "val_fraction", "stride", "seed", "solver", "step_size",

@@ -88,6 +88,8 @@ HELP: dict[str, str] = {
     "fit.balance": "Regression: weight points by the inverse local mean of their squared residual.",
     "fit.exclude": "Step ranges START:STOP (an empty end is open) whose windows are left out, comma-separated.",
     "fit.resume": "Gauss-Newton state file: continue the fit from it if it exists, update it every iteration.",
+    "fit.extra_start": "For a flow with extra state: start each window's extra state from the trajectory's "
+                       "measurement ('measured') or fit it per window ('fitted', needs --val-fraction 0).",
     # TermLibrary
     "TermLibrary.terms": "Correction terms, comma-separated (see corrections.TERMS).",
     "TermLibrary.gated": "Terms whose coefficient is gated by state features, comma-separated.",
@@ -168,6 +170,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fit.method": ("adjoint", "direct", "regression"),
     "fit.optimizer": ("auto", "gauss-newton", "lbfgs", "adam"),
     "fit.init": ("auto", "regression", "current"),
+    "fit.extra_start": ("measured", "fitted"),
     "activation": ("tanh", "gelu", "softplus", "sigmoid", "relu"),
     "loss": ("mse", "ce"),
     "above_edge": ("error", "hold"),

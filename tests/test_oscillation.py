@@ -202,8 +202,8 @@ def test_compare_reports_the_predicted_variance_beside_gd():
     assert "oscillation established" in str(comp)
     fig = comp.figure()
     assert fig.axes[3].get_ylabel() == "oscillation variance"
-    with pytest.raises(nf.InputError, match="beyond theta"):
-        nf.Hybrid(OscillationFlow(p, LR, n_track=1))
+    with pytest.raises(nf.InputError, match="simulation-only"):
+        nf.fit(nf.Hybrid(OscillationFlow(p, LR, n_track=1)), traj, window=20, progress=False)
 
 
 def test_gd_records_the_same_oscillation_as_its_iterates_show():

@@ -78,6 +78,7 @@ class Flow(torch.nn.Module):
     name: str = "flow"
     approximations: tuple[Approximation, ...] = ()
     extra_state: ExtraState | None = None
+    differentiable: bool = True  # False: simulation only (no adjoint through the flow yet)
 
     def __init__(self, problem: Problem, lr: float) -> None:
         super().__init__()
@@ -135,6 +136,16 @@ class Flow(torch.nn.Module):
     def initial_extra(self, theta0: Tensor, trajectory: object = None, step: int | None = None) -> Tensor | None:
         """The extra state at ``theta0``, from ``trajectory``'s measurement at ``step`` (default its first step)."""
         return None
+
+    def hidden_coefficients(self) -> dict[str, float]:
+        """The flow's own coefficient of each hidden-state term it can evaluate
+        (:data:`~neuralflow.corrections.HIDDEN_TERMS`), by name; empty for a flow without extra state."""
+        return {}
+
+    def hidden_fields(self, t: Tensor, y: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The flow's right-hand side on ODE states ``y`` ``(B, state_dim)`` and the unit-coefficient field of each
+        named hidden-state term there (each ``(B, state_dim)``), from one evaluation."""
+        raise InputError(f"{type(self).__name__} has no hidden-state terms; it carries no state beyond theta.")
 
     def rebase(self, y: Tensor) -> Tensor:
         """Re-express the extra state between two output times (e.g. in a rotated basis); identity by default."""

@@ -186,10 +186,12 @@ class OscillationFlow(Flow):
     Each evaluation stores an :class:`OscillationState` in ``self.last``. Cost per evaluation: one gradient
     graph, a warm LOBPCG for k eigenpairs and one backward pass through k Hessian-vector-product graphs for the
     drift; no complementarity solve and no Gram matrix of ``D3L`` pairs. Simulation only: the adjoint (fitting a
-    correction to this flow) needs the derivatives with respect to ``X`` too and is not implemented.
+    correction to this flow) needs the derivatives with respect to ``X`` too and is not implemented. A hybrid with
+    a :class:`~neuralflow.corrections.HiddenStateLibrary` simulates with the terms of :meth:`hidden_fields`.
     """
 
     name = "oscillation"
+    differentiable = False
     solver = {"method": "euler", "options": {"step_size": 0.5}}
 
     def __init__(
@@ -301,6 +303,14 @@ class OscillationFlow(Flow):
 
     def solve(self, theta: Tensor, extra: Tensor, index: int = 0) -> tuple[Tensor, Tensor]:
         """``(dm/dt, d extra/dt)`` at one state; ``extra`` is ``(Z, rho)`` in the reference basis of ``index``."""
+        dm, dextra, _ = self._evaluate(theta, extra, index, ())
+        return dm, dextra
+
+    def _evaluate(
+        self, theta: Tensor, extra: Tensor, index: int, names: tuple[str, ...] | list[str],
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """:meth:`solve` plus the unit-coefficient fields of the named hidden-state terms, each ``[dm, d extra]``
+        (the extra part in ``Z`` coordinates: ``dZ = E^{-1} dX E^{-1}``, ``drho = 0``)."""
         track = self._tracks.setdefault(index, _Track())
         curv = Curvature(self.problem, theta)
         values, U = self.eigen(theta, index, curv)
@@ -314,11 +324,45 @@ class OscillationFlow(Flow):
         d = R_ref.diagonal()
         N = R_ref - torch.diag(d)
         E = torch.exp(extra[-1])
-        dZ = (N @ X + X @ N + self.q * C.T @ C) / (E[:, None] * E[None, :])
-        dm = -self.lr * (curv.grad + 0.5 * self._drift(curv, values, U, X_U))
+        EE = E[:, None] * E[None, :]
+        dZ = (N @ X + X @ N + self.q * C.T @ C) / EE
+        drift = self._drift(curv, values, U, X_U)
+        dm = -self.lr * (curv.grad + 0.5 * drift)
         track.U_last, track.rates_last = U, r
         self.last = OscillationState(values, U, X_U, r, curv.value)
-        return dm, torch.cat([dZ, d[None]])
+        fields = {}
+        zero_m, zero_rho = torch.zeros_like(dm), torch.zeros_like(d)[None]
+        for name in names:
+            if name == "drift":
+                fields[name] = self.join(-self.lr * drift, torch.zeros_like(extra))
+                continue
+            if name == "floquet":
+                A = 0.5 * (R_ref @ X + X @ R_ref)
+            elif name == "floquet_linear":
+                L_ref = C.T @ ((self.lr * values - 2)[:, None] * C)
+                A = 0.5 * (L_ref @ X + X @ L_ref)
+            elif name == "amplitude":
+                A = X @ X
+            else:  # floor
+                A = C.T @ C
+            fields[name] = self.join(zero_m, torch.cat([A / EE, zero_rho]))
+        return dm, torch.cat([dZ, d[None]]), fields
+
+    def hidden_coefficients(self) -> dict[str, float]:
+        """The physics' coefficients of the hidden-state terms (per tracked direction ``ds/dt = 2 s r + q``, the drift
+        ``-lr/2 grad <H, Sigma>``); the linearised growth and the amplitude-dependent rate are absent (0)."""
+        return {"floquet": 2.0, "floquet_linear": 0.0, "amplitude": 0.0, "floor": self.q, "drift": 0.5}
+
+    def hidden_fields(self, t: Tensor, y: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        batch = self._check_state(y)
+        thetas, extras = self.split(batch.detach())
+        rhs, fields = [], {n: [] for n in names}
+        for b in range(len(batch)):
+            dm, dextra, f = self._evaluate(thetas[b], extras[b], b, names)
+            rhs.append(self.join(dm, dextra))
+            for n in names:
+                fields[n].append(f[n])
+        return torch.stack(rhs), {n: torch.stack(v) for n, v in fields.items()}
 
     def _drift(self, curv: Curvature, values: Tensor, U: Tensor, X_U: Tensor) -> Tensor:
         """``grad <H, Sigma>`` over the principal axes of ``X_U`` whose share ``s lambda_max / 2`` of the time-averaged
@@ -327,7 +371,8 @@ class OscillationFlow(Flow):
         keep = 0.5 * s.abs() * values.abs().max() > NEGLIGIBLE * curv.value.abs()
         return covariance_drift(curv, (V.T @ U)[keep], torch.diag(s[keep]))
 
-    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+    def _check_state(self, y: Tensor) -> Tensor:
+        """``y`` as a ``(B, state_dim)`` batch, refused where the adjoint would need derivatives through ``X``."""
         if torch.is_grad_enabled() and y.requires_grad:
             raise InputError(
                 "OscillationFlow is simulation-only for now: the adjoint needs derivatives with respect to the "
@@ -340,12 +385,12 @@ class OscillationFlow(Flow):
                 f"({self.n_track})], length {self.state_dim}; got {batch.shape[-1]}. Build it with "
                 "flow.join(theta, flow.extra_from_covariance(X))."
             )
+        return batch
+
+    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+        batch = self._check_state(y)
         thetas, extras = self.split(batch.detach())
-        out = []
-        for b in range(len(batch)):
-            dm, dextra = self.solve(thetas[b], extras[b], b)
-            out.append(self.join(dm, dextra))
-        res = torch.stack(out)
+        res = torch.stack([self.join(*self.solve(thetas[b], extras[b], b)) for b in range(len(batch))])
         return res if y.dim() == 2 else res[0]
 
     def rebase(self, y: Tensor) -> Tensor:
