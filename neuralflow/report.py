@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -731,8 +732,8 @@ class Report:
                     ax.plot(x, vals, ".", ms=3, label=f"c_{t.label} (fitted)")
                     if fitted is not None:
                         order = np.argsort(x)
-                        ax.plot(x[order], fitted[order], "C3-", lw=1,
-                                label=f"{t.gate.formula.text()} ({_percent(t.gate.formula.explained)})")
+                        label = f"{t.gate.formula.text()} ({_percent(t.gate.formula.explained)})"
+                        ax.plot(x[order], fitted[order], "C3-", lw=1, label="\n".join(textwrap.wrap(label, 40)))
                     if t.theory is not None:
                         ax.axhline(t.theory, color="0.5", ls=":", lw=1, label="theory")
                     knot = _feature_knot(fname)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from test_fit import THEORY, library_model, planted, relative_errors, simulated, tanh_net
 
 import neuralflow as nf
@@ -11,14 +10,6 @@ from neuralflow.errors import InputError
 from neuralflow.fit import fit_runs
 
 LRS = (0.01, 0.02, 0.04)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

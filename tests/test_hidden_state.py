@@ -22,14 +22,6 @@ SOLVER = {"solver": "rk4", "step_size": 0.5}
 TRUTH = {"floquet": 2.2, "drift": 0.45}  # the physics has 2 and 1/2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class PlantedHidden(Flow):
     """Damian et al.'s self-stabilisation in continuous time, with the oscillation variance ``s`` as the extra state.
 
