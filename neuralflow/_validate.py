@@ -200,17 +200,25 @@ class Record(Spec):
 
 @dataclass(frozen=True)
 class ByName(Spec):
-    """A dict whose ``"name"`` selects its record in ``cases``; ``other`` for names not listed (None: refuse)."""
+    """A dict whose ``"name"`` selects its record in ``cases``; ``other`` for names not listed (None: refuse).
+
+    A dict holding the key ``marker`` is always ``other`` (a user's own problem may share a registered name);
+    with ``empty_ok`` an empty dict passes (nothing named, nothing to build).
+    """
 
     cases: dict[str, Record]
     other: Record | None = None
+    marker: str | None = None
+    empty_ok: bool = False
 
     def check(self, value: Any, at: str) -> None:
         if not isinstance(value, dict):
             raise InputError(f"{at} must be a mapping, got {_show(value)}.")
+        if self.empty_ok and not value:
+            return
         name = value.get("name")
         Str(max_len=200).check(name, f"{at}.name")
-        record = self.cases.get(name, self.other)
+        record = self.other if self.marker is not None and self.marker in value else self.cases.get(name, self.other)
         if record is None:
             raise InputError(f"{at}.name is {_show(name)}; known names are {sorted(self.cases)}.")
         record.check(value, at)
@@ -250,12 +258,14 @@ def _named(fields: dict[str, Spec], required: Sequence[str] = ()) -> Record:
 
 
 PROBLEM_DESCRIPTIONS: dict[str, _Problem] = {
-    "quadratic": _Problem(_named({"A": List(NUMBERS), "theta0": NUMBERS}, ("A",))),
-    "zhu-quartic": _Problem(_named({"theta0": List(Num(), 2, 2)})),
-    "scalar-factorization": _Problem(_named({"depth": Int(1), "theta0": NUMBERS}), lambda d: d.get("depth", 3)),
+    "quadratic": _Problem(_named({"A": List(NUMBERS), "theta0": NUMBERS, "dtype": Str(DTYPES)}, ("A",))),
+    "zhu-quartic": _Problem(_named({"theta0": List(Num(), 2, 2), "dtype": Str(DTYPES)})),
+    "scalar-factorization": _Problem(
+        _named({"depth": Int(1), "theta0": NUMBERS, "dtype": Str(DTYPES)}), lambda d: d.get("depth", 3)
+    ),
     "mlp-digits": _Problem(
         _named({
-            "n": Int(1, 1797), "widths": List(Int(1), 1, 64), "seed": SEED, "dtype": Str(DTYPES),
+            "n": Int(1, 1797), "widths": List(Int(1), 0, 64), "seed": SEED, "dtype": Str(DTYPES),
             "activation": Str(("tanh", "gelu", "softplus", "sigmoid", "relu")), "batch_size": Optional(Int(1)),
         }),
         _mlp_size,
@@ -284,14 +294,18 @@ OTHER_PROBLEM = _named({
     "module": Str(), "examples": Int(1), "loss": Str(), "batch_size": Optional(Int(1)), "function": Str(),
     "theta0": NUMBERS,
 })
-PROBLEM = ByName({k: v.record for k, v in PROBLEM_DESCRIPTIONS.items()}, OTHER_PROBLEM)
+# from_module descriptions carry "module" (the net's repr) and are named after its class, which may be any name.
+PROBLEM = ByName({k: v.record for k, v in PROBLEM_DESCRIPTIONS.items()}, OTHER_PROBLEM, marker="module",
+                 empty_ok=True)
 
 # ``Trajectory.meta``: what run_gd and the trajectory's own methods record.
+# run_gd's settings are checked; a user may add notes of their own (Trajectory.meta is free-form JSON).
 TRAJECTORY_META = Record({
     "eig_every": Int(0), "n_eigs": Int(1), "store_every": Int(1), "eig_tol": POSITIVE, "smoothed": Bool(),
     "eig_retries": Int(0), "noise": Num(0.0), "noise_seed": SEED,
-})
-TRAJECTORY = Record({"lr": LR, "problem": PROBLEM, "meta": TRAJECTORY_META}, ("lr",))
+}, extra=Json())
+# (a fit file holds an empty history in its JSON part; a non-empty one is tensors)
+TRAJECTORY = Record({"lr": LR, "problem": PROBLEM, "meta": TRAJECTORY_META, "history": Map(Json())}, ("lr",))
 
 _TENSOR_LAYOUT = Map(Json())  # "tensor" or the list of a dict's keys, checked when the tensors are matched
 _COEFFICIENTS = Map(Num(nan_ok=True))
@@ -305,10 +319,7 @@ FIT = Record(
             "json": Record({"coefficients": _COEFFICIENTS, "uncertainty": _COEFFICIENTS}, extra=Json()),
             "tensors": _TENSOR_LAYOUT,
         }, ("json", "tensors")),
-        "trajectory": Record({
-            "json": Record({"lr": LR, "problem": PROBLEM, "meta": TRAJECTORY_META}, ("lr",)),
-            "tensors": _TENSOR_LAYOUT,
-        }, ("json", "tensors")),
+        "trajectory": Record({"json": TRAJECTORY, "tensors": _TENSOR_LAYOUT}, ("json", "tensors")),
         "report": Optional(Json()),
         "report_error": Optional(Str()),
     },

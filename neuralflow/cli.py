@@ -245,15 +245,13 @@ def _load_trajectory(args: argparse.Namespace):
     from .trajectory import Trajectory
 
     traj = Trajectory.load(args.trajectory, device=args.device)
-    description = dict(traj.problem)
     if args.dtype is not None:
         import torch
 
         traj = traj.to(traj.iterates.device, dtype=getattr(torch, args.dtype))
-        description["dtype"] = args.dtype
-    if args.device is not None:
-        description["device"] = args.device
-    return traj, make(description, max_params=args.max_params or None, allow_code=args.allow_code)
+    problem = make(traj.problem, max_params=args.max_params or None, allow_code=args.allow_code, device=args.device,
+                   dtype=args.dtype)
+    return traj, problem
 
 
 def cmd_compare(cmd: Command, args: argparse.Namespace) -> int:

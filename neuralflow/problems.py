@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._validate import MAX_PARAMS, check_max_params, check_problem_description
+from ._validate import DTYPES, MAX_PARAMS, check_max_params, check_problem_description
 from .errors import InputError
 
 LossFn = Callable[[Tensor], Tensor]
@@ -160,7 +160,7 @@ def quadratic(
         "quadratic",
         x0,
         [lambda th: 0.5 * th @ (A @ th)],
-        {"A": A.tolist(), "theta0": x0.tolist()},
+        {"A": A.tolist(), "theta0": x0.tolist(), **_dtype_entry(dtype)},
     )
 
 
@@ -181,7 +181,7 @@ def zhu_quartic(
         "zhu-quartic",
         x0,
         [lambda th: 0.25 * (th[0] ** 2 * th[1] ** 2 - 1) ** 2],
-        {"theta0": x0.tolist()},
+        {"theta0": x0.tolist(), **_dtype_entry(dtype)},
     )
 
 
@@ -208,8 +208,13 @@ def scalar_factorization(
         "scalar-factorization",
         x0,
         [lambda th: 0.5 * (torch.prod(th) - 1) ** 2],
-        {"depth": depth, "theta0": x0.tolist()},
+        {"depth": depth, "theta0": x0.tolist(), **_dtype_entry(dtype)},
     )
+
+
+def _dtype_entry(dtype: torch.dtype) -> dict[str, str]:
+    """A toy problem's description names its dtype when it is not the default float64 (older files lack it)."""
+    return {} if dtype == torch.float64 else {"dtype": str(dtype).removeprefix("torch.")}
 
 
 _ACTIVATIONS: dict[str, tuple[type[torch.nn.Module], bool]] = {
@@ -364,8 +369,10 @@ def lstm_recall(
     memory. ``LSTM(1, hidden)`` read out by ``Linear(hidden, 1)`` at the last step, initialised by
     PyTorch after ``torch.manual_seed(seed)``. Smooth (sigmoid and tanh gates), so every flow applies.
     """
-    for name, value in (("n", n), ("length", length), ("hidden", hidden)):
-        check_positive_int(value, f"lstm_recall: {name}")
+    for name, value, most in (("n", n, 100_000), ("length", length, 1000), ("hidden", hidden, 4096)):
+        if check_positive_int(value, f"lstm_recall: {name}") > most:
+            raise InputError(f"lstm_recall: {name} must be at most {most} (the limits a saved run is checked "
+                             f"against), got {value}.")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, length, 1, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
     torch.manual_seed(seed)
@@ -524,6 +531,7 @@ def make(
     max_params: int | None = MAX_PARAMS,
     device: torch.device | str | None = None,
     allow_code: bool = False,
+    dtype: torch.dtype | str | None = None,
 ) -> Problem:
     """Rebuild a registered problem from its JSON description (as saved in trajectories).
 
@@ -531,7 +539,8 @@ def make(
     and a problem of more than ``max_params`` parameters is refused before it is built (None: no
     limit); a description comes from a file, and a file must not decide how much memory is allocated.
     Nor which code runs: a problem from the user's own Python file (:func:`from_file`) is rebuilt by
-    running that file, so only with ``allow_code=True``. ``device``: where to build it.
+    running that file, so only with ``allow_code=True``. ``device`` and ``dtype``: where and in which
+    precision to build it (``dtype`` overrides the description's).
     """
     check_problem_description(description, check_max_params(max_params))
     kwargs = dict(description)
@@ -546,7 +555,11 @@ def make(
             f"cannot rebuild problem {name!r} from its description; registered problems are "
             f"{sorted(PROBLEMS)}. Build it yourself and pass it explicitly."
         )
+    if dtype is not None:
+        kwargs["dtype"] = str(dtype).removeprefix("torch.")
     if "dtype" in kwargs:
+        if kwargs["dtype"] not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {kwargs['dtype']!r}.")
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     for key in ("widths", "channels"):
         if key in kwargs:

@@ -288,3 +288,51 @@ def test_the_size_limit_holds_for_checkpoints_and_the_command_line_until_raised(
     assert "more than the limit of 10,000,000" in capsys.readouterr().err
     assert main(["compare", str(huge), "--max-params", "100", "--out", str(tmp_path / "c.png")]) == 2
     assert "more than the limit of 100;" in capsys.readouterr().err
+
+
+def test_whatever_the_writers_produce_reads_back(tmp_path):
+    """Files the library itself writes pass the schemas: an unnamed problem, a user's note in meta, a user's net
+    whose class shares a registered problem's name, an MLP without hidden layers, a float32 toy problem (rebuilt in
+    float32), a fit of a trajectory without history."""
+    p = nf.problems.zhu_quartic()
+    t = nf.run_gd(p, 0.1, 12, progress=False)
+    bare = nf.Trajectory(lr=0.1, steps=t.steps, iterates=t.iterates, loss=t.loss, grad_norm=t.grad_norm,
+                         sharpness=t.sharpness, update_u=t.update_u)
+    assert nf.Trajectory.load(bare.save(tmp_path / "bare.nft")).problem == {}
+    t.meta["note"] = "first try"
+    assert nf.Trajectory.load(t.save(tmp_path / "note.nft")).meta["note"] == "first try"
+
+    class Quadratic(torch.nn.Module):  # the name of a registered problem
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1, dtype=torch.float64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x)
+
+    user = nf.problems.from_module(Quadratic(), torch.randn(5, 2, dtype=torch.float64),
+                                   torch.randn(5, 1, dtype=torch.float64))
+    assert nf.Trajectory.load(nf.run_gd(user, 0.1, 3, progress=False).save(tmp_path / "u.nft")).problem["name"] == (
+        "quadratic")
+    linear = nf.run_gd(nf.problems.mlp_digits(n=20, widths=()), 0.1, 3, progress=False)
+    assert nf.Trajectory.load(linear.save(tmp_path / "lin.nft")).problem["widths"] == []
+    single = nf.run_gd(nf.problems.zhu_quartic(dtype=torch.float32), 0.1, 3, progress=False)
+    rebuilt = nf.problems.make(nf.Trajectory.load(single.save(tmp_path / "f32.nft")).problem)
+    assert rebuilt.dtype == torch.float32 and rebuilt.loss(rebuilt.theta0) == single.loss[0]
+    no_history = nf.Trajectory(lr=0.1, steps=t.steps, iterates=t.iterates, loss=t.loss, grad_norm=t.grad_norm,
+                               sharpness=t.sharpness, update_u=t.update_u, problem=p.description)
+    model = nf.Hybrid(nf.flows.GradientFlow(p, 0.1), nf.corrections.TermLibrary(p, 0.1, terms=["Hg"]))
+    fitted = nf.fit(model, no_history, window=4, method="regression", progress=False)
+    back = checkpoint.load(checkpoint.save(fitted, tmp_path / "f.nff"))
+    assert back.coefficients == fitted.coefficients
+
+
+def test_compare_and_fit_rebuild_the_problem_on_the_device_and_dtype_asked(tmp_path):
+    from neuralflow.cli import main
+
+    run = nf.run_gd(nf.problems.zhu_quartic(), 0.1, 20, progress=False).save(tmp_path / "z.nft")
+    for extra in (["--device", "cpu"], ["--dtype", "float32"]):
+        assert main(["compare", str(run), "--flows", "gradient", "--quiet", "--json", str(tmp_path / "c.json"),
+                     "--out", str(tmp_path / "c.png"), *extra]) == 0
+        table = json.loads((tmp_path / "c.json").read_text())
+        assert table["provenance"]["dtype"] == ("float32" if "float32" in extra else "float64")
