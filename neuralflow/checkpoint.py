@@ -171,7 +171,10 @@ def _first_loss(problem: Problem, trajectory: Trajectory) -> float:
         return float(problem.loss(trajectory.iterates[0].to(device=problem.device, dtype=problem.dtype)))
 
 
-def _problem(meta: dict[str, Any], problem: Problem | None, device: Any, where: str, max_params: int | None) -> Problem:
+def _problem(
+    meta: dict[str, Any], problem: Problem | None, device: Any, where: str, max_params: int | None,
+    allow_code: bool = False,
+) -> Problem:
     description = meta["problem"]
     if problem is None:
         if description.get("name") not in PROBLEMS:
@@ -181,7 +184,7 @@ def _problem(meta: dict[str, Any], problem: Problem | None, device: Any, where: 
                 "it: checkpoint.load(path, problem=...)."
             )
         try:
-            problem = make(description, max_params, device=device)
+            problem = make(description, max_params, device=device, allow_code=allow_code)
         except InputError as exc:
             raise InputError(f"{where}: {exc}") from None
     elif not isinstance(problem, Problem):
@@ -236,7 +239,7 @@ def save(result: FitResult, path: str | os.PathLike, report: Report | bool = Tru
 
 def load(
     path: str | os.PathLike, problem: Problem | None = None, device: torch.device | str | None = None,
-    max_params: int | None = MAX_PARAMS,
+    max_params: int | None = MAX_PARAMS, allow_code: bool = False,
 ) -> FitResult:
     """Read a checkpoint written by :func:`save` and rebuild a working :class:`FitResult`.
 
@@ -244,13 +247,14 @@ def load(
     for problems that cannot be rebuilt (``from_module``, ``from_function``); either way its loss
     at the first target state must match the one recorded. Errors (:class:`FileFormatError` for
     the file, :class:`InputError` for the problem) name the file and say what to do. A problem of
-    more than ``max_params`` parameters is not rebuilt from a file unless the limit is raised (None: none).
+    more than ``max_params`` parameters is not rebuilt from a file unless the limit is raised (None: none),
+    nor a problem from the user's own Python file unless ``allow_code`` (rebuilding it runs that file).
     """
     tensors, header = _io.read(path, _KIND)
     meta = header["meta"]
     where = str(path)
     try:
-        problem = _problem(meta, problem, device, where, max_params)
+        problem = _problem(meta, problem, device, where, max_params, allow_code)
         trajectory = _decode(Trajectory, meta["trajectory"], "trajectory.", tensors, problem.device, where)
         state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         model = _model(meta["model"], problem, state, where)
@@ -331,15 +335,15 @@ def save_simulation(path: str | os.PathLike, flow: Flow, t: float, state: Tensor
 
 def load_simulation(
     path: str | os.PathLike, problem: Problem | None = None, device: torch.device | str | None = None,
-    max_params: int | None = MAX_PARAMS,
+    max_params: int | None = MAX_PARAMS, allow_code: bool = False,
 ) -> tuple[Flow, float, Tensor, Tensor | None]:
     """Read a file written by :func:`save_simulation`: ``(flow, t, theta, extra)``, the flow's warm state restored.
 
-    ``problem``, ``device`` and ``max_params`` as in :func:`load`."""
+    ``problem``, ``device``, ``max_params`` and ``allow_code`` as in :func:`load`."""
     tensors, header = _io.read(path, _SIMULATION_KIND)
     meta, where = header["meta"], str(path)
     try:
-        problem = _problem(meta, problem, device, where, max_params)
+        problem = _problem(meta, problem, device, where, max_params, allow_code)
         flow = _build(FLOWS, meta["flow"], problem, "flow", where)
         state = tensors.pop("state").to(problem.device)
         t = float(meta["t"])

@@ -352,11 +352,14 @@ def _add_report(cmd: Command) -> None:
     _add(cmd.parser, "--latex", None, "also write the report as LaTeX here")
     _add(cmd.parser, "--html", None, "also write the report as an HTML page here")
     _add(cmd.parser, "--json", None, "also write every number of the report as JSON here (Report.from_dict reads it)")
+    _add_max_params(cmd)
 
 
 def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
     from .checkpoint import load, stored_report
 
+    if args.dtype is not None:
+        raise InputError("report renders a saved fit in the precision it was fitted in; --dtype does not apply.")
     directory = check_writable(Path(args.figures) if args.figures else Path(args.fit).with_suffix(".report"),
                                folder=True)
     for what in ("markdown", "latex", "html", "json"):
@@ -367,8 +370,11 @@ def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
         cmd.generated[k].default)]
     # The numbers saved with the fit render at once; other options, or a fit saved without them, rebuild it.
     stored = None if changed else stored_report(args.fit)
-    on_device = {} if args.device is None else {"device": args.device}
-    report = stored or load(args.fit, **on_device).report(**{k: options[k] for k in changed})
+    if stored is None:
+        fitted = load(args.fit, device=args.device, max_params=args.max_params or None, allow_code=args.allow_code)
+        report = fitted.report(**{k: options[k] for k in changed})
+    else:
+        report = stored
     say = _say(args)
     say(str(report))
     for path in report.save_figures(directory, fmt=args.figure_format):
@@ -419,6 +425,9 @@ def _add_sweep(cmd: Command) -> None:
 def cmd_sweep(cmd: Command, args: argparse.Namespace) -> int:
     from .sweep import coefficient_figure, grid, law_figure, sweep
 
+    if args.dtype is not None or args.device is not None:
+        raise InputError("a sweep's runs take their dtype and device from the configurations (keys 'device' and "
+                         "'problem.dtype'); --dtype and --device do not apply.")
     check_writable(args.out, folder=True)
     try:
         spec = json.loads(Path(args.spec).read_text())

@@ -773,6 +773,7 @@ def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: st
             f"fit: the trajectory's iterates are not finite from step {step} on; fit the finite part, e.g. "
             f"trajectory.slice(stop={step})."
         )
+    trajectory = trajectory.on_grid()  # windows and derivative stencils need evenly spaced iterates
     return trajectory if target == "iterates" else trajectory.smoothed()
 
 

@@ -1200,7 +1200,7 @@ def ladder(
     """
     from .corrections import Hybrid, TermLibrary
     from .fit import fit
-    from .flows import FLOWS
+    from .flows import FLOWS, for_run
     from .problems import make
 
     if not physics:
@@ -1211,7 +1211,7 @@ def ladder(
             if flow not in FLOWS:
                 raise InputError(f"ladder: unknown physics {flow!r}; known flows are {sorted(FLOWS)}.")
             problem = make(trajectory.problem) if problem is None else problem
-            flow = FLOWS[flow](problem, trajectory.lr)
+            flow = for_run(flow, problem, trajectory)
         lib_kw: dict[str, Any] = {"terms": list(terms), "gated": gated, "baseline": list(baseline)}
         if features is not None:
             lib_kw["features"] = list(features)

@@ -71,13 +71,23 @@ class Trajectory:
 
     @property
     def store_every(self) -> int:
-        """Spacing of the stored iterates in steps (1 for a dense recording)."""
+        """Spacing of the stored iterates in steps (1 for a dense recording).
+
+        ``run_gd`` always stores the last step, so the last gap may be shorter (steps 0, 3, 6, 9, 10);
+        :meth:`on_grid` leaves that iterate out where evenly spaced iterates are needed.
+        """
         if len(self) < 2:
             return 1
         gaps = torch.diff(self.steps)
-        if not bool((gaps == gaps[0]).all()):
+        if not bool((gaps[:-1] == gaps[0]).all()) or not 0 < int(gaps[-1]) <= int(gaps[0]):
             raise InputError("this trajectory's stored steps are not evenly spaced.")
         return int(gaps[0])
+
+    def on_grid(self) -> Trajectory:
+        """This trajectory without a last iterate off the :attr:`store_every` grid (see there), else itself."""
+        if len(self) < 3 or int(self.steps[-1] - self.steps[-2]) == self.store_every:
+            return self
+        return self.slice(stop=int(self.steps[-1]))
 
     @property
     def times(self) -> Tensor:

@@ -113,7 +113,7 @@ def test_an_edited_metadata_value_is_caught_by_the_checksum(small, tmp_path):
         (lambda m: m.update(lr=True), "metadata.lr must be a number"),
         (lambda m: m.update(lr="0.2"), "metadata.lr must be a number"),
         (lambda m: m["meta"].update(eig_tol=-1.0), "metadata.meta.eig_tol"),
-        (lambda m: m["meta"].update(warp=1), "unknown key 'warp'"),
+        (lambda m: m.update(warp=1), "unknown key 'warp'"),  # meta takes a user's notes, the record does not
         (lambda m: m.update(problem={"name": "mlp-digits", "n": 60, "dtype": "manual_seed"}),
          "metadata.problem.dtype is 'manual_seed'; known values"),
         (lambda m: m.update(problem={"name": "mlp-digits", "n": 60, "dtype": "float16"}),

@@ -452,7 +452,7 @@ def test_command_line_prints_the_report_and_saves_the_figures(tmp_path, monkeypa
         def report(self):
             return _eos_report()
 
-    monkeypatch.setattr(checkpoint, "load", lambda path: Loaded() if str(path).endswith("fit.nff") else None)
+    monkeypatch.setattr(checkpoint, "load", lambda path, **kw: Loaded() if str(path).endswith("fit.nff") else None)
     # a fit saved without its report's numbers: rebuilt from the fit
     monkeypatch.setattr(checkpoint, "stored_report", lambda path: None)
     assert main(["report", str(tmp_path / "fit.nff"), "--markdown", str(tmp_path / "report.md")]) == 0

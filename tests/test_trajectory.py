@@ -101,3 +101,24 @@ def test_eos_transients_are_the_quiet_stretches_past_two_over_lr():
     with pytest.raises(InputError, match="eig_every=1"):
         nf.Trajectory(lr=lr, steps=k.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=nan[:, None],
                       update_u=nan).eos_transients()
+
+
+def test_a_last_step_off_the_store_every_grid_is_handled_everywhere():
+    """run_gd stores steps 0, 3, 6, 9 and the last, 10: the spacing is still 3, and what needs an even grid drops 10."""
+    p = nf.problems.zhu_quartic(theta0=(1.5, 0.5))
+    traj = nf.run_gd(p, 0.1, 10, store_every=3, progress=False)
+    assert traj.steps.tolist() == [0, 3, 6, 9, 10] and traj.store_every == 3
+    assert traj.on_grid().steps.tolist() == [0, 3, 6, 9]
+    longer = nf.run_gd(p, 0.1, 20, store_every=3, progress=False)  # 0, 3, ..., 18, 20
+    assert nf.run_gd(p, 0.1, 9, store_every=3, progress=False).on_grid().steps.tolist() == [0, 3, 6, 9]
+    assert "every 3" in traj._repr_html_()
+    comparison = nf.compare(traj, nf.flows.GradientFlow(p, 0.1), problem=p)
+    assert len(comparison.rows) == 1
+    model = nf.Hybrid(nf.flows.GradientFlow(p, 0.1), nf.corrections.TermLibrary(p, 0.1, terms=["Hg"]))
+    result = nf.fit(model, longer, window=3, method="regression", progress=False)
+    assert result.settings["window"] == 3 and result.physics_error > 0
+    uneven = nf.Trajectory(lr=0.1, steps=torch.tensor([0, 2, 3, 5]), iterates=torch.zeros(4, 2),
+                           loss=torch.zeros(4), grad_norm=torch.zeros(4), sharpness=torch.zeros(4, 1),
+                           update_u=torch.zeros(4))
+    with pytest.raises(nf.InputError, match="not evenly spaced"):
+        _ = uneven.store_every

@@ -202,7 +202,7 @@ class Comparison:
         of :mod:`neuralflow.oscillation`, on its variance and its own step), or None."""
         if record.variance is None or onset is None or len(record.states) < 2:
             return None
-        step = (record.states[1:] - record.states[:-1]).norm(dim=1) / self.trajectory.store_every
+        step = (record.states[1:] - record.states[:-1]).norm(dim=1) / torch.diff(self.trajectory.times)
         step = torch.cat([step, step.new_full((1,), math.nan)])
         return first_established(self.trajectory.steps, record.variance, step, onset)
 
