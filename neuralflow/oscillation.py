@@ -115,8 +115,9 @@ class OscillationRecorder:
 
     Call :meth:`update` once per step ``j`` with ``delta_j = theta_{j+1} - theta_j`` and the tracked
     eigenvectors ``U`` (rows) at step ``j`` (or None if none measured yet); it fills row ``j - 1`` of
-    ``series``: ``oscillation`` (n, k) demodulated amplitudes along ``U`` at that step, ``oscillation_total``
-    (n,) ``||theta - m||^2``, ``smoothed_step`` (n,) ``||m_{k+1} - m_k||``. Only the last four updates
+    ``series["oscillation"]`` (n, k) (demodulated amplitudes along the eigenvectors of that step) and of
+    ``series["smoothed_step"]`` (n,) ``||m_{k+1} - m_k||``, and row ``j`` of ``series["oscillation_total"]``
+    (n,) ``||theta - m||^2``. Only the last four updates
     and two eigenvector blocks are kept.
     """
 
