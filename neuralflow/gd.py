@@ -28,7 +28,7 @@ from ._validate import check_positive_finite
 from .autodiff import Curvature, EigenResult, top_eigenpairs, value_and_gradient
 from .errors import DivergenceError, FileFormatError, InputError, Interrupted
 from .oscillation import OscillationRecorder
-from .problems import Problem, check_lr, check_positive_int
+from .problems import Problem, check_lr, check_nonnegative_int, check_positive_int
 from .trajectory import Trajectory
 
 __all__ = ["run_gd"]
@@ -82,20 +82,16 @@ def run_gd(
     """
     lr = check_lr(lr)
     eig_tol = check_positive_finite(eig_tol, "eig_tol")
-    if isinstance(eig_retries, bool) or not isinstance(eig_retries, int) or eig_retries < 0:
-        raise InputError(f"eig_retries must be a non-negative int, got {eig_retries!r}.")
+    check_nonnegative_int(eig_retries, "eig_retries")
     steps = check_positive_int(steps, "steps")
     store_every = check_positive_int(store_every, "store_every")
-    if isinstance(eig_every, bool) or not isinstance(eig_every, int) or eig_every < 0:
-        raise InputError(f"eig_every must be a non-negative int (0 = never), got {eig_every!r}.")
+    check_nonnegative_int(eig_every, "eig_every", "never")
     if isinstance(n_eigs, bool) or not isinstance(n_eigs, int) or not 1 <= n_eigs <= problem.dim:
         raise InputError(f"n_eigs must be an int in [1, {problem.dim}] (the problem's dimension), got {n_eigs!r}.")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-        raise InputError(f"checkpoint_every must be a non-negative int (0 = never), got {checkpoint_every!r}.")
+    check_nonnegative_int(checkpoint_every, "checkpoint_every", "never")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
         raise InputError(f"noise must be a finite non-negative standard deviation, got {noise!r}.")
-    if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
-        raise InputError(f"noise_seed must be a non-negative int, got {noise_seed!r}.")
+    check_nonnegative_int(noise_seed, "noise_seed")
     if checkpoint_every and resume is None:
         raise InputError("checkpoint_every needs the checkpoint file: pass resume=path (it need not exist yet).")
     theta = problem.check_theta(problem.theta0 if theta0 is None else theta0, "theta0").detach().clone()

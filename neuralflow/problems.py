@@ -583,3 +583,10 @@ def check_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name} must be a positive int, got {value!r}.")
     return value
+
+
+def check_nonnegative_int(value: int, name: str, zero: str = "") -> int:
+    """Validate a count that may be 0 (``zero`` says what 0 means, e.g. "never"): a non-negative int, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{name} must be a non-negative int{f' (0 = {zero})' if zero else ''}, got {value!r}.")
+    return value

@@ -128,7 +128,7 @@ def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
     from .corrections import TERMS
     from .fit import fit as fit_function
     from .flows import FLOWS
-    from .problems import PROBLEMS, check_lr, check_positive_int
+    from .problems import PROBLEMS, check_lr, check_nonnegative_int, check_positive_int
 
     def bad(why: str) -> InputError:
         return InputError(f"sweep: {where} ({json.dumps(config, default=str)[:200]}): {why}")
@@ -149,8 +149,7 @@ def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
         out["lr"] = check_lr(out["lr"])
         for name in ("steps", "n_eigs", "store_every"):
             check_positive_int(out[name], name)
-        if isinstance(out["eig_every"], bool) or not isinstance(out["eig_every"], int) or out["eig_every"] < 0:
-            raise InputError(f"eig_every must be a non-negative int (0 = never), got {out['eig_every']!r}.")
+        check_nonnegative_int(out["eig_every"], "eig_every", "never")
     except InputError as err:
         raise bad(str(err)) from None
     if not isinstance(out["device"], str):
