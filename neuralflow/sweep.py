@@ -211,8 +211,10 @@ def _eos_measurements(traj: Any, quiet_ratio: float) -> dict[str, Any]:
         "plateau": plateau,
         "plateau_ratio": plateau * traj.lr / 2,
     }
-    dense = traj.store_every == 1 and len(traj) >= 3 and bool(torch.isfinite(traj.sharpness[1:-1, 0]).all())
-    quiet = traj.eos_transients(quiet_ratio) if dense else None
+    # the quiet stretches need the sharpness at every step; run_gd records the oscillation at every step whatever
+    # it stores
+    every_step = "oscillation" in traj.history and bool(torch.isfinite(traj.history["sharpness"][:, 0]).all())
+    quiet = traj.eos_transients(quiet_ratio) if every_step else None
     row["quiet_stretches"] = None if quiet is None else json.dumps([list(q) for q in quiet])
     row["quiet_steps"] = math.nan if quiet is None else float(sum(b - a for a, b in quiet))
     row["quiet_first"] = math.nan if quiet is None else (float(quiet[0][1] - quiet[0][0]) if quiet else 0.0)

@@ -288,3 +288,13 @@ def test_local_pool_replaces_a_dead_worker_and_loses_no_task(tmp_path):
         results = dict(engine.map_unordered(_dies_once, items))
     assert (tmp_path / "died").exists()
     assert results == {i: 2 * v for i, (_, v) in enumerate(items)}
+
+
+def test_quiet_stretches_are_measured_whatever_the_run_stores(tmp_path):
+    """run_gd records the sharpness and the oscillation at every step, so a sparse store still gives the stretches."""
+    config = {"problem": {"name": "zhu-quartic"}, "lr": 0.2, "steps": 200, "store_every": 7, "compare": []}
+    table = sweep([config], out=tmp_path / "s", workers=1, progress=False)
+    assert table["quiet_steps"].iloc[0] == 0.0 and table["quiet_stretches"].iloc[0] == "[]"
+    sparse_sharpness = {**config, "eig_every": 2}
+    table = sweep([sparse_sharpness], out=tmp_path / "t", workers=1, progress=False)
+    assert math.isnan(table["quiet_steps"].iloc[0])  # the sharpness is not known at every step
