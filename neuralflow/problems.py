@@ -240,6 +240,13 @@ def _digits(n: int, dtype: torch.dtype, device: torch.device | str | None, who: 
     return x, y
 
 
+def _activation(name: str, who: str) -> tuple[type[torch.nn.Module], bool]:
+    """The activation's module class and whether it is smooth enough for third derivatives."""
+    if name not in _ACTIVATIONS:
+        raise InputError(f"{who}: unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}.")
+    return _ACTIVATIONS[name]
+
+
 def mlp_digits(
     n: int = 1000,
     widths: Sequence[int] = (64, 64),
@@ -258,13 +265,11 @@ def mlp_digits(
     on every device (a float32 run against a float64 one compares round-off, not two nets). The flat
     vector follows ``named_parameters()`` order.
     """
-    if activation not in _ACTIVATIONS:
-        raise InputError(f"mlp_digits: unknown activation {activation!r}; choose from {sorted(_ACTIVATIONS)}.")
+    act, smooth = _activation(activation, "mlp_digits")
     widths = tuple(int(w) for w in widths)
     if any(w < 1 for w in widths):
         raise InputError(f"mlp_digits: widths must be positive, got {widths}.")
     x, y = _digits(n, dtype, device)
-    act, smooth = _ACTIVATIONS[activation]
     torch.manual_seed(seed)
     layers: list[torch.nn.Module] = []
     sizes = (64, *widths)
@@ -313,24 +318,22 @@ def cnn_digits(
 
     ``Conv2d(1, c1, 3, padding=1), act, Conv2d(c1, c2, 3, stride=2, padding=1), act, Flatten,
     Linear(16 c2, 10)``: the 8x8 image is halved to 4x4 by the strided layer. Built like
-    :func:`mlp_digits` (``torch.manual_seed(seed)``, PyTorch's default initialisation, ``dtype``). The
-    architecture family of the central-flow experiments (Cohen et al. 2025 train CNNs on CIFAR), small
-    enough for third derivatives on a CPU.
+    :func:`mlp_digits` (``torch.manual_seed(seed)``, PyTorch's default initialisation in float64 on the CPU,
+    then cast to ``dtype`` and moved to ``device``). The architecture family of the central-flow experiments
+    (Cohen et al. 2025 train CNNs on CIFAR), small enough for third derivatives on a CPU.
     """
-    if activation not in _ACTIVATIONS:
-        raise InputError(f"cnn_digits: unknown activation {activation!r}; choose from {sorted(_ACTIVATIONS)}.")
+    act, smooth = _activation(activation, "cnn_digits")
     channels = tuple(int(c) for c in channels)
     if len(channels) != 2 or any(c < 1 for c in channels):
         raise InputError(f"cnn_digits: channels must be two positive ints (c1, c2), got {channels}.")
     x, y = _digits(n, dtype, device, "cnn_digits", images=True)
-    act, smooth = _ACTIVATIONS[activation]
     torch.manual_seed(seed)
-    kw = {"dtype": dtype, "device": device}
+    kw = {"dtype": torch.float64}
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, channels[0], 3, padding=1, **kw), act(),
         torch.nn.Conv2d(channels[0], channels[1], 3, stride=2, padding=1, **kw), act(),
         torch.nn.Flatten(), torch.nn.Linear(16 * channels[1], 10, **kw),
-    )
+    ).to(dtype=dtype, device=device)
     problem = from_module(net, x, y, loss="mse", batch_size=batch_size)
     problem.name = "cnn-digits"
     problem.description = {
@@ -344,10 +347,10 @@ def cnn_digits(
 class _LastStepLSTM(torch.nn.Module):
     """An LSTM read out by a linear layer at its last time step: ``(n, T, 1) -> (n, 1)``."""
 
-    def __init__(self, hidden: int, dtype: torch.dtype, device: torch.device | str | None) -> None:
+    def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.lstm = torch.nn.LSTM(1, hidden, batch_first=True, dtype=dtype, device=device)
-        self.readout = torch.nn.Linear(hidden, 1, dtype=dtype, device=device)
+        self.lstm = torch.nn.LSTM(1, hidden, batch_first=True, dtype=torch.float64)
+        self.readout = torch.nn.Linear(hidden, 1, dtype=torch.float64)
 
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.lstm(x)
@@ -367,7 +370,8 @@ def lstm_recall(
     Inputs ``x`` are ``n`` sequences of ``length`` standard normal numbers (generated from ``seed``),
     the target is ``x[:, 0]``: the net has to carry one number through ``length - 1`` steps of its
     memory. ``LSTM(1, hidden)`` read out by ``Linear(hidden, 1)`` at the last step, initialised by
-    PyTorch after ``torch.manual_seed(seed)``. Smooth (sigmoid and tanh gates), so every flow applies.
+    PyTorch after ``torch.manual_seed(seed)`` in float64 on the CPU, then cast and moved. Smooth (sigmoid and
+    tanh gates), so every flow applies.
     """
     for name, value, most in (("n", n, 100_000), ("length", length, 1000), ("hidden", hidden, 4096)):
         if check_positive_int(value, f"lstm_recall: {name}") > most:
@@ -376,7 +380,8 @@ def lstm_recall(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, length, 1, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
     torch.manual_seed(seed)
-    problem = from_module(_LastStepLSTM(hidden, dtype, device), x, x[:, 0].clone(), loss="mse")
+    net = _LastStepLSTM(hidden).to(dtype=dtype, device=device)  # built in float64 on the CPU, as mlp_digits
+    problem = from_module(net, x, x[:, 0].clone(), loss="mse")
     problem.name = "lstm-recall"
     problem.description = {
         "name": "lstm-recall", "n": n, "length": length, "hidden": hidden, "seed": seed,

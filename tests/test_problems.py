@@ -120,3 +120,12 @@ def test_the_lstm_target_is_the_first_entry_of_each_sequence():
     # at zero weights the net outputs 0, so the loss is half the mean square of the targets
     x = torch.randn(8, 4, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert lstm.loss(torch.zeros_like(lstm.theta0)).item() == pytest.approx(0.5 * (x[:, 0] ** 2).mean().item())
+
+
+@pytest.mark.parametrize("builder", [nf.problems.mlp_digits, nf.problems.cnn_digits, nf.problems.lstm_recall])
+def test_the_same_seed_gives_the_same_net_in_every_dtype(builder):
+    """Built in float64 on the CPU, then cast: a float32 run compares round-off, not two different nets."""
+    kw = {"n": 40} if builder is not nf.problems.lstm_recall else {"n": 16}
+    wide, narrow = builder(**kw), builder(**kw, dtype=torch.float32)
+    assert narrow.theta0.dtype == torch.float32
+    assert torch.equal(narrow.theta0, wide.theta0.to(torch.float32))
