@@ -556,7 +556,7 @@ def sweep(
     try:
         import pandas as pd
     except ImportError:
-        raise InputError('sweep: the results table needs pandas; pip install -e ".[sweep]"') from None
+        raise InputError('sweep: the results table needs pandas; pip install -e ".[frames]" (or pandas)') from None
     if isinstance(engine, str) and engine not in ENGINES:
         raise InputError(f"sweep: unknown engine {engine!r}; choose from {sorted(ENGINES)} (or pass an Engine).")
     if isinstance(configs, dict) or not isinstance(configs, Sequence) or not configs:
