@@ -221,13 +221,18 @@ def cmd_run_gd(cmd: Command, args: argparse.Namespace) -> int:
 def _add_compare(cmd: Command) -> None:
     from .flows import FLOWS
 
-    cmd.parser.add_argument("trajectory", nargs="?", default=None, help="trajectory file written by run-gd (.nft)")
-    cmd.positional = ("trajectory",)
+    _add_trajectory(cmd)
     _add(cmd.parser, "--flows", "gradient,modified1,modified2,central",
          f"comma-separated flows, each with its options after a colon: {flows_help(FLOWS)}")
     cmd.add_generated("compare", public_functions("compare")["compare"])
     _add(cmd.parser, "--out", None, "figure to write (default: the trajectory's name + .compare.png)")
     _add(cmd.parser, "--json", None, "also write the table as JSON here")
+
+
+def _add_trajectory(cmd: Command) -> None:
+    """The TRAJECTORY argument, and the limits on what its file may make :func:`_load_trajectory` build."""
+    cmd.parser.add_argument("trajectory", nargs="?", default=None, help="trajectory file written by run-gd (.nft)")
+    cmd.positional = ("trajectory",)
     _add_max_params(cmd)
 
 
@@ -279,8 +284,7 @@ def cmd_compare(cmd: Command, args: argparse.Namespace) -> int:
 def _add_fit(cmd: Command) -> None:
     from .flows import FLOWS
 
-    cmd.parser.add_argument("trajectory", nargs="?", default=None, help="trajectory file written by run-gd (.nft)")
-    cmd.positional = ("trajectory",)
+    _add_trajectory(cmd)
     _add(cmd.parser, "--physics", "gradient",
          "physics flow with its options after a colon (several, comma-separated, fit one library on each: a "
          f"ladder): {flows_help(FLOWS)}")
@@ -291,7 +295,6 @@ def _add_fit(cmd: Command) -> None:
     _add(cmd.parser, "--exclude-transients", False, "leave out the stretches past 2/lr where GD does not oscillate "
          "yet (Trajectory.eos_transients), besides --exclude", action="store_true")
     _add(cmd.parser, "--out", "fit.nff", "fit file to write (.nff); a ladder writes one per physics, NAME.PHYSICS.nff")
-    _add_max_params(cmd)
 
 
 def cmd_fit(cmd: Command, args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ forward pass; the derivatives in :mod:`neuralflow.autodiff` accumulate over the 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._validate import DTYPES, MAX_PARAMS, check_max_params, check_problem_description
+from ._validate import DTYPES, MAX_PARAMS, check_max_params, check_positive_finite, check_problem_description
 from .errors import InputError
 
 LossFn = Callable[[Tensor], Tensor]
@@ -578,9 +577,7 @@ def make(
 
 def check_lr(lr: float) -> float:
     """Validate a step size: a positive finite number."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise InputError(f"lr must be a positive finite number, got {lr!r}.")
-    return float(lr)
+    return check_positive_finite(lr, "lr")
 
 
 def check_positive_int(value: int, name: str) -> int:
