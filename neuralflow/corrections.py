@@ -12,6 +12,8 @@ A correction is a vector field ``F_a(theta)`` in step time; the model that is fi
 * :class:`HiddenStateLibrary`: for a flow that carries state beyond ``theta`` (the oscillation flow's
   covariance), learnable changes of the coefficients of named terms (:data:`HIDDEN_TERMS`) of the extra
   state's equation and of its coupling back into ``dtheta/dt``.
+* :class:`LatentCorrection`: for problems with no known physics of a missing state, ``m`` latent states of its
+  own with a small network for their dynamics and a linear read-out into ``dtheta/dt`` (an augmented neural ODE).
 
 Every field is evaluated on a batch of states through one
 :class:`~neuralflow.autodiff.StateDerivatives`, so it stays differentiable with respect to the
@@ -31,7 +33,7 @@ from torch import Tensor
 from .autodiff import StateDerivatives, top_eigenpairs
 from .errors import InputError
 from .flows import FLOWS
-from .flows.base import Approximation, Flow
+from .flows.base import Approximation, ExtraState, Flow
 from .flows.central import SECOND_ORDER_OSCILLATION
 from .flows.gradient import CONTINUOUS_TIME_1, NO_OSCILLATION
 from .flows.modified import CONTINUOUS_TIME_2
@@ -48,6 +50,7 @@ __all__ = [
     "HiddenTermSpec",
     "HIDDEN_TERMS",
     "HiddenStateLibrary",
+    "LatentCorrection",
     "Hybrid",
     "CORRECTIONS",
     "EFFECTIVE_STEP_SIZE",
@@ -678,8 +681,130 @@ class HiddenStateLibrary(Correction):
         return f"{super().extra_repr()}, terms={self.terms}"
 
 
+class LatentCorrection(Correction):
+    """A latent neural correction: ``m`` latent states ``z`` of its own, for a missing state with no known physics.
+
+    An augmented neural ODE (Dupont, Doucet, Teh, NeurIPS 2019) with a linear read-out, as in latent ODEs (Rubanova,
+    Chen, Duvenaud, NeurIPS 2019). In step time::
+
+        dz/dt      = lr f_phi(x(theta), z)                                        (m equations)
+        F_a(theta, z) = sum_j (W z)_j lr^{p_j} field_j(theta)  +  lr P z           (added to the flow's dtheta/dt)
+
+    ``f_phi`` is a tanh network with one hidden layer of width ``hidden`` on ``[x, z]``, ``x = theta``
+    (``features="state"``) or the scalar state features of :data:`FEATURES` (``features="features"``). The read-out
+    is linear in ``z`` and readable: ``(W z)_j`` is a history-dependent coefficient of the named candidate field
+    ``j`` of :data:`TERMS` (``fields``; ``("g",)``: a history-dependent step size, theory 0), and, with
+    ``direct=True``, ``P`` (``d x m``) a rank-``m`` force whose columns are directions in parameter space (what a
+    momentum-like state needs: a velocity where ``g = 0``). Why a latent state at all: a correction of ``theta``
+    alone gives one velocity per state, so it cannot reproduce a system that passes one ``theta`` twice with two
+    velocities (a hidden variable with its own dynamics); the latent states carry that memory.
+
+    The last layer of ``f_phi`` starts at 0 and ``z`` starts at 0 (:meth:`Hybrid.initial_extra
+    <neuralflow.corrections.Hybrid.initial_extra>`: nothing is measured about ``z``), so ``z`` stays 0 and the
+    hybrid starts as the physics; ``W`` and ``P`` start small and random (seeded by ``seed``) so that the gradient
+    of the fit reaches ``f_phi``. Inside :class:`Hybrid` the ODE state is ``[theta, flow extra (if any), z]``. In
+    :func:`~neuralflow.fit.fit` each window's ``z`` starts at 0 (``extra_start="measured"``: the correction
+    remembers nothing from before the window) or at a start fitted per window (``extra_start="fitted"``, together
+    with the flow's own extra state if it has one), which a history that began before the window needs.
+    """
+
+    name = "latent"
+
+    def __init__(
+        self,
+        problem: Problem,
+        lr: float,
+        m: int = 2,
+        fields: Sequence[str] = ("g",),
+        direct: bool = True,
+        features: str = "state",
+        hidden: int = 16,
+        feature_names: Sequence[str] = ("lr_S_minus_2", "lr_S", "loss"),
+        seed: int = 0,
+        max_critical: int = 4,
+        eig_tol: float = 1e-6,
+    ) -> None:
+        super().__init__(problem, lr, max_critical=max_critical, eig_tol=eig_tol)
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise InputError(f"LatentCorrection: m (the number of latent states) must be a positive int, got {m!r}.")
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise InputError(f"LatentCorrection: hidden must be a positive int, got {hidden!r}.")
+        if features not in ("state", "features"):
+            raise InputError(f"LatentCorrection: features must be 'state' or 'features', got {features!r}.")
+        if not isinstance(direct, bool):
+            raise InputError(f"LatentCorrection: direct must be True or False, got {direct!r}.")
+        self.fields = _check_names(fields, TERMS, "term")
+        if not self.fields and not direct:
+            raise InputError("LatentCorrection: the latent states must reach dtheta/dt; name fields=[...] (e.g. "
+                             "['g']) or pass direct=True.")
+        self.m, self.hidden, self.inputs, self.direct, self.seed = m, hidden, features, direct, seed
+        self.feature_names = _check_names(feature_names, FEATURES, "feature")
+        n_in = problem.dim if features == "state" else len(self.feature_names)
+        kw = {"dtype": problem.dtype, "device": problem.device}
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(n_in + m, hidden, **kw), torch.nn.Tanh(), torch.nn.Linear(hidden, m, **kw)
+        )
+        if self.fields:
+            self.readout = torch.nn.Parameter(torch.randn(len(self.fields), m, **kw) / m)  # W
+        if direct:
+            self.force = torch.nn.Parameter(torch.randn(problem.dim, m, **kw) / m)  # P
+        torch.random.set_rng_state(gen_state)
+        torch.nn.init.zeros_(self.net[2].weight)
+        torch.nn.init.zeros_(self.net[2].bias)
+
+    @property
+    def latent(self) -> ExtraState:
+        """What the latent states are: ``z``, shape ``(m,)``."""
+        return ExtraState("latent", "z", (self.m,), f"{self.m} latent state(s) of the neural correction, "
+                          "with learned dynamics and no measurement")
+
+    @property
+    def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]
+        return tuple(dict.fromkeys(TERMS[n].approximation for n in self.fields))
+
+    def latent_field(self, t: Tensor, state: StateDerivatives, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(F_a, dz/dt)`` on states ``state.thetas`` ``(B, d)`` with latent states ``z`` ``(B, m)``."""
+        if z.dim() != 2 or z.shape != (state.thetas.shape[0], self.m):
+            raise InputError(f"LatentCorrection: expected latent states of shape ({state.thetas.shape[0]}, {self.m}), "
+                             f"got {tuple(z.shape)}.")
+        ctx = _Context(self, state)
+        x = state.out(state.thetas if self.inputs == "state" else _feature_matrix(ctx, self.feature_names))
+        dz = self.lr * self.net(torch.cat([x, z], dim=1))
+        out = torch.zeros_like(state.thetas) if not self.direct else self.lr * z @ self.force.T
+        if self.fields:
+            coeffs = z @ self.readout.T  # (B, K): each field's coefficient (W z)_j
+            for j, n in enumerate(self.fields):
+                out = out + coeffs[:, j : j + 1] * state.out(TERMS[n](ctx))
+        return out, dz
+
+    def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
+        raise InputError("a LatentCorrection carries latent states of its own; use it inside "
+                         "nf.Hybrid(flow, correction), whose ODE state is [theta, flow extra state (if any), z].")
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "lr": self.lr,
+            "m": self.m,
+            "fields": list(self.fields),
+            "direct": self.direct,
+            "features": self.inputs,
+            "hidden": self.hidden,
+            "feature_names": list(self.feature_names),
+            "seed": self.seed,
+            "max_critical": self.max_critical,
+            "eig_tol": self.eig_tol,
+        }
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, m={self.m}, fields={self.fields}, direct={self.direct}"
+
+
 CORRECTIONS: dict[str, type[Correction]] = {
     "term-library": TermLibrary, "neural": NeuralCorrection, "hidden-state": HiddenStateLibrary,
+    "latent": LatentCorrection,
 }
 
 
@@ -693,6 +818,12 @@ class Hybrid(Flow):
     A :class:`HiddenStateLibrary` then adds ``(c_j - p_j)`` times each of its terms' fields (the flow's
     :meth:`~neuralflow.flows.Flow.hidden_fields`); a :class:`TermLibrary` or :class:`NeuralCorrection` adds its
     field to ``dtheta/dt`` only, and the extra state follows the physics.
+
+    A :class:`LatentCorrection` appends its latent states: the ODE state is ``[theta, flow extra (if any), z]``, and
+    the hybrid's :attr:`extra_state` is everything after ``theta`` as one flat vector (``name`` ``"latent"`` or, on
+    a flow with extra state, e.g. ``"covariance+latent"``); :meth:`split`, :meth:`join`, :meth:`initial_extra`
+    (the flow's start, then ``z = 0``) and :meth:`rebase` cover it, so ``simulate``, ``compare``, ``fit`` and
+    checkpoints need nothing else. :meth:`flow_part` gives the flow's own ODE state and ``z``.
     """
 
     name = "hybrid"
@@ -705,8 +836,8 @@ class Hybrid(Flow):
         if correction is not None:
             if not isinstance(correction, Correction):
                 raise InputError(
-                    f"Hybrid: correction must be a TermLibrary, NeuralCorrection or HiddenStateLibrary (or None), got "
-                    f"{type(correction).__name__}."
+                    "Hybrid: correction must be a TermLibrary, NeuralCorrection, HiddenStateLibrary or "
+                    f"LatentCorrection (or None), got {type(correction).__name__}."
                 )
             if correction.problem is not flow.problem:
                 raise InputError("Hybrid: the flow and the correction must be built on the same Problem object.")
@@ -725,6 +856,13 @@ class Hybrid(Flow):
         self.flow = flow
         self.correction = correction
         self.extra_state = flow.extra_state
+        if isinstance(correction, LatentCorrection):
+            own = flow.extra_state
+            latent = correction.latent
+            self.extra_state = latent if own is None else ExtraState(
+                f"{own.name}+{latent.name}", f"[{own.symbol}, {latent.symbol}]", (own.size + latent.size,),
+                f"{own.statement}, flattened, then {latent.statement}",
+            )
         self.differentiable = flow.differentiable
 
     @property
@@ -738,10 +876,17 @@ class Hybrid(Flow):
         if batch.shape[-1] != self.state_dim:
             raise InputError(
                 f"Hybrid: the {self.flow.name} flow's ODE state [theta, {self.extra_state.name}] has length "
-                f"{self.state_dim}, got {batch.shape[-1]}; build it with flow.join(theta, flow.initial_extra(theta))."
+                f"{self.state_dim}, got {batch.shape[-1]}; build it with model.join(theta, model.initial_extra(theta))."
             )
         lib = self.correction
-        if isinstance(lib, HiddenStateLibrary):
+        if isinstance(lib, LatentCorrection):
+            head, z = self.flow_part(batch)
+            theta = head[:, : self.problem.dim]
+            state = StateDerivatives(self.problem, theta, torch.is_grad_enabled() and batch.requires_grad)
+            out = self.flow.vector_field(t, state) if self.flow.extra_state is None else self.flow(t, head)
+            dtheta, dz = lib.latent_field(t, state, z)
+            out = torch.cat([out[:, : self.problem.dim] + dtheta, out[:, self.problem.dim :], dz], dim=1)
+        elif isinstance(lib, HiddenStateLibrary):
             out, fields = self.flow.hidden_fields(t, batch, lib.terms)
             own = self.flow.hidden_coefficients()
             for n, c in lib.coefficients(self.flow).items():
@@ -757,11 +902,28 @@ class Hybrid(Flow):
         out = self.flow.vector_field(t, state)
         return out if self.correction is None else out + self.correction.vector_field(t, state)
 
+    def flow_part(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(flow state, z)`` of ODE states ``y`` ``(..., state_dim)``: the flow's own ``[theta, extra]`` and the
+        latent states of a :class:`LatentCorrection` (None for any other correction)."""
+        if not isinstance(self.correction, LatentCorrection):
+            return y, None
+        n = self.flow.state_dim
+        return y[..., :n], y[..., n:]
+
     def initial_extra(self, theta0: Tensor, trajectory: object = None, step: int | None = None) -> Tensor | None:
-        return self.flow.initial_extra(theta0, trajectory, step)
+        """The flow's extra state at ``theta0`` (its measurement in ``trajectory`` at ``step``), then, for a
+        :class:`LatentCorrection`, ``z = 0``: nothing is measured about the latent states (``fit`` can fit their
+        start per window instead, ``extra_start="fitted"``)."""
+        own = self.flow.initial_extra(theta0, trajectory, step)
+        if not isinstance(self.correction, LatentCorrection):
+            return own
+        z = theta0.new_zeros(self.correction.m)
+        return z if own is None else torch.cat([own.reshape(-1).to(z), z])
 
     def rebase(self, y: Tensor) -> Tensor:
-        return self.flow.rebase(y)
+        head, z = self.flow_part(y)
+        head = self.flow.rebase(head)
+        return head if z is None else torch.cat([head, z], dim=-1)
 
     def config(self) -> dict[str, Any]:
         return {

@@ -23,7 +23,9 @@ one; with ``extra_start="fitted"`` every window's start of the extra state is a 
 (initialised there) fitted with the correction, for runs where nothing is measured. The loss is ``E`` on
 ``theta`` alone (the measured variance is not in it yet), and the APHYNITY term is left out (weight 0): a
 hidden-state library's parameters are already the relative revision of the physics' coefficients. The flow
-must be differentiable (``flow.differentiable``; the oscillation flow is not yet).
+must be differentiable (``flow.differentiable``; the oscillation flow is not yet). A
+:class:`~neuralflow.corrections.LatentCorrection` goes the same way: its latent states ``z`` are part of the
+hybrid's extra state (``model.extra_state``), starting at 0 in every window or fitted per window.
 
 Gradients come from ``torchdiffeq.odeint_adjoint`` (adjoint parameters = the correction's
 parameters, seminorm) or from backpropagation through ``odeint`` (``method="direct"``); LBFGS and
@@ -237,13 +239,13 @@ class _Objective:
         self.params = list(self.model_params)
         self.start_extra: torch.nn.Parameter | None = None
         if fitted_start:  # a learnable start of the extra state per window (nuisance parameters, after the model's)
-            self.start_extra = torch.nn.Parameter(model.flow.split(start)[1].reshape(len(start), -1).clone())
+            self.start_extra = torch.nn.Parameter(model.split(start)[1].reshape(len(start), -1).clone())
             self.params.append(self.start_extra)
         self.last_jacobian: Tensor | None = None
         self.val_loss = math.nan
         self.last_errors: Tensor | None = None
-        physics = Hybrid(model.flow, None)
-        self.physics_errors = self.errors(self.solve(self.start, grad=False, model=physics))
+        physics = Hybrid(model.flow, None)  # on the flow's own state (a latent correction's z left out)
+        self.physics_errors = self.errors(self.solve(self.start[:, :physics.state_dim], grad=False, model=physics))
         self.penalty_weight = 0.0
         if model.extra_state is None:
             with torch.no_grad():
