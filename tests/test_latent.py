@@ -83,6 +83,8 @@ def test_windows_start_the_latent_states_at_zero_and_the_hybrid_starts_as_the_ph
     expected = -LR * p.theta0 + LR * force @ z  # z's own equation starts at 0 (the last layer of f_phi)
     torch.testing.assert_close(out[:1], expected, rtol=1e-14, atol=0)
     assert out[1:].abs().max() == 0
+    record = nf.compare(oscillator, model, progress=False).records[0]  # compare goes through the same abstraction
+    assert record.extra.shape == (len(oscillator), 2) and record.extra.abs().max() == 0
 
 
 def test_adjoint_and_direct_gradients_agree_through_the_latent_states(oscillator):
