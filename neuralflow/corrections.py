@@ -741,16 +741,19 @@ class LatentCorrection(Correction):
         self.feature_names = _check_names(feature_names, FEATURES, "feature")
         n_in = problem.dim if features == "state" else len(self.feature_names)
         kw = {"dtype": problem.dtype, "device": problem.device}
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(n_in + m, hidden, **kw), torch.nn.Tanh(), torch.nn.Linear(hidden, m, **kw)
-        )
+        # drawn in float64 on the CPU from the seed alone, then cast and moved: the same start on every device
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            cpu = {"dtype": torch.float64}
+            net = torch.nn.Sequential(
+                torch.nn.Linear(n_in + m, hidden, **cpu), torch.nn.Tanh(), torch.nn.Linear(hidden, m, **cpu)
+            )
+            readout, force = torch.randn(len(self.fields), m, **cpu) / m, torch.randn(problem.dim, m, **cpu) / m
+        self.net = net.to(**kw)
         if self.fields:
-            self.readout = torch.nn.Parameter(torch.randn(len(self.fields), m, **kw) / m)  # W
+            self.readout = torch.nn.Parameter(readout.to(**kw))  # W
         if direct:
-            self.force = torch.nn.Parameter(torch.randn(problem.dim, m, **kw) / m)  # P
-        torch.random.set_rng_state(gen_state)
+            self.force = torch.nn.Parameter(force.to(**kw))  # P
         torch.nn.init.zeros_(self.net[2].weight)
         torch.nn.init.zeros_(self.net[2].bias)
 

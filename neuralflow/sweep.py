@@ -11,6 +11,7 @@ A configuration is a JSON-able dict::
 
     {"problem": {"name": "mlp-digits", "n": 500, "widths": [32, 32], "seed": 0},   # problems.make
      "lr": 0.1, "steps": 700, "eig_every": 1, "n_eigs": 1, "store_every": 1, "device": "cpu",
+     "noise": 1e-10, "noise_seed": 0,                                                   # run_gd's injected noise
      "compare": ["gradient", "central"],                                               # flows.FLOWS names
      "fit": {"physics": "gradient", "terms": ["Hg"], "window": 20, "method": "regression",
              "exclude_transients": False, ...}}                                        # further fit() options
@@ -21,9 +22,10 @@ addresses a nested key). Every configuration is checked before anything runs.
 Files (in ``out``): ``sweep.json`` (the neuralflow version and format that wrote the folder),
 ``runs/<key>/trajectory.nft``, ``runs/<key>/fit.nff`` and ``runs/<key>/row.nfr`` (the table row),
 ``table.csv`` and, with pyarrow installed, ``table.parquet``. ``<key>`` is a hash of the run's
-normalised configuration. Each run's files are written by the driver, atomically, the row last, as
-soon as the run finishes: a sweep that is interrupted resumes where it stopped, and a repeated one
-computes nothing. A folder written by another neuralflow version is refused (the rows would not be
+normalised configuration (without ``noise`` and ``noise_seed`` when ``noise`` is 0: a run without noise keeps the
+key it had before noise was an option, and its ``noise_seed``, which changes nothing, is normalised to 0). Each
+run's files are written by the driver, atomically, the row last, as soon as the run finishes: a sweep that is
+interrupted resumes where it stopped, and a repeated one computes nothing. A folder written by another neuralflow version is refused (the rows would not be
 comparable), with nothing in it changed.
 
 Engines
@@ -86,7 +88,7 @@ TIMING_COLUMNS = ("wall_s", "gd_s", "compare_s", "fit_s")
 
 _RUN_DEFAULTS: dict[str, Any] = {
     "steps": 1000, "eig_every": 1, "n_eigs": 1, "store_every": 1, "device": "cpu", "compare": [], "fit": None,
-    "quiet_ratio": 0.1,
+    "quiet_ratio": 0.1, "noise": 0.0, "noise_seed": 0,
 }
 _FIT_DEFAULTS: dict[str, Any] = {
     "physics": "gradient", "terms": ["Hg"], "window": 20, "method": "regression", "exclude_transients": False,
@@ -128,6 +130,7 @@ def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
     from .corrections import TERMS
     from .fit import fit as fit_function
     from .flows import FLOWS
+    from .gd import check_noise
     from .problems import PROBLEMS, check_lr, check_nonnegative_int, check_positive_int
 
     def bad(why: str) -> InputError:
@@ -150,6 +153,10 @@ def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
         for name in ("steps", "n_eigs", "store_every"):
             check_positive_int(out[name], name)
         check_nonnegative_int(out["eig_every"], "eig_every", "never")
+        out["noise"] = check_noise(out["noise"])
+        check_nonnegative_int(out["noise_seed"], "noise_seed")
+        if not out["noise"]:  # GD without noise draws nothing: every seed is the same run
+            out["noise_seed"] = 0
     except InputError as err:
         raise bad(str(err)) from None
     if not isinstance(out["device"], str):
@@ -174,7 +181,9 @@ def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
 
 
 def config_key(config: dict[str, Any]) -> str:
-    """A short hash of a normalised configuration: the name of the run's folder."""
+    """A short hash of a normalised configuration: the name of the run's folder (see the module docstring)."""
+    if not config.get("noise"):
+        config = {k: v for k, v in config.items() if k not in ("noise", "noise_seed")}
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -282,7 +291,8 @@ def run_task(config: dict[str, Any], threads: int = 1) -> dict[str, Any]:
         files: dict[str, bytes] = {}
         try:
             traj = run_gd(problem, config["lr"], config["steps"], eig_every=config["eig_every"],
-                          n_eigs=config["n_eigs"], store_every=config["store_every"], progress=False)
+                          n_eigs=config["n_eigs"], store_every=config["store_every"], noise=config["noise"],
+                          noise_seed=config["noise_seed"], progress=False)
             row["status"], row["error"] = "ok", None
         except DivergenceError as err:
             traj = err.partial
