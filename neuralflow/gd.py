@@ -31,7 +31,14 @@ from .oscillation import OscillationRecorder
 from .problems import Problem, check_lr, check_nonnegative_int, check_positive_int
 from .trajectory import Trajectory
 
-__all__ = ["run_gd"]
+__all__ = ["run_gd", "check_noise"]
+
+
+def check_noise(noise: float) -> float:
+    """Validate the injected noise level ``nu`` of :func:`run_gd`: a finite non-negative number (0: none)."""
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
+        raise InputError(f"noise must be a finite non-negative standard deviation, got {noise!r}.")
+    return float(noise)
 
 
 def run_gd(
@@ -89,8 +96,7 @@ def run_gd(
     if isinstance(n_eigs, bool) or not isinstance(n_eigs, int) or not 1 <= n_eigs <= problem.dim:
         raise InputError(f"n_eigs must be an int in [1, {problem.dim}] (the problem's dimension), got {n_eigs!r}.")
     check_nonnegative_int(checkpoint_every, "checkpoint_every", "never")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
-        raise InputError(f"noise must be a finite non-negative standard deviation, got {noise!r}.")
+    noise = check_noise(noise)
     check_nonnegative_int(noise_seed, "noise_seed")
     if checkpoint_every and resume is None:
         raise InputError("checkpoint_every needs the checkpoint file: pass resume=path (it need not exist yet).")

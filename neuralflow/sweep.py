@@ -25,8 +25,8 @@ Files (in ``out``): ``sweep.json`` (the neuralflow version and format that wrote
 normalised configuration (without ``noise`` and ``noise_seed`` when ``noise`` is 0: a run without noise keeps the
 key it had before noise was an option, and its ``noise_seed``, which changes nothing, is normalised to 0). Each
 run's files are written by the driver, atomically, the row last, as soon as the run finishes: a sweep that is
-interrupted resumes where it stopped, and a repeated one computes nothing. A folder written by another neuralflow version is refused (the rows would not be
-comparable), with nothing in it changed.
+interrupted resumes where it stopped, and a repeated one computes nothing. A folder written by another neuralflow
+version is refused (the rows would not be comparable), with nothing in it changed.
 
 Engines
 -------

@@ -298,3 +298,37 @@ def test_quiet_stretches_are_measured_whatever_the_run_stores(tmp_path):
     sparse_sharpness = {**config, "eig_every": 2}
     table = sweep([sparse_sharpness], out=tmp_path / "t", workers=1, progress=False)
     assert math.isnan(table["quiet_steps"].iloc[0])  # the sharpness is not known at every step
+
+
+def test_noise_is_part_of_a_configuration_its_key_and_its_table(tmp_path):
+    """run_gd's injected noise goes through a sweep: the run is run_gd's with that noise and seed, the table has both
+    columns, each seed is a run of its own, and without noise the seed changes nothing (one run, the key it had)."""
+    import torch
+
+    import neuralflow as nf
+    from neuralflow.problems import make
+
+    plain = {"problem": {"name": "zhu-quartic"}, "lr": 0.1, "steps": 30}
+    noisy = [{**plain, "noise": 1e-3, "noise_seed": s} for s in (0, 1)]
+    table = sweep([plain, *noisy], out=tmp_path / "s", workers=1, progress=False)
+    assert table["noise"].tolist() == [0.0, 1e-3, 1e-3] and table["noise_seed"].tolist() == [0, 0, 1]
+    assert len(set(table["key"])) == 3
+    runs = [nf.Trajectory.load(tmp_path / "s" / f) for f in table["file.trajectory"]]
+    for config, traj in zip([plain, *noisy], runs):
+        again = nf.run_gd(make(config["problem"]), 0.1, 30, noise=config.get("noise", 0.0),
+                          noise_seed=config.get("noise_seed", 0), progress=False)
+        assert torch.equal(traj.iterates, again.iterates)
+    assert not torch.equal(runs[1].iterates, runs[2].iterates)
+    assert not torch.equal(runs[0].iterates, runs[1].iterates)
+    quiet_seed = {**plain, "noise": 0, "noise_seed": 7}
+    assert normalise(quiet_seed)["noise_seed"] == 0
+    assert config_key(normalise(quiet_seed)) == config_key(normalise(plain)) == table["key"][0]
+    before = {k: v for k, v in normalise(plain).items() if k not in ("noise", "noise_seed")}
+    assert config_key(normalise(plain)) == config_key(before)  # the key it had before noise was an option
+    for bad, match in (({"noise": -1e-3}, "noise must be a finite non-negative"),
+                       ({"noise": True}, "noise must be a finite non-negative"),
+                       ({"noise_seed": -1}, "noise_seed must be a non-negative int"),
+                       ({"noise": 0.0, "noise_seed": "one"}, "noise_seed must be a non-negative int")):
+        with pytest.raises(InputError, match=f"run 0 .*{match}"):
+            sweep([{**plain, **bad}], out=tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
