@@ -218,7 +218,8 @@ class ByName(Spec):
             return
         name = value.get("name")
         Str(max_len=200).check(name, f"{at}.name")
-        record = self.other if self.marker is not None and self.marker in value else self.cases.get(name, self.other)
+        record = (self.other if self.marker is not None and self.marker in value
+                  else self.cases.get(str(name), self.other))
         if record is None:
             raise InputError(f"{at}.name is {_show(name)}; known names are {sorted(self.cases)}.")
         record.check(value, at)

@@ -39,6 +39,14 @@ __all__ = [
 ]
 
 
+def _total(parts: list[Tensor]) -> Tensor:
+    """The sum of the per-part Hessian-vector products, added in order (as the loss sums its parts)."""
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
+
+
 class Curvature:
     """Loss, gradient and Hessian-vector products of a problem at one fixed point ``theta``.
 
@@ -86,7 +94,7 @@ class Curvature:
             return torch.stack([self.hvp(row) for row in v]) if len(v) else v.clone()
         self.n_hvp += 1
         with torch.enable_grad():
-            return sum(self._part_hvps(v.detach(), create_graph=False))
+            return _total(self._part_hvps(v.detach(), create_graph=False))
 
     def d3(self, v: Tensor, w: Tensor) -> Tensor:
         """``D3L[v, w] = grad_theta (v^T H w)``; rows of ``(k, d)`` blocks pair up."""
@@ -103,7 +111,7 @@ class Curvature:
     def hvp_graphs(self, U: Tensor) -> list[Tensor]:
         """``H u_b`` for each row of ``U`` (k, d), differentiable again: contract and backpropagate them."""
         with torch.enable_grad():
-            return [sum(self._part_hvps(u.detach(), create_graph=True)) for u in U]
+            return [_total(self._part_hvps(u.detach(), create_graph=True)) for u in U]
 
     def d3_pairs(self, U: Tensor, hu: list[Tensor] | None = None) -> Tensor:
         """``D[a, b] = D3L[u_a, u_b]`` for every pair of rows of ``U`` (k, d), shape ``(k, k, d)``.
@@ -236,7 +244,12 @@ def top_eigenpairs(
     The returned vectors' signs are aligned with ``v0``. Pass a :class:`Curvature` instead of
     ``(problem, theta)`` to share its gradient graph with the caller.
     """
-    curv = problem if isinstance(problem, Curvature) else Curvature(problem, theta)
+    if isinstance(problem, Curvature):
+        curv = problem
+    elif theta is None:
+        raise InputError("top_eigenpairs: pass theta with a Problem (or pass a Curvature, which has its theta).")
+    else:
+        curv = Curvature(problem, theta)
     theta = curv.theta.detach()
     d = curv.problem.dim
     if not isinstance(k, int) or not 1 <= k <= d:

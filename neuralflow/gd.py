@@ -134,7 +134,7 @@ def run_gd(
     try:
         for k in bar:
             run.mark(k)
-            if checkpoint_every and k > run.resumed_at and k % checkpoint_every == 0:
+            if resume is not None and checkpoint_every and k > run.resumed_at and k % checkpoint_every == 0:
                 run.save(resume, settings)
             _step(problem, run, k, lr, steps, eig_every, n_eigs, eig_tol, eig_retries, store_every, noise, bar,
                   progress, trajectory)
@@ -151,7 +151,7 @@ def run_gd(
             checkpoint=None if resume is None else Path(resume),
         ) from None
     run.mark(n)
-    if checkpoint_every:
+    if resume is not None and checkpoint_every:
         run.save(resume, settings)
     _warn_unconverged(run.hist["eig_converged"], eig_tol)
     return trajectory(steps)

@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +31,15 @@ from typing import Any
 import torch
 
 from .errors import InputError
+
+_EXPECTED: dict[str, type | tuple[type, ...]] = {
+    "int": int, "float": (int, float), "str": str, "bool": bool, "tristate": bool,
+}  # the Python types a TOML config value of each option kind may have
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 # ---------------------------------------------------------------------------------------------- the tables
 
@@ -218,7 +228,8 @@ def _ranges(text: str) -> list[tuple[int | None, int | None]]:
         m = re.fullmatch(r"(-?\d*):(-?\d*)", part)
         if not m:
             raise ValueError(f"{part!r} is not a step range START:STOP")
-        out.append(tuple(int(x) if x else None for x in m.groups()))
+        start, stop = (int(x) if x else None for x in m.groups())
+        out.append((start, stop))
     return out
 
 
@@ -292,7 +303,7 @@ class Option:
             return self.parse(value)
         if self.kind in ("ints", "floats", "names") and isinstance(value, list):
             return [_PARSE[self.kind](str(v)) if self.kind != "names" else str(v) for v in value]
-        expected = {"int": int, "float": (int, float), "str": str, "bool": bool, "tristate": bool}.get(self.kind)
+        expected = _EXPECTED.get(self.kind)
         if expected is None or not isinstance(value, expected) or (self.kind == "int" and isinstance(value, bool)):
             raise InputError(f"{self.name} = {value!r}: expected {self.kind}.")
         return float(value) if self.kind == "float" else value
@@ -429,10 +440,6 @@ def format_flows(specs: list[tuple[str, dict[str, Any]]], registry: dict[str, An
 # ------------------------------------------------------------------------------------------------ config files
 def read_config(path: str | Path) -> dict[str, Any]:
     """A TOML config file as a dict (``tomllib`` on Python 3.11+, ``tomli`` before)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
     try:
         return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:

@@ -327,11 +327,11 @@ def cnn_digits(
         raise InputError(f"cnn_digits: channels must be two positive ints (c1, c2), got {channels}.")
     x, y = _digits(n, dtype, device, "cnn_digits", images=True)
     torch.manual_seed(seed)
-    kw = {"dtype": torch.float64}
+    f64 = torch.float64
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, channels[0], 3, padding=1, **kw), act(),
-        torch.nn.Conv2d(channels[0], channels[1], 3, stride=2, padding=1, **kw), act(),
-        torch.nn.Flatten(), torch.nn.Linear(16 * channels[1], 10, **kw),
+        torch.nn.Conv2d(1, channels[0], 3, padding=1, dtype=f64), act(),
+        torch.nn.Conv2d(channels[0], channels[1], 3, stride=2, padding=1, dtype=f64), act(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * channels[1], 10, dtype=f64),
     ).to(dtype=dtype, device=device)
     problem = from_module(net, x, y, loss="mse", batch_size=batch_size)
     problem.name = "cnn-digits"
@@ -496,6 +496,8 @@ def from_file(
     if not file.is_file() or file.suffix != ".py":
         raise InputError(f"from_file: {path} is not a Python file; pass module:path/to/file.py:function.")
     spec = importlib.util.spec_from_file_location(f"neuralflow_user_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise InputError(f"from_file: Python cannot load {file} as a module.")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     build = getattr(mod, function, None)

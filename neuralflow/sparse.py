@@ -92,7 +92,7 @@ def _forward_supports(G: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
             c = _lsq(G, b, trial)
             sse = -2 * c @ b + c @ G @ c
             if sse < best_sse:
-                best, best_sse = j, sse
+                best, best_sse = int(j), sse
         if best < 0:
             break
         support = support.copy()
