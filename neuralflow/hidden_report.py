@@ -42,7 +42,7 @@ __all__ = [
 #: Each hidden-state term's unit field, ``(matrix text, matrix LaTeX, per-direction text, per-direction LaTeX)``;
 #: ``{x}`` is the extra state's symbol. The drift is written without its sign: its field is ``-lr grad <H, Sigma>``.
 HIDDEN_NOTATION: dict[str, tuple[str, str, str, str]] = {
-    "floquet": ("({x} R + R {x})/2", r"\frac{{R{x}+{x}R}}{{2}}", "{x} log|1 - lr lambda|",
+    "floquet": ("(R {x} + {x} R)/2", r"\frac{{R{x}+{x}R}}{{2}}", "{x} log|1 - lr lambda|",
                 r"{x}\log|1-\eta\lambda|"),
     "floquet_linear": ("(L {x} + {x} L)/2", r"\frac{{L{x}+{x}L}}{{2}}", "{x} (lr lambda - 2)",
                        r"{x}\,(\eta\lambda-2)"),
