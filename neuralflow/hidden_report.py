@@ -250,13 +250,13 @@ def hidden_contributions(result: Any) -> dict[str, list[float]]:
 
 
 def history_approximation(flow: Any) -> Approximation:
-    """The approximation a history-dependent residual says to revise: the physics' quasi-static account of GD's
-    oscillation (the central flow's ``quasi-static-oscillation``); for physics without one, its account of the
-    oscillation (gradient flow: ``no-oscillation``), else "no oscillation in the critical subspace"."""
+    """The approximation a history-dependent residual says to revise: the physics' account of GD's oscillation,
+    its first approximation that the oscillation terms (``gradS``, ``gradScrit``) revise. For the central flow that
+    is ``quasi-static-oscillation`` (the oscillation's size slaved to the state), for gradient flow
+    ``no-oscillation``, for the oscillation flow ``linear-floquet-growth``."""
     from .report import _edge_approximation
 
-    own = {a.name: a for a in getattr(flow, "approximations", ())}
-    return own.get("quasi-static-oscillation") or _edge_approximation(flow)
+    return _edge_approximation(flow)
 
 
 @dataclass(frozen=True)
