@@ -459,7 +459,7 @@ class Report:
     min_share: float = 0.05
     notes: list[str] = field(default_factory=list)
     extra_equation: dict[str, Any] | None = None  # a hidden-state fit's equations (hidden_report.extra_equation)
-    hidden_state: Any = None  # the hidden-state diagnostic's HiddenStateEvidence, for a state-only correction
+    hidden_state: Any = None  # the hidden-state diagnostic's HiddenStateEvidence (JSON keeps it where it fired)
 
     def __post_init__(self) -> None:
         self.terms = sorted(self.terms, key=lambda t: -t.share)
@@ -683,8 +683,8 @@ class Report:
             "contributions": self.contributions,
             "settings": {"negligible": self.negligible, "outside": self.outside, "min_share": self.min_share},
             "notes": self.notes,
-            "extra_equation": self.extra_equation,
-            "hidden_state": None if self.hidden_state is None else self.hidden_state.to_dict(),
+            **({} if self.extra_equation is None else {"extra_equation": self.extra_equation}),
+            **({"hidden_state": self.hidden_state.to_dict()} if self._history_dependent else {}),
         }
 
     @classmethod
@@ -1015,7 +1015,7 @@ def build_report(
     negligible: float = 1e-8,
     outside: float = 0.5,
     min_share: float = 0.05,
-    hidden_state: bool | dict[str, Any] = True,
+    hidden_state: bool = True,
 ) -> Report:
     """The :class:`Report` of a ``FitResult`` (what ``FitResult.report()`` returns).
 
@@ -1029,7 +1029,7 @@ def build_report(
     A :class:`~neuralflow.corrections.HiddenStateLibrary` gives one row per term of the extra state's equation and
     the fitted equations (:mod:`neuralflow.hidden_report`). For a
     :class:`~neuralflow.corrections.TermLibrary`, ``hidden_state`` (default on) runs the hidden-state diagnostic
-    (:func:`~neuralflow.hidden_report.hidden_state_evidence`; a dict of options passes them to it).
+    (:func:`~neuralflow.hidden_report.hidden_state_evidence`, with its default settings).
     """
     from .corrections import TERMS, HiddenStateLibrary, Inspection, NeuralCorrection, TermLibrary
 
@@ -1142,10 +1142,10 @@ def build_report(
                                     _edge_approximation(flow), gates[key], regime="edge"))
     has_sharpness = bool(torch.isfinite(result.trajectory.sharpness).any())
     evidence = None
-    if source == "library" and hidden_state is not False and physics_error > negligible:
+    if source == "library" and hidden_state and physics_error > negligible:
         from .hidden_report import hidden_state_evidence
 
-        evidence = hidden_state_evidence(result, **(hidden_state if isinstance(hidden_state, dict) else {}))
+        evidence = hidden_state_evidence(result)
     return Report(
         problem=str(result.trajectory.problem.get("name", problem.name)),
         lr=float(model.lr),
