@@ -35,6 +35,9 @@ Definitions (used everywhere below; all sums run over the states of the fitted t
   of each feature (``x0`` the edge of stability, ``lr S = 2``, where the feature has one), reported
   with the fraction of the coefficient's variance it explains.
 
+A :class:`~neuralflow.corrections.HiddenStateLibrary` (terms of a flow's extra-state equation) and the
+hidden-state diagnostic of a state-only correction are read by :mod:`neuralflow.hidden_report`.
+
 The core (:class:`Report`) holds plain numbers only, so a report round-trips through JSON
 (:meth:`Report.to_dict` / :meth:`Report.from_dict`) and renders without recomputing anything;
 :func:`build_report` computes those numbers from a ``FitResult``, and :func:`ladder` fits one
