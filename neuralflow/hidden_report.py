@@ -265,8 +265,9 @@ class HiddenStateEvidence:
 
     ``fired`` says whether the statistic passed its significance rule; ``term`` is the library term along whose
     field the contradiction is largest, ``pairs`` the number of contradicting window pairs along it and
-    ``windows`` the number of significant windows; ``example`` the strongest pair (window start ``steps``,
-    ``features`` {name: [value at each]}, ``needed`` coefficients); ``radius`` the nearness used, as a fraction
+    ``windows`` the number of windows that need a term sizeably; ``example`` the strongest pair (window start
+    ``steps``, ``features`` {name: [value at each]}, ``needed`` coefficients, known ``within`` +-, the ``compared``
+    features); ``radius`` the nearness used, as a fraction
     of each feature's range; ``approximation`` the one to revise.
     """
 
@@ -284,17 +285,18 @@ class HiddenStateEvidence:
 
         ex = self.example
         where = [", ".join(f"{_feature_text(f)} = {sig(v[i])}" for f, v in ex["features"].items()) for i in (0, 1)]
-        a, b = ex["needed"]
+        need = [f"{'+' if a > 0 else ''}{sig(a)} (+- {sig(d, 2)})" for a, d in zip(ex["needed"], ex["within"])]
         names = " and ".join(ex.get("compared") or ["every feature"])
+        kind = "opposite" if ex["needed"][0] * ex["needed"][1] < 0 else "incompatible"
         return (
             f"A hidden state is missing: {self.pairs} pairs of windows that start from nearly the same state "
-            f"({names} within {100 * self.radius:.0f} percent of their range along the run) need opposite "
-            f"corrections along {self.term}; e.g. the window at step {ex['steps'][0]} ({where[0]}) needs "
-            f"{'+' if a > 0 else ''}{sig(a)} and the one at step {ex['steps'][1]} ({where[1]}) needs "
-            f"{'+' if b > 0 else ''}{sig(b)}. No function of the state gives both (quiet against oscillating): the "
-            f'missing physics depends on history. Revise "{self.approximation.statement.rstrip(".")}" '
-            f"[{self.approximation.name}]: give the model the oscillation's size as a state (the oscillation flow, "
-            "nf.OscillationFlow, with a HiddenStateLibrary), or a latent correction."
+            f"({names} within {100 * self.radius:.0f} percent of their range along the run) need {kind} "
+            f"corrections along {self.term}; e.g. the window at step {ex['steps'][0]} ({where[0]}) needs {need[0]} "
+            f"and the one at step {ex['steps'][1]} ({where[1]}) needs {need[1]}. No function of the state gives both "
+            "(quiet against oscillating): the missing physics depends on history. Revise "
+            f'"{self.approximation.statement.rstrip(".")}" [{self.approximation.name}]: give the model the '
+            "oscillation's size as a state (the oscillation flow, nf.OscillationFlow, with a HiddenStateLibrary), or "
+            "a latent correction."
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -332,11 +334,11 @@ def hidden_state_evidence(
     features: tuple[str, ...] = ("lr_S_minus_2", "loss"),
     radius: float = 0.1,
     min_alignment: float = 0.25,
-    min_amplitude: float = 0.2,
+    min_change: float = 0.4,
     min_error: float = 0.01,
     min_pairs: int = 2,
 ) -> HiddenStateEvidence | None:
-    """Do windows that start from nearly the same state need opposite corrections? (None without windows.)
+    """Do windows that start from nearly the same state need incompatible corrections? (None without windows.)
 
     For a fit of a state-only correction (a :class:`~neuralflow.corrections.TermLibrary`, whose coefficients are
     constants or functions of the state features): integrate the fitted hybrid over each of the fit's windows
@@ -344,33 +346,32 @@ def hidden_state_evidence(
 
     * **Needed correction.** Along each library term's unit field ``F_i`` at the window's start ``x_w``, the
       least-squares amplitude ``a_wi = <r_w, F_i> / (T ||F_i||^2)``: the *extra* constant coefficient of term
-      ``i`` window ``w`` alone asks for, to first order in ``T``. Measured on the hybrid's residual, not the
-      physics': the fitted state-only correction is already the best function of the state, so what is left
-      at two windows from the same state has opposite signs exactly where the windows need different
-      corrections (on the quasi-static central flow the physics' own residuals already have opposite signs,
-      quiet stretch against catapult; on gradient flow they are "nothing" against "a lot", which the fitted
-      mean turns into opposite signs).
-    * **Significant windows.** A window counts for term ``i`` when (1) the hybrid still misses a real part of
-      the window's motion, ``||r_w|| >= min_error ||x(t_w + T) - x(t_w)||`` (relative to the window's own
-      displacement, so that late windows of a decaying run count as much as early ones, and round-off, 1e-12
-      of the motion, never counts); (2) term ``i``'s field carries at least
-      ``min_alignment`` of the residual, ``cos^2(r_w, F_i) >= min_alignment`` (a residual the term cannot
-      express says nothing about its coefficient); (3) ``|a_wi|`` is above the numerical resolution,
-      ``RESOLUTION * max_w |a_wi|`` (:data:`neuralflow.sparse.RESOLUTION`): smaller amplitudes are ties, with
-      no sign.
+      ``i`` window ``w`` alone asks for, to first order in ``T``, known to within ``d_wi = ||r_w - a_wi T F_i|| /
+      (T ||F_i||)`` (what of the residual the term does not explain, in the same units). A window that misses
+      almost nothing needs ``0 +- d`` with ``d`` small: "quiet" is a resolved need too.
+    * **A sizeable need.** Window ``w`` *needs* term ``i`` when the hybrid misses a real part of its motion,
+      ``||r_w|| >= min_error ||x(t_w + T) - x(t_w)||`` (relative to the window's own displacement, so late windows
+      of a decaying run count as much as early ones, and round-off, 1e-12 of the motion, never does), and the
+      term's field carries at least ``min_alignment`` of that miss, ``cos^2(r_w, F_i) >= min_alignment``. The
+      scale of term ``i`` is the largest ``|a_wi|`` over those windows.
     * **Near.** Each feature (``lr S - 2``, the loss; the logarithm of a feature that is positive at every window,
       since a loss falls by orders of magnitude and "nearly the same loss" means a small ratio) is divided by its
       range over the windows (a feature that does not vary is left out); two windows are near when every feature
       is within ``radius`` of the other's.
-    * **Contradiction.** A near pair of significant windows whose amplitudes have opposite signs and are both
-      at least ``min_amplitude`` of the largest ``|a_wi|``: a smooth function of the state changes sign
-      between near states only through small values, so the size rule keeps a state-only coefficient that
-      crosses zero from firing.
+    * **Contradiction.** A near pair, at least one of which needs term ``i``, whose needs are incompatible:
+      ``|a_wi - a_vi| > d_wi + d_vi`` (their intervals are disjoint, so no single coefficient serves both), and
+      the difference is at least ``min_change`` of the term's scale and above the numerical resolution
+      (:data:`neuralflow.sparse.RESOLUTION` of the scale; smaller differences are ties). The size rule is what
+      keeps a state-only coefficient from firing: a smooth function of the state changes by a small part of its
+      range between near states. Opposite signs (quiet stretch against catapult on the quasi-static central flow)
+      and "nothing against a lot" (the same on gradient flow, where the fitted correction may not have settled
+      on the mean of the two) are both contradictions; measuring on the hybrid's residual or the physics' gives
+      the same differences for constant coefficients.
     * **Fires** when some term has at least ``min_pairs`` contradicting pairs (reported: the term with most).
 
     The evidence says the missing physics depends on history, not on the state features; with features that
     miss part of the state (two windows with the same loss and sharpness far apart in ``theta``) it can also
-    mean a missing feature, which the text of the report does not claim to rule out.
+    mean a missing feature, which the report does not claim to rule out.
     """
     from .corrections import TermLibrary
     from .report import _feature_text
@@ -382,12 +383,11 @@ def hidden_state_evidence(
     rows, t = windows
     T = float(t[-1])
     ends = _solve_windows(result, result.model, rows, t[[0, -1]])[-1].cpu()
-    residual = result.trajectory.iterates[rows[:, -1]].cpu().to(ends.dtype) - ends
-    starts = result.trajectory.iterates[rows[:, 0]].to(device=result.model.problem.device,
-                                                       dtype=result.model.problem.dtype)
-    fields = {n: f.cpu() for n, f in lib.fields(starts).items()}
-    moved = result.trajectory.iterates[rows[:, -1]].cpu().to(ends.dtype) - starts.cpu()
-    enough = residual.norm(dim=1) >= min_error * moved.norm(dim=1)
+    x = result.trajectory.iterates.cpu().to(ends.dtype)
+    residual = x[rows[:, -1]] - ends
+    sizeable = residual.norm(dim=1) >= min_error * (x[rows[:, -1]] - x[rows[:, 0]]).norm(dim=1)
+    starts = x[rows[:, 0]].to(device=result.model.problem.device, dtype=result.model.problem.dtype)
+    fields = {n: f.cpu().to(ends.dtype) for n, f in lib.fields(starts).items()}
     values = _start_features(result, rows[:, 0], features)
     scaled = []  # (label, feature scaled to its range) of each feature that varies
     for name, v in values.items():
@@ -403,25 +403,30 @@ def hidden_state_evidence(
     best: tuple[int, str | None, dict[str, Any]] = (0, None, {})
     n_windows = 0
     for name, F in fields.items():
-        norm2 = F.square().sum(1)
-        dot = (residual * F).sum(1)
-        amp = dot / (T * norm2.clamp_min(1e-300))
-        align = dot.square() / (residual.square().sum(1) * norm2).clamp_min(1e-300)
-        big = float(amp.abs().max())
-        ok = enough & (align >= min_alignment) & (amp.abs() > RESOLUTION * big) & torch.isfinite(amp)
-        n_windows = max(n_windows, int(ok.sum()))
-        if not bool(ok.any()):
+        norm = F.norm(dim=1)
+        valid = norm > 0
+        unit = F / norm.clamp_min(1e-300)[:, None]
+        along = (residual * unit).sum(1)  # the residual's component along F
+        amp = along / (T * norm.clamp_min(1e-300))
+        spread = (residual - along[:, None] * unit).norm(dim=1) / (T * norm.clamp_min(1e-300))
+        needs = valid & sizeable & (along.square() >= min_alignment * residual.square().sum(1))
+        n_windows = max(n_windows, int(needs.sum()))
+        if not bool(needs.any()):
             continue
-        strong = ok & (amp.abs() >= min_amplitude * float(amp[ok].abs().max()))
-        opposite = (torch.sign(amp)[:, None] * torch.sign(amp)[None, :] < 0) & near
-        pair = torch.triu(opposite & strong[:, None] & strong[None, :], diagonal=1)
+        scale = float(amp[needs].abs().max())
+        diff = (amp[:, None] - amp[None, :]).abs()
+        pair = (near & valid[:, None] & valid[None, :] & (needs[:, None] | needs[None, :])
+                & (diff > spread[:, None] + spread[None, :]) & (diff >= min_change * scale)
+                & (diff > RESOLUTION * scale))
+        pair = torch.triu(pair, diagonal=1)
         count = int(pair.sum())
         if count > best[0]:
-            i, j = max(pair.nonzero().tolist(), key=lambda p: min(abs(float(amp[p[0]])), abs(float(amp[p[1]]))))
+            i, j = max(pair.nonzero().tolist(), key=lambda p: float(diff[p[0], p[1]]))
             example = {
                 "steps": [int(result.trajectory.steps[rows[k, 0]]) for k in (i, j)],
                 "features": {f: [float(v[i]), float(v[j])] for f, v in values.items()},
                 "needed": [float(amp[i]), float(amp[j])],
+                "within": [float(spread[i]), float(spread[j])],
                 "compared": [label for label, _ in scaled],
             }
             best = (count, name, example)

@@ -145,7 +145,8 @@ def test_diagnostic_fires_on_a_history_dependent_field(history, verdict):
     ev = report.hidden_state
     assert ev.fired and ev.term == "g" and ev.pairs >= 10
     a, b = ev.example["needed"]
-    assert a * b < 0 and min(abs(a), abs(b)) > 0.3  # opposite, and of the size of h
+    assert a * b < 0 and min(abs(a), abs(b)) > 0.3  # opposite about the fitted constant, and of the size of h
+    assert abs(a - b) > sum(ev.example["within"])
     log_loss = result.trajectory.loss[result.windows["step"]].log()
     loss_a, loss_b = ev.example["features"]["loss"]
     assert abs(math.log(loss_a / loss_b)) <= 0.1 * float(log_loss.max() - log_loss.min())
@@ -153,7 +154,7 @@ def test_diagnostic_fires_on_a_history_dependent_field(history, verdict):
     first = report.suggestions()[0]
     assert first.startswith(f"A hidden state is missing: {ev.pairs} pairs of windows that start from nearly the "
                             "same state (log L within 10 percent of their range along the run) need opposite "
-                            "corrections along g")
+                            "corrections along g; e.g. the window at step ")
     assert "[no-oscillation]" in first and "nf.OscillationFlow" in first
     assert "outside the library" not in " ".join(report.suggestions())
     approx, share, rows = report.revisions()[0]
@@ -162,13 +163,25 @@ def test_diagnostic_fires_on_a_history_dependent_field(history, verdict):
     assert back.hidden_state == ev and str(back) == str(report)
 
 
+def test_diagnostic_fires_on_nothing_against_a_lot():
+    """Quiet against oscillating on gradient flow, with a correction that did not settle on the mean: from the same
+    states one pass needs no correction and the next a lot (``h >= 0``); same sign, incompatible."""
+    result = _state_only_fit(_history_one_signed)
+    with torch.no_grad():
+        result.model.correction.constants["g"].zero_()
+    ev = hidden_state_evidence(result)
+    a, b = ev.example["needed"]
+    assert ev.fired and a * b > 0 and abs(a - b) > 0.5
+    assert "need incompatible corrections along g" in ev.text()
+
+
 def test_diagnostic_does_not_fire_on_a_state_only_field():
     result = _state_only_fit(_state)
     report = result.report(max_windows=0)
     assert not report.hidden_state.fired and report.hidden_state.windows > 10 and report.verdict == "outside"
     assert "outside the library" in report.suggestions()[-1]
-    # without the size rule, the residual's sign change between neighbouring windows would fire it
-    assert hidden_state_evidence(result, min_amplitude=0.0).fired
+    # without the size rule, the small change of the needed coefficient between neighbouring windows would fire it
+    assert hidden_state_evidence(result, min_change=0.0).fired
 
 
 def test_diagnostic_ranks_the_quasi_static_approximation_of_the_central_flow():
