@@ -335,24 +335,33 @@ def hidden_state_evidence(
     radius: float = 0.1,
     min_alignment: float = 0.25,
     min_change: float = 0.4,
-    min_error: float = 0.01,
+    min_error: float = 0.1,
     min_pairs: int = 2,
+    z: float = 3.0,
 ) -> HiddenStateEvidence | None:
     """Do windows that start from nearly the same state need incompatible corrections? (None without windows.)
 
     For a fit of a state-only correction (a :class:`~neuralflow.corrections.TermLibrary`, whose coefficients are
     constants or functions of the state features): integrate the fitted hybrid over each of the fit's windows
-    and take what it still misses at the window's end, ``r_w = x(t_w + T) - theta_h(t_w + T)``.
+    and take what it still misses at each output ``k`` of the window, ``r_w(k) = x(t_w + s_k) - theta_h(t_w + s_k)``
+    (``s_k`` the output's time in the window, ``T`` the last).
 
     * **Needed correction.** Along each library term's unit field ``F_i`` at the window's start ``x_w``, the
-      least-squares amplitude ``a_wi = <r_w, F_i> / (T ||F_i||^2)``: the *extra* constant coefficient of term
-      ``i`` window ``w`` alone asks for, to first order in ``T``, known to within ``d_wi = ||r_w - a_wi T F_i|| /
-      (T ||F_i||)`` (what of the residual the term does not explain, in the same units). A window that misses
-      almost nothing needs ``0 +- d`` with ``d`` small: "quiet" is a resolved need too.
+      least-squares slope of the path, ``r_w(k) ~ b_w + a_wi s_k F_i`` (``b_w`` a free offset: the noise of the
+      window's first iterate, which the whole window inherits): with ``'`` the deviation from the mean over the
+      window's outputs, ``a_wi = sum_k s'_k <r'_w(k), F_i> / (sum_k s'_k^2 ||F_i||^2)``, the *extra* constant
+      coefficient of term ``i`` window ``w`` alone asks for, to first order in the window's length. It is known
+      to within ``d_wi = z * se_wi``, ``se`` the least-squares standard error from the misfit of the path
+      (``n d - d - 1`` degrees of freedom for ``n`` outputs in ``d`` dimensions): a missing field makes the miss
+      grow steadily along the window, noise in the data does not, so noise gives wide intervals (``z`` = 3 by
+      default: three standard errors). A window that misses almost nothing needs ``0 +- d`` with ``d`` small:
+      "quiet" is a resolved need too. Windows of fewer than three outputs (start included) give no slope: no
+      evidence (None).
     * **A sizeable need.** Window ``w`` *needs* term ``i`` when the hybrid misses a real part of its motion,
-      ``||r_w|| >= min_error ||x(t_w + T) - x(t_w)||`` (relative to the window's own displacement, so late windows
+      ``||r_w(T)|| >= min_error ||x(t_w + T) - x(t_w)||`` (relative to the window's own displacement, so late windows
       of a decaying run count as much as early ones, and round-off, 1e-12 of the motion, never does), and the
-      term's field carries at least ``min_alignment`` of that miss, ``cos^2(r_w, F_i) >= min_alignment``. The
+      term's field carries at least ``min_alignment`` of that miss along the path,
+      ``(sum_k s'_k <r'_w(k), F_i>)^2 >= min_alignment sum_k ||r'_w(k)||^2 sum_k s'_k^2 ||F_i||^2``. The
       scale of term ``i`` is the largest ``|a_wi|`` over those windows.
     * **Near.** Each feature (``lr S - 2``, the loss; the logarithm of a feature that is positive at every window,
       since a loss falls by orders of magnitude and "nearly the same loss" means a small ratio) is divided by its
@@ -381,13 +390,20 @@ def hidden_state_evidence(
     if not isinstance(lib, TermLibrary) or windows is None:
         return None
     rows, t = windows
-    T = float(t[-1])
-    ends = _solve_windows(result, result.model, rows, t[[0, -1]])[-1].cpu()
-    x = result.trajectory.iterates.cpu().to(ends.dtype)
-    residual = x[rows[:, -1]] - ends
-    sizeable = residual.norm(dim=1) >= min_error * (x[rows[:, -1]] - x[rows[:, 0]]).norm(dim=1)
+    sol = _solve_windows(result, result.model, rows, t).cpu()
+    x = result.trajectory.iterates.cpu().to(sol.dtype)
+    target = x[rows.T]
+    residual = (target - sol)[1:]  # (n, W, d)
+    n_out, _, dim = residual.shape
+    if n_out < 2:
+        return None
+    sizeable = residual[-1].norm(dim=1) >= min_error * (target[-1] - target[0]).norm(dim=1)
+    residual = residual - residual.mean(0)
+    s_k = t[1:].cpu().to(sol.dtype)
+    s_k = s_k - s_k.mean()
+    r2 = residual.square().sum((0, 2))
     starts = x[rows[:, 0]].to(device=result.model.problem.device, dtype=result.model.problem.dtype)
-    fields = {n: f.cpu().to(ends.dtype) for n, f in lib.fields(starts).items()}
+    fields = {n: f.cpu().to(sol.dtype) for n, f in lib.fields(starts).items()}
     values = _start_features(result, rows[:, 0], features)
     scaled = []  # (label, feature scaled to its range) of each feature that varies
     for name, v in values.items():
@@ -403,13 +419,13 @@ def hidden_state_evidence(
     best: tuple[int, str | None, dict[str, Any]] = (0, None, {})
     n_windows = 0
     for name, F in fields.items():
-        norm = F.norm(dim=1)
-        valid = norm > 0
-        unit = F / norm.clamp_min(1e-300)[:, None]
-        along = (residual * unit).sum(1)  # the residual's component along F
-        amp = along / (T * norm.clamp_min(1e-300))
-        spread = (residual - along[:, None] * unit).norm(dim=1) / (T * norm.clamp_min(1e-300))
-        needs = valid & sizeable & (along.square() >= min_alignment * residual.square().sum(1))
+        phi2 = float(s_k.square().sum()) * F.square().sum(1)  # sum_k ||s_k F||^2 per window
+        valid = phi2 > 0
+        dot = (s_k[:, None] * (residual * F[None]).sum(-1)).sum(0)
+        amp = dot / phi2.clamp_min(1e-300)
+        misfit = (r2 - amp * dot).clamp_min(0)  # sum_k ||r(k) - a s_k F||^2 (least-squares identity)
+        spread = z * (misfit / max(n_out * dim - dim - 1, 1) / phi2.clamp_min(1e-300)).sqrt()
+        needs = valid & sizeable & (dot.square() >= min_alignment * r2 * phi2)
         n_windows = max(n_windows, int(needs.sum()))
         if not bool(needs.any()):
             continue

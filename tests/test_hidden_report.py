@@ -184,6 +184,23 @@ def test_diagnostic_does_not_fire_on_a_state_only_field():
     assert hidden_state_evidence(result, min_change=0.0).fired
 
 
+def test_diagnostic_does_not_fire_on_noise():
+    """Gradient flow itself, observed with 1 percent noise per coordinate: a window's slope of the miss is
+    noise, and the miss stays below a tenth of the window's motion (the floor ``min_error``)."""
+    fired = []
+    for seed in range(3):
+        p, traj = _reparametrised_run(lambda t: t)
+        gen = torch.Generator().manual_seed(seed)
+        noisy = traj.iterates * (1 + 0.01 * torch.randn(traj.iterates.shape, generator=gen, dtype=torch.float64))
+        noisy[0] = traj.iterates[0]
+        traj = nf.Trajectory(**{**traj.__dict__, "iterates": noisy, "loss": p.batched_loss(noisy)})
+        result = fit(Hybrid(GradientFlow(p, DIAG_LR), TermLibrary(p, DIAG_LR, terms=["g"])), traj, window=10,
+                     stride=5, progress=False)
+        assert not hidden_state_evidence(result).fired
+        fired.append(hidden_state_evidence(result, min_error=0.01, z=0.0).fired)
+    assert any(fired)  # without the floor and the intervals, noise fires it
+
+
 def test_diagnostic_ranks_the_quasi_static_approximation_of_the_central_flow():
     p = nf.problems.quadratic(A)
     assert history_approximation(CentralFlow(p, DIAG_LR)).name == "quasi-static-oscillation"
