@@ -119,6 +119,8 @@ HELP: dict[str, str] = {
     "build_report.negligible": "A share below this is reported as negligible.",
     "build_report.outside": "Above this unexplained fraction the report says the physics is outside the library.",
     "build_report.min_share": "A term below this share is not suggested.",
+    "build_report.hidden_state": "Run the hidden-state diagnostic on a state-only correction (windows from nearly the "
+                                 "same state that need opposite corrections).",
     # flows (in a spec: central:above_edge=hold)
     "critical": "Eigenvalues >= critical / lr are critical.",
     "relaxation": "Time constant, in steps, that draws a critical eigenvalue below 2/lr to it.",

@@ -35,6 +35,9 @@ Definitions (used everywhere below; all sums run over the states of the fitted t
   of each feature (``x0`` the edge of stability, ``lr S = 2``, where the feature has one), reported
   with the fraction of the coefficient's variance it explains.
 
+A :class:`~neuralflow.corrections.HiddenStateLibrary` (terms of a flow's extra-state equation) and the
+hidden-state diagnostic of a state-only correction are read by :mod:`neuralflow.hidden_report`.
+
 The core (:class:`Report`) holds plain numbers only, so a report round-trips through JSON
 (:meth:`Report.to_dict` / :meth:`Report.from_dict`) and renders without recomputing anything;
 :func:`build_report` computes those numbers from a ``FitResult``, and :func:`ladder` fits one
@@ -340,7 +343,9 @@ class TermSummary:
     reports one (the coefficient is then printed to the precision of the uncertainty's second
     significant figure); ``theory`` the value theory predicts for this physics (None if unknown).
     ``regime`` is ``"edge"`` for the change of a baseline-gated term's coefficient at ``lr S = 2``
-    (the term itself, with its baseline coefficient, is a row of its own); None otherwise.
+    (the term itself, with its baseline coefficient, is a row of its own), ``"hidden"`` for a term of a flow's
+    extra-state equation or its drift coupling (the physics has the term; the row is its fitted coefficient);
+    None otherwise.
     """
 
     name: str
@@ -355,7 +360,7 @@ class TermSummary:
     @property
     def label(self) -> str:
         """The row's name: the term, or ``"Hg (change at lr S = 2)"`` for an edge row."""
-        return self.name if self.regime is None else _edge_label(self.name)
+        return _edge_label(self.name) if self.regime == "edge" else self.name
 
     def coefficient_text(self, digits: int = 3) -> str:
         if self.gate is not None and self.gate.formula is not None and self.gate.formula.explained >= 0.5:
@@ -432,7 +437,10 @@ class Report:
     physics already explains the data, and shares of a gap at that level mean little); otherwise
     ``"revise"`` when the library terms close at least ``outside`` (default half) of the gap, with
     a suggestion for every approximation whose terms' shares add up to at least ``min_share``;
-    otherwise ``"outside"``: the missing physics is outside the library.
+    otherwise ``"hidden-state"`` when the hidden-state diagnostic fired (windows from nearly the same state need
+    opposite corrections, :func:`neuralflow.hidden_report.hidden_state_evidence`: the missing physics depends on
+    history), else ``"outside"``: the missing physics is outside the library. A fired diagnostic also ranks its
+    approximation (the quasi-static account of the oscillation) first among the revisions, whatever the verdict.
 
     ``curves`` maps a panel (``loss``, ``sharpness``, ``distance``) to series ``step``,
     ``observed``, ``physics``, ``hybrid`` for :meth:`figures`; ``contributions`` maps ``step`` and
@@ -453,6 +461,8 @@ class Report:
     outside: float = 0.5
     min_share: float = 0.05
     notes: list[str] = field(default_factory=list)
+    extra_equation: dict[str, Any] | None = None  # a hidden-state fit's equations (hidden_report.extra_equation)
+    hidden_state: Any = None  # the hidden-state diagnostic's HiddenStateEvidence (JSON keeps it where it fired)
 
     def __post_init__(self) -> None:
         self.terms = sorted(self.terms, key=lambda t: -t.share)
@@ -477,29 +487,38 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        """``"negligible"``, ``"outside"`` (the missing physics is outside the library) or ``"revise"``."""
+        """``"negligible"``, ``"revise"``, ``"hidden-state"`` (a hidden state is missing) or ``"outside"`` (the
+        missing physics is outside the library)."""
         if self.physics_error <= self.negligible:
             return "negligible"
-        return "revise" if self.explained >= self.outside else "outside"
+        if self.explained >= self.outside:
+            return "revise"
+        return "hidden-state" if self._history_dependent else "outside"
+
+    @property
+    def _history_dependent(self) -> bool:
+        return self.hidden_state is not None and self.hidden_state.fired and self.physics_error > self.negligible
 
     def revisions(self) -> list[tuple[Approximation | None, float, list[TermSummary]]]:
         """The approximations to revise, ranked: ``(approximation, summed share, its rows)``.
 
         Rows that repair the same approximation are grouped and their shares added; a row that no
-        approximation of the physics names stands alone (approximation None).
+        approximation of the physics names stands alone (approximation None). A fired hidden-state diagnostic
+        puts its approximation first, with the unexplained part as its share and no rows.
         """
         groups: dict[Any, list[TermSummary]] = {}
         for term in self.terms:
             key = term.approximation.name if term.approximation is not None else id(term)
             groups.setdefault(key, []).append(term)
         ranked = [(rows[0].approximation, sum(t.share for t in rows), rows) for rows in groups.values()]
-        return sorted(ranked, key=lambda r: -r[1])
+        history = [(self.hidden_state.approximation, self.unexplained, [])] if self._history_dependent else []
+        return history + sorted(ranked, key=lambda r: -r[1])
 
     def _term_suggestions(self) -> list[str]:
         """One suggestion per approximation whose rows' shares add up to at least ``min_share``."""
         out = []
         for approx, share, rows in self.revisions():
-            if share < self.min_share:
+            if share < self.min_share or not rows:  # the hidden-state revision has its own statement
                 continue
             # leave out a term that closes nothing (e.g. a gate that stayed shut) unless it is alone
             what = " and ".join(self._change_text(t) for t in rows if abs(t.share) >= 5e-4 or len(rows) == 1)
@@ -517,6 +536,8 @@ class Report:
             coef += f" (theory {theory_text(term.theory)})"
         if term.regime == "edge":
             return f"changing the coefficient of {term.name} at lr S = 2 by {coef}"
+        if term.regime == "hidden":
+            return f"giving {term.name} the coefficient {coef}"
         return f"adding {term.name} with coefficient {coef}"
 
     def suggestions(self) -> list[str]:
@@ -530,6 +551,8 @@ class Report:
                     f"{sig(100 * math.sqrt(max(self.physics_error, 0.0)), 2)} percent (root-mean-square distance to "
                     "the targets relative to their displacement over a window)."]
         out = self._term_suggestions()
+        if self._history_dependent:
+            out.insert(0, self.hidden_state.text())
         if self.verdict == "outside":
             if out:
                 head = (f"The library explains only {100 * max(self.explained, 0.0):.1f} percent of the gap; the "
@@ -575,6 +598,10 @@ class Report:
 
     def __str__(self) -> str:
         out = [self._title(), self._error_line(), "", *_fixed_width(self._HEADER, self._rows())]
+        if self.extra_equation is not None:
+            from .hidden_report import equation_text
+
+            out += ["", "fitted equations:", *(f"  {line}" for line in equation_text(self.extra_equation))]
         out += ["", "suggestions:"] + [f"  {i}. {s}" for i, s in enumerate(self.suggestions(), 1)]
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out) + "\n"
@@ -588,7 +615,12 @@ class Report:
         return "\n".join(out) + "\n"
 
     def equation(self, digits: int = 3) -> str:
-        """The corrected ODE as bare LaTeX math (parses with matplotlib's mathtext)."""
+        """The corrected ODE as bare LaTeX math (parses with matplotlib's mathtext); for a hidden-state fit the
+        equations of ``theta`` and of the extra state, side by side."""
+        if self.extra_equation is not None:
+            from .hidden_report import equation_latex
+
+            return equation_latex(self.extra_equation)
         rhs = PHYSICS_LATEX.get(self.physics, r"F_{\mathrm{" + _latex_escape(self.physics) + "}}(\theta)")
         changes = {t.name: t.coefficient_latex(digits) for t in self.terms if t.regime == "edge"}
         for t in self.terms:
@@ -654,10 +686,14 @@ class Report:
             "contributions": self.contributions,
             "settings": {"negligible": self.negligible, "outside": self.outside, "min_share": self.min_share},
             "notes": self.notes,
+            **({} if self.extra_equation is None else {"extra_equation": self.extra_equation}),
+            **({"hidden_state": self.hidden_state.to_dict()} if self._history_dependent else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:
+        from .hidden_report import HiddenStateEvidence
+
         settings = d.get("settings", {})
         return cls(
             problem=d["problem"],
@@ -672,6 +708,8 @@ class Report:
                     for panel, series in d.get("curves", {}).items()},
             contributions={k: [float(x) for x in v] for k, v in d.get("contributions", {}).items()},
             notes=list(d.get("notes", [])),
+            extra_equation=d.get("extra_equation"),
+            hidden_state=None if d.get("hidden_state") is None else HiddenStateEvidence.from_dict(d["hidden_state"]),
             **{k: float(v) for k, v in settings.items()},
         )
 
@@ -924,13 +962,13 @@ def _window_curves(
 ) -> dict[str, dict[str, list]]:
     """Loss (and sharpness) at the ends of up to ``max_windows`` windows: targets, physics, hybrid.
 
-    Each window starts at a target state and is integrated over the fit's window with the fit's
-    solver settings, as the fit itself does; the per-window errors come from the fit. A rollout
-    that fails is left out, with a line in ``notes``.
+    Each window starts at a target state (with the flow's measured extra state, for a flow that carries one) and
+    is integrated over the fit's window with the fit's solver settings, as the fit itself does; the per-window
+    errors come from the fit. A rollout that fails is left out, with a line in ``notes``.
     """
     from torchdiffeq import odeint
 
-    from .fit import _FIXED_GRID
+    from .hidden_report import ode_starts, solver_options
 
     curves: dict[str, dict[str, list]] = {}
     windows = getattr(result, "windows", {}) or {}
@@ -953,16 +991,13 @@ def _window_curves(
     ends = torch.searchsorted(steps, steps[starts] + window)
     x = targets.iterates.to(device=problem.device, dtype=problem.dtype)
     t = torch.tensor([0.0, float(window)], dtype=problem.dtype, device=problem.device)
-    kw = {k: result.settings[k] for k in ("rtol", "atol") if k in result.settings}
-    kw["method"] = result.settings.get("solver", "rk4")
-    if kw["method"] in _FIXED_GRID:
-        step = result.settings.get("step_size_used") or result.settings.get("step_size") or 0.5
-        kw["options"] = {"step_size": float(step)}
+    kw = solver_options(result.settings)
     states = {"observed": x[ends]}
     with torch.no_grad():
+        y0 = ode_starts(model, targets, starts)
         for who, rhs in (("physics", model.flow), ("hybrid", model)):
             try:
-                states[who] = odeint(rhs, x[starts], t, **kw)[-1]
+                states[who] = odeint(rhs, y0, t, **kw)[-1][:, : problem.dim]
             except NeuralflowError as err:  # e.g. a central flow started above 2/lr: leave that curve out
                 notes.append(f"no {who} curve in the figures: {err}")
         end_steps = [int(s) for s in steps[ends]]
@@ -983,6 +1018,7 @@ def build_report(
     negligible: float = 1e-8,
     outside: float = 0.5,
     min_share: float = 0.05,
+    hidden_state: bool = True,
 ) -> Report:
     """The :class:`Report` of a ``FitResult`` (what ``FitResult.report()`` returns).
 
@@ -992,8 +1028,13 @@ def build_report(
     ``distill_terms``. Loss (and sharpness, by default when the trajectory recorded it) at the
     ends of up to ``max_windows`` windows feed the figures. ``negligible``, ``outside`` and
     ``min_share`` set the verdict (see :class:`Report`).
+
+    A :class:`~neuralflow.corrections.HiddenStateLibrary` gives one row per term of the extra state's equation and
+    the fitted equations (:mod:`neuralflow.hidden_report`). For a
+    :class:`~neuralflow.corrections.TermLibrary`, ``hidden_state`` (default on) runs the hidden-state diagnostic
+    (:func:`~neuralflow.hidden_report.hidden_state_evidence`, with its default settings).
     """
-    from .corrections import TERMS, Inspection, NeuralCorrection, TermLibrary
+    from .corrections import TERMS, HiddenStateLibrary, Inspection, NeuralCorrection, TermLibrary
 
     model = result.model
     flow, corr = model.flow, model.correction
@@ -1002,6 +1043,9 @@ def build_report(
                          "or a NeuralCorrection to get a report.")
     problem = model.problem
     targets = result.trajectory  # the fit's targets: GD's iterates or their midpoint process
+    verdict = {"negligible": negligible, "outside": outside, "min_share": min_share}
+    if isinstance(corr, HiddenStateLibrary):
+        return _hidden_state_report(result, max_windows, sharpness, verdict)
     idx = _spread(len(targets), max_states, targets.iterates.device)
     states = targets.iterates[idx].to(device=problem.device, dtype=problem.dtype)
     state_steps = [int(s) for s in targets.steps[idx]]
@@ -1084,7 +1128,7 @@ def build_report(
         )
     else:
         raise InputError(f"build_report: cannot read a correction of type {type(corr).__name__}; expected a "
-                         "TermLibrary or a NeuralCorrection.")
+                         "TermLibrary, a NeuralCorrection or a HiddenStateLibrary.")
     share = _window_shares(result, targets, parts, closed, max_states, problem)
     if share is None:  # no windows recorded, or none where the correction helped: the states, unweighted
         share = shares(contribs, closed)
@@ -1100,6 +1144,11 @@ def build_report(
             rows.append(TermSummary(name, share.get(key, 0.0), float(values[key].mean()), None, None,
                                     _edge_approximation(flow), gates[key], regime="edge"))
     has_sharpness = bool(torch.isfinite(result.trajectory.sharpness).any())
+    evidence = None
+    if source == "library" and hidden_state and physics_error > negligible:
+        from .hidden_report import hidden_state_evidence
+
+        evidence = hidden_state_evidence(result)
     return Report(
         problem=str(result.trajectory.problem.get("name", problem.name)),
         lr=float(model.lr),
@@ -1111,10 +1160,45 @@ def build_report(
         source=source,
         curves=_window_curves(result, targets, max_windows, has_sharpness if sharpness is None else sharpness, notes),
         contributions={"step": state_steps, **{n: c.norm(dim=1).tolist() for n, c in contribs.items()}},
-        negligible=negligible,
-        outside=outside,
-        min_share=min_share,
         notes=notes,
+        hidden_state=evidence,
+        **verdict,
+    )
+
+
+def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, verdict: dict[str, float]) -> Report:
+    """The report of a fit whose correction is a HiddenStateLibrary (shares: :mod:`neuralflow.hidden_report`)."""
+    from .corrections import HIDDEN_TERMS
+    from .hidden_report import hidden_contributions, hidden_rows
+
+    model = result.model
+    flow = model.flow
+    coefficients, share, equation = hidden_rows(result)
+    notes = []
+    if share is None:
+        notes.append("no term's revision lowers the windows' error on its own; the shares are left at 0")
+    if result.settings.get("extra_start") == "fitted":
+        notes.append("shares are measured on windows started from the measured extra state, not the fitted starts")
+    theory = {**{n: s.theory for n, s in HIDDEN_TERMS.items()}, "floor": flow.hidden_coefficients().get("floor")}
+    uncertainty = dict(getattr(result, "uncertainty", {}) or {})
+    rows = [TermSummary(n, (share or {}).get(n, 0.0), c, uncertainty.get(n), theory[n], HIDDEN_TERMS[n].approximation,
+                        regime="hidden") for n, c in coefficients.items()]
+    has_sharpness = bool(torch.isfinite(result.trajectory.sharpness).any())
+    curves = _window_curves(result, result.trajectory, max_windows,
+                            has_sharpness if sharpness is None else sharpness, notes)
+    return Report(
+        problem=str(result.trajectory.problem.get("name", model.problem.name)),
+        lr=float(model.lr),
+        physics=getattr(flow, "name", type(flow).__name__),
+        physics_error=float(result.physics_error),
+        hybrid_error=float(result.hybrid_error),
+        terms=rows,
+        source="hidden-state",
+        curves=curves,
+        contributions=hidden_contributions(result),
+        notes=notes,
+        extra_equation=equation,
+        **verdict,
     )
 
 
@@ -1146,7 +1230,8 @@ class Ladder:
             if revisions:
                 approx, share, terms = revisions[0]
                 name = approx.name if approx is not None else terms[0].label
-                top_text = f"{name} {_percent(share)} ({', '.join(t.label for t in terms)})"
+                what = ", ".join(t.label for t in terms) if terms else "a hidden state is missing"
+                top_text = f"{name} {_percent(share)} ({what})"
             gap = r.physics_error / first if first > 0 else math.nan
             rows.append((r.physics, sig(r.physics_error), _percent(gap), sig(r.hybrid_error), _percent(r.closed),
                          top_text, _percent(r.unexplained)))
@@ -1186,6 +1271,7 @@ def ladder(
     baseline: Sequence[str] = (),
     report_options: dict[str, Any] | None = None,
     problem: Any = None,
+    hidden_terms: Sequence[str] | None = None,
     **fit_kwargs: Any,
 ) -> Ladder:
     """Fit the same correction library on top of each physics flow and tabulate the gap.
@@ -1197,8 +1283,14 @@ def ladder(
     a ``TermLibrary(terms, gated, features, baseline)`` and is fitted with ``fit(model, trajectory,
     **fit_kwargs)``; ``report_options`` go to :func:`build_report`. This is the physicist's loop:
     observe, model, compare, revise, refit.
+
+    A rung whose flow carries state beyond ``theta`` (the oscillation flow) gets a
+    :class:`~neuralflow.corrections.HiddenStateLibrary` instead: ``hidden_terms``, by default those of the growth
+    ``floquet``, the amplitude-dependent rate, the floor and the drift coupling that the flow supports
+    (:func:`neuralflow.hidden_report.default_hidden_terms`). So gradient flow, central flow and oscillation flow
+    give one table: each rung's gap, what its correction closed, its top revision.
     """
-    from .corrections import Hybrid, TermLibrary
+    from .corrections import HiddenStateLibrary, Hybrid, TermLibrary
     from .fit import fit
     from .flows import FLOWS, for_run
     from .problems import make
@@ -1212,10 +1304,16 @@ def ladder(
                 raise InputError(f"ladder: unknown physics {flow!r}; known flows are {sorted(FLOWS)}.")
             problem = make(trajectory.problem) if problem is None else problem
             flow = for_run(flow, problem, trajectory)
-        lib_kw: dict[str, Any] = {"terms": list(terms), "gated": gated, "baseline": list(baseline)}
-        if features is not None:
-            lib_kw["features"] = list(features)
-        model = Hybrid(flow, TermLibrary(flow.problem, flow.lr, **lib_kw))
+        if flow.extra_state is not None:
+            from .hidden_report import default_hidden_terms
+
+            chosen = default_hidden_terms(flow) if hidden_terms is None else list(hidden_terms)
+            model = Hybrid(flow, HiddenStateLibrary(flow.problem, flow.lr, terms=chosen))
+        else:
+            lib_kw: dict[str, Any] = {"terms": list(terms), "gated": gated, "baseline": list(baseline)}
+            if features is not None:
+                lib_kw["features"] = list(features)
+            model = Hybrid(flow, TermLibrary(flow.problem, flow.lr, **lib_kw))
         results.append(fit(model, trajectory, **fit_kwargs))
         reports.append(build_report(results[-1], **(report_options or {})))
     return Ladder(reports, results)

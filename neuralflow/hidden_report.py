@@ -1,0 +1,451 @@
+"""The report's view of hidden state: a fitted extra-state equation, and the diagnostic that one is missing.
+
+Two things a state-only report cannot say (issue "corrections with a hidden state", science notes section 7):
+
+* **A fitted hidden-state correction** (:class:`~neuralflow.corrections.HiddenStateLibrary`): each term of the
+  extra state's equation (and the drift coupling into ``dtheta/dt``) is a row of the report beside its theory
+  value (:data:`~neuralflow.corrections.HIDDEN_TERMS`; the floor's theory is the flow's ``q``) and the
+  approximation it revises, and the fitted equations are printed as equations (:func:`equation_text`,
+  :func:`equation_latex`), e.g. ``dX/dt = 2.03 (R X + X R)/2 + 1.1e-20 I``. A term's **share** is what its
+  revision prevents: on the fit's windows, ``Delta E_j`` is the increase of the windows' error when term ``j``
+  alone is put back to the physics' coefficient; the shares are ``closed * Delta E_j / sum_k Delta E_k`` (a
+  term whose revision hurts gets a negative share). This is a leave-one-out attribution: the revisions'
+  fields live in different parts of the state (the extra state's equation, ``dtheta/dt``), so the
+  ``<C_i, C>`` split of the theta terms has no common space to work in; it costs one batched window solve
+  per term.
+* **The hidden-state diagnostic** (:func:`hidden_state_evidence`), for a state-only correction
+  (:class:`~neuralflow.corrections.TermLibrary`, see its docstring for the statistic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+from .flows import Approximation
+from .sparse import RESOLUTION
+
+__all__ = [
+    "HIDDEN_NOTATION",
+    "HiddenStateEvidence",
+    "hidden_state_evidence",
+    "history_approximation",
+    "equation_text",
+    "equation_latex",
+    "default_hidden_terms",
+]
+
+#: Each hidden-state term's unit field, ``(matrix text, matrix LaTeX, per-direction text, per-direction LaTeX)``;
+#: ``{x}`` is the extra state's symbol. The drift is written without its sign: its field is ``-lr grad <H, Sigma>``.
+HIDDEN_NOTATION: dict[str, tuple[str, str, str, str]] = {
+    "floquet": ("(R {x} + {x} R)/2", r"\frac{{R{x}+{x}R}}{{2}}", "{x} log|1 - lr lambda|",
+                r"{x}\log|1-\eta\lambda|"),
+    "floquet_linear": ("(L {x} + {x} L)/2", r"\frac{{L{x}+{x}L}}{{2}}", "{x} (lr lambda - 2)",
+                       r"{x}\,(\eta\lambda-2)"),
+    "amplitude": ("{x} {x}", "{x}^{{2}}", "{x}^2", "{x}^{{2}}"),
+    "floor": ("I", "I", "1", "1"),
+    "drift": ("lr grad <H, Sigma>", r"\eta\,\nabla\langle H,\Sigma\rangle", "lr grad <H, Sigma>",
+              r"\eta\,\nabla\langle H,\Sigma\rangle"),
+}
+
+#: What each matrix symbol stands for, printed under the equations when a term uses it.
+_WHERE = {
+    "floquet": "R = diag(log|1 - lr lambda_i|)",
+    "floquet_linear": "L = diag(lr lambda_i - 2)",
+    "drift": "Sigma = U^T X U over the tracked Hessian eigenvectors U",
+}
+
+#: The theta equation of a flow with extra state, without its hidden-state terms (text, LaTeX), by flow name.
+_THETA_PHYSICS = {"oscillation": ("-lr g", r"-\eta\,g")}
+
+#: Hidden-state terms a ladder rung fits by default, where its flow supports them: the growth, the
+#: amplitude-dependent rate, the floor and the drift coupling (the revisions issue 15 asks the fit to measure).
+_DEFAULT_HIDDEN_TERMS = ("floquet", "amplitude", "floor", "drift")
+
+
+def default_hidden_terms(flow: Any) -> list[str]:
+    """The hidden-state terms a ladder fits on ``flow``: those of ``floquet, amplitude, floor, drift`` it supports."""
+    supported = flow.hidden_coefficients()
+    return [n for n in _DEFAULT_HIDDEN_TERMS if n in supported]
+
+
+# ------------------------------------------------------------------------------------------ the equations
+
+
+def _number(x: float, latex: bool) -> str:
+    from .report import _sig_latex, sig
+
+    return _sig_latex(x) if latex else sig(x)
+
+
+def _sum(pieces: list[tuple[float, str]], latex: bool, after: bool = False) -> str:
+    """``c_1 F_1 + c_2 F_2 ...`` with the signs folded into the operators (``after``: it continues an expression);
+    a unit field ``1`` is left out."""
+    out = []
+    for k, (c, field_) in enumerate(pieces):
+        mag = _number(abs(c), latex)
+        term = mag if field_ == "1" else mag + (r"\," if latex else " ") + field_
+        first = k == 0 and not after
+        if latex:
+            out.append(("-" if c < 0 else "" if first else "+") + term)
+        else:
+            out.append(("-" if c < 0 else "") + term if first else (" - " if c < 0 else " + ") + term)
+    return "".join(out) or "0"
+
+
+def _lines(eq: dict[str, Any], latex: bool) -> tuple[str, str]:
+    """The theta equation and the extra state's equation of a report's ``extra_equation``."""
+    from .report import _latex_escape
+
+    symbol, matrix = eq["symbol"], eq["matrix"]
+    col = (1 if latex else 0) + (0 if matrix else 2)
+    physics = eq["physics"]
+    theta_text, theta_latex = _THETA_PHYSICS.get(
+        physics, (f"F_{physics}(theta)", r"F_{\mathrm{" + _latex_escape(physics) + r"}}(\theta)"))
+    theta = [(-c, HIDDEN_NOTATION[n][col]) for n, c in eq["terms"] if n == "drift"]
+    extra = [(c, HIDDEN_NOTATION[n][col].format(x=symbol)) for n, c in eq["terms"] if n != "drift"]
+    rhs = (theta_latex if latex else theta_text) + (_sum(theta, latex, after=True) if theta else "")
+    if latex:
+        return r"\frac{d\theta}{dt}=" + rhs, rf"\frac{{d{symbol}}}{{dt}}=" + _sum(extra, True)
+    return f"dtheta/dt = {rhs}", f"d{symbol}/dt = {_sum(extra, False)}"
+
+
+def equation_text(eq: dict[str, Any]) -> list[str]:
+    """The fitted equations in plain text: ``dtheta/dt``, the extra state's, and what the symbols stand for."""
+    theta, extra = _lines(eq, latex=False)
+    symbol = eq["symbol"]
+    where = [_WHERE[n] if eq["matrix"] else f"Sigma = {symbol} u u^T along the top Hessian eigenvector u"
+             for n, _ in eq["terms"] if n in _WHERE and (eq["matrix"] or n == "drift")]
+    return [theta, extra, "where " + "; ".join([*where, f"{symbol}: {eq['statement']}"])]
+
+
+def equation_latex(eq: dict[str, Any]) -> str:
+    """The fitted equations as one line of LaTeX math (parses with matplotlib's mathtext)."""
+    theta, extra = _lines(eq, latex=True)
+    return theta + r",\quad " + extra
+
+
+def extra_equation(flow: Any, fitted: dict[str, float]) -> dict[str, Any]:
+    """The data of the fitted equations: every hidden-state term the flow has or the library fitted, with its value
+    (the fitted coefficient, else the physics' own), the extra state's symbol and what it is (JSON-able)."""
+    own = flow.hidden_coefficients()
+    terms = [[n, fitted.get(n, own[n])] for n in HIDDEN_NOTATION if n in fitted or own.get(n, 0) != 0]
+    return {"physics": flow.name, "symbol": flow.extra_state.symbol, "statement": flow.extra_state.statement,
+            "matrix": flow.extra_state.size > 1, "terms": terms}
+
+
+# ----------------------------------------------------------------------------- window solves of a fit
+
+
+def solver_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """torchdiffeq keywords of the fit's solver (``method``, tolerances, a fixed grid's ``step_size``)."""
+    from .fit import _FIXED_GRID
+
+    kw: dict[str, Any] = {k: settings[k] for k in ("rtol", "atol") if k in settings}
+    kw["method"] = settings.get("solver", "rk4")
+    if kw["method"] in _FIXED_GRID:
+        step = settings.get("step_size_used") or settings.get("step_size") or 0.5
+        kw["options"] = {"step_size": float(step)}
+    return kw
+
+
+def ode_starts(model: Any, targets: Any, rows: Tensor) -> Tensor:
+    """The ODE states at the target iterates ``rows``: ``theta``, joined with the flow's measured extra state there."""
+    problem = model.problem
+    x = targets.iterates[rows].to(device=problem.device, dtype=problem.dtype)
+    if getattr(model, "extra_state", None) is None:
+        return x
+    steps = targets.steps[rows]
+    return model.join(x, torch.stack([model.initial_extra(xi, targets, int(k)) for xi, k in zip(x, steps)]))
+
+
+def _window_rows(result: Any) -> tuple[Tensor, Tensor] | None:
+    """Each fitted window's target rows ``(W, n_out + 1)`` and its output times, or None without windows."""
+    targets = result.trajectory
+    window = int(result.settings.get("window", 0))
+    steps = (getattr(result, "windows", {}) or {}).get("step")
+    if steps is None or window <= 0 or len(steps) == 0:
+        return None
+    n_out = window // targets.store_every
+    first = torch.searchsorted(targets.steps.cpu(), steps.cpu())
+    rows = first[:, None] + torch.arange(n_out + 1)[None, :]
+    t = torch.arange(0, window + 1, targets.store_every, dtype=result.model.problem.dtype,
+                     device=result.model.problem.device)
+    return rows, t
+
+
+def _solve_windows(result: Any, model: Any, rows: Tensor, t: Tensor) -> Tensor:
+    """``theta`` along every window from its start, ``(n_out + 1, W, d)``, with the fit's solver."""
+    y0 = ode_starts(model, result.trajectory, rows[:, 0])
+    with torch.no_grad():
+        sol = odeint(model, y0, t, **solver_options(result.settings))
+    return sol[..., : model.problem.dim]
+
+
+def _window_errors(result: Any, sol: Tensor, rows: Tensor) -> Tensor:
+    """Each window's normalised mean squared distance to its targets (as the fit measures it), ``(W,)``."""
+    x = result.trajectory.iterates.to(sol)
+    target = x[rows.T.to(x.device)]
+    return (sol[1:] - target[1:]).square().sum(-1).mean(0).cpu() / float(result.normaliser)
+
+
+# ------------------------------------------------------------------------- a hidden-state correction
+
+
+def hidden_rows(result: Any) -> tuple[dict[str, float], dict[str, float] | None, dict[str, Any]]:
+    """A hidden-state fit's coefficients, each term's leave-one-out share (None without windows) and equation data.
+
+    Shares are defined in the module docstring; they add up to the fit's ``closed``.
+    """
+    from .report import Report
+
+    model = result.model
+    flow, lib = model.flow, model.correction
+    with torch.no_grad():
+        fitted = {n: float(c) for n, c in lib.coefficients(flow).items()}
+    eq = extra_equation(flow, fitted)
+    windows = _window_rows(result)
+    if windows is None:
+        return fitted, None, eq
+    rows, t = windows
+    closed = Report("", 1.0, "", float(result.physics_error), float(result.hybrid_error), []).closed
+    full = _window_errors(result, _solve_windows(result, model, rows, t), rows).mean()
+    gains = {}
+    for name in lib.terms:
+        kept = lib.deltas[name].detach().clone()
+        with torch.no_grad():
+            lib.deltas[name].zero_()
+        try:
+            gains[name] = float(_window_errors(result, _solve_windows(result, model, rows, t), rows).mean() - full)
+        finally:
+            with torch.no_grad():
+                lib.deltas[name].copy_(kept)
+    total = sum(gains.values())
+    if not total > 0:
+        return fitted, None, eq
+    return fitted, {n: closed * g / total for n, g in gains.items()}, eq
+
+
+def hidden_contributions(result: Any) -> dict[str, list[float]]:
+    """``|(c_j - p_j) F_j|`` of each term's revision at the window starts (the report's contributions figure)."""
+    model = result.model
+    flow, lib = model.flow, model.correction
+    windows = _window_rows(result)
+    if windows is None:
+        return {}
+    rows, t = windows
+    own = flow.hidden_coefficients()
+    with torch.no_grad():
+        _, fields = flow.hidden_fields(t[0], ode_starts(model, result.trajectory, rows[:, 0]), lib.terms)
+        coef = {n: float(c) for n, c in lib.coefficients(flow).items()}
+    steps = [int(s) for s in result.trajectory.steps[rows[:, 0]]]
+    return {"step": steps, **{n: ((coef[n] - own[n]) * fields[n]).norm(dim=1).tolist() for n in lib.terms}}
+
+
+# ------------------------------------------------------------------------------- the diagnostic
+
+
+def history_approximation(flow: Any) -> Approximation:
+    """The approximation a history-dependent residual says to revise: the physics' account of GD's oscillation,
+    its first approximation that the oscillation terms (``gradS``, ``gradScrit``) revise. For the central flow that
+    is ``quasi-static-oscillation`` (the oscillation's size slaved to the state), for gradient flow
+    ``no-oscillation``, for the oscillation flow ``linear-floquet-growth``."""
+    from .report import _edge_approximation
+
+    return _edge_approximation(flow)
+
+
+@dataclass(frozen=True)
+class HiddenStateEvidence:
+    """What :func:`hidden_state_evidence` found: whether a hidden state is missing, and the evidence.
+
+    ``fired`` says whether the statistic passed its significance rule; ``term`` is the library term along whose
+    field the contradiction is largest, ``pairs`` the number of contradicting window pairs along it and
+    ``windows`` the number of windows that need a term sizeably; ``example`` the strongest pair (window start
+    ``steps``, ``features`` {name: [value at each]}, ``needed`` coefficients, known ``within`` +-, the ``compared``
+    features); ``radius`` the nearness used, as a fraction
+    of each feature's range; ``approximation`` the one to revise.
+    """
+
+    fired: bool
+    term: str | None
+    pairs: int
+    windows: int
+    radius: float
+    example: dict[str, Any]
+    approximation: Approximation
+
+    def text(self) -> str:
+        """The plain-word statement (for a report whose evidence fired)."""
+        from .report import _feature_text, sig
+
+        ex = self.example
+        where = [", ".join(f"{_feature_text(f)} = {sig(v[i])}" for f, v in ex["features"].items()) for i in (0, 1)]
+        need = [f"{'+' if a > 0 else ''}{sig(a)} (+- {sig(d, 2)})" for a, d in zip(ex["needed"], ex["within"])]
+        names = " and ".join(ex.get("compared") or ["every feature"])
+        kind = "opposite" if ex["needed"][0] * ex["needed"][1] < 0 else "incompatible"
+        return (
+            f"A hidden state is missing: {self.pairs} pairs of windows that start from nearly the same state "
+            f"({names} within {100 * self.radius:.0f} percent of their range along the run) need {kind} "
+            f"corrections along {self.term}; e.g. the window at step {ex['steps'][0]} ({where[0]}) needs {need[0]} "
+            f"and the one at step {ex['steps'][1]} ({where[1]}) needs {need[1]}. No function of the state gives both "
+            "(quiet against oscillating): the missing physics depends on history. Revise "
+            f'"{self.approximation.statement.rstrip(".")}" [{self.approximation.name}]: give the model the '
+            "oscillation's size as a state (the oscillation flow, nf.OscillationFlow, with a HiddenStateLibrary), or "
+            "a latent correction."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fired": self.fired, "term": self.term, "pairs": self.pairs, "windows": self.windows,
+                "radius": self.radius, "example": self.example, "approximation": self.approximation.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HiddenStateEvidence:
+        approx = d["approximation"]
+        return cls(bool(d["fired"]), d.get("term"), int(d["pairs"]), int(d["windows"]), float(d["radius"]),
+                   dict(d.get("example", {})), Approximation(**{**approx, "revised_by": tuple(approx["revised_by"])}))
+
+
+def _start_features(result: Any, rows: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """The window starts' state features ``{name: (W,)}``: ``lr S - 2`` from the recorded sharpness (computed
+    where the run did not record it) and the loss."""
+    from .report import _sharpness
+
+    targets, problem = result.trajectory, result.model.problem
+    out = {}
+    if "lr_S_minus_2" in names:
+        recorded = targets.sharpness[rows, 0].cpu().to(torch.float64) if targets.sharpness.numel() else None
+        if recorded is None or not bool(torch.isfinite(recorded).all()):
+            states = ode_starts(result.model.flow, targets, rows)[:, : problem.dim]
+            recorded = torch.tensor(_sharpness(problem, states), dtype=torch.float64)
+        out["lr_S_minus_2"] = float(result.model.lr) * recorded - 2
+    if "loss" in names:
+        states = targets.iterates[rows].to(device=problem.device, dtype=problem.dtype)
+        out["loss"] = problem.batched_loss(states).detach().cpu().to(torch.float64)
+    return out
+
+
+def hidden_state_evidence(
+    result: Any,
+    features: tuple[str, ...] = ("lr_S_minus_2", "loss"),
+    radius: float = 0.1,
+    min_alignment: float = 0.25,
+    min_change: float = 0.4,
+    min_error: float = 0.1,
+    min_pairs: int = 2,
+    z: float = 3.0,
+) -> HiddenStateEvidence | None:
+    """Do windows that start from nearly the same state need incompatible corrections? (None without windows.)
+
+    For a fit of a state-only correction (a :class:`~neuralflow.corrections.TermLibrary`, whose coefficients are
+    constants or functions of the state features): integrate the fitted hybrid over each of the fit's windows
+    and take what it still misses at each output ``k`` of the window, ``r_w(k) = x(t_w + s_k) - theta_h(t_w + s_k)``
+    (``s_k`` the output's time in the window, ``T`` the last).
+
+    * **Needed correction.** Along each library term's unit field ``F_i`` at the window's start ``x_w``, the
+      least-squares slope of the path, ``r_w(k) ~ b_w + a_wi s_k F_i`` (``b_w`` a free offset: the noise of the
+      window's first iterate, which the whole window inherits): with ``'`` the deviation from the mean over the
+      window's outputs, ``a_wi = sum_k s'_k <r'_w(k), F_i> / (sum_k s'_k^2 ||F_i||^2)``, the *extra* constant
+      coefficient of term ``i`` window ``w`` alone asks for, to first order in the window's length. It is known
+      to within ``d_wi = z * se_wi``, ``se`` the least-squares standard error from the misfit of the path
+      (``n d - d - 1`` degrees of freedom for ``n`` outputs in ``d`` dimensions): a missing field makes the miss
+      grow steadily along the window, noise in the data does not, so noise gives wide intervals (``z`` = 3 by
+      default: three standard errors). A window that misses almost nothing needs ``0 +- d`` with ``d`` small:
+      "quiet" is a resolved need too. Windows of fewer than three outputs (start included) give no slope: no
+      evidence (None).
+    * **A sizeable need.** Window ``w`` *needs* term ``i`` when the hybrid misses a real part of its motion,
+      ``||r_w(T)|| >= min_error ||x(t_w + T) - x(t_w)||`` (relative to the window's own displacement, so late windows
+      of a decaying run count as much as early ones, and round-off, 1e-12 of the motion, never does), and the
+      term's field carries at least ``min_alignment`` of that miss along the path,
+      ``(sum_k s'_k <r'_w(k), F_i>)^2 >= min_alignment sum_k ||r'_w(k)||^2 sum_k s'_k^2 ||F_i||^2``. The
+      scale of term ``i`` is the largest ``|a_wi|`` over those windows.
+    * **Near.** Each feature (``lr S - 2``, the loss; the logarithm of a feature that is positive at every window,
+      since a loss falls by orders of magnitude and "nearly the same loss" means a small ratio) is divided by its
+      range over the windows (a feature that does not vary is left out); two windows are near when every feature
+      is within ``radius`` of the other's.
+    * **Contradiction.** A near pair, at least one of which needs term ``i``, whose needs are incompatible:
+      ``|a_wi - a_vi| > d_wi + d_vi`` (their intervals are disjoint, so no single coefficient serves both), and
+      the difference is at least ``min_change`` of the term's scale and above the numerical resolution
+      (:data:`neuralflow.sparse.RESOLUTION` of the scale; smaller differences are ties). The size rule is what
+      keeps a state-only coefficient from firing: a smooth function of the state changes by a small part of its
+      range between near states. Opposite signs (quiet stretch against catapult on the quasi-static central flow)
+      and "nothing against a lot" (the same on gradient flow, where the fitted correction may not have settled
+      on the mean of the two) are both contradictions; measuring on the hybrid's residual or the physics' gives
+      the same differences for constant coefficients.
+    * **Fires** when some term has at least ``min_pairs`` contradicting pairs (reported: the term with most).
+
+    The evidence says the missing physics depends on history, not on the state features; with features that
+    miss part of the state (two windows with the same loss and sharpness far apart in ``theta``) it can also
+    mean a missing feature, which the report does not claim to rule out.
+    """
+    from .corrections import TermLibrary
+    from .report import _feature_text
+
+    lib = result.model.correction
+    windows = _window_rows(result)
+    if not isinstance(lib, TermLibrary) or windows is None:
+        return None
+    rows, t = windows
+    sol = _solve_windows(result, result.model, rows, t).cpu()
+    x = result.trajectory.iterates.cpu().to(sol.dtype)
+    target = x[rows.T]
+    residual = (target - sol)[1:]  # (n, W, d)
+    n_out, _, dim = residual.shape
+    if n_out < 2:
+        return None
+    sizeable = residual[-1].norm(dim=1) >= min_error * (target[-1] - target[0]).norm(dim=1)
+    residual = residual - residual.mean(0)
+    s_k = t[1:].cpu().to(sol.dtype)
+    s_k = s_k - s_k.mean()
+    r2 = residual.square().sum((0, 2))
+    starts = x[rows[:, 0]].to(device=result.model.problem.device, dtype=result.model.problem.dtype)
+    fields = {n: f.cpu().to(sol.dtype) for n, f in lib.fields(starts).items()}
+    values = _start_features(result, rows[:, 0], features)
+    scaled = []  # (label, feature scaled to its range) of each feature that varies
+    for name, v in values.items():
+        label = _feature_text(name)
+        if bool((v > 0).all()):
+            v, label = v.log(), f"log {label}"
+        span = float(v.max() - v.min())
+        if span > RESOLUTION * max(float(v.abs().max()), 1e-300):
+            scaled.append((label, (v - v.min()) / span))
+    near = torch.ones(len(rows), len(rows), dtype=torch.bool)
+    for _, v in scaled:
+        near &= (v[:, None] - v[None, :]).abs() <= radius
+    best: tuple[int, str | None, dict[str, Any]] = (0, None, {})
+    n_windows = 0
+    for name, F in fields.items():
+        phi2 = float(s_k.square().sum()) * F.square().sum(1)  # sum_k ||s_k F||^2 per window
+        valid = phi2 > 0
+        dot = (s_k[:, None] * (residual * F[None]).sum(-1)).sum(0)
+        amp = dot / phi2.clamp_min(1e-300)
+        misfit = (r2 - amp * dot).clamp_min(0)  # sum_k ||r(k) - a s_k F||^2 (least-squares identity)
+        spread = z * (misfit / max(n_out * dim - dim - 1, 1) / phi2.clamp_min(1e-300)).sqrt()
+        needs = valid & sizeable & (dot.square() >= min_alignment * r2 * phi2)
+        n_windows = max(n_windows, int(needs.sum()))
+        if not bool(needs.any()):
+            continue
+        scale = float(amp[needs].abs().max())
+        diff = (amp[:, None] - amp[None, :]).abs()
+        pair = (near & valid[:, None] & valid[None, :] & (needs[:, None] | needs[None, :])
+                & (diff > spread[:, None] + spread[None, :]) & (diff >= min_change * scale)
+                & (diff > RESOLUTION * scale))
+        pair = torch.triu(pair, diagonal=1)
+        count = int(pair.sum())
+        if count > best[0]:
+            i, j = max(pair.nonzero().tolist(), key=lambda p: float(diff[p[0], p[1]]))
+            example = {
+                "steps": [int(result.trajectory.steps[rows[k, 0]]) for k in (i, j)],
+                "features": {f: [float(v[i]), float(v[j])] for f, v in values.items()},
+                "needed": [float(amp[i]), float(amp[j])],
+                "within": [float(spread[i]), float(spread[j])],
+                "compared": [label for label, _ in scaled],
+            }
+            best = (count, name, example)
+    count, term, example = best
+    return HiddenStateEvidence(count >= min_pairs, term, count, n_windows, float(radius), example,
+                               history_approximation(result.model.flow))
