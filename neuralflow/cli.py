@@ -58,7 +58,7 @@ def public_functions(command: str) -> dict[str, Any]:
     report = _module("report")
     return {
         "run-gd": {"run_gd": _module("gd").run_gd},
-        "compare": {"compare": _module("flows.simulate").compare},
+        "compare": {"compare": _module("compare").compare},
         "fit": {"fit": _module("fit").fit, "TermLibrary": _module("corrections").TermLibrary,
                 "build_report": report.build_report},
         "report": {"build_report": report.build_report},
@@ -268,7 +268,7 @@ def cmd_compare(cmd: Command, args: argparse.Namespace) -> int:
         check_writable(args.json)
     traj, problem = _load_trajectory(args)
     flows = [for_run(name, problem, traj, **kw) for name, kw in specs]
-    result = _module("flows.simulate").compare(traj, *flows, problem=problem, **cmd.kwargs("compare", args),
+    result = _module("compare").compare(traj, *flows, problem=problem, **cmd.kwargs("compare", args),
                                                progress=not args.quiet)
     say = _say(args)
     say(str(result))
@@ -300,7 +300,7 @@ def _add_fit(cmd: Command) -> None:
 def cmd_fit(cmd: Command, args: argparse.Namespace) -> int:
     from .corrections import Hybrid, TermLibrary
     from .flows import FLOWS, for_run
-    from .report import Ladder
+    from .ladder import Ladder
 
     specs = parse_flows(args.physics, FLOWS, "--physics")
     fit_kw = cmd.kwargs("fit", args)

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import SUFFIX, save
+from .compare import compare
 from .corrections import Hybrid, TermLibrary
 from .errors import NeuralflowError
 from .fit import fit
-from .flows import CentralFlow, GradientFlow, ModifiedFlow, compare
+from .flows import CentralFlow, GradientFlow, ModifiedFlow
 from .gd import run_gd
 from .problems import mlp_digits
 from .provenance import write_json

@@ -231,9 +231,10 @@ def _file_bytes(save: Callable[[Path], Any], name: str) -> bytes:
 def _analyse(config: dict[str, Any], problem: Any, traj: Any, row: dict[str, Any]) -> dict[str, bytes]:
     """Compare flows with GD and fit a term library, as the configuration asks; fills ``row``, returns files."""
     from .checkpoint import save as save_fit
+    from .compare import compare
     from .corrections import Hybrid, TermLibrary
     from .fit import fit
-    from .flows import compare, for_run
+    from .flows import for_run
 
     files = {}
     t0 = time.perf_counter()

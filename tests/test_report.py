@@ -29,12 +29,12 @@ from neuralflow.report import (  # noqa: E402
     Gate,
     Report,
     TermSummary,
-    _window_shares,
     distill,
     gate_formula,
     shares,
     theory_text,
 )
+from neuralflow.report.build import _window_shares  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("NEURALFLOW_UPDATE_GOLDEN") == "1"

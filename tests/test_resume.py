@@ -149,7 +149,7 @@ def test_sigterm_makes_run_gd_save_the_trajectory_so_far_and_say_where(tmp_path)
 
 
 def test_ctrl_c_in_a_fit_keeps_the_best_fit_so_far(tmp_path, monkeypatch, capsys):
-    fit_module = importlib.import_module("neuralflow.fit")
+    fit_module = importlib.import_module("neuralflow.fit.optimisers")
     run = tmp_path / "run.nft"
     assert main(["run-gd", "--problem", "scalar-factorization", "--lr", "0.02", "--steps", "60", "--out",
                  str(run)]) == 0
@@ -236,7 +236,7 @@ def _same_fit(a, b) -> bool:
 
 @pytest.mark.parametrize("stop_after", [0, 2])
 def test_an_interrupted_gauss_newton_fit_resumes_bit_for_bit(tmp_path, monkeypatch, stop_after):
-    fit_module = importlib.import_module("neuralflow.fit")
+    fit_module = importlib.import_module("neuralflow.fit.optimisers")
     full = _gn_fit()
     assert len(full.history) == 4  # iterations 0..3; the last one stops on xtol
     real = fit_module._gauss_newton
