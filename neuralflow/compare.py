@@ -113,7 +113,8 @@ class Comparison:
                  "osc. established", "time s"]
         cells = self._cells()
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-        line = lambda xs: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths)))  # noqa: E731
+        line = lambda xs: "  ".join(  # noqa: E731
+            x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths, strict=True)))
         table = "\n".join([line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells])
         if any(r.variance is not None for r in self.records):
             table += f"\nGD's oscillation established at step {self.gd_established} (EoS onset {tr.eos_onset})."

@@ -8,9 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._display import html_table
+from .corrections import Hybrid, TermLibrary
 from .errors import InputError
+from .fit import fit
+from .flows import FLOWS, for_run
+from .problems import make
 from .report import Report, build_report
-from .report.notation import _fixed_width, _markdown_table, _percent, sig
+from .report.notation import fixed_width, markdown_table, percent, sig
 
 __all__ = ["Ladder", "ladder"]
 
@@ -40,10 +44,10 @@ class Ladder:
             if revisions:
                 approx, share, terms = revisions[0]
                 name = approx.name if approx is not None else terms[0].label
-                top_text = f"{name} {_percent(share)} ({', '.join(t.label for t in terms)})"
+                top_text = f"{name} {percent(share)} ({', '.join(t.label for t in terms)})"
             gap = r.physics_error / first if first > 0 else math.nan
-            rows.append((r.physics, sig(r.physics_error), _percent(gap), sig(r.hybrid_error), _percent(r.closed),
-                         top_text, _percent(r.unexplained)))
+            rows.append((r.physics, sig(r.physics_error), percent(gap), sig(r.hybrid_error), percent(r.closed),
+                         top_text, percent(r.unexplained)))
         return rows
 
     def __repr__(self) -> str:
@@ -52,13 +56,13 @@ class Ladder:
     def __str__(self) -> str:
         lr = sig(self.reports[0].lr, 4) if self.reports else "-"
         out = [f"neuralflow ladder: one correction library on each physics, lr = {lr}", "",
-               *_fixed_width(self._HEADER, self._rows())]
+               *fixed_width(self._HEADER, self._rows())]
         if self.reports:
             out += ["", f"last rung ({self.reports[-1].physics}): " + " ".join(self.reports[-1].suggestions())]
         return "\n".join(out) + "\n"
 
     def to_markdown(self) -> str:
-        return "\n".join(_markdown_table(self._HEADER, self._rows())) + "\n"
+        return "\n".join(markdown_table(self._HEADER, self._rows())) + "\n"
 
     def _repr_html_(self) -> str:
         return html_table(self._HEADER, self._rows())
@@ -92,11 +96,6 @@ def ladder(
     **fit_kwargs)``; ``report_options`` go to :func:`build_report`. This is the physicist's loop:
     observe, model, compare, revise, refit.
     """
-    from .corrections import Hybrid, TermLibrary
-    from .fit import fit
-    from .flows import FLOWS, for_run
-    from .problems import make
-
     if not physics:
         raise InputError("ladder: pass at least one physics flow, e.g. [GradientFlow(p, lr), CentralFlow(p, lr)].")
     reports, results = [], []

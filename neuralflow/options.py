@@ -31,6 +31,11 @@ import torch
 
 from .errors import InputError
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 # ---------------------------------------------------------------------------------------------- the tables
 
 #: Help sentences, by ``function.keyword`` or, for a keyword that means the same everywhere, by ``keyword``.
@@ -429,10 +434,6 @@ def format_flows(specs: list[tuple[str, dict[str, Any]]], registry: dict[str, An
 # ------------------------------------------------------------------------------------------------ config files
 def read_config(path: str | Path) -> dict[str, Any]:
     """A TOML config file as a dict (``tomllib`` on Python 3.11+, ``tomli`` before)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
     try:
         return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:

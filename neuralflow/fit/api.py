@@ -176,7 +176,7 @@ def fit(
         else:
             coef, regression_se = _regression(model, targets, win, balance=balance)
             with torch.no_grad():
-                for name, c in zip(lib.terms, coef):
+                for name, c in zip(lib.terms, coef, strict=True):
                     lib.constants[name].copy_(c)
         timing["regression"] = time.perf_counter() - t0
 
@@ -305,7 +305,7 @@ def fit_runs(
     inverse = [1 / max(s.hybrid_error, tiny) for s in singles] or [1.0] * len(trajectories)
     weights = [w / sum(inverse) for w in inverse]
     models = [_at_lr(model, t.lr, share=True) for t in trajectories]
-    built = [_objective(m, t, **setup, settings={}) for m, t in zip(models, trajectories)]
+    built = [_objective(m, t, **setup, settings={}) for m, t in zip(models, trajectories, strict=True)]
     objectives, targets = [b[0] for b in built], [b[1] for b in built]
     joint = _JointObjective(objectives, weights)
     lib = model.correction
@@ -314,13 +314,13 @@ def fit_runs(
     if method == "regression" or init in ("auto", "regression"):
         t0 = time.perf_counter()
         systems = [_regression_system(m, tg, o.win, balance=options["balance"])
-                   for m, tg, o in zip(models, targets, objectives)]
+                   for m, tg, o in zip(models, targets, objectives, strict=True)]
         stacked = replace(systems[0], **{n: torch.cat([w * getattr(s, n) if n != "steps" else s.steps
-                                                       for s, w in zip(systems, weights)])
+                                                       for s, w in zip(systems, weights, strict=True)])
                                          for n in ("G", "h", "q", "f", "steps")})
         coef, regression_se, _ = _least_squares(stacked)
         with torch.no_grad():
-            for name, c in zip(lib.terms, coef):
+            for name, c in zip(lib.terms, coef, strict=True):
                 lib.constants[name].copy_(c)
         timing["regression"] = time.perf_counter() - t0
     optimizer = options["optimizer"]
@@ -336,13 +336,13 @@ def fit_runs(
                               partial={"model": model, "history": history}) from None
     coefficients, grads = _coefficient_map(models[0], objectives[0].win.targets[0])
     if method == "regression":
-        uncertainty = {n: float(s) for n, s in zip(lib.terms, regression_se)}
+        uncertainty = {n: float(s) for n, s in zip(lib.terms, regression_se, strict=True)}
     else:
         J = joint.last_jacobian if joint.last_jacobian is not None else joint.jacobian(joint.get(), torch.cat(final))
         Js = torch.split(J, [len(r) for r in final])
         A = sum(Ji.T @ Ji for Ji in Js)
         meat = sum(_cluster_meat(Ji, ri, (o.win.targets.shape[0] - 1, len(o.win.train), model.problem.dim))
-                   for Ji, ri, o in zip(Js, final, objectives))
+                   for Ji, ri, o in zip(Js, final, objectives, strict=True))
         Ainv = torch.linalg.pinv(A, hermitian=True, rtol=1e-13)
         cov = Ainv @ meat @ Ainv
         uncertainty = {n: float((g @ cov @ g).clamp_min(0).sqrt()) for n, g in grads.items()}
@@ -350,7 +350,7 @@ def fit_runs(
         history.append({"iteration": 0, "train_loss": float(torch.cat(final).square().sum()),
                         "val_loss": joint.val_loss})
     views = []
-    for m, o, tg in zip(models, objectives, targets):
+    for m, o, tg in zip(models, objectives, targets, strict=True):
         shown = o.win.val if len(o.win.val) else o.win.train
         everything = torch.arange(o.win.targets.shape[1], device=model.problem.device)
         views.append(FitResult(
@@ -366,7 +366,8 @@ def fit_runs(
     for name in lib.terms:
         values = [s.coefficients[name] for s in singles]
         errors = [s.uncertainty[name] for s in singles]
-        spread = [(e**2 + (a * v) ** 2) for v, e, a in zip(values, errors, allowance)]
+        # without per-run fits (per_run=False) values and errors are empty: no spread, and no verdict below
+        spread = [(e**2 + (a * v) ** 2) for v, e, a in zip(values, errors, allowance, strict=False)]
         z = max((abs(values[r] - values[q]) / math.sqrt(spread[r] + spread[q])
                  for r, q in itertools.combinations(range(len(values)), 2)), default=0.0 if singles else math.nan)
         # past lr S = 1 the series in lr does not converge (GD at the edge of stability has lr S ~ 2): no verdict

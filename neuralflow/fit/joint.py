@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..corrections import Hybrid
+from ..autodiff import top_eigenpairs
+from ..corrections import CORRECTIONS, Hybrid
+from ..flows import FLOWS
 from ..trajectory import Trajectory
 from .shooting import _Objective
 
@@ -17,7 +19,6 @@ from .shooting import _Objective
 # different learning rates, each run with its own physics at its own lr.
 # ===================================================================================================
 _UNIVERSAL_Z = 3.0  # a per-run coefficient further than this many combined errors from the joint one is not universal
-
 
 
 class _JointObjective:
@@ -50,7 +51,7 @@ class _JointObjective:
         self.objectives[0].set(vec)
 
     def residuals(self, grad: bool) -> Tensor:
-        parts = [a * o.residuals(grad) for o, a in zip(self.objectives, self.scales)]
+        parts = [a * o.residuals(grad) for o, a in zip(self.objectives, self.scales, strict=True)]
         self._sizes = [len(p) for p in parts]
         return torch.cat(parts)
 
@@ -58,21 +59,19 @@ class _JointObjective:
         return list(torch.split(r, self._sizes))
 
     def jacobian(self, base: Tensor, r0: Tensor) -> Tensor:
-        parts = [a * o.jacobian(base, r / a) for o, a, r in zip(self.objectives, self.scales, self.split(r0))]
+        parts = [a * o.jacobian(base, r / a)
+                 for o, a, r in zip(self.objectives, self.scales, self.split(r0), strict=True)]
         self.last_jacobian = torch.cat(parts)
         return self.last_jacobian
 
     def loss_and_grad(self) -> tuple[float, Tensor]:
         parts = [o.loss_and_grad() for o in self.objectives]
-        return (sum(a * a * p[0] for a, p in zip(self.scales, parts)),
-                sum(a * a * p[1] for a, p in zip(self.scales, parts)))
+        return (sum(a * a * p[0] for a, p in zip(self.scales, parts, strict=True)),
+                sum(a * a * p[1] for a, p in zip(self.scales, parts, strict=True)))
 
 
 def _at_lr(model: Hybrid, lr: float, share: bool) -> Hybrid:
     """``model``'s physics and library rebuilt at ``lr``; ``share=True`` ties the coefficients to ``model``'s."""
-    from ..corrections import CORRECTIONS
-    from ..flows import FLOWS
-
     def rebuild(registry: dict[str, Any], part: Any) -> Any:
         cfg = dict(part.config())
         name = cfg.pop("name")
@@ -95,8 +94,6 @@ def _truncation_allowance(model: Hybrid, trajectory: Trajectory) -> float:
     A term carrying ``lr^p`` absorbs the omitted ``O(lr^{p+1})`` terms, which are ``lr S`` times smaller
     (``S`` the largest sharpness the run measured, else the sharpness at its first iterate).
     """
-    from ..autodiff import top_eigenpairs
-
     s = trajectory.history.get("sharpness", trajectory.sharpness)
     s = s[torch.isfinite(s)]
     if len(s):

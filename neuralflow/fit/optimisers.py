@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -12,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import _io
 from ..errors import DivergenceError, FileFormatError, InputError
 from ..problems import check_positive_int
 from .options import _DEFAULT_ITERS, _GN_MAX_PARAMS
@@ -58,7 +61,7 @@ def _optimise(
             bar.update(1)
         return best["stale"] >= patience
 
-    step = _gauss_newton if optimizer == "gauss-newton" else _torch_optimiser
+    step = gauss_newton if optimizer == "gauss-newton" else _torch_optimiser
     saver = None
     if resume is not None:
         if optimizer != "gauss-newton":
@@ -86,7 +89,7 @@ def _optimise(
     return optimizer, interrupted
 
 
-def _gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record,
+def gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record,
                   xtol: float = 1e-5, start: dict[str, Any] | None = None, after=None) -> None:
     """Levenberg-Marquardt on the residual vector with finite-difference sensitivities ``J``.
 
@@ -147,9 +150,6 @@ class _GaussNewtonCheckpoint:
 
     def __init__(self, path: str | os.PathLike, obj: _Objective, settings: dict[str, Any], best: dict[str, Any],
                  history: list[dict[str, float]]) -> None:
-        import hashlib
-        import json
-
         self.path, self.obj, self.best, self.history = Path(path), obj, best, history
         digest = hashlib.sha256(obj.win.targets.detach().cpu().contiguous().numpy().tobytes())
         digest.update(obj.win.steps.cpu().numpy().tobytes())
@@ -159,8 +159,6 @@ class _GaussNewtonCheckpoint:
             self.state = self._load()
 
     def _load(self) -> dict[str, Any]:
-        from .. import _io
-
         tensors, header = _io.read(self.path, _FIT_CHECKPOINT)
         meta = header["meta"]
         for key, value in self.identity.items():
@@ -181,8 +179,6 @@ class _GaussNewtonCheckpoint:
                 "finished": meta["finished"]}
 
     def save(self, iteration: int, params: Tensor, mu: float, finished: bool = False) -> None:
-        from .. import _io
-
         meta = {**self.identity, "iteration": iteration, "mu": mu, "finished": finished, "history": self.history,
                 "best_score": self.best["score"], "best_iteration": self.best["iteration"],
                 "stale": self.best["stale"]}

@@ -12,8 +12,6 @@ from ..errors import InputError
 from ..problems import Problem
 from ..trajectory import Trajectory
 
-_FIXED_GRID = ("rk4", "euler", "midpoint", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams")
-_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 _OPTIMIZERS = ("auto", "gauss-newton", "lbfgs", "adam")
 _DEFAULT_ITERS = {"gauss-newton": 20, "lbfgs": 100, "adam": 500}
 _SWITCH_OPEN = 0.01  # a gate whose switch stays below this at every point counts as off

@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._display import columns, data_frame
-from ..corrections import FEATURES, Hybrid, TermLibrary
+from ..corrections import Hybrid, TermLibrary
 from ..errors import InputError
 from ..problems import check_positive_int
 from ..trajectory import Trajectory
@@ -86,17 +86,17 @@ def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, balanc
         with torch.no_grad():
             fp = model.flow(t0, xs)
         b = deriv[lo : lo + chunk] - fp
-        ctx = lib._context(xs)  # one set of derivatives (and eigen-solves) for the fields and the gate inputs
-        A = torch.stack([spec(ctx).detach() for spec in lib.specs], dim=2)  # (n, d, P)
+        inputs = lib.regression_inputs(xs)
+        A = inputs.fields  # (n, d, P)
         G.append(A.transpose(1, 2) @ A)
         hs.append(torch.einsum("ndp,nd->np", A, b))
         q.append(b.square().sum(1))
         f.append(fp.square().sum(1))
         if lib.gated:
-            gate_in.append(FEATURES["lr_S_minus_2"](ctx).detach())
-            feats.append(lib._features(ctx).detach())
+            gate_in.append(inputs.lr_S_minus_2)
+            feats.append(inputs.features)
             if lib.amplitude_names:
-                amps.append(lib._amplitude(ctx).detach())
+                amps.append(inputs.amplitude)
     system = _RegressionSystem(
         torch.cat(G), torch.cat(hs), torch.cat(q), torch.cat(f), x.shape[1], steps,
         torch.cat(gate_in) if lib.gated else None, torch.cat(feats) if lib.gated else None,
@@ -267,7 +267,7 @@ def _gated_regression(
         B = G.new_zeros(N, P, K)
         for k, j in enumerate(ci):
             B[:, j, k] = 1.0
-        for j, gate, col in zip(gi, gates, offsets):
+        for j, gate, col in zip(gi, gates, offsets, strict=True):
             m = gate.switch(system.lr_S_minus_2, system.features)
             if float(m.detach().max()) < _SWITCH_OPEN:
                 # a switch that never opens is off: otherwise its exponential tail times a huge scale
@@ -290,7 +290,7 @@ def _gated_regression(
         quad = torch.einsum("np,npq,nq->n", c, G, c)
         return (total - 2 * (c * h).sum() + (1 + w) * quad.sum()) / total
 
-    params = [p for g in gates for name, p in g.named_parameters() if name not in ("scale", "weights", "base")]
+    params = [p for g in gates for p in g.switch_parameters()]
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iters, max_eval=2 * max_iters, history_size=50,
                             tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
     curve: list[float] = []
@@ -313,12 +313,12 @@ def _gated_regression(
         opt.step(closure)
     bar.close()
     with torch.no_grad():
-        for p, b in zip(params, best["params"]):
+        for p, b in zip(params, best["params"], strict=True):
             p.copy_(b)
         c, theta = coefficients()
         for k, j in enumerate(ci):
             lib.constants[names[j]].copy_(theta[k])
-        for gate, col in zip(gates, offsets):
+        for gate, col in zip(gates, offsets, strict=True):
             gate.scale.copy_(theta[col])
             if A:
                 gate.weights.copy_(theta[col + 1 : col + 1 + A])

@@ -13,8 +13,9 @@ from torchdiffeq import odeint, odeint_adjoint
 from ..corrections import Hybrid, TermLibrary
 from ..errors import InputError
 from ..problems import check_positive_int
+from ..solvers import ADAPTIVE, FIXED_GRID
 from ..trajectory import Trajectory
-from .options import _ADAPTIVE, _FIXED_GRID, _check_exclude, _check_inputs, _default_step_size
+from .options import _check_exclude, _check_inputs, _default_step_size
 from .windows import _make_windows, _Windows
 
 
@@ -75,7 +76,7 @@ class _Objective:
             self.penalty_weight = min_norm * float(self.physics_errors[win.train].mean()) / max(size, 1e-300)
         lib = model.correction
         self.batched_sensitivities = (
-            isinstance(lib, TermLibrary) and not lib.gated and solver in _FIXED_GRID
+            isinstance(lib, TermLibrary) and not lib.gated and solver in FIXED_GRID
             and len(self.params) == len(lib.terms)
         )
 
@@ -139,7 +140,8 @@ class _Objective:
     def loss_and_grad(self) -> tuple[float, Tensor]:
         loss = self.residuals(grad=True).square().sum()
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads)])
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                          for p, g in zip(self.params, grads, strict=True)])
         return float(loss.detach()), flat
 
     def get(self) -> Tensor:
@@ -166,7 +168,7 @@ class _Objective:
                 self.set(shifted)
                 cols.append(self.residuals(grad=False))
             self.set(base)
-        self.last_jacobian = torch.stack([(c - r0) / h for c, h in zip(cols, steps)], dim=1)
+        self.last_jacobian = torch.stack([(c - r0) / h for c, h in zip(cols, steps, strict=True)], dim=1)
         return self.last_jacobian
 
     def _batched_differences(self, base: Tensor, steps: Tensor) -> list[Tensor]:
@@ -175,17 +177,13 @@ class _Objective:
         start = self.start
         W = start.shape[0]
         rows = base.expand(P, P) + torch.diag(steps)  # copy j has coefficient j shifted
-        lib._row_constants = rows.repeat_interleave(W, dim=0)
-        try:
+        with lib.row_constants(rows.repeat_interleave(W, dim=0)):
             sol = self.solve(start.repeat(P, 1), grad=False)
-            fa = None
-            if self._penalised():
-                starts = self.win.targets[0, self.win.train]
-                lib._row_constants = rows.repeat_interleave(len(starts), dim=0)
-                with torch.no_grad():
-                    fa = lib(self.win.t[0], starts.repeat(P, 1)).reshape(P, len(starts), -1)
-        finally:
-            lib._row_constants = None
+        fa = None
+        if self._penalised():
+            starts = self.win.targets[0, self.win.train]
+            with lib.row_constants(rows.repeat_interleave(len(starts), dim=0)), torch.no_grad():
+                fa = lib(self.win.t[0], starts.repeat(P, 1)).reshape(P, len(starts), -1)
         sol = sol.reshape(sol.shape[0], P, W, -1)
         return [self._residuals(sol[:, j], None if fa is None else fa[j]) for j in range(P)]
 
@@ -200,17 +198,17 @@ def _objective(
     settings["exclude"] = exclude = _check_exclude(exclude)
     window = check_positive_int(window, "fit: window")
     settings["stride"] = stride = window if stride is None else check_positive_int(stride, "fit: stride")
-    if solver in _FIXED_GRID:
+    if solver in FIXED_GRID:
         if step_size is None:
             step_size = _default_step_size(trajectory)
             settings["step_size_used"] = step_size
         options: dict[str, Any] = {"step_size": float(step_size)}
         if not 0 < step_size <= targets.store_every:
             raise InputError(f"fit: step_size must be in (0, {targets.store_every}] steps, got {step_size!r}.")
-    elif solver in _ADAPTIVE:
+    elif solver in ADAPTIVE:
         options = {}
     else:
-        raise InputError(f"fit: unknown solver {solver!r}; choose from {sorted(_FIXED_GRID + _ADAPTIVE)}.")
+        raise InputError(f"fit: unknown solver {solver!r}; choose from {sorted(FIXED_GRID + ADAPTIVE)}.")
     if not (isinstance(min_norm, (int, float)) and math.isfinite(min_norm) and min_norm >= 0):
         raise InputError(f"fit: min_norm must be a non-negative number, got {min_norm!r}.")
     problem = model.problem
@@ -227,7 +225,7 @@ def _objective(
                          "window itself, so it cannot validate; pass val_fraction=0.")
     start = win.targets[0]
     if model.extra_state is not None:  # the measured extra state at each window's first iterate
-        extra = torch.stack([model.initial_extra(x, trajectory, int(k)) for x, k in zip(start, win.steps)])
+        extra = torch.stack([model.initial_extra(x, trajectory, int(k)) for x, k in zip(start, win.steps, strict=True)])
         start = model.join(start, extra)
     return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm), start,
                       extra_start == "fitted"), targets

@@ -19,7 +19,7 @@ def _coefficient_map(model: Hybrid, states: Tensor) -> tuple[dict[str, float], d
     if isinstance(lib, HiddenStateLibrary):
         coeffs = lib.coefficients(model.flow)
     elif isinstance(lib, TermLibrary):
-        coeffs = lib._coefficients(lib._context(states))
+        coeffs = lib.coefficients_at(states)
     else:
         return {}, {}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -28,7 +28,8 @@ def _coefficient_map(model: Hybrid, states: Tensor) -> tuple[dict[str, float], d
         m = c.mean()
         values[name] = float(m.detach())
         g = torch.autograd.grad(m, params, retain_graph=True, allow_unused=True)
-        grads[name] = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for p, gi in zip(params, g)])
+        grads[name] = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
+                                 for p, gi in zip(params, g, strict=True)])
     return values, grads
 
 
@@ -55,7 +56,7 @@ def _uncertainty(
     obj: _Objective, r: Tensor, method: str, grads: dict[str, Tensor], regression_se: Tensor | None, lib: Any
 ) -> dict[str, float]:
     if method == "regression":
-        return {n: float(s) for n, s in zip(lib.terms, regression_se)}
+        return {n: float(s) for n, s in zip(lib.terms, regression_se, strict=True)}
     if not grads or len(obj.get()) > _GN_MAX_PARAMS:
         return {n: math.nan for n in grads}
     J = obj.last_jacobian if obj.last_jacobian is not None else obj.jacobian(obj.get(), r)

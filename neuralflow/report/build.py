@@ -8,13 +8,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchdiffeq import odeint
 
+from ..autodiff import top_eigenpairs
+from ..corrections import TERMS, Inspection, NeuralCorrection, TermLibrary
 from ..errors import InputError, NeuralflowError
-from ..flows import Approximation
+from ..flows import Approximation, GradientFlow
+from ..solvers import FIXED_GRID
 from ..sparse import SparseSolution, sparse_regression
 from .formula import gate_formula
 from .model import Report
-from .notation import _percent
+from .notation import percent
 from .summary import RESIDUAL, Gate, TermSummary, _edge_label
 
 
@@ -47,7 +51,7 @@ def distill(outputs: Tensor, fields: dict[str, Tensor], n_folds: int = 5) -> tup
         raise InputError("distill: the term library is empty; pass at least one term to distill onto.")
     X = torch.stack([fields[n] for n in names], dim=1)
     sol = sparse_regression(X, outputs, n_folds=n_folds)
-    return {n: float(c) for n, c in zip(names, sol.coefficients)}, sol
+    return {n: float(c) for n, c in zip(names, sol.coefficients, strict=True)}, sol
 
 
 # ------------------------------------------------------------------------------------ from a FitResult
@@ -86,8 +90,6 @@ def _physics_view(flow: Any, name: str, spec: Any) -> tuple[Approximation | None
     elsewhere only a theory value of 0 (as for ``g``) is shown, since the physics may
     already contain part of the term.
     """
-    from ..flows import GradientFlow
-
     own = next((a for a in getattr(flow, "approximations", ()) if name in a.revised_by), None)
     if spec is None:
         return own, None
@@ -103,14 +105,12 @@ def _edge_approximation(flow: Any) -> Approximation:
     approximation that the oscillation terms (``gradS``, ``gradScrit``) revise, for gradient flow
     "no oscillation"; or, for physics that lists none, "no oscillation in the critical subspace".
     """
-    from ..corrections import TERMS
-
     own = next((a for a in getattr(flow, "approximations", ())
                 if {"gradS", "gradScrit"} & set(a.revised_by)), None)
     return own or TERMS["gradScrit"].approximation
 
 
-def _window_shares(
+def window_shares(
     result: Any, targets: Any, parts: Any, closed: float, max_states: int, problem: Any
 ) -> dict[str, float] | None:
     """Each row's share of the gap, window by window; None when the fit's windows cannot be used.
@@ -147,8 +147,6 @@ def _window_shares(
 
 
 def _sharpness(problem: Any, states: Tensor) -> list[float]:
-    from ..autodiff import top_eigenpairs
-
     out, block = [], None
     for theta in states:
         res = top_eigenpairs(problem, theta, k=1, v0=block, tol=1e-3)
@@ -166,10 +164,6 @@ def _window_curves(
     solver settings, as the fit itself does; the per-window errors come from the fit. A rollout
     that fails is left out, with a line in ``notes``.
     """
-    from torchdiffeq import odeint
-
-    from ..fit.options import _FIXED_GRID
-
     curves: dict[str, dict[str, list]] = {}
     windows = getattr(result, "windows", {}) or {}
     if "step" in windows and len(result.window_errors) == len(windows["step"]):
@@ -193,7 +187,7 @@ def _window_curves(
     t = torch.tensor([0.0, float(window)], dtype=problem.dtype, device=problem.device)
     kw = {k: result.settings[k] for k in ("rtol", "atol") if k in result.settings}
     kw["method"] = result.settings.get("solver", "rk4")
-    if kw["method"] in _FIXED_GRID:
+    if kw["method"] in FIXED_GRID:
         step = result.settings.get("step_size_used") or result.settings.get("step_size") or 0.5
         kw["options"] = {"step_size": float(step)}
     states = {"observed": x[ends]}
@@ -231,8 +225,6 @@ def build_report(
     ends of up to ``max_windows`` windows feed the figures. ``negligible``, ``outside`` and
     ``min_share`` set the verdict (see :class:`Report`).
     """
-    from ..corrections import TERMS, Inspection, NeuralCorrection, TermLibrary
-
     model = result.model
     flow, corr = model.flow, model.correction
     if corr is None:
@@ -317,13 +309,13 @@ def build_report(
         residual, source = None, "neural"
         notes.append(
             f"network correction distilled onto {list(fields)} by sparse regression (terms chosen by "
-            f"{n_folds}-fold cross-validation); the library expresses {_percent(1 - sol.residual)} of the "
+            f"{n_folds}-fold cross-validation); the library expresses {percent(1 - sol.residual)} of the "
             "network's squared output"
         )
     else:
         raise InputError(f"build_report: cannot read a correction of type {type(corr).__name__}; expected a "
                          "TermLibrary or a NeuralCorrection.")
-    share = _window_shares(result, targets, parts, closed, max_states, problem)
+    share = window_shares(result, targets, parts, closed, max_states, problem)
     if share is None:  # no windows recorded, or none where the correction helped: the states, unweighted
         share = shares(contribs, closed)
     if source == "neural":

@@ -52,7 +52,7 @@ class SparseFormula:
         table = _BASIS_LATEX if latex else _BASIS_TEXT
         space, gap = (r"\,", "") if latex else (" ", " ")
         pieces = []
-        for (kind, feature, knot), a in zip(self.basis, self.coefficients):
+        for (kind, feature, knot), a in zip(self.basis, self.coefficients, strict=True):
             arg = self._argument(feature, knot if kind in ("relu", "step") else 0.0, latex)
             mag = number(abs(a), digits)
             term = mag if kind == "1" else mag + space + table[kind].format(x=arg)

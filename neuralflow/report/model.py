@@ -17,11 +17,11 @@ from .notation import (
     PHYSICS_LATEX,
     _feature_knot,
     _feature_text,
-    _fixed_width,
     _latex_escape,
-    _markdown_table,
-    _percent,
     _term_latex,
+    fixed_width,
+    markdown_table,
+    percent,
     sig,
     theory_text,
 )
@@ -155,7 +155,7 @@ class Report:
             worse = "" if self.hybrid_error < self.physics_error else (
                 f"; the fitted terms do not help on the evaluated windows (hybrid error {sig(self.hybrid_error, 2)})")
             out.append(f"{head} (physics error {sig(self.physics_error, 2)}, "
-                       f"{_percent(self.unexplained)} unexplained{worse}).")
+                       f"{percent(self.unexplained)} unexplained{worse}).")
         if self.residual is not None and self.residual >= self.min_share:
             out.append(f"{100 * self.residual:.1f} percent of the gap is closed by the network but cannot be "
                        "expressed by the library")
@@ -168,36 +168,36 @@ class Report:
         rows = []
         for rank, t in enumerate(self.terms, 1):
             approx = t.approximation.name if t.approximation is not None else "-"
-            rows.append((str(rank), t.label, _percent(t.share), t.coefficient_text(), theory_text(t.theory), approx))
+            rows.append((str(rank), t.label, percent(t.share), t.coefficient_text(), theory_text(t.theory), approx))
         if self.residual is not None:
-            rows.append(("", RESIDUAL, _percent(self.residual), "", "", "outside the library"))
-        rows.append(("", "unexplained", _percent(self.unexplained), "", "", ""))
+            rows.append(("", RESIDUAL, percent(self.residual), "", "", "outside the library"))
+        rows.append(("", "unexplained", percent(self.unexplained), "", "", ""))
         return rows
 
     _HEADER = ("rank", "term", "share", "coefficient", "theory", "approximation to revise")
 
-    def _title(self) -> str:
+    def title(self) -> str:
         return (f"neuralflow report: {self.physics} physics + {self.source} correction on {self.problem}, "
                 f"lr = {sig(self.lr, 4)}")
 
     def _error_line(self) -> str:
         return (f"physics error {sig(self.physics_error)}, hybrid error {sig(self.hybrid_error)}: "
-                f"the correction closed {_percent(self.closed)} of the gap")
+                f"the correction closed {percent(self.closed)} of the gap")
 
     def __repr__(self) -> str:
-        top = f"{self.terms[0].label} {_percent(self.terms[0].share)}" if self.terms else "-"
+        top = f"{self.terms[0].label} {percent(self.terms[0].share)}" if self.terms else "-"
         return (f"Report(physics={self.physics!r}, problem={self.problem!r}, verdict={self.verdict!r}, "
-                f"closed={_percent(self.closed)}, top={top!r})")
+                f"closed={percent(self.closed)}, top={top!r})")
 
     def __str__(self) -> str:
-        out = [self._title(), self._error_line(), "", *_fixed_width(self._HEADER, self._rows())]
+        out = [self.title(), self._error_line(), "", *fixed_width(self._HEADER, self._rows())]
         out += ["", "suggestions:"] + [f"  {i}. {s}" for i, s in enumerate(self.suggestions(), 1)]
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out) + "\n"
 
     def to_markdown(self) -> str:
         """The report as Markdown: title, errors, the ranked table, suggestions, the corrected ODE."""
-        out = [f"### {self._title()}", "", self._error_line() + ".", "", *_markdown_table(self._HEADER, self._rows())]
+        out = [f"### {self.title()}", "", self._error_line() + ".", "", *markdown_table(self._HEADER, self._rows())]
         out += ["", "**Suggestions**", ""] + [f"{i}. {s}" for i, s in enumerate(self.suggestions(), 1)]
         out += ["", "**Corrected ODE**", "", "$$" + self.equation() + "$$"]
         out += [f"\n*Note: {n}*" for n in self.notes]
@@ -230,7 +230,7 @@ class Report:
         e = html.escape
         sugg = "".join(f"<li>{e(s)}</li>" for s in self.suggestions())
         notes = "".join(f"<p><em>note: {e(n)}</em></p>" for n in self.notes)
-        return (f"<div><h4>{e(self._title())}</h4><p>{e(self._error_line())}</p>"
+        return (f"<div><h4>{e(self.title())}</h4><p>{e(self._error_line())}</p>"
                 f"{html_table(self._HEADER, self._rows())}"
                 f"<p><b>Suggestions</b></p><ol>{sugg}</ol><p>${e(self.equation())}$</p>{notes}</div>")
 
@@ -306,7 +306,7 @@ class Report:
         panels = [p for p in ("loss", "sharpness", "distance") if "step" in self.curves.get(p, {})]
         if panels:
             fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False)
-            for ax, panel in zip(axes[:, 0], panels):
+            for ax, panel in zip(axes[:, 0], panels, strict=True):
                 series = {k: np.asarray(v, dtype=float) for k, v in self.curves[panel].items()}
                 for who, style in (("observed", "k.-"), ("physics", "C0.--"), ("hybrid", "C3.-")):
                     if who in series:
@@ -340,15 +340,16 @@ class Report:
         if gated:
             nf = max(len(t.gate.features) for t in gated)
             fig, axes = plt.subplots(len(gated), nf, figsize=(3.6 * nf, 2.8 * len(gated)), squeeze=False)
-            for row, t in zip(axes, gated):
+            for row, t in zip(axes, gated, strict=True):
                 vals = np.asarray(t.gate.values)
                 fitted = self._formula_values(t.gate)
-                for ax, (fname, x) in zip(row, t.gate.features.items()):
+                # a row has an axis per feature of the gate with the most; the spare ones are switched off below
+                for ax, (fname, x) in zip(row, t.gate.features.items(), strict=False):
                     x = np.asarray(x)
                     ax.plot(x, vals, ".", ms=3, label=f"c_{t.label} (fitted)")
                     if fitted is not None:
                         order = np.argsort(x)
-                        label = f"{t.gate.formula.text()} ({_percent(t.gate.formula.explained)})"
+                        label = f"{t.gate.formula.text()} ({percent(t.gate.formula.explained)})"
                         ax.plot(x[order], fitted[order], "C3-", lw=1, label="\n".join(textwrap.wrap(label, 40)))
                     if t.theory is not None:
                         ax.axhline(t.theory, color="0.5", ls=":", lw=1, label="theory")
@@ -370,7 +371,7 @@ class Report:
             return None
         n = len(gate.values)
         total = np.zeros(n)
-        for (kind, fname, knot), a in zip(gate.formula.basis, gate.formula.coefficients):
+        for (kind, fname, knot), a in zip(gate.formula.basis, gate.formula.coefficients, strict=True):
             x = np.asarray(gate.features.get(fname, np.zeros(n)), dtype=float)
             on = np.asarray(gate.features.get("lr_S_minus_2", np.zeros(n)), dtype=float) > 0
             phi = {"1": np.ones(n), "x": x, "x2": x * x, "relu": np.maximum(x - knot, 0),

@@ -90,18 +90,18 @@ def theory_text(x: float | None) -> str:
     return sig(x)
 
 
-def _percent(x: float) -> str:
+def percent(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _fixed_width(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def fixed_width(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """A fixed-width text table: header, rule, rows."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
     return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     esc = lambda c: c.replace("|", r"\|")
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
             *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows)]

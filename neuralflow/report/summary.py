@@ -8,7 +8,7 @@ from typing import Any
 
 from ..flows import Approximation
 from .formula import SparseFormula
-from .notation import _feature_latex, _latex_escape, _percent, _sig_latex, sig
+from .notation import _feature_latex, _latex_escape, _sig_latex, percent, sig
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class TermSummary:
 
     def coefficient_text(self, digits: int = 3) -> str:
         if self.gate is not None and self.gate.formula is not None and self.gate.formula.explained >= 0.5:
-            return f"{self.gate.formula.text(digits)} (explains {_percent(self.gate.formula.explained)})"
+            return f"{self.gate.formula.text(digits)} (explains {percent(self.gate.formula.explained)})"
         if self.gate is not None:
             return f"mean {sig(self.coefficient, digits)}"
         unc = self.uncertainty
