@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..corrections import Hybrid
 from ..errors import InputError
 from ..problems import Problem
+from ..solvers import FIXED_GRID, Solver
 from ..trajectory import Trajectory
 
 _OPTIMIZERS = ("auto", "gauss-newton", "lbfgs", "adam")
@@ -18,6 +20,16 @@ _SWITCH_OPEN = 0.01  # a gate whose switch stays below this at every point count
 _GN_MAX_PARAMS = 64  # finite-difference sensitivities cost one solve per parameter
 _GATED_REGRESSION_ITERS = 200  # LBFGS iterations of the gated regression (precomputed tensors, no solves)
 
+
+
+def resolved_solver(settings: dict[str, Any]) -> Solver:
+    """The :class:`~neuralflow.solvers.Solver` a fit used, from its ``FitResult.settings`` (those of old checkpoints
+    too): the ``solver`` (default rk4) at the step size it chose (``step_size_used``, else the ``step_size`` given,
+    else 1/2), or at the tolerances it recorded."""
+    method = settings.get("solver", "rk4")
+    step = settings.get("step_size_used") or settings.get("step_size") or 0.5
+    tolerances = {k: settings[k] for k in ("rtol", "atol") if k in settings}
+    return Solver(method, float(step) if method in FIXED_GRID else None, **tolerances)
 
 
 def _default_step_size(trajectory: Trajectory) -> float:

@@ -13,7 +13,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from ..corrections import Hybrid, TermLibrary
 from ..errors import InputError
 from ..problems import check_positive_int
-from ..solvers import ADAPTIVE, FIXED_GRID
+from ..solvers import ADAPTIVE, FIXED_GRID, Solver
 from ..trajectory import Trajectory
 from .options import _check_exclude, _check_inputs, _default_step_size
 from .windows import _make_windows, _Windows
@@ -45,8 +45,8 @@ class _Objective:
     """
 
     def __init__(
-        self, model: Hybrid, win: _Windows, method: str, solver: str, options: dict[str, Any], rtol: float,
-        atol: float, min_norm: float, start: Tensor, fitted_start: bool = False,
+        self, model: Hybrid, win: _Windows, method: str, solver: Solver, min_norm: float, start: Tensor,
+        fitted_start: bool = False,
     ) -> None:
         self.model = model
         self._start = start  # (W, state_dim): the windows' first iterates, joined with their extra state
@@ -54,8 +54,6 @@ class _Objective:
         self.win = win
         self.method = method
         self.solver = solver
-        self.options = options
-        self.rtol, self.atol = rtol, atol
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         self.params = list(self.model_params)
         self.start_extra: torch.nn.Parameter | None = None
@@ -76,7 +74,7 @@ class _Objective:
             self.penalty_weight = min_norm * float(self.physics_errors[win.train].mean()) / max(size, 1e-300)
         lib = model.correction
         self.batched_sensitivities = (
-            isinstance(lib, TermLibrary) and not lib.gated and solver in FIXED_GRID
+            isinstance(lib, TermLibrary) and not lib.gated and solver.fixed_grid
             and len(self.params) == len(lib.terms)
         )
 
@@ -90,12 +88,12 @@ class _Objective:
     def solve(self, y0: Tensor, grad: bool, model: torch.nn.Module | None = None) -> Tensor:
         """Integrate from the rows of ``y0`` over the window's output times, ``(n_out + 1, B, d)``."""
         func = self.counted if model is None else model
-        kw = {"method": self.solver, "options": self.options, "rtol": self.rtol, "atol": self.atol}
+        kw = self.solver.odeint_options()
         try:
             if grad and self.method == "adjoint":
                 sol = odeint_adjoint(
                     func, y0, self.win.t, adjoint_params=tuple(self.model_params),
-                    adjoint_options={**self.options, "norm": "seminorm"}, **kw,
+                    adjoint_options={**kw["options"], "norm": "seminorm"}, **kw,
                 )
             elif grad:
                 sol = odeint(func, y0, self.win.t, **kw)
@@ -202,12 +200,9 @@ def _objective(
         if step_size is None:
             step_size = _default_step_size(trajectory)
             settings["step_size_used"] = step_size
-        options: dict[str, Any] = {"step_size": float(step_size)}
         if not 0 < step_size <= targets.store_every:
             raise InputError(f"fit: step_size must be in (0, {targets.store_every}] steps, got {step_size!r}.")
-    elif solver in ADAPTIVE:
-        options = {}
-    else:
+    elif solver not in ADAPTIVE:
         raise InputError(f"fit: unknown solver {solver!r}; choose from {sorted(FIXED_GRID + ADAPTIVE)}.")
     if not (isinstance(min_norm, (int, float)) and math.isfinite(min_norm) and min_norm >= 0):
         raise InputError(f"fit: min_norm must be a non-negative number, got {min_norm!r}.")
@@ -227,5 +222,6 @@ def _objective(
     if model.extra_state is not None:  # the measured extra state at each window's first iterate
         extra = torch.stack([model.initial_extra(x, trajectory, int(k)) for x, k in zip(start, win.steps, strict=True)])
         start = model.join(start, extra)
-    return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm), start,
+    ode = Solver(solver, float(step_size) if solver in FIXED_GRID else None, rtol, atol)
+    return _Objective(model, win, method, ode, float(min_norm), start,
                       extra_start == "fitted"), targets

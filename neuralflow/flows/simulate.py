@@ -7,7 +7,6 @@ beside the GD experiment).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,11 +14,13 @@ from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
 from ..errors import DivergenceError, InputError
+from ..solvers import Solver
 from .base import Flow
 
 __all__ = ["simulate", "DEFAULT_SOLVER"]
 
-DEFAULT_SOLVER: dict[str, Any] = {"method": "dopri5", "rtol": 1e-7, "atol": 1e-9}
+#: The solver of a flow that states no preference: dopri5 with ``rtol=1e-7, atol=1e-9``.
+DEFAULT_SOLVER = Solver()
 
 
 class _NonFinite(Exception):
@@ -86,16 +87,9 @@ def simulate(
     t = torch.as_tensor(t, dtype=theta0.dtype, device=theta0.device)
     if t.dim() != 1 or len(t) < 2 or not bool((t.diff() > 0).all()):
         raise InputError("simulate: t must be a 1-D tensor of at least 2 strictly increasing step times.")
-    solver = {**DEFAULT_SOLVER, **getattr(flow, "solver", {})}
-    solver["options"] = dict(solver.get("options", {}))
-    if method is not None and method != solver["method"]:
-        solver = {**DEFAULT_SOLVER, "method": method, "options": {}}
-    if step_size is not None:
-        solver["options"]["step_size"] = float(step_size)
-    if rtol is not None:
-        solver["rtol"] = rtol
-    if atol is not None:
-        solver["atol"] = atol
+    preferred = getattr(flow, "solver", None)
+    solver = DEFAULT_SOLVER if not preferred else Solver.from_options(preferred)
+    solver = solver.override(method, step_size, rtol, atol)
     if reset and hasattr(flow, "reset"):
         flow.reset()
     if flow.extra_state is not None and extra0 is None:
@@ -107,11 +101,11 @@ def simulate(
         try:
             with torch.no_grad():
                 if flow.extra_state is None:
-                    states = odeint(func, y0, t, **solver)
+                    states = odeint(func, y0, t, **solver.odeint_options())
                 else:
                     ys = [y0]
                     for i in range(len(t) - 1):
-                        ys.append(flow.rebase(odeint(func, ys[-1], t[i : i + 2], **solver)[-1]))
+                        ys.append(flow.rebase(odeint(func, ys[-1], t[i : i + 2], **solver.odeint_options())[-1]))
                     states = torch.stack(ys)
         except _NonFinite as err:
             raise DivergenceError(

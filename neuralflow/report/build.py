@@ -13,8 +13,8 @@ from torchdiffeq import odeint
 from ..autodiff import top_eigenpairs
 from ..corrections import TERMS, Inspection, NeuralCorrection, TermLibrary
 from ..errors import InputError, NeuralflowError
+from ..fit.options import resolved_solver
 from ..flows import Approximation, GradientFlow
-from ..solvers import FIXED_GRID
 from ..sparse import SparseSolution, sparse_regression
 from .formula import gate_formula
 from .model import Report
@@ -185,11 +185,7 @@ def _window_curves(
     ends = torch.searchsorted(steps, steps[starts] + window)
     x = targets.iterates.to(device=problem.device, dtype=problem.dtype)
     t = torch.tensor([0.0, float(window)], dtype=problem.dtype, device=problem.device)
-    kw = {k: result.settings[k] for k in ("rtol", "atol") if k in result.settings}
-    kw["method"] = result.settings.get("solver", "rk4")
-    if kw["method"] in FIXED_GRID:
-        step = result.settings.get("step_size_used") or result.settings.get("step_size") or 0.5
-        kw["options"] = {"step_size": float(step)}
+    kw = resolved_solver(result.settings).odeint_options()
     states = {"observed": x[ends]}
     with torch.no_grad():
         for who, rhs in (("physics", model.flow), ("hybrid", model)):
