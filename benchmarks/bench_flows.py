@@ -26,7 +26,8 @@ import torch
 
 import neuralflow as nf
 from neuralflow.autodiff import gradient
-from neuralflow.flows import CentralFlow, GradientFlow, ModifiedFlow, PrincipalFlow, compare
+from neuralflow.compare import compare
+from neuralflow.flows import CentralFlow, GradientFlow, ModifiedFlow, PrincipalFlow
 from neuralflow.provenance import write_json
 
 

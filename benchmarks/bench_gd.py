@@ -103,7 +103,7 @@ def main() -> None:
     print(f"{'sharpness update':<22}{'grad-equiv (median)':>20}{'HVPs (mean)':>13}{'median S':>10}")
     labels = {"warm": "LOBPCG warm start", "cold": "LOBPCG cold start", "lanczos": "Lanczos cold start"}
     for name, label in labels.items():
-        ratio = statistics.median(t / g for t, g in zip(rows[name], rows["grad"]))
+        ratio = statistics.median(t / g for t, g in zip(rows[name], rows["grad"], strict=True))
         result["methods"][name] = {
             "gradient_equivalents_median": ratio,
             "hvp_mean": float(np.mean(hvps[name])),

@@ -167,7 +167,7 @@ def main() -> None:
         return -0.5 * float(oscillation[max(0, lo) : hi].mean()) / n if n else 0.0
 
     n_crit = n_critical(smoothed[coef_steps])
-    sig_gd = [gd_minus_sigma2_half(k - 5, k + 6, n) for k, n in zip(coef_steps.tolist(), n_crit)]
+    sig_gd = [gd_minus_sigma2_half(k - 5, k + 6, n) for k, n in zip(coef_steps.tolist(), n_crit, strict=True)]
     # with no critical eigenvalue the gradScrit field is 0 and its coefficient undefined: report 0 there
     coeffs["gradScrit"] = coeffs["gradScrit"] * (torch.tensor(n_crit) > 0).to(coeffs["gradScrit"].dtype)
     timing["coefficients"] = time.perf_counter() - t0

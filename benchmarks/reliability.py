@@ -104,7 +104,7 @@ def craft(path: Path, kind: str, meta, tensors, **header_fields) -> Path:
 
     header = {"kind": kind, "format_version": _io.FORMAT_VERSION, "neuralflow_version": nf.__version__,
               "torch_version": torch.__version__, "meta": meta, **header_fields}
-    header["sha256"] = _io._digest(header, tensors)
+    header["sha256"] = _io.digest(header, tensors)
     path.write_bytes(save(tensors, metadata={"neuralflow": json.dumps(header)}))
     return path
 

@@ -4,18 +4,19 @@ Pipeline (see the README): Problem --run_gd--> Trajectory --> flows (physics) + 
 --> report, with safe checkpoints.
 """
 
-__version__ = "0.1.0"
-
 from . import autodiff, corrections, flows, problems  # noqa: E402
 from .checkpoint import load  # noqa: E402
+from .compare import compare  # noqa: E402
 from .corrections import Hybrid  # noqa: E402
 from .errors import DivergenceError, EngineError, FileFormatError, InputError, Interrupted, NeuralflowError  # noqa: E402,E501
 from .fit import FitResult, JointFitResult, coefficient_profile, fit  # noqa: E402
 from .flows import Approximation, OscillationFlow  # noqa: E402
-from .flows.simulate import compare, simulate  # noqa: E402
+from .flows.simulate import simulate  # noqa: E402
 from .gd import run_gd  # noqa: E402
+from .ladder import ladder  # noqa: E402
 from .problems import Problem  # noqa: E402
-from .report import Report, ladder  # noqa: E402
+from .provenance import __version__  # noqa: E402
+from .report import Report  # noqa: E402
 from .stability import Stability, stability  # noqa: E402
 from .sweep import sweep  # noqa: E402
 from .trajectory import Trajectory  # noqa: E402

@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load, save
 from torch import Tensor
 
 from ._validate import HEADER, SCHEMAS
 from .errors import FileFormatError, InputError
+from .provenance import __version__, provenance
 
 FORMAT_VERSION = 2
 _MAX_HEADER = 100_000_000
@@ -49,7 +51,7 @@ def _tensor_digest(tensors: dict[str, Tensor]) -> hashlib._Hash:
     return h
 
 
-def _digest(header: dict[str, Any], tensors: dict[str, Tensor]) -> str:
+def digest(header: dict[str, Any], tensors: dict[str, Tensor]) -> str:
     """SHA-256 of the header (every field but ``sha256``, canonical JSON) and of the tensors (version 2)."""
     h = _tensor_digest(tensors)
     fields = {k: v for k, v in header.items() if k != "sha256"}
@@ -99,12 +101,6 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
     """Make sure ``path`` (a file, or with ``folder=True`` a folder) can be written, before any work is done.
 
@@ -129,10 +125,6 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
 
 def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
     """Write ``tensors`` and JSON-able ``meta`` to ``path`` atomically (temporary file, rename)."""
-    from safetensors.torch import save
-
-    from .provenance import provenance
-
     floating = next((v for v in tensors.values() if v.is_floating_point()), None)
     prov = provenance(*(None, None) if floating is None else (floating.device, floating.dtype))
     cpu, storages = {}, set()
@@ -145,13 +137,13 @@ def write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: 
     header = {
         "kind": kind,
         "format_version": FORMAT_VERSION,
-        "neuralflow_version": _version(),
+        "neuralflow_version": __version__,
         "torch_version": torch.__version__,
         "meta": meta,
         "provenance": prov,
     }
     header = json.loads(json.dumps(header))  # what a reader will parse (tuples become lists, keys strings)
-    header["sha256"] = _digest(header, cpu)
+    header["sha256"] = digest(header, cpu)
     return write_atomic(path, save(cpu, metadata={"neuralflow": json.dumps(header)}))
 
 
@@ -195,7 +187,6 @@ def parse(data: bytes, kind: str, where: str) -> tuple[dict[str, Tensor], dict[s
     Order of the checks: container, header schema, kind, version, checksum, then the metadata
     against ``SCHEMAS[kind]``: nothing is interpreted that the checksum has not covered.
     """
-    from safetensors.torch import load
 
     def bad(why: str) -> FileFormatError:
         return FileFormatError(f"{where}: {why}")
@@ -230,7 +221,7 @@ def parse(data: bytes, kind: str, where: str) -> tuple[dict[str, Tensor], dict[s
         tensors = load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise bad(f"tensor data are truncated or corrupt ({exc}).") from None
-    expected = _tensor_digest(tensors).hexdigest() if version == 1 else _digest(header, tensors)
+    expected = _tensor_digest(tensors).hexdigest() if version == 1 else digest(header, tensors)
     if expected != header["sha256"]:
         raise bad("the data do not match the checksum in the header (the file was modified or damaged).")
     try:

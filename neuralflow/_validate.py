@@ -243,7 +243,7 @@ class _Problem:
 
 def _mlp_size(d: dict[str, Any]) -> int:
     sizes = (64, *d.get("widths", (64, 64)), 10)
-    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
 
 
 def _cnn_size(c1: int, c2: int) -> int:

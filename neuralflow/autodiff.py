@@ -101,7 +101,7 @@ class Curvature:
         if v.shape != w.shape:
             raise InputError(f"d3: v and w must have the same shape, got {tuple(v.shape)} and {tuple(w.shape)}.")
         if v.dim() == 2:
-            return torch.stack([self.d3(a, b) for a, b in zip(v, w)])
+            return torch.stack([self.d3(a, b) for a, b in zip(v, w, strict=True)])
         with torch.enable_grad():
             out = torch.zeros_like(self.grad)
             for hw in self._part_hvps(w.detach(), create_graph=True):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import importlib
 import inspect
 import json
 import signal
@@ -26,10 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+import torch
+
+from . import checkpoint
 from ._io import check_writable
 from ._validate import MAX_PARAMS
+from .compare import compare
+from .corrections import Hybrid, TermLibrary
+from .demo import run_demo
 from .errors import DivergenceError, InputError, Interrupted, NeuralflowError
+from .fit import fit
+from .flows import FLOWS, for_run
+from .gd import run_gd
+from .ladder import Ladder
 from .options import (
     Option,
     flows_help,
@@ -38,7 +46,11 @@ from .options import (
     read_config,
     write_config,
 )
-from .provenance import provenance, set_command, write_json
+from .problems import PROBLEMS, make
+from .provenance import __version__, provenance, set_command, write_json
+from .report import build_report
+from .sweep import coefficient_figure, grid, law_figure, sweep
+from .trajectory import Trajectory
 
 #: Command-line defaults for keywords the Python function requires (it has no default).
 CLI_DEFAULTS: dict[str, Any] = {"run_gd.lr": 0.1, "run_gd.steps": 3000}
@@ -48,28 +60,19 @@ COMMON = ("seed", "dtype", "device")
 CLI_PROBLEMS = ("mlp-digits", "cnn-digits", "lstm-recall", "zhu-quartic", "scalar-factorization")
 
 
-def _module(name: str) -> Any:
-    """A submodule by name (``neuralflow.fit`` is also the name of the function the package exports)."""
-    return importlib.import_module(f"neuralflow.{name}")
-
-
 def public_functions(command: str) -> dict[str, Any]:
     """The public functions whose keywords ``command`` exposes, by owner name (what the options test walks)."""
-    report = _module("report")
     return {
-        "run-gd": {"run_gd": _module("gd").run_gd},
-        "compare": {"compare": _module("flows.simulate").compare},
-        "fit": {"fit": _module("fit").fit, "TermLibrary": _module("corrections").TermLibrary,
-                "build_report": report.build_report},
-        "report": {"build_report": report.build_report},
-        "demo": {"run_demo": _module("demo").run_demo},
+        "run-gd": {"run_gd": run_gd},
+        "compare": {"compare": compare},
+        "fit": {"fit": fit, "TermLibrary": TermLibrary, "build_report": build_report},
+        "report": {"build_report": build_report},
+        "demo": {"run_demo": run_demo},
     }[command]
 
 
 def problem_builders() -> dict[str, Any]:
     """The problem builders the command line reaches: by name, and ``from_file`` for ``--problem module:...``."""
-    from .problems import PROBLEMS
-
     return {**{name: PROBLEMS[name] for name in CLI_PROBLEMS}, "module": PROBLEMS["module"]}
 
 
@@ -172,8 +175,6 @@ def _problem_from_args(cmd: Command, args: argparse.Namespace):
         kwargs[name] = value
     kwargs.update({k: getattr(args, k) for k in COMMON if k in accepted and getattr(args, k) is not None})
     if "dtype" in kwargs:
-        import torch
-
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     return builder(**kwargs)
 
@@ -193,7 +194,7 @@ def cmd_run_gd(cmd: Command, args: argparse.Namespace) -> int:
         check_writable(kwargs["resume"])
     problem = _problem_from_args(cmd, args)
     try:
-        traj = _module("gd").run_gd(problem, **kwargs, progress=not args.quiet)
+        traj = run_gd(problem, **kwargs, progress=not args.quiet)
     except (DivergenceError, Interrupted) as err:
         if err.partial is not None:
             err.partial.save(out)
@@ -219,8 +220,6 @@ def cmd_run_gd(cmd: Command, args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- compare
 def _add_compare(cmd: Command) -> None:
-    from .flows import FLOWS
-
     _add_trajectory(cmd)
     _add(cmd.parser, "--flows", "gradient,modified1,modified2,central",
          f"comma-separated flows, each with its options after a colon: {flows_help(FLOWS)}")
@@ -246,13 +245,8 @@ def _add_max_params(cmd: Command) -> None:
 
 def _load_trajectory(args: argparse.Namespace):
     """The trajectory and its problem on ``--device`` in ``--dtype`` (default: as recorded)."""
-    from .problems import make
-    from .trajectory import Trajectory
-
     traj = Trajectory.load(args.trajectory, device=args.device)
     if args.dtype is not None:
-        import torch
-
         traj = traj.to(traj.iterates.device, dtype=getattr(torch, args.dtype))
     problem = make(traj.problem, max_params=args.max_params or None, allow_code=args.allow_code, device=args.device,
                    dtype=args.dtype)
@@ -260,15 +254,13 @@ def _load_trajectory(args: argparse.Namespace):
 
 
 def cmd_compare(cmd: Command, args: argparse.Namespace) -> int:
-    from .flows import FLOWS, for_run
-
     specs = parse_flows(args.flows, FLOWS, "--flows")
     out = check_writable(args.out if args.out else Path(args.trajectory).with_suffix(".compare.png"))
     if args.json:
         check_writable(args.json)
     traj, problem = _load_trajectory(args)
     flows = [for_run(name, problem, traj, **kw) for name, kw in specs]
-    result = _module("flows.simulate").compare(traj, *flows, problem=problem, **cmd.kwargs("compare", args),
+    result = compare(traj, *flows, problem=problem, **cmd.kwargs("compare", args),
                                                progress=not args.quiet)
     say = _say(args)
     say(str(result))
@@ -282,8 +274,6 @@ def cmd_compare(cmd: Command, args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- fit
 def _add_fit(cmd: Command) -> None:
-    from .flows import FLOWS
-
     _add_trajectory(cmd)
     _add(cmd.parser, "--physics", "gradient",
          "physics flow with its options after a colon (several, comma-separated, fit one library on each: a "
@@ -298,10 +288,6 @@ def _add_fit(cmd: Command) -> None:
 
 
 def cmd_fit(cmd: Command, args: argparse.Namespace) -> int:
-    from .corrections import Hybrid, TermLibrary
-    from .flows import FLOWS, for_run
-    from .report import Ladder
-
     specs = parse_flows(args.physics, FLOWS, "--physics")
     fit_kw = cmd.kwargs("fit", args)
     if fit_kw["resume"] is not None and len(specs) > 1:
@@ -317,13 +303,13 @@ def cmd_fit(cmd: Command, args: argparse.Namespace) -> int:
     report_kw = cmd.kwargs("build_report", args)
     say = _say(args)
     results, reports = [], []
-    for (name, flow_kw), path in zip(specs, outs):
+    for (name, flow_kw), path in zip(specs, outs, strict=True):
         physics = for_run(name, problem, traj, **flow_kw)
         model = Hybrid(physics, TermLibrary(problem, traj.lr, **library_kw))
         try:
-            result = _module("fit").fit(model, traj, **fit_kw, progress=not args.quiet)
+            result = fit(model, traj, **fit_kw, progress=not args.quiet)
         except Interrupted as err:
-            _module("checkpoint").save(err.partial, path)
+            checkpoint.save(err.partial, path)
             print(f"saved the best fit so far ({err.partial.settings['interrupted_after']} iterations) to {path}",
                   file=sys.stderr)
             raise
@@ -359,8 +345,6 @@ def _add_report(cmd: Command) -> None:
 
 
 def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
-    from .checkpoint import load, stored_report
-
     if args.dtype is not None:
         raise InputError("report renders a saved fit in the precision it was fitted in; --dtype does not apply.")
     directory = check_writable(Path(args.figures) if args.figures else Path(args.fit).with_suffix(".report"),
@@ -372,9 +356,10 @@ def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
     changed = [k for k, v in options.items() if cmd.generated[k].text(v) != cmd.generated[k].text(
         cmd.generated[k].default)]
     # The numbers saved with the fit render at once; other options, or a fit saved without them, rebuild it.
-    stored = None if changed else stored_report(args.fit)
+    stored = None if changed else checkpoint.stored_report(args.fit)
     if stored is None:
-        fitted = load(args.fit, device=args.device, max_params=args.max_params or None, allow_code=args.allow_code)
+        fitted = checkpoint.load(args.fit, device=args.device, max_params=args.max_params or None,
+                                 allow_code=args.allow_code)
         report = fitted.report(**{k: options[k] for k in changed})
     else:
         report = stored
@@ -385,7 +370,7 @@ def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
     renders = {
         "markdown": report.to_markdown,
         "latex": report.to_latex,
-        "html": lambda: f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(report._title())}"
+        "html": lambda: f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(report.title())}"
                         f"</title></head><body>{report._repr_html_()}</body></html>\n",
         "json": lambda: json.dumps({**report.to_dict(), "provenance": provenance(args.device, args.dtype)},
                                    indent=2),
@@ -408,7 +393,7 @@ def cmd_demo(cmd: Command, args: argparse.Namespace) -> int:
         raise InputError("the demo runs its built-in default in float64 on the CPU; run-gd, compare and fit take "
                          "--dtype and --device.")
     check_writable(args.out, folder=True)
-    _module("demo").run_demo(**cmd.kwargs("run_demo", args), progress=not args.quiet, quiet=args.quiet)
+    run_demo(**cmd.kwargs("run_demo", args), progress=not args.quiet, quiet=args.quiet)
     return 0
 
 
@@ -426,8 +411,6 @@ def _add_sweep(cmd: Command) -> None:
 
 
 def cmd_sweep(cmd: Command, args: argparse.Namespace) -> int:
-    from .sweep import coefficient_figure, grid, law_figure, sweep
-
     if args.dtype is not None or args.device is not None:
         raise InputError("a sweep's runs take their dtype and device from the configurations (keys 'device' and "
                          "'problem.dtype'); --dtype and --device do not apply.")
@@ -552,7 +535,6 @@ def main(argv: list[str] | None = None) -> int:
         missing += [o.flag for o in cmd.generated.values() if o.required and getattr(args, o.name) is None]
         if missing:
             raise InputError(f"missing {', '.join(missing)} (on the command line or in the --config file).")
-        import torch
 
         torch.manual_seed(args.seed)
         return COMMANDS[args.command][1](cmd, args)

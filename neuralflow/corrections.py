@@ -23,7 +23,8 @@ share their derivatives (``g`` and ``H g`` are computed once).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -333,6 +334,11 @@ class _GatedCoefficient(torch.nn.Module):
         """The gate ``sigmoid(...)`` in ``[0, 1]`` per state."""
         return torch.sigmoid(self.gain * (lr_S_minus_2 + self.margin) + self.net(features)[:, 0])
 
+    def switch_parameters(self) -> list[torch.nn.Parameter]:
+        """The switch's parameters (gain, margin, network): the coefficient is nonlinear in these and linear in the
+        rest (``scale``, ``weights``, ``base``), which the fit's variable projection solves for in closed form."""
+        return [p for name, p in self.named_parameters() if name not in ("scale", "weights", "base")]
+
     def forward(self, lr_S_minus_2: Tensor, features: Tensor, amplitude: Tensor | None = None) -> Tensor:
         amp = self.scale if amplitude is None else self.scale + amplitude @ self.weights
         change = self.switch(lr_S_minus_2, features) * amp
@@ -352,6 +358,23 @@ class Inspection:
     coefficients: dict[str, Tensor]
     switches: dict[str, Tensor]
     features: Tensor | None
+
+
+@dataclass(frozen=True)
+class RegressionInputs:
+    """What the derivative regression of :func:`neuralflow.fit.fit` reads from a term library at states ``(B, d)``
+    (:meth:`TermLibrary.regression_inputs`), all detached and from one set of eigen-solves.
+
+    ``fields`` the unit-coefficient fields ``(B, d, P)`` in the order of :attr:`TermLibrary.terms`; for a gated
+    library also the gates' inputs: ``lr_S_minus_2`` ``(B,)``, ``features`` ``(B, F)`` (:attr:`feature_names`) and
+    ``amplitude`` ``(B, A)`` (:attr:`amplitude_names`, None when the gates have a constant amplitude); None
+    without gates.
+    """
+
+    fields: Tensor
+    lr_S_minus_2: Tensor | None = None
+    features: Tensor | None = None
+    amplitude: Tensor | None = None
 
 
 class TermLibrary(Correction):
@@ -472,7 +495,34 @@ class TermLibrary(Correction):
     def coefficient_values(self, thetas: Tensor) -> dict[str, Tensor]:
         """Each term's coefficient on each state ``(B,)`` (constants repeated), detached."""
         with torch.no_grad():
-            return {n: c.detach() for n, c in self._coefficients(self._context(thetas)).items()}
+            return {n: c.detach() for n, c in self.coefficients_at(thetas).items()}
+
+    def coefficients_at(self, thetas: Tensor) -> dict[str, Tensor]:
+        """Each term's coefficient on each state ``(B,)``, differentiable in the library's parameters (the fit's
+        delta method); the gates' inputs are derivatives of the states, held fixed."""
+        return self._coefficients(self._context(thetas))
+
+    def regression_inputs(self, thetas: Tensor) -> RegressionInputs:
+        """The fields and the gates' inputs on states ``(B, d)`` for the derivative regression
+        (:class:`RegressionInputs`)."""
+        ctx = self._context(thetas)  # one set of derivatives (and eigen-solves) for the fields and the gate inputs
+        fields = torch.stack([spec(ctx).detach() for spec in self.specs], dim=2)
+        if not self.gated:
+            return RegressionInputs(fields)
+        amplitude = self._amplitude(ctx)
+        return RegressionInputs(fields, FEATURES["lr_S_minus_2"](ctx).detach(), self._features(ctx).detach(),
+                                None if amplitude is None else amplitude.detach())
+
+    @contextmanager
+    def row_constants(self, rows: Tensor) -> Iterator[None]:
+        """Inside the ``with`` block, state ``b`` of a batch uses the constant coefficients ``rows[b]`` ``(B,
+        n_constants)``, in the order of :attr:`constants`, instead of the parameters: several coefficient vectors in
+        one solve (the fit's batched finite-difference sensitivities)."""
+        self._row_constants = rows
+        try:
+            yield
+        finally:
+            self._row_constants = None
 
     def contributions(self, thetas: Tensor) -> dict[str, Tensor]:
         """Each term's share ``c_i(theta) lr^p field_i(theta)`` of the correction, ``(B, d)``, by name."""

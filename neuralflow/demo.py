@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import SUFFIX, save
+from .compare import compare
 from .corrections import Hybrid, TermLibrary
 from .errors import NeuralflowError
 from .fit import fit
-from .flows import CentralFlow, GradientFlow, ModifiedFlow, compare
+from .flows import CentralFlow, GradientFlow, ModifiedFlow
 from .gd import run_gd
 from .problems import mlp_digits
 from .provenance import write_json
@@ -72,15 +73,15 @@ def _say(text: str, quiet: bool) -> None:
         print(text, flush=True)
 
 
-_FILES = ("trajectory.nft", "gd.png", "ladder.png", f"fit{SUFFIX}", "report.md", "summary.json")
+OUTPUT_FILES = ("trajectory.nft", "gd.png", "ladder.png", f"fit{SUFFIX}", "report.md", "summary.json")
 
 
-def _clear_previous_run(out: Path) -> None:
+def clear_previous_run(out: Path) -> None:
     """Remove the files an earlier demo run wrote into ``out`` (its own names only), so that two runs never mix.
 
     ``summary.json`` is written last: a folder holding it holds one complete run.
     """
-    for path in [*(out / name for name in _FILES), *out.glob("report_*.png")]:
+    for path in [*(out / name for name in OUTPUT_FILES), *out.glob("report_*.png")]:
         path.unlink(missing_ok=True)
 
 
@@ -97,7 +98,7 @@ def run_demo(
     s = settings or (FAST if fast else DEFAULT)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_previous_run(out)
+    clear_previous_run(out)
     files: dict[str, str] = {}
     timing: dict[str, float] = {}
     begin = time.perf_counter()

@@ -136,7 +136,7 @@ def run_gd(
             run.mark(k)
             if resume is not None and checkpoint_every and k > run.resumed_at and k % checkpoint_every == 0:
                 run.save(resume, settings)
-            _step(problem, run, k, lr, steps, eig_every, n_eigs, eig_tol, eig_retries, store_every, noise, bar,
+            take_step(problem, run, k, lr, steps, eig_every, n_eigs, eig_tol, eig_retries, store_every, noise, bar,
                   progress, trajectory)
     except KeyboardInterrupt:
         bar.close()
@@ -157,7 +157,7 @@ def run_gd(
     return trajectory(steps)
 
 
-def _step(problem: Problem, run: _Run, k: int, lr: float, steps: int, eig_every: int, n_eigs: int, eig_tol: float,
+def take_step(problem: Problem, run: _Run, k: int, lr: float, steps: int, eig_every: int, n_eigs: int, eig_tol: float,
           eig_retries: int, store_every: int, noise: float, bar: Any, progress: bool, trajectory: Any) -> None:
     """GD step ``k``: measure at ``theta_k``, record, store, then move to ``theta_{k+1}``."""
     hist, theta = run.hist, run.theta

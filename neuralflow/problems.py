@@ -8,6 +8,7 @@ forward pass; the derivatives in :mod:`neuralflow.autodiff` accumulate over the 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -272,7 +273,7 @@ def mlp_digits(
     torch.manual_seed(seed)
     layers: list[torch.nn.Module] = []
     sizes = (64, *widths)
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [torch.nn.Linear(a, b, dtype=torch.float64), act()]
     layers.append(torch.nn.Linear(sizes[-1], 10, dtype=torch.float64))
     net = torch.nn.Sequential(*layers).to(dtype=dtype, device=device)
@@ -431,7 +432,7 @@ def from_module(
     for what, t in (("inputs", inputs), ("targets", targets)):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InputError(f"from_module: the {what} contain NaN or inf; clean the data first.")
-    names, params = zip(*module.named_parameters())
+    names, params = zip(*module.named_parameters(), strict=True)
     shapes = [p.shape for p in params]
     sizes = [p.numel() for p in params]
     theta0 = torch.cat([p.detach().reshape(-1) for p in params])
@@ -445,7 +446,7 @@ def from_module(
     criterion = _LOSSES[loss]
 
     def unflatten(theta: Tensor) -> dict[str, Tensor]:
-        return {k: v.reshape(s) for k, v, s in zip(names, torch.split(theta, sizes), shapes)}
+        return {k: v.reshape(s) for k, v, s in zip(names, torch.split(theta, sizes), shapes, strict=True)}
 
     def make_part(x: Tensor, y: Tensor) -> LossFn:
         def part(theta: Tensor) -> Tensor:
@@ -490,8 +491,6 @@ def from_file(
     of :func:`from_module` applies. The description records the file's absolute path and the
     function, so :func:`make` rebuilds the problem from a trajectory (the file must still be there).
     """
-    import importlib.util
-
     file = Path(path).expanduser().resolve()
     if not file.is_file() or file.suffix != ".py":
         raise InputError(f"from_file: {path} is not a Python file; pass module:path/to/file.py:function.")

@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["provenance", "set_command", "write_json"]
+__all__ = ["provenance", "set_command", "write_json", "__version__"]
+
+__version__ = "0.1.0"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _command: list[str] | None = None
@@ -37,7 +39,7 @@ def set_command(argv: list[str] | None) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _commit() -> str:
+def commit() -> str:
     """The checkout's commit (``-dirty`` with uncommitted changes) or ``"unknown"``; never raises."""
     root = _PACKAGE_DIR.parent
     if not (root / ".git").exists():
@@ -75,14 +77,12 @@ def provenance(device: torch.device | str | None = None, dtype: torch.dtype | st
     ``command`` is the ``neuralflow ...`` command line when the command line runs, else the script's
     own arguments (script name without folders); ``caller`` the calling ``file.py:function``.
     """
-    from . import __version__
-
     argv = _command or [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
     return {
         "command": shlex.join(argv),
         "caller": "cli" if _command else _caller(),
         "neuralflow": __version__,
-        "commit": _commit(),
+        "commit": commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": _version("numpy"),

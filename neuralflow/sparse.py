@@ -119,7 +119,7 @@ def cv_folds(n: int, n_folds: int, blocks_per_fold: int = 5) -> tuple[np.ndarray
     return block % n_folds, int(round(n / n_blocks))
 
 
-def _training_masks(fold: np.ndarray, n_folds: int, h: int) -> np.ndarray:
+def training_masks(fold: np.ndarray, n_folds: int, h: int) -> np.ndarray:
     """``(n_folds, n)``: the samples that train fold ``f``, neither in it nor within ``h`` of it."""
     held = fold[None, :] == np.arange(n_folds)[:, None]
     near = held.copy()
@@ -157,7 +157,7 @@ def sparse_regression(X: Tensor, y: Tensor, n_folds: int = 5) -> SparseSolution:
     B, p = X.shape[0], X.shape[1]
     n_folds = max(2, min(n_folds, B))
     fold, h = cv_folds(B, n_folds)
-    train = torch.as_tensor(_training_masks(fold, n_folds, h), device=X.device, dtype=torch.float64)
+    train = torch.as_tensor(training_masks(fold, n_folds, h), device=X.device, dtype=torch.float64)
     held = torch.as_tensor(fold[None, :] == np.arange(n_folds)[:, None], device=X.device, dtype=torch.float64)
     X64, y64 = X.to(torch.float64), y.to(torch.float64)
     # Per-sample sufficient statistics X^T X, X^T y, y^T y, summed over each fold's training and held-out samples.

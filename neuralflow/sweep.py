@@ -76,7 +76,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _io
+from .checkpoint import save as save_fit
+from .compare import compare
+from .corrections import TERMS, Hybrid, TermLibrary
 from .errors import DivergenceError, EngineError, FileFormatError, InputError, NeuralflowError
+from .fit import fit
+from .flows import FLOWS, for_run
+from .gd import check_noise, run_gd
+from .problems import PROBLEMS, check_lr, check_nonnegative_int, check_positive_int, make
+from .provenance import __version__
 
 __all__ = ["sweep", "grid", "normalise", "config_key", "run_task", "law_figure", "coefficient_figure", "Engine",
            "LocalEngine", "RayEngine", "ENGINES", "TIMING_COLUMNS"]
@@ -113,7 +121,7 @@ def grid(base: dict[str, Any], axes: dict[str, Sequence[Any]]) -> list[dict[str,
     configs = []
     for combo in itertools.product(*(list(axes[n]) for n in names)):
         config = copy.deepcopy(base)
-        for name, value in zip(names, combo):
+        for name, value in zip(names, combo, strict=True):
             *path, leaf = name.split(".")
             node = config
             for part in path:
@@ -127,12 +135,6 @@ def grid(base: dict[str, Any], axes: dict[str, Sequence[Any]]) -> list[dict[str,
 
 def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
     """``config`` with defaults filled in and every value checked; raise :class:`InputError` naming ``where``."""
-    from .corrections import TERMS
-    from .fit import fit as fit_function
-    from .flows import FLOWS
-    from .gd import check_noise
-    from .problems import PROBLEMS, check_lr, check_nonnegative_int, check_positive_int
-
     def bad(why: str) -> InputError:
         return InputError(f"sweep: {where} ({json.dumps(config, default=str)[:200]}): {why}")
 
@@ -167,16 +169,16 @@ def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
     if out["fit"] is not None:
         if not isinstance(out["fit"], dict):
             raise bad(f"'fit' must be a dict of fit options (or None), got {out['fit']!r}.")
-        fit = out["fit"] = {**_FIT_DEFAULTS, **out["fit"]}
-        allowed = set(inspect.signature(fit_function).parameters) - {"model", "trajectory", "progress"}
-        unknown = sorted(set(fit) - allowed - set(_FIT_DEFAULTS))
+        options = out["fit"] = {**_FIT_DEFAULTS, **out["fit"]}
+        allowed = set(inspect.signature(fit).parameters) - {"model", "trajectory", "progress"}
+        unknown = sorted(set(options) - allowed - set(_FIT_DEFAULTS))
         if unknown:
             raise bad(f"unknown fit options {unknown}; fit takes {sorted(allowed | set(_FIT_DEFAULTS))}.")
-        if fit["physics"] not in FLOWS:
-            raise bad(f"fit physics {fit['physics']!r} is not a flow; choose from {sorted(FLOWS)}.")
-        if isinstance(fit["terms"], str) or not fit["terms"] or not all(t in TERMS for t in fit["terms"]):
-            raise bad(f"fit terms must be a non-empty list from {sorted(TERMS)}, got {fit['terms']!r}.")
-        fit["terms"] = list(fit["terms"])
+        if options["physics"] not in FLOWS:
+            raise bad(f"fit physics {options['physics']!r} is not a flow; choose from {sorted(FLOWS)}.")
+        if isinstance(options["terms"], str) or not options["terms"] or not all(t in TERMS for t in options["terms"]):
+            raise bad(f"fit terms must be a non-empty list from {sorted(TERMS)}, got {options['terms']!r}.")
+        options["terms"] = list(options["terms"])
     return out
 
 
@@ -190,8 +192,6 @@ def config_key(config: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------ one run
 def _versions() -> dict[str, str]:
-    from . import __version__
-
     return {"neuralflow_version": __version__, "torch_version": torch.__version__,
             "python_version": platform.python_version()}
 
@@ -239,11 +239,6 @@ def _file_bytes(save: Callable[[Path], Any], name: str) -> bytes:
 
 def _analyse(config: dict[str, Any], problem: Any, traj: Any, row: dict[str, Any]) -> dict[str, bytes]:
     """Compare flows with GD and fit a term library, as the configuration asks; fills ``row``, returns files."""
-    from .checkpoint import save as save_fit
-    from .corrections import Hybrid, TermLibrary
-    from .fit import fit
-    from .flows import compare, for_run
-
     files = {}
     t0 = time.perf_counter()
     if config["compare"]:
@@ -276,9 +271,6 @@ def run_task(config: dict[str, Any], threads: int = 1) -> dict[str, Any]:
     writes what it returns. GD that diverges is a result (``status="diverged"``, the partial trajectory
     kept), not a failure. Tensors stay on ``config["device"]``.
     """
-    from .gd import run_gd
-    from .problems import make
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -576,7 +568,7 @@ def sweep(
     out = Path(out)
     _open_folder(out)
     rows = {k: _read_row(out, k) for k in dict.fromkeys(keys)}
-    todo = [(c, threads) for c, k in zip(normalised, keys) if rows[k] is None]
+    todo = [(c, threads) for c, k in zip(normalised, keys, strict=True) if rows[k] is None]
     todo = list({config_key(c): (c, t) for c, t in todo}.values())  # a configuration listed twice runs once
     if todo:
         with _make_engine(engine, workers, address, threads) as eng:
@@ -620,8 +612,6 @@ def law_figure(table: Any, lr: str = "lr") -> Any:
 def coefficient_figure(table: Any, term: str, lr: str = "lr") -> Any:
     """A fitted coefficient (``coef.<term>`` with error bars ``se.<term>``) against ``lr``, with theory."""
     import matplotlib.pyplot as plt
-
-    from .corrections import TERMS
 
     if f"coef.{term}" not in table:
         raise InputError(f"coefficient_figure: the table has no fitted coefficient {term!r} (column coef.{term}).")

@@ -147,7 +147,7 @@ class Trajectory:
         defined = torch.isfinite(osc.variance) & torch.isfinite(osc.smoothed_step)
         quiet = (self.lr * s > 2) & defined & ~osc.established(ratio)
         ranges: list[tuple[int, int]] = []
-        for k, q in zip(osc.steps.tolist(), quiet.tolist()):
+        for k, q in zip(osc.steps.tolist(), quiet.tolist(), strict=True):
             if not q:
                 continue
             if ranges and ranges[-1][1] == k:

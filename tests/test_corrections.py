@@ -86,7 +86,7 @@ def test_sigma2_feature_is_the_self_stabilisation_variance(problem, states):
     ]
     wants = [law(*case) for case in cases]
     assert wants[0] > 1e-3 and wants[0] == pytest.approx(wants[1])
-    for case, want in zip(cases, wants):
+    for case, want in zip(cases, wants, strict=True):
         assert feature(*case) == pytest.approx(want, rel=1e-4, abs=1e-12)
     with pytest.raises(nf.InputError, match="gated"):
         TermLibrary(problem, 0.1, ["gradS"], amplitude=["sigma2"])
@@ -96,14 +96,14 @@ def test_library_forward_contributions_and_coefficients(problem, states):
     lr = 0.05
     lib = TermLibrary(problem, lr, ["Hg", "H2g", "D3gg"])
     with torch.no_grad():
-        for name, c in zip(lib.terms, (-0.5, -1 / 3, -1 / 12)):
+        for name, c in zip(lib.terms, (-0.5, -1 / 3, -1 / 12), strict=True):
             lib.constants[name].fill_(c)
     fields = lib.fields(states)
     contrib = lib.contributions(states)
     coeffs = lib.coefficient_values(states)
     out = lib(torch.tensor(0.0), states)
     assert torch.allclose(out, sum(contrib.values()), rtol=1e-12)
-    for name, c in zip(lib.terms, (-0.5, -1 / 3, -1 / 12)):
+    for name, c in zip(lib.terms, (-0.5, -1 / 3, -1 / 12), strict=True):
         assert torch.allclose(coeffs[name], torch.full((3,), c, dtype=torch.float64))
         assert torch.allclose(contrib[name], c * fields[name])
     assert lib.features(states).shape == (3, 3)

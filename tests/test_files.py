@@ -30,7 +30,7 @@ def _craft(path, kind, meta, tensors, **header_fields):
 
     header = {"kind": kind, "format_version": _io.FORMAT_VERSION, "neuralflow_version": nf.__version__,
               "torch_version": torch.__version__, "meta": meta, **header_fields}
-    header["sha256"] = _io._digest(header, tensors)
+    header["sha256"] = _io.digest(header, tensors)
     path.write_bytes(save(tensors, metadata={"neuralflow": json.dumps(header)}))
     return path
 

@@ -20,7 +20,7 @@ from neuralflow.flows import (
     simulate,
     solve_sdcp,
 )
-from neuralflow.flows.central import _Warm
+from neuralflow.flows.central import WarmStart
 from neuralflow.flows.principal import principal_rate
 
 T0 = torch.zeros((), dtype=torch.float64)
@@ -208,7 +208,7 @@ def test_central_flow_several_critical_eigenvalues_solve_the_complementarity_pro
     # the reused Gram matrix follows the eigenvectors when they reorder or flip within the cluster
     curv = Curvature(p, th)
     D = curv.d3_pairs(U)
-    warm = _Warm(gram=D.reshape(9, -1) @ D.reshape(9, -1).T, U=U, theta_gram=th, move=1.0)
+    warm = WarmStart(gram=D.reshape(9, -1) @ D.reshape(9, -1).T, U=U, theta_gram=th, move=1.0)
     swapped = torch.stack([-U[1], U[0], U[2]])
     D2 = curv.d3_pairs(swapped)
     carried = warm.reusable_gram(th, swapped, gram_every=2)

@@ -22,14 +22,9 @@ import neuralflow as nf  # noqa: E402
 from neuralflow.corrections import Hybrid, TermLibrary  # noqa: E402
 from neuralflow.fit import fit  # noqa: E402
 from neuralflow.flows import CentralFlow, GradientFlow, OscillationFlow  # noqa: E402
-from neuralflow.hidden_report import (  # noqa: E402
-    equation_latex,
-    equation_text,
-    extra_equation,
-    hidden_state_evidence,
-    history_approximation,
-)
 from neuralflow.report import Report  # noqa: E402
+from neuralflow.report.equations import equation_latex, equation_text, extra_equation  # noqa: E402
+from neuralflow.report.hidden import hidden_state_evidence, history_approximation  # noqa: E402
 
 
 def _render_math(equation: str) -> None:

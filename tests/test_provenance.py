@@ -29,11 +29,11 @@ def test_provenance_is_flat_and_names_this_function_and_the_checkout():
 
 def test_outside_a_git_checkout_the_commit_is_unknown_not_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(provenance, "_PACKAGE_DIR", tmp_path / "neuralflow")
-    provenance._commit.cache_clear()
+    provenance.commit.cache_clear()
     try:
         assert provenance.provenance()["commit"] == "unknown"
     finally:
-        provenance._commit.cache_clear()
+        provenance.commit.cache_clear()
 
 
 def test_a_command_line_file_records_the_command_device_and_dtype(tmp_path):
@@ -55,7 +55,7 @@ def test_a_file_written_before_provenance_still_loads(tmp_path):
     path = traj.save(tmp_path / "new.nft")
     tensors, header = _io.read(path, "trajectory")
     del header["provenance"], header["sha256"]
-    header["sha256"] = _io._digest(header, tensors)  # a valid file of the format, as written before provenance
+    header["sha256"] = _io.digest(header, tensors)  # a valid file of the format, as written before provenance
     old = tmp_path / "old.nft"
     old.write_bytes(save(tensors, metadata={"neuralflow": json.dumps(header)}))
     assert torch.equal(nf.Trajectory.load(old).iterates, traj.iterates)

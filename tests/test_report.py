@@ -29,12 +29,12 @@ from neuralflow.report import (  # noqa: E402
     Gate,
     Report,
     TermSummary,
-    _window_shares,
     distill,
     gate_formula,
     shares,
     theory_text,
 )
+from neuralflow.report.build import window_shares  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("NEURALFLOW_UPDATE_GOLDEN") == "1"
@@ -497,7 +497,7 @@ def test_gated_coefficient_of_a_real_library_is_summarised_by_a_switch_at_the_ed
     assert gate.approximation == NO_OSCILLATION and gate.gate is not None
     formula = gate.gate.formula
     assert formula.explained > 0.9
-    kinds = {b[:2]: a for b, a in zip(formula.basis, formula.coefficients)}
+    kinds = {b[:2]: a for b, a in zip(formula.basis, formula.coefficients, strict=True)}
     assert kinds.get(("step", "lr_S_minus_2")) == pytest.approx(-0.3, rel=0.15)
     assert "step(lr S - 2)" in gate.coefficient_text()
     assert r"\mathrm{step}\left(\eta S-2\right)" in report.equation()
@@ -571,14 +571,14 @@ def test_shares_credit_the_windows_where_the_correction_closed_the_gap():
         return {}, {"a": a, "b": b, "c": c}
 
     problem = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float64)
-    share = _window_shares(result, targets, parts, 0.5, 100, problem)
+    share = window_shares(result, targets, parts, 0.5, 100, problem)
     assert seen == [(9, 2)]
     assert share["a"] == pytest.approx(0.45, abs=1e-12) and share["b"] == pytest.approx(0.05, abs=1e-12)
     assert share["c"] == 0.0
     unweighted = shares(parts(torch.zeros(9, 2, dtype=torch.float64))[1], 0.5)
     assert unweighted["b"] > 0.49  # what the squared norm alone says
     result.window_errors = torch.tensor([1.5, 1.0, 3.0], dtype=torch.float64)
-    assert _window_shares(result, targets, parts, 0.0, 100, problem) is None  # nowhere closed: the caller falls back
+    assert window_shares(result, targets, parts, 0.0, 100, problem) is None  # nowhere closed: the caller falls back
 
     # every other step recorded: each window's first, middle and last recorded state
     kept = torch.arange(0, 31, 2)
@@ -593,7 +593,7 @@ def test_shares_credit_the_windows_where_the_correction_closed_the_gap():
         seen.append(at[:, 0].tolist())
         return parts(at)
 
-    _window_shares(result, every_other, record, 0.5, 100, problem)
+    window_shares(result, every_other, record, 0.5, 100, problem)
     assert seen[0] == [0, 4, 10, 10, 14, 20, 20, 24, 30]
 
 
@@ -619,7 +619,8 @@ def _close_to(actual, expected, path: str = "report") -> list[str]:
     if isinstance(expected, list):
         if not isinstance(actual, list) or len(actual) != len(expected):
             return [f"{path}: {actual!r} != {expected!r}"]
-        return [d for i, (a, e) in enumerate(zip(actual, expected)) for d in _close_to(a, e, f"{path}[{i}]")]
+        return [d for i, (a, e) in enumerate(zip(actual, expected, strict=True))
+                for d in _close_to(a, e, f"{path}[{i}]")]
     if isinstance(expected, float) or isinstance(actual, float):
         if isinstance(actual, bool) or not isinstance(actual, int | float) or not math.isclose(
             actual, expected, rel_tol=1e-6, abs_tol=1e-12

@@ -40,14 +40,14 @@ def _identical(a: nf.Trajectory, b: nf.Trajectory) -> bool:
 
 
 def _interrupt_at(monkeypatch, step: int) -> None:
-    real = gd._step
+    real = gd.take_step
 
     def step_or_interrupt(problem, run, k, *args):
         if k == step:
             raise KeyboardInterrupt
         return real(problem, run, k, *args)
 
-    monkeypatch.setattr(gd, "_step", step_or_interrupt)
+    monkeypatch.setattr(gd, "take_step", step_or_interrupt)
 
 
 @pytest.mark.parametrize("noise", [0.0, 1e-4])
@@ -149,11 +149,11 @@ def test_sigterm_makes_run_gd_save_the_trajectory_so_far_and_say_where(tmp_path)
 
 
 def test_ctrl_c_in_a_fit_keeps_the_best_fit_so_far(tmp_path, monkeypatch, capsys):
-    fit_module = importlib.import_module("neuralflow.fit")
+    fit_module = importlib.import_module("neuralflow.fit.optimisers")
     run = tmp_path / "run.nft"
     assert main(["run-gd", "--problem", "scalar-factorization", "--lr", "0.02", "--steps", "60", "--out",
                  str(run)]) == 0
-    real = fit_module._gauss_newton
+    real = fit_module.gauss_newton
 
     def two_iterations_then_ctrl_c(obj, optimizer, iters, tol, learning_rate, record, **kw):
         calls = []
@@ -166,7 +166,7 @@ def test_ctrl_c_in_a_fit_keeps_the_best_fit_so_far(tmp_path, monkeypatch, capsys
 
         return real(obj, optimizer, iters, tol, learning_rate, record_then_interrupt, **kw)
 
-    monkeypatch.setattr(fit_module, "_gauss_newton", two_iterations_then_ctrl_c)
+    monkeypatch.setattr(fit_module, "gauss_newton", two_iterations_then_ctrl_c)
     out = tmp_path / "fit.nff"
     code = main(["fit", str(run), "--terms", "Hg", "--window", "5", "--method", "direct", "--max-iters", "5",
                  "--out", str(out)])
@@ -191,8 +191,9 @@ def test_unwritable_outputs_are_refused_before_any_computation(tmp_path, monkeyp
     (tmp_path / "a-file").write_text("not a folder")
     run = nf.run_gd(nf.problems.zhu_quartic(), 0.1, 10, progress=False).save(tmp_path / "run.nft")
     fit_path = tmp_path / "fit.nff"
-    for module, name in (("gd", "run_gd"), ("fit", "fit"), ("flows", "compare"), ("checkpoint", "stored_report"),
-                         ("demo", "run_demo")):
+    # the command line's own references (it imports these at the top), and the checkpoint's reader
+    for module, name in (("cli", "run_gd"), ("cli", "fit"), ("cli", "compare"), ("checkpoint", "stored_report"),
+                         ("cli", "run_demo")):
         where = importlib.import_module(f"neuralflow.{module}")
         monkeypatch.setattr(where, name, _refusing(getattr(where, name)))
     words = [w.format(file=tmp_path / "a-file", dir=tmp_path, run=run, fit=fit_path) for w in command]
@@ -211,11 +212,11 @@ def _refusing(fn):
 
 
 def test_a_demo_rerun_does_not_mix_files_of_two_runs(tmp_path):
-    from neuralflow.demo import _FILES, _clear_previous_run
+    from neuralflow.demo import OUTPUT_FILES, clear_previous_run
 
-    for name in (*_FILES, "report_gates.png", "notes.txt"):
+    for name in (*OUTPUT_FILES, "report_gates.png", "notes.txt"):
         (tmp_path / name).write_text("an earlier run")
-    _clear_previous_run(tmp_path)
+    clear_previous_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
@@ -236,10 +237,10 @@ def _same_fit(a, b) -> bool:
 
 @pytest.mark.parametrize("stop_after", [0, 2])
 def test_an_interrupted_gauss_newton_fit_resumes_bit_for_bit(tmp_path, monkeypatch, stop_after):
-    fit_module = importlib.import_module("neuralflow.fit")
+    fit_module = importlib.import_module("neuralflow.fit.optimisers")
     full = _gn_fit()
     assert len(full.history) == 4  # iterations 0..3; the last one stops on xtol
-    real = fit_module._gauss_newton
+    real = fit_module.gauss_newton
 
     def interrupt_after(*args, after=None, **kw):
         def save_then_maybe_stop(it, p, mu):
@@ -249,7 +250,7 @@ def test_an_interrupted_gauss_newton_fit_resumes_bit_for_bit(tmp_path, monkeypat
 
         return real(*args, after=save_then_maybe_stop, **kw)
 
-    monkeypatch.setattr(fit_module, "_gauss_newton", interrupt_after)
+    monkeypatch.setattr(fit_module, "gauss_newton", interrupt_after)
     state = tmp_path / "fit.state"
     with pytest.raises(Interrupted) as err:
         _gn_fit(resume=state)

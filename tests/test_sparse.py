@@ -14,7 +14,7 @@ import torch
 
 import neuralflow as nf
 from neuralflow.report import gate_formula
-from neuralflow.sparse import _training_masks, cv_folds, sparse_regression
+from neuralflow.sparse import cv_folds, sparse_regression, training_masks
 
 BASIS = ("1", "x", "x2", "relu", "step")
 
@@ -31,7 +31,7 @@ def _random_gate_problems(n: int, seed: int):
         # Terms of comparable size (within a factor of 10), the whole formula at any scale: a term 1e6 times
         # smaller than the rest is below the resolution of the normal equations, a tie, not a defect.
         coef = rng.uniform(0.2, 2, size=k) * rng.choice([-1, 1], size=k) * 10.0 ** rng.uniform(-4, 1)
-        c = sum(float(a) * columns[BASIS[j]] for a, j in zip(coef, true))
+        c = sum(float(a) * columns[BASIS[j]] for a, j in zip(coef, true, strict=True))
         yield x, c, [BASIS[j] for j in true]
 
 
@@ -75,7 +75,7 @@ def test_folds_are_blocks_dealt_over_the_whole_run_with_a_buffer_around_each():
     for f in range(5):  # every fold holds data from each fifth of the run
         assert all(((fold == f) & (np.arange(100) // 20 == q)).any() for q in range(5))
     assert (np.diff(fold) != 0).sum() == 24 and h == 4  # 25 contiguous blocks of 4, buffers of one block
-    train = _training_masks(fold, 5, h)
+    train = training_masks(fold, 5, h)
     for f in range(5):
         held = np.nonzero(fold == f)[0]
         gap = np.abs(np.arange(100)[:, None] - held[None, :]).min(1)

@@ -314,7 +314,7 @@ def test_noise_is_part_of_a_configuration_its_key_and_its_table(tmp_path):
     assert table["noise"].tolist() == [0.0, 1e-3, 1e-3] and table["noise_seed"].tolist() == [0, 0, 1]
     assert len(set(table["key"])) == 3
     runs = [nf.Trajectory.load(tmp_path / "s" / f) for f in table["file.trajectory"]]
-    for config, traj in zip([plain, *noisy], runs):
+    for config, traj in zip([plain, *noisy], runs, strict=True):
         again = nf.run_gd(make(config["problem"]), 0.1, 30, noise=config.get("noise", 0.0),
                           noise_seed=config.get("noise_seed", 0), progress=False)
         assert torch.equal(traj.iterates, again.iterates)

@@ -16,7 +16,7 @@ from .gradient import GradientFlow
 from .modified import ModifiedFlow
 from .oscillation import OscillationFlow
 from .principal import PrincipalFlow
-from .simulate import Comparison, compare, simulate
+from .simulate import simulate
 
 FLOWS: dict[str, Callable[..., Flow]] = {
     "gradient": GradientFlow,
@@ -49,8 +49,16 @@ __all__ = [
     "CriticalState",
     "solve_sdcp",
     "simulate",
-    "compare",
-    "Comparison",
     "FLOWS",
     "for_run",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``compare`` and ``Comparison`` live in :mod:`neuralflow.compare` (analysis, above the physics); the old
+    ``neuralflow.flows.compare`` path still works."""
+    if name in ("compare", "Comparison"):
+        from ..compare import Comparison, compare
+
+        return {"compare": compare, "Comparison": Comparison}[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

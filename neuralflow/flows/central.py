@@ -218,7 +218,7 @@ class CriticalState:
 
 
 @dataclass
-class _Warm:
+class WarmStart:
     """What one batch index carries from one evaluation to the next.
 
     ``block``/``n_track`` warm-start the eigen-solve and ``X`` the complementarity solve. ``gram``
@@ -274,7 +274,7 @@ class CentralFlow(Flow):
     critical eigenvalues). ``A`` is exact at every evaluation; ``B`` is recomputed every
     ``gram_every`` evaluations of a batch index and reused in between, carried into the current
     eigenvector basis, as long as the critical subspace and the state have not jumped (see
-    ``_Warm.reusable_gram``; ``gram_every=1``: always exact). ``B`` sets the gain of the feedback
+    ``WarmStart.reusable_gram``; ``gram_every=1``: always exact). ``B`` sets the gain of the feedback
     that holds each critical eigenvalue at ``2/lr``; a ``B`` one substep old changes the margin at
     which the oscillation balances the drive by ``O(step)``, which the margin term keeps bounded.
 
@@ -357,7 +357,7 @@ class CentralFlow(Flow):
 
     def reset(self) -> None:
         """Forget the warm starts (eigenvector blocks, ``X``, ``B``) before integrating a new trajectory."""
-        self._cache: dict[int, _Warm] = {}  # per batch index
+        self._cache: dict[int, WarmStart] = {}  # per batch index
         self.n_critical_max = 0
 
     @property
@@ -369,7 +369,7 @@ class CentralFlow(Flow):
         """Eigenpairs, ``D3L`` contractions and the oscillation covariance ``X`` at one state."""
         theta = self.problem.check_theta(theta, "state").detach()
         fresh = index not in self._cache
-        warm = self._cache.setdefault(index, _Warm(n_track=min(2, self.problem.dim)))
+        warm = self._cache.setdefault(index, WarmStart(n_track=min(2, self.problem.dim)))
         block, n_track = warm.block, warm.n_track
         curv = Curvature(self.problem, theta)
         limit = min(self.max_critical + 1, self.problem.dim)

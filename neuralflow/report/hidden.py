@@ -26,41 +26,21 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .flows import Approximation
-from .sparse import RESOLUTION
+from ..autodiff import top_eigenpairs
+from ..corrections import TERMS, TermLibrary
+from ..fit.options import resolved_solver
+from ..flows import Approximation
+from ..sparse import RESOLUTION
+from .equations import extra_equation
+from .notation import _feature_text, sig
 
 __all__ = [
-    "HIDDEN_NOTATION",
     "HiddenStateEvidence",
     "hidden_state_evidence",
     "history_approximation",
-    "equation_text",
-    "equation_latex",
+    "edge_approximation",
     "default_hidden_terms",
 ]
-
-#: Each hidden-state term's unit field, ``(matrix text, matrix LaTeX, per-direction text, per-direction LaTeX)``;
-#: ``{x}`` is the extra state's symbol. The drift is written without its sign: its field is ``-lr grad <H, Sigma>``.
-HIDDEN_NOTATION: dict[str, tuple[str, str, str, str]] = {
-    "floquet": ("(R {x} + {x} R)/2", r"\frac{{R{x}+{x}R}}{{2}}", "{x} log|1 - lr lambda|",
-                r"{x}\log|1-\eta\lambda|"),
-    "floquet_linear": ("(L {x} + {x} L)/2", r"\frac{{L{x}+{x}L}}{{2}}", "{x} (lr lambda - 2)",
-                       r"{x}\,(\eta\lambda-2)"),
-    "amplitude": ("{x} {x}", "{x}^{{2}}", "{x}^2", "{x}^{{2}}"),
-    "floor": ("I", "I", "1", "1"),
-    "drift": ("lr grad <H, Sigma>", r"\eta\,\nabla\langle H,\Sigma\rangle", "lr grad <H, Sigma>",
-              r"\eta\,\nabla\langle H,\Sigma\rangle"),
-}
-
-#: What each matrix symbol stands for, printed under the equations when a term uses it.
-_WHERE = {
-    "floquet": "R = diag(log|1 - lr lambda_i|)",
-    "floquet_linear": "L = diag(lr lambda_i - 2)",
-    "drift": "Sigma = U^T X U over the tracked Hessian eigenvectors U",
-}
-
-#: The theta equation of a flow with extra state, without its hidden-state terms (text, LaTeX), by flow name.
-_THETA_PHYSICS = {"oscillation": ("-lr g", r"-\eta\,g")}
 
 #: Hidden-state terms a ladder rung fits by default, where its flow supports them: the growth, the
 #: amplitude-dependent rate, the floor and the drift coupling (the revisions issue 15 asks the fit to measure).
@@ -73,84 +53,31 @@ def default_hidden_terms(flow: Any) -> list[str]:
     return [n for n in _DEFAULT_HIDDEN_TERMS if n in supported]
 
 
-# ------------------------------------------------------------------------------------------ the equations
+
+def edge_approximation(flow: Any) -> Approximation:
+    """The approximation a coefficient's change at ``lr S = 2`` is attributed to.
+
+    Below the edge the term repairs its own approximation (``Hg``: the continuous-time limit); what
+    changes where GD starts to oscillate is the physics' account of the oscillation: its first
+    approximation that the oscillation terms (``gradS``, ``gradScrit``) revise, for gradient flow
+    "no oscillation"; or, for physics that lists none, "no oscillation in the critical subspace".
+    """
+    own = next((a for a in getattr(flow, "approximations", ())
+                if {"gradS", "gradScrit"} & set(a.revised_by)), None)
+    return own or TERMS["gradScrit"].approximation
 
 
-def _number(x: float, latex: bool) -> str:
-    from .report import _sig_latex, sig
-
-    return _sig_latex(x) if latex else sig(x)
-
-
-def _sum(pieces: list[tuple[float, str]], latex: bool, after: bool = False) -> str:
-    """``c_1 F_1 + c_2 F_2 ...`` with the signs folded into the operators (``after``: it continues an expression);
-    a unit field ``1`` is left out."""
-    out = []
-    for k, (c, field_) in enumerate(pieces):
-        mag = _number(abs(c), latex)
-        term = mag if field_ == "1" else mag + (r"\," if latex else " ") + field_
-        first = k == 0 and not after
-        if latex:
-            out.append(("-" if c < 0 else "" if first else "+") + term)
-        else:
-            out.append(("-" if c < 0 else "") + term if first else (" - " if c < 0 else " + ") + term)
-    return "".join(out) or "0"
-
-
-def _lines(eq: dict[str, Any], latex: bool) -> tuple[str, str]:
-    """The theta equation and the extra state's equation of a report's ``extra_equation``."""
-    from .report import _latex_escape
-
-    symbol, matrix = eq["symbol"], eq["matrix"]
-    col = (1 if latex else 0) + (0 if matrix else 2)
-    physics = eq["physics"]
-    theta_text, theta_latex = _THETA_PHYSICS.get(
-        physics, (f"F_{physics}(theta)", r"F_{\mathrm{" + _latex_escape(physics) + r"}}(\theta)"))
-    theta = [(-c, HIDDEN_NOTATION[n][col]) for n, c in eq["terms"] if n == "drift"]
-    extra = [(c, HIDDEN_NOTATION[n][col].format(x=symbol)) for n, c in eq["terms"] if n != "drift"]
-    rhs = (theta_latex if latex else theta_text) + (_sum(theta, latex, after=True) if theta else "")
-    if latex:
-        return r"\frac{d\theta}{dt}=" + rhs, rf"\frac{{d{symbol}}}{{dt}}=" + _sum(extra, True)
-    return f"dtheta/dt = {rhs}", f"d{symbol}/dt = {_sum(extra, False)}"
-
-
-def equation_text(eq: dict[str, Any]) -> list[str]:
-    """The fitted equations in plain text: ``dtheta/dt``, the extra state's, and what the symbols stand for."""
-    theta, extra = _lines(eq, latex=False)
-    symbol = eq["symbol"]
-    where = [_WHERE[n] if eq["matrix"] else f"Sigma = {symbol} u u^T along the top Hessian eigenvector u"
-             for n, _ in eq["terms"] if n in _WHERE and (eq["matrix"] or n == "drift")]
-    return [theta, extra, "where " + "; ".join([*where, f"{symbol}: {eq['statement']}"])]
-
-
-def equation_latex(eq: dict[str, Any]) -> str:
-    """The fitted equations as one line of LaTeX math (parses with matplotlib's mathtext)."""
-    theta, extra = _lines(eq, latex=True)
-    return theta + r",\quad " + extra
-
-
-def extra_equation(flow: Any, fitted: dict[str, float]) -> dict[str, Any]:
-    """The data of the fitted equations: every hidden-state term the flow has or the library fitted, with its value
-    (the fitted coefficient, else the physics' own), the extra state's symbol and what it is (JSON-able)."""
-    own = flow.hidden_coefficients()
-    terms = [[n, fitted.get(n, own[n])] for n in HIDDEN_NOTATION if n in fitted or own.get(n, 0) != 0]
-    return {"physics": flow.name, "symbol": flow.extra_state.symbol, "statement": flow.extra_state.statement,
-            "matrix": flow.extra_state.size > 1, "terms": terms}
+def sharpness_at(problem: Any, states: Tensor) -> list[float]:
+    """The top Hessian eigenvalue at each state (warm-started LOBPCG, relative tolerance 1e-3)."""
+    out, block = [], None
+    for theta in states:
+        res = top_eigenpairs(problem, theta, k=1, v0=block, tol=1e-3)
+        block = res.block
+        out.append(float(res.values[0]))
+    return out
 
 
 # ----------------------------------------------------------------------------- window solves of a fit
-
-
-def solver_options(settings: dict[str, Any]) -> dict[str, Any]:
-    """torchdiffeq keywords of the fit's solver (``method``, tolerances, a fixed grid's ``step_size``)."""
-    from .fit import _FIXED_GRID
-
-    kw: dict[str, Any] = {k: settings[k] for k in ("rtol", "atol") if k in settings}
-    kw["method"] = settings.get("solver", "rk4")
-    if kw["method"] in _FIXED_GRID:
-        step = settings.get("step_size_used") or settings.get("step_size") or 0.5
-        kw["options"] = {"step_size": float(step)}
-    return kw
 
 
 def ode_starts(model: Any, targets: Any, rows: Tensor) -> Tensor:
@@ -160,7 +87,8 @@ def ode_starts(model: Any, targets: Any, rows: Tensor) -> Tensor:
     if getattr(model, "extra_state", None) is None:
         return x
     steps = targets.steps[rows]
-    return model.join(x, torch.stack([model.initial_extra(xi, targets, int(k)) for xi, k in zip(x, steps)]))
+    extra = [model.initial_extra(xi, targets, int(k)) for xi, k in zip(x, steps, strict=True)]
+    return model.join(x, torch.stack(extra))
 
 
 def _window_rows(result: Any) -> tuple[Tensor, Tensor] | None:
@@ -182,7 +110,7 @@ def _solve_windows(result: Any, model: Any, rows: Tensor, t: Tensor) -> Tensor:
     """``theta`` along every window from its start, ``(n_out + 1, W, d)``, with the fit's solver."""
     y0 = ode_starts(model, result.trajectory, rows[:, 0])
     with torch.no_grad():
-        sol = odeint(model, y0, t, **solver_options(result.settings))
+        sol = odeint(model, y0, t, **resolved_solver(result.settings).odeint_options())
     return sol[..., : model.problem.dim]
 
 
@@ -201,8 +129,6 @@ def hidden_rows(result: Any) -> tuple[dict[str, float], dict[str, float] | None,
 
     Shares are defined in the module docstring; they add up to the fit's ``closed``.
     """
-    from .report import Report
-
     model = result.model
     flow, lib = model.flow, model.correction
     with torch.no_grad():
@@ -212,7 +138,8 @@ def hidden_rows(result: Any) -> tuple[dict[str, float], dict[str, float] | None,
     if windows is None:
         return fitted, None, eq
     rows, t = windows
-    closed = Report("", 1.0, "", float(result.physics_error), float(result.hybrid_error), []).closed
+    physics, hybrid = float(result.physics_error), float(result.hybrid_error)
+    closed = min(max(1.0 - hybrid / physics, 0.0), 1.0) if physics > 0 else 0.0  # as Report.closed
     full = _window_errors(result, _solve_windows(result, model, rows, t), rows).mean()
     gains = {}
     for name in lib.terms:
@@ -254,9 +181,7 @@ def history_approximation(flow: Any) -> Approximation:
     its first approximation that the oscillation terms (``gradS``, ``gradScrit``) revise. For the central flow that
     is ``quasi-static-oscillation`` (the oscillation's size slaved to the state), for gradient flow
     ``no-oscillation``, for the oscillation flow ``linear-floquet-growth``."""
-    from .report import _edge_approximation
-
-    return _edge_approximation(flow)
+    return edge_approximation(flow)
 
 
 @dataclass(frozen=True)
@@ -281,11 +206,10 @@ class HiddenStateEvidence:
 
     def text(self) -> str:
         """The plain-word statement (for a report whose evidence fired)."""
-        from .report import _feature_text, sig
-
         ex = self.example
         where = [", ".join(f"{_feature_text(f)} = {sig(v[i])}" for f, v in ex["features"].items()) for i in (0, 1)]
-        need = [f"{'+' if a > 0 else ''}{sig(a)} (+- {sig(d, 2)})" for a, d in zip(ex["needed"], ex["within"])]
+        need = [f"{'+' if a > 0 else ''}{sig(a)} (+- {sig(d, 2)})"
+                for a, d in zip(ex["needed"], ex["within"], strict=True)]
         names = " and ".join(ex.get("compared") or ["every feature"])
         kind = "opposite" if ex["needed"][0] * ex["needed"][1] < 0 else "incompatible"
         return (
@@ -313,15 +237,13 @@ class HiddenStateEvidence:
 def _start_features(result: Any, rows: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
     """The window starts' state features ``{name: (W,)}``: ``lr S - 2`` from the recorded sharpness (computed
     where the run did not record it) and the loss."""
-    from .report import _sharpness
-
     targets, problem = result.trajectory, result.model.problem
     out = {}
     if "lr_S_minus_2" in names:
         recorded = targets.sharpness[rows, 0].cpu().to(torch.float64) if targets.sharpness.numel() else None
         if recorded is None or not bool(torch.isfinite(recorded).all()):
             states = ode_starts(result.model.flow, targets, rows)[:, : problem.dim]
-            recorded = torch.tensor(_sharpness(problem, states), dtype=torch.float64)
+            recorded = torch.tensor(sharpness_at(problem, states), dtype=torch.float64)
         out["lr_S_minus_2"] = float(result.model.lr) * recorded - 2
     if "loss" in names:
         states = targets.iterates[rows].to(device=problem.device, dtype=problem.dtype)
@@ -382,9 +304,6 @@ def hidden_state_evidence(
     miss part of the state (two windows with the same loss and sharpness far apart in ``theta``) it can also
     mean a missing feature, which the report does not claim to rule out.
     """
-    from .corrections import TermLibrary
-    from .report import _feature_text
-
     lib = result.model.correction
     windows = _window_rows(result)
     if not isinstance(lib, TermLibrary) or windows is None:

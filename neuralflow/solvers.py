@@ -1,0 +1,66 @@
+"""ODE solvers: one :class:`Solver` description used by ``simulate``, the fit and the report.
+
+A solver is a torchdiffeq method with either a fixed step (``step_size``, in GD steps) or tolerances (``rtol``,
+``atol``), in the spirit of diffrax's step-size controllers. It is validated once, when it is made; a flow states
+its preferred one in ``flow.solver``, and :meth:`Solver.override` applies what a caller asks for on top of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ._validate import check_positive_finite
+from .errors import InputError
+
+__all__ = ["FIXED_GRID", "ADAPTIVE", "Solver"]
+
+#: torchdiffeq's fixed-grid methods (they take ``options={"step_size": h}``).
+FIXED_GRID = ("rk4", "euler", "midpoint", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams")
+#: torchdiffeq's adaptive methods (they take ``rtol`` and ``atol``).
+ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A torchdiffeq ``method`` with its ``step_size`` (fixed grid; None: torchdiffeq's, one step per output time)
+    or its tolerances ``rtol`` and ``atol`` (adaptive). The default is ``dopri5`` with ``rtol=1e-7, atol=1e-9``."""
+
+    method: str = "dopri5"
+    step_size: float | None = None
+    rtol: float = 1e-7
+    atol: float = 1e-9
+
+    def __post_init__(self) -> None:
+        if self.method not in FIXED_GRID + ADAPTIVE:
+            raise InputError(f"unknown solver {self.method!r}; choose from {sorted(FIXED_GRID + ADAPTIVE)}.")
+        for name in ("step_size", "rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None or name != "step_size":
+                object.__setattr__(self, name, check_positive_finite(value, f"solver {self.method}: {name}"))
+
+    @property
+    def fixed_grid(self) -> bool:
+        """Whether the method steps on a fixed grid (``step_size``) rather than adaptively (``rtol``, ``atol``)."""
+        return self.method in FIXED_GRID
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Solver:
+        """From torchdiffeq's keywords, ``{"method": ..., "options": {"step_size": ...}, "rtol": ..., "atol": ...}``
+        (missing ones at their defaults): the form a flow's ``solver`` attribute takes."""
+        step = dict(options.get("options") or {}).get("step_size")
+        rest = {k: options[k] for k in ("method", "rtol", "atol") if k in options}
+        return cls(**rest, step_size=step)
+
+    def override(self, method: str | None = None, step_size: float | None = None, rtol: float | None = None,
+                 atol: float | None = None) -> Solver:
+        """This solver with what is given replaced; another ``method`` starts from the defaults (a step size or
+        tolerances chosen for one method say nothing about another)."""
+        base = self if method is None or method == self.method else Solver(method)
+        given = {"step_size": step_size, "rtol": rtol, "atol": atol}
+        return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+    def odeint_options(self) -> dict[str, Any]:
+        """Keywords for ``torchdiffeq.odeint``: ``method``, ``rtol``, ``atol`` and ``options``."""
+        options = {"step_size": self.step_size} if self.fixed_grid and self.step_size is not None else {}
+        return {"method": self.method, "options": options, "rtol": self.rtol, "atol": self.atol}
