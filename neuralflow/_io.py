@@ -81,7 +81,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     pattern = _temporary_pattern(path.name)
-    removed = []
+    removed: list[Path] = []
     try:
         candidates = list(path.parent.iterdir())
     except OSError:

@@ -34,7 +34,7 @@ from .compare import compare
 from .corrections import Hybrid, TermLibrary
 from .demo import run_demo
 from .errors import DivergenceError, InputError, Interrupted, NeuralflowError
-from .fit import fit
+from .fit import FitResult, fit
 from .flows import FLOWS, for_run
 from .gd import run_gd
 from .ladder import Ladder
@@ -62,13 +62,14 @@ CLI_PROBLEMS = ("mlp-digits", "cnn-digits", "lstm-recall", "zhu-quartic", "scala
 
 def public_functions(command: str) -> dict[str, Any]:
     """The public functions whose keywords ``command`` exposes, by owner name (what the options test walks)."""
-    return {
+    by_command: dict[str, dict[str, Any]] = {
         "run-gd": {"run_gd": run_gd},
         "compare": {"compare": compare},
         "fit": {"fit": fit, "TermLibrary": TermLibrary, "build_report": build_report},
         "report": {"build_report": build_report},
         "demo": {"run_demo": run_demo},
-    }[command]
+    }
+    return by_command[command]
 
 
 def problem_builders() -> dict[str, Any]:
@@ -196,7 +197,7 @@ def cmd_run_gd(cmd: Command, args: argparse.Namespace) -> int:
     try:
         traj = run_gd(problem, **kwargs, progress=not args.quiet)
     except (DivergenceError, Interrupted) as err:
-        if err.partial is not None:
+        if isinstance(err.partial, Trajectory):
             err.partial.save(out)
             print(f"saved the trajectory so far (up to step {int(err.partial.steps[-1])}) to {out}", file=sys.stderr)
         raise
@@ -309,6 +310,7 @@ def cmd_fit(cmd: Command, args: argparse.Namespace) -> int:
         try:
             result = fit(model, traj, **fit_kw, progress=not args.quiet)
         except Interrupted as err:
+            assert isinstance(err.partial, FitResult)  # fit's Interrupted carries the best fit so far
             checkpoint.save(err.partial, path)
             print(f"saved the best fit so far ({err.partial.settings['interrupted_after']} iterations) to {path}",
                   file=sys.stderr)
@@ -419,6 +421,7 @@ def cmd_sweep(cmd: Command, args: argparse.Namespace) -> int:
         spec = json.loads(Path(args.spec).read_text())
     except (OSError, ValueError) as err:
         raise NeuralflowError(f"cannot read the sweep configuration {args.spec}: {err}") from None
+    configs: Any  # parsed JSON; sweep() checks what it holds
     if isinstance(spec, dict) and "grid" in spec:
         configs = grid(spec.get("base", {}), spec["grid"])
     else:
@@ -493,11 +496,11 @@ def _apply_config(cmd: Command, path: str) -> None:
         dest = key.replace("-", "_")
         if dest not in actions:
             raise InputError(f"--config {path}: {cmd.name} has no option {key!r}; see neuralflow {cmd.name} --help.")
-        opt = cmd.generated.get(dest)
+        opt, convert = cmd.generated.get(dest), actions[dest].type
         if opt is not None:
             defaults[dest] = opt.coerce(value)
-        elif actions[dest].type is not None and isinstance(value, str):
-            defaults[dest] = actions[dest].type(value)
+        elif callable(convert) and isinstance(value, str):
+            defaults[dest] = convert(value)
         else:
             defaults[dest] = value
     cmd.parser.set_defaults(**defaults)

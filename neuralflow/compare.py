@@ -285,14 +285,17 @@ def compare(
         seconds = time.perf_counter() - start
         with torch.no_grad():
             loss = torch.stack([problem.loss(th) for th in states])
+        variance = None
         if isinstance(f, CentralFlow):
             solved = [f.solve(th) for th in states[probe]]
             sharp = torch.stack([s.values[0] for s in solved])
             predicted = torch.stack([s.predicted_loss for s in solved])
         elif isinstance(f, OscillationFlow):
+            assert extras is not None  # the flow's covariance, which it carries
             seen = [f.state_at(states[i], extras[i]) for i in probe]
             sharp = torch.stack([s.values[0] for s in seen])
             predicted = torch.stack([s.predicted_loss for s in seen])
+            variance = f.predicted_variance(extras)
         else:
             sharp, predicted = sharpness(states[probe]), loss[probe]
         records.append(
@@ -307,7 +310,7 @@ def compare(
                 predicted_loss=predicted,
                 seconds=seconds,
                 extra=extras,
-                variance=None if not isinstance(f, OscillationFlow) else f.predicted_variance(extras),
+                variance=variance,
             )
         )
     return Comparison(tr, records, gd_sharp, gd_loss_avg, window)

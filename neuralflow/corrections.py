@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -83,6 +83,13 @@ SLAVED_TOP_DIRECTION = Approximation(
     revised_by=("u_ug",),
     reference="Damian, Nichani, Lee, Self-Stabilization, ICLR 2023",
 )
+
+
+class _Factory(TypedDict):
+    """The keyword arguments that put a new tensor or layer on a problem's dtype and device."""
+
+    dtype: torch.dtype
+    device: torch.device
 
 
 class _Context:
@@ -313,20 +320,24 @@ class _GatedCoefficient(torch.nn.Module):
     All of these are learned.
     """
 
+    # base and weights exist only with baseline=True and with amplitude features (the fit checks with hasattr)
+    base: torch.nn.Parameter
+    weights: torch.nn.Parameter
+    net: torch.nn.Sequential
+
     def __init__(self, n_features: int, hidden: int, dtype: torch.dtype, device: torch.device,
                  n_amplitude: int = 0, baseline: bool = False) -> None:
         super().__init__()
-        kw = {"dtype": dtype, "device": device}
+        kw: _Factory = {"dtype": dtype, "device": device}
         if baseline:
             self.base = torch.nn.Parameter(torch.zeros((), **kw))
         self.scale = torch.nn.Parameter(torch.zeros((), **kw))
         self.gain = torch.nn.Parameter(torch.tensor(20.0, **kw))
         self.margin = torch.nn.Parameter(torch.tensor(0.05, **kw))
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(n_features, hidden, **kw), torch.nn.Tanh(), torch.nn.Linear(hidden, 1, **kw)
-        )
-        torch.nn.init.zeros_(self.net[2].weight)
-        torch.nn.init.zeros_(self.net[2].bias)
+        first, last = torch.nn.Linear(n_features, hidden, **kw), torch.nn.Linear(hidden, 1, **kw)  # drawn in this order
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+        self.net = torch.nn.Sequential(first, torch.nn.Tanh(), last)
         if n_amplitude:
             self.weights = torch.nn.Parameter(torch.zeros(n_amplitude, **kw))
 
@@ -434,7 +445,7 @@ class TermLibrary(Correction):
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise InputError(f"hidden must be a positive int, got {hidden!r}.")
         self.hidden = hidden
-        kw = {"dtype": problem.dtype, "device": problem.device}
+        kw: _Factory = {"dtype": problem.dtype, "device": problem.device}
         self.constants = torch.nn.ParameterDict(
             {n: torch.nn.Parameter(torch.zeros((), **kw)) for n in self.terms if n not in self.gated}
         )
@@ -450,6 +461,14 @@ class TermLibrary(Correction):
     @property
     def specs(self) -> list[TermSpec]:
         return [TERMS[n] for n in self.terms]
+
+    def gate(self, term: str) -> _GatedCoefficient:
+        """The learnable gated coefficient of the gated term ``term`` (its switch, amplitude and base)."""
+        if term not in self.gated:
+            raise InputError(f"term {term!r} is not gated; the gated terms are {self.gated}.")
+        gate = self.gates[term]
+        assert isinstance(gate, _GatedCoefficient)  # the library builds only these
+        return gate
 
     @property
     def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]
@@ -483,8 +502,8 @@ class TermLibrary(Correction):
     def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
         ctx = _Context(self, state)
         coeffs = self._coefficients(ctx)
-        total = sum(coeffs[spec.name][:, None] * state.out(spec(ctx)) for spec in self.specs)
-        return total
+        parts = [coeffs[spec.name][:, None] * state.out(spec(ctx)) for spec in self.specs]
+        return sum(parts[1:], parts[0])  # a library has at least one term
 
     # ---------------------------------------------------------------- inspection (report)
     def fields(self, thetas: Tensor) -> dict[str, Tensor]:
@@ -539,7 +558,7 @@ class TermLibrary(Correction):
             switches = {}
             if self.gated:
                 edge, feats = FEATURES["lr_S_minus_2"](ctx), self._features(ctx)
-                switches = {n: self.gates[n].switch(edge, feats).detach() for n in self.gated}
+                switches = {n: self.gate(n).switch(edge, feats).detach() for n in self.gated}
         return Inspection(
             fields={spec.name: spec(ctx).detach() for spec in self.specs},
             coefficients=coeffs,
@@ -607,19 +626,18 @@ class NeuralCorrection(Correction):
         self.hidden = hidden
         self.seed = seed
         n_in = problem.dim if features == "state" else len(self.feature_names)
-        kw = {"dtype": problem.dtype, "device": problem.device}
+        kw: _Factory = {"dtype": problem.dtype, "device": problem.device}
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        self.net = torch.nn.Sequential(
+        first, middle, last = (
             torch.nn.Linear(n_in, hidden, **kw),
-            torch.nn.Tanh(),
             torch.nn.Linear(hidden, hidden, **kw),
-            torch.nn.Tanh(),
             torch.nn.Linear(hidden, problem.dim, **kw),
         )
         torch.random.set_rng_state(gen_state)
-        torch.nn.init.zeros_(self.net[4].weight)
-        torch.nn.init.zeros_(self.net[4].bias)
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+        self.net = torch.nn.Sequential(first, torch.nn.Tanh(), middle, torch.nn.Tanh(), last)
 
     def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
         if self.inputs == "state":
@@ -790,22 +808,20 @@ class LatentCorrection(Correction):
         self.m, self.hidden, self.inputs, self.direct, self.seed = m, hidden, features, direct, seed
         self.feature_names = _check_names(feature_names, FEATURES, "feature")
         n_in = problem.dim if features == "state" else len(self.feature_names)
-        kw = {"dtype": problem.dtype, "device": problem.device}
+        kw: _Factory = {"dtype": problem.dtype, "device": problem.device}
         # drawn in float64 on the CPU from the seed alone, then cast and moved: the same start on every device
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            cpu = {"dtype": torch.float64}
-            net = torch.nn.Sequential(
-                torch.nn.Linear(n_in + m, hidden, **cpu), torch.nn.Tanh(), torch.nn.Linear(hidden, m, **cpu)
-            )
-            readout, force = torch.randn(len(self.fields), m, **cpu) / m, torch.randn(problem.dim, m, **cpu) / m
-        self.net = net.to(**kw)
+            f64 = torch.float64
+            first, last = torch.nn.Linear(n_in + m, hidden, dtype=f64), torch.nn.Linear(hidden, m, dtype=f64)
+            readout, force = torch.randn(len(self.fields), m, dtype=f64) / m, torch.randn(problem.dim, m, dtype=f64) / m
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+        self.net = torch.nn.Sequential(first, torch.nn.Tanh(), last).to(**kw)
         if self.fields:
             self.readout = torch.nn.Parameter(readout.to(**kw))  # W
         if direct:
             self.force = torch.nn.Parameter(force.to(**kw))  # P
-        torch.nn.init.zeros_(self.net[2].weight)
-        torch.nn.init.zeros_(self.net[2].bias)
 
     @property
     def latent(self) -> ExtraState:

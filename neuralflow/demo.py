@@ -178,7 +178,7 @@ def run_demo(
     write_json(out / "summary.json", summary)
     files["summary"] = str(out / "summary.json")
     _say("", quiet)
-    for what, path in files.items():
-        _say(f"{what:<24} {path}", quiet)
+    for what, written in files.items():
+        _say(f"{what:<24} {written}", quiet)
     _say(f"\ndemo finished in {timing['total']:.0f} s; everything is in {out.resolve()}", quiet)
     return summary

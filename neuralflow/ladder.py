@@ -38,7 +38,7 @@ class Ladder:
 
     def _rows(self) -> list[tuple[str, ...]]:
         first = self.reports[0].physics_error if self.reports else math.nan
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for r in self.reports:
             revisions = r.revisions()
             top_text = "-"

@@ -308,7 +308,7 @@ class Option:
         expected = _EXPECTED.get(self.kind)
         if expected is None or not isinstance(value, expected) or (self.kind == "int" and isinstance(value, bool)):
             raise InputError(f"{self.name} = {value!r}: expected {self.kind}.")
-        return float(value) if self.kind == "float" else value
+        return float(value) if self.kind == "float" and isinstance(value, (int, float)) else value
 
     def text(self, value: Any) -> Any:
         """The value in the form a config file (TOML) holds, None for 'leave out'."""

@@ -57,8 +57,8 @@ class Solver:
         """This solver with what is given replaced; another ``method`` starts from the defaults (a step size or
         tolerances chosen for one method say nothing about another)."""
         base = self if method is None or method == self.method else Solver(method)
-        given = {"step_size": step_size, "rtol": rtol, "atol": atol}
-        return replace(base, **{k: v for k, v in given.items() if v is not None})
+        return replace(base, step_size=base.step_size if step_size is None else step_size,
+                       rtol=base.rtol if rtol is None else rtol, atol=base.atol if atol is None else atol)
 
     def odeint_options(self) -> dict[str, Any]:
         """Keywords for ``torchdiffeq.odeint``: ``method``, ``rtol``, ``atol`` and ``options``."""

@@ -85,6 +85,7 @@ from .flows import FLOWS, for_run
 from .gd import check_noise, run_gd
 from .problems import PROBLEMS, check_lr, check_nonnegative_int, check_positive_int, make
 from .provenance import __version__
+from .trajectory import Trajectory
 
 __all__ = ["sweep", "grid", "normalise", "config_key", "run_task", "law_figure", "coefficient_figure", "Engine",
            "LocalEngine", "RayEngine", "ENGINES", "TIMING_COLUMNS"]
@@ -281,13 +282,14 @@ def run_task(config: dict[str, Any], threads: int = 1) -> dict[str, Any]:
             _flatten("fit", config["fit"], row)
         problem = make(config["problem"], device=config["device"])
         files: dict[str, bytes] = {}
+        traj: Trajectory | None
         try:
             traj = run_gd(problem, config["lr"], config["steps"], eig_every=config["eig_every"],
                           n_eigs=config["n_eigs"], store_every=config["store_every"], noise=config["noise"],
                           noise_seed=config["noise_seed"], progress=False)
             row["status"], row["error"] = "ok", None
         except DivergenceError as err:
-            traj = err.partial
+            traj = err.partial if isinstance(err.partial, Trajectory) else None  # None: diverged at once
             row["status"], row["error"] = "diverged", str(err)
         row["gd_s"] = time.perf_counter() - t_start
         if traj is not None:
@@ -345,6 +347,7 @@ class LocalEngine(Engine):
         self.workers, self.threads, self.retries = workers, threads, retries
 
     def _pool(self, n: int) -> ProcessPoolExecutor:
+        ctx: mp.context.BaseContext
         if "forkserver" in mp.get_all_start_methods():
             ctx = mp.get_context("forkserver")
             # imported once in the fork server instead of once per worker (torch, the pipeline, the digits' loader)

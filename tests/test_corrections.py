@@ -155,6 +155,7 @@ def test_config_rebuilds_and_approximations(problem):
     kwargs = {k: v for k, v in cfg.items() if k not in ("name", "lr")}
     again = TermLibrary(problem, cfg["lr"], **kwargs)
     assert again.config() == cfg
+    assert lib.gate("gradS") is lib.gates["gradS"]
     names = [a.name for a in lib.approximations]
     assert names == ["effective-step-size", "no-oscillation"]
     for spec in TERMS.values():
@@ -181,6 +182,8 @@ def test_bad_input_names_the_known_terms(problem):
         TermLibrary(problem, 0.1, ["Hg", "H3g"])
     with pytest.raises(nf.InputError, match="not in the library"):
         TermLibrary(problem, 0.1, ["Hg"], gated=["gradS"])
+    with pytest.raises(nf.InputError, match=r"not gated; the gated terms are \['gradS'\]"):
+        TermLibrary(problem, 0.1, ["Hg", "gradS"], gated=["gradS"]).gate("Hg")
     with pytest.raises(nf.InputError, match="known features"):
         TermLibrary(problem, 0.1, ["Hg"], features=["sharpness"])
     with pytest.raises(nf.InputError, match="same Problem"):

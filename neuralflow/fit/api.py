@@ -133,6 +133,9 @@ def fit(
     if isinstance(trajectory, (list, tuple)):  # several runs share one set of coefficients
         options = {k: v for k, v in locals().items() if k not in ("model", "trajectory")}
         return fit_runs(model, trajectory, **options)
+    if not isinstance(trajectory, Trajectory):
+        raise InputError(f"fit: trajectory must be an nf.Trajectory (from run_gd) or a list of them, got "
+                         f"{type(trajectory).__name__}.")
     t_begin = time.perf_counter()
     settings = {
         "window": window, "target": target, "method": method, "optimizer": optimizer, "min_norm": min_norm,
@@ -151,33 +154,33 @@ def fit(
         atol, exclude, settings, extra_start,
     )
     win, problem, lib = obj.win, model.problem, model.correction
-    can_regress = isinstance(lib, TermLibrary) and model.extra_state is None
-    if method == "regression" and not can_regress:
+    regressed = lib if isinstance(lib, TermLibrary) and model.extra_state is None else None  # what a regression fits
+    if method == "regression" and regressed is None:
         raise InputError(
             "fit: method='regression' needs a TermLibrary (constant or gated coefficients); fit a NeuralCorrection "
             "with method='adjoint' or 'direct'."
         )
     if init == "auto":
-        wanted = can_regress and (method == "regression" or not lib.gated)
+        wanted = regressed is not None and (method == "regression" or not regressed.gated)
         init = "regression" if wanted and len(targets) >= 5 else "current"
-    if init == "regression" and not can_regress:
+    if init == "regression" and regressed is None:
         raise InputError("fit: init='regression' needs a TermLibrary on a flow without extra state; use "
                          "init='current'.")
     timing: dict[str, float] = {}
     history: list[dict[str, float]] = []
     regression_se = None
-    if init == "regression" or method == "regression":
+    if regressed is not None and (init == "regression" or method == "regression"):
         t0 = time.perf_counter()
-        if lib.gated:
+        if regressed.gated:
             system = _regression_system(model, targets, win, balance=balance)
             timing["regression_fields"] = time.perf_counter() - t0
             iters = _GATED_REGRESSION_ITERS if max_iters is None else check_positive_int(max_iters, "fit: max_iters")
-            regression_se = _gated_regression(lib, system, float(min_norm), iters, init, seed, settings, progress)
+            regression_se = _gated_regression(regressed, system, float(min_norm), iters, init, seed, settings, progress)
         else:
             coef, regression_se = _regression(model, targets, win, balance=balance)
             with torch.no_grad():
-                for name, c in zip(lib.terms, coef, strict=True):
-                    lib.constants[name].copy_(c)
+                for name, c in zip(regressed.terms, coef, strict=True):
+                    regressed.constants[name].copy_(c)
         timing["regression"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -193,6 +196,7 @@ def fit(
     try:
         final_residuals = obj.residuals(grad=False)
         hybrid_errors, physics_errors = obj.last_errors, obj.physics_errors
+        assert hybrid_errors is not None  # residuals() sets them
         if not history:  # regression, or nothing to fit
             history.append({
                 "iteration": 0, "train_loss": float(hybrid_errors[win.train].mean()),
@@ -315,9 +319,11 @@ def fit_runs(
         t0 = time.perf_counter()
         systems = [_regression_system(m, tg, o.win, balance=options["balance"])
                    for m, tg, o in zip(models, targets, objectives, strict=True)]
-        stacked = replace(systems[0], **{n: torch.cat([w * getattr(s, n) if n != "steps" else s.steps
-                                                       for s, w in zip(systems, weights, strict=True)])
-                                         for n in ("G", "h", "q", "f", "steps")})
+        def weighted(name: str) -> Tensor:
+            return torch.cat([w * getattr(s, name) for s, w in zip(systems, weights, strict=True)])
+
+        stacked = replace(systems[0], G=weighted("G"), h=weighted("h"), q=weighted("q"), f=weighted("f"),
+                          steps=torch.cat([s.steps for s in systems]))
         coef, regression_se, _ = _least_squares(stacked)
         with torch.no_grad():
             for name, c in zip(lib.terms, coef, strict=True):
@@ -336,6 +342,7 @@ def fit_runs(
                               partial={"model": model, "history": history}) from None
     coefficients, grads = _coefficient_map(models[0], objectives[0].win.targets[0])
     if method == "regression":
+        assert regression_se is not None  # the regression computed it
         uncertainty = {n: float(s) for n, s in zip(lib.terms, regression_se, strict=True)}
     else:
         J = joint.last_jacobian if joint.last_jacobian is not None else joint.jacobian(joint.get(), torch.cat(final))
@@ -353,6 +360,7 @@ def fit_runs(
     for m, o, tg in zip(models, objectives, targets, strict=True):
         shown = o.win.val if len(o.win.val) else o.win.train
         everything = torch.arange(o.win.targets.shape[1], device=model.problem.device)
+        assert o.last_errors is not None  # the final joint.residuals() set them
         views.append(FitResult(
             model=m, coefficients=dict(coefficients), uncertainty=dict(uncertainty), history=history,
             window_errors=o.last_errors, physics_window_errors=o.physics_errors,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..autodiff import top_eigenpairs
-from ..corrections import CORRECTIONS, Hybrid
+from ..corrections import CORRECTIONS, Hybrid, TermLibrary
 from ..flows import FLOWS
 from ..trajectory import Trajectory
 from .shooting import _Objective
@@ -30,6 +30,7 @@ class _JointObjective:
 
     def __init__(self, objectives: list[_Objective], weights: list[float]) -> None:
         self.objectives = objectives
+        self.model = objectives[0].model  # the first run's: its coefficients are every run's
         self.scales = [math.sqrt(w) for w in weights]
         self.params = objectives[0].params  # the same Parameter objects in every run's model
         self.last_jacobian: Tensor | None = None
@@ -66,8 +67,8 @@ class _JointObjective:
 
     def loss_and_grad(self) -> tuple[float, Tensor]:
         parts = [o.loss_and_grad() for o in self.objectives]
-        return (sum(a * a * p[0] for a, p in zip(self.scales, parts, strict=True)),
-                sum(a * a * p[1] for a, p in zip(self.scales, parts, strict=True)))
+        grads = [a * a * p[1] for a, p in zip(self.scales, parts, strict=True)]
+        return sum((a * a * p[0] for a, p in zip(self.scales, parts, strict=True)), 0.0), sum(grads[1:], grads[0])
 
 
 def _at_lr(model: Hybrid, lr: float, share: bool) -> Hybrid:
@@ -78,12 +79,14 @@ def _at_lr(model: Hybrid, lr: float, share: bool) -> Hybrid:
         cfg.pop("lr")
         return registry[name](model.problem, lr, **cfg)
 
-    library = rebuild(CORRECTIONS, model.correction)
+    shared = model.correction
+    assert isinstance(shared, TermLibrary)  # fit_runs fits the constants of a term library
+    library = rebuild(CORRECTIONS, shared)
     if share:
-        library.constants = model.correction.constants
+        library.constants = shared.constants
     else:
         with torch.no_grad():
-            for name, c in model.correction.constants.items():
+            for name, c in shared.constants.items():
                 library.constants[name].copy_(c)
     return Hybrid(rebuild(FLOWS, model.flow), library)
 

@@ -18,11 +18,11 @@ from .. import _io
 from ..errors import DivergenceError, FileFormatError, InputError
 from ..problems import check_positive_int
 from .options import _DEFAULT_ITERS, _GN_MAX_PARAMS
-from .shooting import _Objective, _SolverFailure
+from .shooting import _Objective, _Optimisable, _SolverFailure
 
 
 def _optimise(
-    obj: _Objective, optimizer: str, max_iters: int | None, patience: int, tol: float, learning_rate: float,
+    obj: _Optimisable, optimizer: str, max_iters: int | None, patience: int, tol: float, learning_rate: float,
     history: list[dict[str, float]], progress: bool, resume: str | os.PathLike | None = None,
     settings: dict[str, Any] | None = None,
 ) -> tuple[str, bool]:
@@ -41,7 +41,7 @@ def _optimise(
         )
     iters = _DEFAULT_ITERS[optimizer] if max_iters is None else check_positive_int(max_iters, "fit: max_iters")
     t_start = time.perf_counter()
-    best = {"score": math.inf, "params": obj.get(), "iteration": 0, "stale": 0}
+    best: dict[str, Any] = {"score": math.inf, "params": obj.get(), "iteration": 0, "stale": 0}
     bar = tqdm(total=iters, desc=f"fit {optimizer}", disable=not progress, unit="it")
 
     def record(it: int, train_loss: float, params: Tensor) -> bool:
@@ -66,6 +66,7 @@ def _optimise(
     if resume is not None:
         if optimizer != "gauss-newton":
             raise InputError(f"fit: resume= needs the gauss-newton optimiser, not {optimizer!r}.")
+        assert isinstance(obj, _Objective)  # a fit to several runs is not resumable
         saver = _GaussNewtonCheckpoint(resume, obj, settings or {}, best, history)
         step = saver.wrap(step)
     interrupted = False
@@ -89,7 +90,7 @@ def _optimise(
     return optimizer, interrupted
 
 
-def gauss_newton(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record,
+def gauss_newton(obj: _Optimisable, optimizer: str, iters: int, tol: float, learning_rate: float, record,
                   xtol: float = 1e-5, start: dict[str, Any] | None = None, after=None) -> None:
     """Levenberg-Marquardt on the residual vector with finite-difference sensitivities ``J``.
 
@@ -197,9 +198,10 @@ class _GaussNewtonCheckpoint:
         self.save(self.best["iteration"], self.best["params"], math.nan, finished=True)
 
 
-def _torch_optimiser(obj: _Objective, optimizer: str, iters: int, tol: float, learning_rate: float, record) -> None:
+def _torch_optimiser(obj: _Optimisable, optimizer: str, iters: int, tol: float, learning_rate: float, record) -> None:
     """LBFGS (strong Wolfe line search) or Adam on the fit loss."""
     params = obj.params
+    opt: torch.optim.Optimizer
     if optimizer == "lbfgs":
         opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
     else:

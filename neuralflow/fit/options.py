@@ -41,7 +41,7 @@ def _default_step_size(trajectory: Trajectory) -> float:
     return 1.0 / max(1, math.ceil(trajectory.lr * float(s.max()) / 0.25))
 
 
-def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: str) -> Trajectory:
+def _check_inputs(model: Hybrid, trajectory: object, target: str, method: str) -> Trajectory:
     if not isinstance(model, Hybrid):
         raise InputError(
             f"fit: model must be an nf.Hybrid(flow, correction), got {type(model).__name__}; wrap a physics flow "

@@ -53,9 +53,12 @@ class _RegressionSystem:
 
     def subset(self, mask: Tensor) -> _RegressionSystem:
         """The same regression restricted to the points ``mask`` selects."""
-        pick = {name: getattr(self, name) for name in ("G", "h", "q", "f", "steps", "lr_S_minus_2", "features",
-                                                       "amplitude")}
-        return replace(self, **{name: None if t is None else t[mask] for name, t in pick.items()})
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[mask]
+
+        return replace(self, G=self.G[mask], h=self.h[mask], q=self.q[mask], f=self.f[mask], steps=self.steps[mask],
+                       lr_S_minus_2=pick(self.lr_S_minus_2), features=pick(self.features),
+                       amplitude=pick(self.amplitude))
 
 
 def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, balance: bool = False) -> _RegressionSystem:
@@ -64,6 +67,7 @@ def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, balanc
     ``balance=True`` returns the system weighted as in :func:`_balanced` over ``window + 1`` points.
     """
     lib = model.correction
+    assert isinstance(lib, TermLibrary)  # the callers regress only a term library
     # a gated library's gate inputs need eigen-solves: one state per evaluation, each warm-started
     # from the previous point's; constant coefficients batch the points
     chunk = 1 if lib.gated else 256
@@ -92,11 +96,11 @@ def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, balanc
         hs.append(torch.einsum("ndp,nd->np", A, b))
         q.append(b.square().sum(1))
         f.append(fp.square().sum(1))
-        if lib.gated:
+        if inputs.lr_S_minus_2 is not None and inputs.features is not None:  # a gated library
             gate_in.append(inputs.lr_S_minus_2)
             feats.append(inputs.features)
-            if lib.amplitude_names:
-                amps.append(inputs.amplitude)
+        if inputs.amplitude is not None:
+            amps.append(inputs.amplitude)
     system = _RegressionSystem(
         torch.cat(G), torch.cat(hs), torch.cat(q), torch.cat(f), x.shape[1], steps,
         torch.cat(gate_in) if lib.gated else None, torch.cat(feats) if lib.gated else None,
@@ -206,7 +210,7 @@ def _reset_gates(lib: TermLibrary, seed: int) -> None:
     """Gates back to their initial state (amplitude 0, gain 20, margin 0.05, zero last layer), first layers seeded."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for gate in lib.gates.values():
+        for gate in map(lib.gate, lib.gated):
             gate.scale.zero_()
             if hasattr(gate, "base"):
                 gate.base.zero_()
@@ -215,6 +219,7 @@ def _reset_gates(lib: TermLibrary, seed: int) -> None:
             gate.gain.fill_(20.0)
             gate.margin.fill_(0.05)
             first, last = gate.net[0], gate.net[2]
+            assert isinstance(first, torch.nn.Linear) and isinstance(last, torch.nn.Linear)
             bound = 1 / math.sqrt(first.in_features)  # PyTorch's default Linear init, from a seeded generator
             for p in (first.weight, first.bias):
                 p.copy_((2 * torch.rand(p.shape, generator=gen, dtype=p.dtype) - 1).to(p.device) * bound)
@@ -247,12 +252,14 @@ def _gated_regression(
     gi = [j for j, n in enumerate(names) if n in lib.gates]
     ci = [j for j, n in enumerate(names) if n not in lib.gates]
     G, h, q = system.G, system.h, system.q
+    edge, features = system.lr_S_minus_2, system.features
+    assert edge is not None and features is not None  # a gated library's system carries its gates' inputs
     N, P = h.shape
     w = min_norm * float(q.mean()) / max(float(system.f.mean()), 1e-300)
     total = float(q.sum())
     if init != "current":
         _reset_gates(lib, seed)
-    gates = [lib.gates[names[j]] for j in gi]
+    gates = [lib.gate(names[j]) for j in gi]
     amp = system.amplitude
     A = 0 if amp is None else amp.shape[1]
     # linear parameters: the constants, then per gate [scale, w_1..w_A] and its base if it has one
@@ -268,13 +275,13 @@ def _gated_regression(
         for k, j in enumerate(ci):
             B[:, j, k] = 1.0
         for j, gate, col in zip(gi, gates, offsets, strict=True):
-            m = gate.switch(system.lr_S_minus_2, system.features)
+            m = gate.switch(edge, features)
             if float(m.detach().max()) < _SWITCH_OPEN:
                 # a switch that never opens is off: otherwise its exponential tail times a huge scale
                 # would stand in for a smooth function of lr S - 2, which is not a gate
                 m = m * 0.0  # (kept in the graph: with every gate closed the objective is still differentiable)
             B[:, j, col] = m
-            if A:
+            if amp is not None:
                 B[:, j, col + 1 : col + 1 + A] = m[:, None] * amp
             if hasattr(gate, "base"):
                 B[:, j, col + 1 + A] = 1.0
@@ -296,16 +303,17 @@ def _gated_regression(
     curve: list[float] = []
     bar = tqdm(total=max_iters, desc="gated regression", disable=not progress, unit="eval")
 
-    best = {"loss": math.inf, "params": [p.detach().clone() for p in params]}
+    best_loss, best_params = math.inf, [p.detach().clone() for p in params]
 
     def closure() -> Tensor:
+        nonlocal best_loss, best_params
         opt.zero_grad()
         loss = objective()
         loss.backward()
         value = float(loss.detach())
         curve.append(value)
-        if value < best["loss"]:  # NaN never is: a line search that saturates a switch cannot lose the best gates
-            best.update(loss=value, params=[p.detach().clone() for p in params])
+        if value < best_loss:  # NaN never is: a line search that saturates a switch cannot lose the best gates
+            best_loss, best_params = value, [p.detach().clone() for p in params]
         bar.update(1)
         return loss
 
@@ -313,7 +321,7 @@ def _gated_regression(
         opt.step(closure)
     bar.close()
     with torch.no_grad():
-        for p, b in zip(params, best["params"], strict=True):
+        for p, b in zip(params, best_params, strict=True):
             p.copy_(b)
         c, theta = coefficients()
         for k, j in enumerate(ci):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
 
-from ..corrections import Hybrid, TermLibrary
+from ..corrections import Correction, Hybrid, TermLibrary
 from ..errors import InputError
 from ..problems import check_positive_int
 from ..solvers import ADAPTIVE, FIXED_GRID, Solver
@@ -36,6 +36,31 @@ class _Counted(torch.nn.Module):
         return self.model(t, y)
 
 
+class _Optimisable(Protocol):
+    """What the optimisers use of an objective: one run's (:class:`_Objective`) or several runs' together."""
+
+    params: list[torch.nn.Parameter]
+
+    @property
+    def model(self) -> Hybrid: ...
+
+    @property
+    def counted(self) -> Any: ...  # its ``n``: the right-hand-side evaluations so far
+
+    @property
+    def val_loss(self) -> float: ...
+
+    def get(self) -> Tensor: ...
+
+    def set(self, vec: Tensor) -> None: ...
+
+    def residuals(self, grad: bool) -> Tensor: ...
+
+    def jacobian(self, base: Tensor, r0: Tensor) -> Tensor: ...
+
+    def loss_and_grad(self) -> tuple[float, Tensor]: ...
+
+
 class _Objective:
     """Window solves, residuals and the fit loss for one model and one set of windows.
 
@@ -58,7 +83,9 @@ class _Objective:
         self.params = list(self.model_params)
         self.start_extra: torch.nn.Parameter | None = None
         if fitted_start:  # a learnable start of the extra state per window (nuisance parameters, after the model's)
-            self.start_extra = torch.nn.Parameter(model.split(start)[1].reshape(len(start), -1).clone())
+            extra = model.split(start)[1]
+            assert extra is not None  # _objective allows fitted_start only for a flow with extra state
+            self.start_extra = torch.nn.Parameter(extra.reshape(len(start), -1).clone())
             self.params.append(self.start_extra)
         self.last_jacobian: Tensor | None = None
         self.val_loss = math.nan
@@ -120,8 +147,9 @@ class _Objective:
             return traj.reshape(-1)
         return torch.cat([traj.reshape(-1), fa.reshape(-1) * math.sqrt(self.penalty_weight / B)])
 
-    def _penalised(self) -> bool:
-        return self.model.correction is not None and self.penalty_weight > 0
+    def _penalised(self) -> Correction | None:
+        """The correction when the loss penalises its size (APHYNITY), else None."""
+        return self.model.correction if self.penalty_weight > 0 else None
 
     def residuals(self, grad: bool) -> Tensor:
         """Residual vector at the current parameters; also updates :attr:`val_loss`."""
@@ -130,9 +158,10 @@ class _Objective:
         if len(self.win.val):
             self.val_loss = float(self.last_errors[self.win.val].mean())
         fa = None
-        if self._penalised():
+        penalised = self._penalised()
+        if penalised is not None:
             with torch.set_grad_enabled(grad):
-                fa = self.model.correction(self.win.t[0], self.win.targets[0, self.win.train])
+                fa = penalised(self.win.t[0], self.win.targets[0, self.win.train])
         return self._residuals(sol, fa)
 
     def loss_and_grad(self) -> tuple[float, Tensor]:
@@ -171,6 +200,7 @@ class _Objective:
 
     def _batched_differences(self, base: Tensor, steps: Tensor) -> list[Tensor]:
         lib = self.model.correction
+        assert isinstance(lib, TermLibrary)  # batched sensitivities are for a constant-coefficient library only
         P = len(base)
         start = self.start
         W = start.shape[0]
@@ -178,7 +208,7 @@ class _Objective:
         with lib.row_constants(rows.repeat_interleave(W, dim=0)):
             sol = self.solve(start.repeat(P, 1), grad=False)
         fa = None
-        if self._penalised():
+        if self._penalised() is not None:
             starts = self.win.targets[0, self.win.train]
             with lib.row_constants(rows.repeat_interleave(len(starts), dim=0)), torch.no_grad():
                 fa = lib(self.win.t[0], starts.repeat(P, 1)).reshape(P, len(starts), -1)
@@ -189,25 +219,28 @@ class _Objective:
 def _objective(
     model: Hybrid, trajectory: Trajectory, window: int, target: str, method: str, min_norm: float,
     val_fraction: float, stride: int | None, seed: int, solver: str, step_size: float | None, rtol: float,
-    atol: float, exclude: Sequence[tuple[int, int]], settings: dict[str, Any], extra_start: str = "measured",
+    atol: float, exclude: Sequence[Sequence[int | None]] | None, settings: dict[str, Any],
+    extra_start: str = "measured",
 ) -> tuple[_Objective, Trajectory]:
     """Validate the inputs and set up the windows and the loss; records resolved settings."""
     targets = _check_inputs(model, trajectory, target, method)
-    settings["exclude"] = exclude = _check_exclude(exclude)
+    settings["exclude"] = excluded = _check_exclude(exclude)
     window = check_positive_int(window, "fit: window")
     settings["stride"] = stride = window if stride is None else check_positive_int(stride, "fit: stride")
+    fixed_step = None
     if solver in FIXED_GRID:
         if step_size is None:
             step_size = _default_step_size(trajectory)
             settings["step_size_used"] = step_size
         if not 0 < step_size <= targets.store_every:
             raise InputError(f"fit: step_size must be in (0, {targets.store_every}] steps, got {step_size!r}.")
+        fixed_step = float(step_size)
     elif solver not in ADAPTIVE:
         raise InputError(f"fit: unknown solver {solver!r}; choose from {sorted(FIXED_GRID + ADAPTIVE)}.")
     if not (isinstance(min_norm, (int, float)) and math.isfinite(min_norm) and min_norm >= 0):
         raise InputError(f"fit: min_norm must be a non-negative number, got {min_norm!r}.")
     problem = model.problem
-    win = _make_windows(targets, window, stride, val_fraction, seed, problem.dtype, problem.device, exclude)
+    win = _make_windows(targets, window, stride, val_fraction, seed, problem.dtype, problem.device, excluded)
     if model.correction is not None:
         model.correction.reset_cache()
     if extra_start not in ("measured", "fitted"):
@@ -220,8 +253,12 @@ def _objective(
                          "window itself, so it cannot validate; pass val_fraction=0.")
     start = win.targets[0]
     if model.extra_state is not None:  # the measured extra state at each window's first iterate
-        extra = torch.stack([model.initial_extra(x, trajectory, int(k)) for x, k in zip(start, win.steps, strict=True)])
-        start = model.join(start, extra)
-    ode = Solver(solver, float(step_size) if solver in FIXED_GRID else None, rtol, atol)
+        extras = []
+        for x, k in zip(start, win.steps, strict=True):
+            extra = model.initial_extra(x, trajectory, int(k))
+            assert extra is not None  # the flow carries extra state
+            extras.append(extra)
+        start = model.join(start, torch.stack(extras))
+    ode = Solver(solver, fixed_step, rtol, atol)
     return _Objective(model, win, method, ode, float(min_norm), start,
                       extra_start == "fitted"), targets

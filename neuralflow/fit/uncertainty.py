@@ -56,6 +56,7 @@ def _uncertainty(
     obj: _Objective, r: Tensor, method: str, grads: dict[str, Tensor], regression_se: Tensor | None, lib: Any
 ) -> dict[str, float]:
     if method == "regression":
+        assert regression_se is not None  # the regression computed it
         return {n: float(s) for n, s in zip(lib.terms, regression_se, strict=True)}
     if not grads or len(obj.get()) > _GN_MAX_PARAMS:
         return {n: math.nan for n in grads}

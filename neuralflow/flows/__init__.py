@@ -32,9 +32,9 @@ def for_run(name: str, problem: Problem, trajectory: Trajectory, **options: obje
     """``FLOWS[name]`` for a recorded run (:meth:`Flow.from_trajectory`): at its ``lr``, and for the oscillation
     flow with the run's injected noise as ``q``; ``options`` go to the constructor and win."""
     entry = FLOWS[name]
-    if isinstance(entry, partial):
-        return entry.func.from_trajectory(problem, trajectory, **{**entry.keywords, **options})
-    return entry.from_trajectory(problem, trajectory, **options)
+    flow_class, defaults = (entry.func, entry.keywords) if isinstance(entry, partial) else (entry, {})
+    assert isinstance(flow_class, type) and issubclass(flow_class, Flow)  # a flow class, perhaps with options bound
+    return flow_class.from_trajectory(problem, trajectory, **{**defaults, **options})
 
 
 __all__ = [

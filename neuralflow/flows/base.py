@@ -106,6 +106,9 @@ class Flow(torch.nn.Module):
         """``dtheta/dt`` for each state of ``state.thetas`` (shape ``(B, d)``)."""
         raise NotImplementedError
 
+    def reset(self) -> None:
+        """Forget warm state kept between evaluations before integrating a new trajectory (none by default)."""
+
     # ------------------------------------------------------------------ states beyond theta
     @property
     def state_dim(self) -> int:

@@ -170,10 +170,11 @@ def covariance_drift(curv: Curvature, U: Tensor, X: Tensor, hu: list[Tensor] | N
         hu = curv.hvp_graphs(U)
     with torch.enable_grad():
         if hu is not None:
-            return torch.autograd.grad(sum((XU[b] * hu[b]).sum() for b in range(k)), curv.theta)[0]
-        return sum(
-            torch.autograd.grad((XU[b] * curv.hvp_graphs(U[b : b + 1])[0]).sum(), curv.theta)[0] for b in range(k)
-        )
+            parts = [(XU[b] * hu[b]).sum() for b in range(k)]
+            return torch.autograd.grad(sum(parts[1:], parts[0]), curv.theta)[0]
+        grads = [torch.autograd.grad((XU[b] * curv.hvp_graphs(U[b : b + 1])[0]).sum(), curv.theta)[0]
+                 for b in range(k)]
+        return sum(grads[1:], grads[0])
 
 
 @dataclass
@@ -247,7 +248,8 @@ class WarmStart:
         ``(R x R) B (R x R)^T``, since ``D_kl`` is bilinear in ``(u_k, u_l)``.
         """
         k = U.shape[0]
-        if k == 0 or self.gram is None or self.U is None or self.U.shape[0] != k or self.age + 1 >= gram_every:
+        if (k == 0 or self.gram is None or self.U is None or self.theta_gram is None or self.U.shape[0] != k
+                or self.age + 1 >= gram_every):
             return None
         if not self.move > 0 or float((theta - self.theta_gram).norm()) > gram_every * self.move:
             return None
@@ -448,7 +450,8 @@ class CentralFlow(Flow):
             U[b, : s.n_critical] = s.vectors
             XU[b, : s.n_critical] = s.X @ s.vectors
         with torch.enable_grad():
-            contraction = sum((XU[:, i] * state.hvp(U[:, i])).sum(dim=1) for i in range(k))  # <H, Sigma> per state
+            parts = [(XU[:, i] * state.hvp(U[:, i])).sum(dim=1) for i in range(k)]
+            contraction = sum(parts[1:], parts[0])  # <H, Sigma> per state
             return state.out(-self.lr * (state.g + 0.5 * state.grad_of(contraction)))
 
     def predicted_loss(self, theta: Tensor) -> Tensor:

@@ -116,15 +116,16 @@ class PrincipalFlow(Flow):
             lam, vecs = torch.linalg.eigh(0.5 * (hess + hess.transpose(1, 2)))
             coef = principal_rate(lam, self.lr) * torch.einsum("bdi,bd->bi", vecs, g)
             return state.out(torch.einsum("bdi,bi->bd", vecs, coef))
-        U = torch.stack([self._eigenvectors(b, theta) for b, theta in enumerate(state.thetas.detach())])  # (B,k,d)
-        hu = torch.stack([state.hvp(U[:, i]) for i in range(self.k)], dim=1)
+        k = self.k
+        U = torch.stack([self._eigenvectors(b, theta, k) for b, theta in enumerate(state.thetas.detach())])  # (B,k,d)
+        hu = torch.stack([state.hvp(U[:, i]) for i in range(k)], dim=1)
         lam = (U * hu).sum(dim=2)
         ug = torch.einsum("bkd,bd->bk", U, g)
         resolved = torch.einsum("bk,bkd->bd", (principal_rate(lam, self.lr) + self.lr) * ug, U)
         return state.out(resolved - self.lr * g)
 
-    def _eigenvectors(self, index: int, theta: Tensor) -> Tensor:
-        res = top_eigenpairs(self.problem, theta, k=self.k, v0=self._blocks.get(index), tol=self.eig_tol)
+    def _eigenvectors(self, index: int, theta: Tensor, k: int) -> Tensor:
+        res = top_eigenpairs(self.problem, theta, k=k, v0=self._blocks.get(index), tol=self.eig_tol)
         self._blocks[index] = res.block
         return res.vectors
 

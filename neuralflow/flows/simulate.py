@@ -90,7 +90,7 @@ def simulate(
     preferred = getattr(flow, "solver", None)
     solver = DEFAULT_SOLVER if not preferred else Solver.from_options(preferred)
     solver = solver.override(method, step_size, rtol, atol)
-    if reset and hasattr(flow, "reset"):
+    if reset:
         flow.reset()
     if flow.extra_state is not None and extra0 is None:
         extra0 = flow.initial_extra(theta0)

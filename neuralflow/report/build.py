@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -29,6 +29,14 @@ from .notation import percent
 from .summary import RESIDUAL, Gate, TermSummary, _edge_label
 
 
+class _Verdict(TypedDict):
+    """The thresholds that set a report's verdict (see :class:`Report`)."""
+
+    negligible: float
+    outside: float
+    min_share: float
+
+
 def shares(contributions: dict[str, Tensor], closed: float) -> dict[str, float]:
     """Each term's share of the gap: ``closed * <C_i, C> / <C, C>``, summed over the states.
 
@@ -37,7 +45,8 @@ def shares(contributions: dict[str, Tensor], closed: float) -> dict[str, float]:
     """
     if not contributions:
         return {}
-    total = sum(contributions.values())
+    parts = list(contributions.values())
+    total = sum(parts[1:], parts[0])
     norm2 = float((total * total).sum())
     if not norm2 > 0:
         return {name: 0.0 for name in contributions}
@@ -78,7 +87,7 @@ def _concat(parts: list[Any]) -> Any:
         return None
     if isinstance(first, dict):
         return {k: _concat([p[k] for p in parts]) for k in first}
-    if dataclasses.is_dataclass(first):
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
         return type(first)(**{f.name: _concat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)})
     return torch.cat(parts)
 
@@ -220,7 +229,7 @@ def build_report(
                          "or a NeuralCorrection to get a report.")
     problem = model.problem
     targets = result.trajectory  # the fit's targets: GD's iterates or their midpoint process
-    verdict = {"negligible": negligible, "outside": outside, "min_share": min_share}
+    verdict: _Verdict = {"negligible": negligible, "outside": outside, "min_share": min_share}
     if isinstance(corr, HiddenStateLibrary):
         return _hidden_state_report(result, max_windows, sharpness, verdict)
     idx = _spread(len(targets), max_states, targets.iterates.device)
@@ -233,7 +242,7 @@ def build_report(
     uncertainty = dict(getattr(result, "uncertainty", {}) or {})
     edge: dict[str, float] = {}  # baseline-gated term -> its coefficient below the edge
     if isinstance(corr, TermLibrary):
-        edge = {n: float(corr.gates[n].base.detach()) for n in corr.baseline}
+        edge = {n: float(corr.gate(n).base.detach()) for n in corr.baseline}
         term_of = {**{n: n for n in corr.terms}, **{_edge_label(n): n for n in edge}}  # row -> library term
 
         def rows_of(view: Inspection) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -341,7 +350,7 @@ def build_report(
     )
 
 
-def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, verdict: dict[str, float]) -> Report:
+def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, verdict: _Verdict) -> Report:
     """The report of a fit whose correction is a HiddenStateLibrary (shares: :mod:`neuralflow.report.hidden`)."""
     model = result.model
     flow = model.flow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import math
 import textwrap
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ class Report:
     residual: float | None = None
     source: str = "library"
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    contributions: dict[str, list[float]] = field(default_factory=dict)
+    contributions: Mapping[str, Sequence[float]] = field(default_factory=dict)
     negligible: float = 1e-8
     outside: float = 0.5
     min_share: float = 0.05
@@ -124,7 +125,9 @@ class Report:
             key = term.approximation.name if term.approximation is not None else id(term)
             groups.setdefault(key, []).append(term)
         ranked = [(rows[0].approximation, sum(t.share for t in rows), rows) for rows in groups.values()]
-        history = [(self.hidden_state.approximation, self.unexplained, [])] if self._history_dependent else []
+        history: list[tuple[Approximation | None, float, list[TermSummary]]] = []
+        if self.hidden_state is not None and self._history_dependent:
+            history.append((self.hidden_state.approximation, self.unexplained, []))
         return history + sorted(ranked, key=lambda r: -r[1])
 
     def _term_suggestions(self) -> list[str]:
@@ -185,7 +188,7 @@ class Report:
 
     # -------------------------------------------------------------------------------------- table rows
     def _rows(self) -> list[tuple[str, ...]]:
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for rank, t in enumerate(self.terms, 1):
             approx = t.approximation.name if t.approximation is not None else "-"
             rows.append((str(rank), t.label, percent(t.share), t.coefficient_text(), theory_text(t.theory), approx))
@@ -365,20 +368,20 @@ class Report:
             ax.legend(fontsize="small", loc="upper right")
             fig.set_layout_engine("constrained")
             figs["contributions"] = fig
-        gated = [t for t in self.terms if t.gate is not None]
+        gated = [(t, t.gate) for t in self.terms if t.gate is not None]
         if gated:
-            nf = max(len(t.gate.features) for t in gated)
+            nf = max(len(gate.features) for _, gate in gated)
             fig, axes = plt.subplots(len(gated), nf, figsize=(3.6 * nf, 2.8 * len(gated)), squeeze=False)
-            for row, t in zip(axes, gated, strict=True):
-                vals = np.asarray(t.gate.values)
-                fitted = self._formula_values(t.gate)
+            for row, (t, gate) in zip(axes, gated, strict=True):
+                vals = np.asarray(gate.values)
+                fitted = self._formula_values(gate)
                 # a row has an axis per feature of the gate with the most; the spare ones are switched off below
-                for ax, (fname, x) in zip(row, t.gate.features.items(), strict=False):
-                    x = np.asarray(x)
+                for ax, (fname, feature) in zip(row, gate.features.items(), strict=False):
+                    x = np.asarray(feature)
                     ax.plot(x, vals, ".", ms=3, label=f"c_{t.label} (fitted)")
-                    if fitted is not None:
+                    if fitted is not None and gate.formula is not None:
                         order = np.argsort(x)
-                        label = f"{t.gate.formula.text()} ({percent(t.gate.formula.explained)})"
+                        label = f"{gate.formula.text()} ({percent(gate.formula.explained)})"
                         ax.plot(x[order], fitted[order], "C3-", lw=1, label="\n".join(textwrap.wrap(label, 40)))
                     if t.theory is not None:
                         ax.axhline(t.theory, color="0.5", ls=":", lw=1, label="theory")
@@ -388,7 +391,7 @@ class Report:
                     ax.set_xlabel(_feature_text(fname))
                     ax.set_ylabel(f"c_{t.label}")
                     ax.legend(fontsize="x-small", loc="upper right")
-                for ax in row[len(t.gate.features):]:
+                for ax in row[len(gate.features):]:
                     ax.axis("off")
             fig.set_layout_engine("constrained")
             figs["gates"] = fig
