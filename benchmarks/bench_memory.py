@@ -15,13 +15,14 @@ Plain script: prints a table and writes JSON (default benchmarks/results/memory.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import resource
 import time
 from pathlib import Path
 
 import torch
+
+from neuralflow.provenance import write_json
 
 
 def _worker(dim: int, steps: int, store_every: int, eig_every: int, queue) -> None:
@@ -72,9 +73,8 @@ def main() -> None:
               f"{r['seconds']:>7.1f}")
     per_iterate = (rows[0]["peak_mb"] - rows[-1]["peak_mb"]) / (rows[0]["stored"] - rows[-1]["stored"])
     print(f"marginal cost of one stored iterate: {per_iterate:.2f} MB (8 d bytes = {8 * args.dim / 2**20:.2f} MB)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "marginal_mb_per_stored_iterate": per_iterate}, indent=1))
+    out = write_json(args.out, {"rows": rows, "marginal_mb_per_stored_iterate": per_iterate}, dtype=torch.float64,
+                     indent=1)
     print(f"wrote {out}")
 
 

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from neuralflow.provenance import write_json
+
 HERE = Path(__file__).resolve().parent
 PATHS = {
     "default": {},
@@ -47,8 +49,8 @@ def main() -> None:
         print(f"{name:<11} ({r['capability']}): onset {r['onset']}, verdict {r['verdict']}, closed "
               f"{100 * r['closed']:.1f} percent, " + ", ".join(f"{k} {v:+.4g}" for k, v in r["coefficients"].items()))
         print(f"            top suggestion: {r['top suggestion'][:150]}")
-    (HERE / "results" / "kernel_paths.json").write_text(json.dumps(rows, indent=2))
-    print(f"wrote {HERE / 'results' / 'kernel_paths.json'}")
+    # the runs' own thread count is 1 (OMP_NUM_THREADS above); the stamp's is this process's
+    print(f"wrote {write_json(HERE / 'results' / 'kernel_paths.json', rows)}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Prints a table, writes ``benchmarks/results/oscillation_<setup>.json`` and ``osc
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -43,6 +42,7 @@ import neuralflow as nf  # noqa: E402
 from neuralflow.autodiff import gradient, top_eigenpairs  # noqa: E402
 from neuralflow.flows import CentralFlow, OscillationFlow, simulate  # noqa: E402
 from neuralflow.oscillation import first_established  # noqa: E402
+from neuralflow.provenance import write_json  # noqa: E402
 
 SETUPS = {
     "small": {"n": 500, "widths": (32, 32), "lr": 0.15, "steps": 1000, "start": 150},
@@ -368,8 +368,7 @@ def main() -> None:
         if args.stage != "all":
             continue
         print(table(res), flush=True)
-        out = Path(args.out_dir) / f"oscillation_{name}.json"
-        out.write_text(json.dumps(res, indent=1))
+        out = write_json(Path(args.out_dir) / f"oscillation_{name}.json", res, indent=1)
         print(f"wrote {out}", flush=True)
 
 

@@ -31,6 +31,7 @@ import neuralflow as nf
 from neuralflow import _io, checkpoint
 from neuralflow.corrections import TermLibrary
 from neuralflow.errors import NeuralflowError
+from neuralflow.provenance import write_json
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
@@ -309,8 +310,7 @@ def main() -> None:
     for category, counts in table.items():
         print(f"{category:<62}{sum(counts.values()):>9}" + "".join(f"{counts.get(c, 0):>21}" for c in columns))
     print(f"({time.perf_counter() - t0:.0f} s)")
-    out = HERE / "results" / "reliability.json"
-    out.write_text(json.dumps({k: dict(v) for k, v in table.items()}, indent=2))
+    out = write_json(HERE / "results" / "reliability.json", {k: dict(v) for k, v in table.items()})
     print(f"wrote {out}")
 
 

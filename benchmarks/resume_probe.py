@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import neuralflow as nf
+from neuralflow.provenance import write_json
 
 HERE = Path(__file__).resolve().parent
 SETUP = {"n": 500, "widths": (32, 32), "lr": 0.15}
@@ -108,8 +109,7 @@ def main() -> None:
     print(f"resumed run identical bit for bit to the uninterrupted one: {same}")
     print(f"temporary files left: {leftovers}")
     print(f"uninterrupted {t_ref:.0f} s; the resumed part {t_resume:.0f} s")
-    out = HERE / "results" / "resume.json"
-    out.write_text(json.dumps(result, indent=2))
+    out = write_json(HERE / "results" / "resume.json", result)
     print(f"wrote {out}")
     if not same:
         sys.exit(1)

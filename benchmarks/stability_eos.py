@@ -11,7 +11,6 @@ Prints the table and writes ``results/stability_eos.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 import neuralflow as nf
 from neuralflow.demo import DEFAULT
+from neuralflow.provenance import write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,9 +46,8 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     print(f"EoS demo fit (steps {lo}..{hi}, onset {onset}); {seconds:.0f} s for {args.replicates} re-fits")
     print(st)
-    out = HERE / "results" / "stability_eos.json"
-    out.write_text(json.dumps({**asdict(st), "seconds": round(seconds, 1), "span": [lo, hi], "onset": onset},
-                              indent=2))
+    out = write_json(HERE / "results" / "stability_eos.json",
+                     {**asdict(st), "seconds": round(seconds, 1), "span": [lo, hi], "onset": onset})
     print(f"wrote {out}")
 
 

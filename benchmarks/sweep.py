@@ -16,13 +16,13 @@ Plain script: prints a table and writes JSON (default benchmarks/results/sweep.j
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from neuralflow.provenance import write_json
 from neuralflow.sweep import TIMING_COLUMNS, grid, law_figure, sweep
 
 
@@ -80,13 +80,13 @@ def main(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     law_figure(serial).savefig(out.with_name("sweep_law.png"), dpi=120)
     serial.to_csv(out.with_name("sweep_table.csv"), index=False)
-    out.write_text(json.dumps({
+    write_json(out, {
         "runs": len(serial), "steps": args.steps, "engines": results,
         "per_run_seconds": {"median": float(per_run.median()), "min": float(per_run.min()),
                             "max": float(per_run.max())},
         "law": {str(lr): {"eos_onset": float(g["eos_onset"].mean()), "plateau_ratio": float(g["plateau_ratio"].mean()),
                           "plateau_ratio_std": float(g["plateau_ratio"].std())} for lr, g in serial.groupby("lr")},
-    }, indent=1))
+    }, indent=1)
     print(f"wrote {out}, {out.with_name('sweep_law.png')}, {out.with_name('sweep_table.csv')}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 from pathlib import Path
@@ -65,3 +66,27 @@ def test_json_results_carry_provenance(tmp_path):
     path = provenance.write_json(tmp_path / "r.json", {"x": 1})
     data = json.loads(path.read_text())
     assert data["x"] == 1 and set(data["provenance"]) == KEYS
+
+
+def _unstamped_json_writes(source: str) -> list[int]:
+    """Lines that write JSON past :func:`provenance.write_json`: ``json.dump``, ``.write_text(json.dumps(...))``."""
+    def is_json(node: ast.AST, name: str) -> bool:
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "json")
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if is_json(node, "dump"):
+            lines.append(node.lineno)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "write_text"
+              and node.args and is_json(node.args[0], "dumps")):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_every_benchmark_stamps_its_json_results():
+    benchmarks = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+    assert benchmarks
+    unstamped = {path.name: lines for path in benchmarks if (lines := _unstamped_json_writes(path.read_text()))}
+    assert not unstamped, f"JSON written without provenance.write_json (commit, versions, threads): {unstamped}"
+    assert _unstamped_json_writes("import json\nout.write_text(json.dumps({}))\n") == [2]  # the check sees one
