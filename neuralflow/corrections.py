@@ -23,6 +23,7 @@ share their derivatives (``g`` and ``H g`` are computed once).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -559,13 +560,18 @@ class TermLibrary(Correction):
 
     @property
     def inspected_features(self) -> list[str]:
-        """The gates' inputs then the amplitude features (each once): the columns of :meth:`features`."""
+        """The gates' inputs then the amplitude features (each once): the columns of :meth:`feature_values`."""
         return list(dict.fromkeys([*self.feature_names, *self.amplitude_names]))
 
-    def features(self, thetas: Tensor) -> Tensor:
+    def feature_values(self, thetas: Tensor) -> Tensor:
         """The scalar state features ``(B, F)`` in the order of :attr:`inspected_features`, detached."""
         ctx = self._context(thetas)
         return _feature_matrix(ctx, self.inspected_features).detach()
+
+    def features(self, thetas: Tensor) -> Tensor:
+        """The old name of :meth:`feature_values` (deprecated: ``features`` is the constructor's list of names)."""
+        warnings.warn("TermLibrary.features(thetas) is now feature_values(thetas).", DeprecationWarning, stacklevel=2)
+        return self.feature_values(thetas)
 
     def config(self) -> dict[str, Any]:
         return {
