@@ -71,6 +71,7 @@ def test_renamed_keywords_keep_their_old_names_with_a_warning():
     with pytest.warns(DeprecationWarning, match="method= is now solver="):
         old = nf.simulate(flow, p.theta0, t, method="euler", step_size=0.5)
     assert torch.equal(new, old)
+    assert torch.equal(new, nf.simulate(flow, p.theta0, t, solver=nf.Solver("euler", 0.5)))
     assert not torch.equal(new, nf.simulate(flow, p.theta0, t, solver="euler", step_size=1.0))
     with pytest.raises(nf.InputError, match="pass solver= only"):
         nf.simulate(flow, p.theta0, t, solver="euler", method="rk4")
