@@ -60,8 +60,9 @@ def test_a_new_term_and_feature_reach_the_report_from_their_registry_entries(mon
     edge = FEATURES["lr_S"]
     monkeypatch.setitem(FEATURES, "half_lr_S", FeatureSpec("half_lr_S", "lr S / 2", r"\eta S/2", 1.0, edge.value))
     gate = Gate({"half_lr_S": (0.5, 1.5)}, (0.0, 1.0), None)
-    report = Report("p", 0.1, "central", 1.0, 0.5, [TermSummary("Hg3", 0.6, -0.5), TermSummary("Hg", 0.2, 0.1,
-                                                                                                   gate=gate)])
+    report = Report(
+        "p", 0.1, "central", 1.0, 0.5, [TermSummary("Hg3", 0.6, -0.5), TermSummary("Hg", 0.2, 0.1, gate=gate)]
+    )
     equation = report.equation()
     assert r"\eta^{2}\,H^{3} g" in equation and r"\eta S/2" in equation
     assert equation.startswith(r"\frac{d\theta}{dt}=" + flows.CentralFlow.latex)
@@ -84,8 +85,14 @@ def test_every_approximation_lives_in_one_home():
     from neuralflow.flows.oscillation import ISOTROPIC_INJECTION
 
     assert OldApproximation is Approximation
-    for record in (EFFECTIVE_STEP_SIZE, NO_OSCILLATION_CRITICAL, SLAVED_TOP_DIRECTION, SECOND_ORDER_OSCILLATION,
-                   CONTINUOUS_TIME_1, ISOTROPIC_INJECTION):
+    for record in (
+        EFFECTIVE_STEP_SIZE,
+        NO_OSCILLATION_CRITICAL,
+        SLAVED_TOP_DIRECTION,
+        SECOND_ORDER_OSCILLATION,
+        CONTINUOUS_TIME_1,
+        ISOTROPIC_INJECTION,
+    ):
         assert APPROXIMATIONS[record.name] is record
 
 
