@@ -73,7 +73,7 @@ def central_window_errors(flow: CentralFlow, win_steps: torch.Tensor, smoothed: 
     out = []
     for s in win_steps.tolist():
         try:
-            sol = nf.simulate(flow, smoothed[s], t, method="euler", step_size=STEP)
+            sol = nf.simulate(flow, smoothed[s], t, solver="euler", step_size=STEP)
         except nf.InputError:
             out.append(math.nan)
             continue
@@ -137,7 +137,7 @@ def main() -> None:
     for name, flow in (("gradient", GradientFlow(p, LR)), ("central", central), ("hybrid", model),
                        ("constants_only", ablation)):
         t0 = time.perf_counter()
-        states_of[name] = nf.simulate(flow, p.theta0, t, method="euler", step_size=STEP)[1:]
+        states_of[name] = nf.simulate(flow, p.theta0, t, solver="euler", step_size=STEP)[1:]
         sec = time.perf_counter() - t0
         rollouts[name] = rollout_stats(name, states_of[name], smoothed, p, probes, sec)
         print(f"rollout {name}: mean distance {rollouts[name]['mean_distance']:.4f} ({sec:.0f} s)")
@@ -236,7 +236,7 @@ def main() -> None:
     print(f"\nrollout: hybrid {ratio:.2f}x closer than GradientFlow (target >= 2)")
     print("\ncoefficients over time (step, lr S - 2 of the smoothed state, fitted gradS, gradScrit; -sigma^2/2 of "
           "CentralFlow on its rollout (top, mean); -sigma^2/2 measured on GD; n critical):")
-    inspected = lib.features(smoothed[coef_steps])
+    inspected = lib.feature_values(smoothed[coef_steps])
     feats = inspected[:, lib.inspected_features.index("lr_S_minus_2")]
     for i in range(0, len(coef_steps), max(1, len(coef_steps) // 14)):
         print(f"  {int(coef_steps[i]):4d} {float(feats[i]):+.3f} {float(coeffs['gradS'][i]):+.3e} "

@@ -94,7 +94,7 @@ def main() -> None:
     t0 = time.perf_counter()
     t = torch.arange(len(traj.smoothed()) + 1, dtype=p.dtype)
     try:
-        states = nf.simulate(gradient.model, p.theta0, t, method="euler", step_size=0.5)
+        states = nf.simulate(gradient.model, p.theta0, t, solver="euler", step_size=0.5)
         rollout = {"blew_up": None, "final_distance": float((states[-1] - traj.smoothed().iterates[-1]).norm())}
     except nf.DivergenceError as err:
         rollout = {"blew_up": str(err)}

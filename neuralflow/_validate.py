@@ -14,6 +14,7 @@ allocate gigabytes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,19 @@ def check_positive_finite(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise InputError(f"{name} must be a positive finite number, got {value!r}.")
     return float(value)
+
+
+def renamed(new: Any, old: Any, names: str, where: str, default: Any = None) -> Any:
+    """The value of a keyword renamed ``"old -> new"`` (``names``): the old name still works, with a
+    :class:`DeprecationWarning`; both at once (the new one away from its ``default``) is an :class:`InputError`."""
+    if old is None:
+        return new
+    before, after = names.split(" -> ")
+    if new is not None and new != default:
+        raise InputError(f"{where}: pass {after}= only ({before}= is its old name).")
+    warnings.warn(f"{where}: {before}= is now {after}= (the old name will go in a later release).",
+                  DeprecationWarning, stacklevel=3)
+    return old
 
 
 def check_max_params(max_params: int | None) -> int | None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._display import data_frame, html_table
+from ._validate import renamed
 from .autodiff import top_eigenpairs
 from .errors import InputError
 from .flows.base import Flow
@@ -61,7 +62,7 @@ class Comparison:
     records: list[FlowRecord]
     gd_sharpness: Tensor
     gd_loss_avg: Tensor
-    window: int
+    half_width: int
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -107,7 +108,7 @@ class Comparison:
             f"flows against GD on {tr.problem.get('name', 'problem')} (lr = {tr.lr:g}, steps "
             f"{int(tr.steps[0])}..{int(tr.steps[-1])}); distances are Euclidean in parameter space, means over "
             f"the stored steps; errors relative. avg loss: predicted time-averaged loss vs GD's loss averaged "
-            f"over +-{self.window} steps.\n"
+            f"over +-{self.half_width} steps.\n"
         )
         heads = ["flow", "dist GD", "dist smoothed", "final dist", "loss err", "avg loss err", "sharp err",
                  "osc. established", "time s"]
@@ -143,13 +144,18 @@ class Comparison:
         """One row per flow (the numbers of :meth:`__str__`), indexed by flow name, as a pandas DataFrame."""
         return data_frame([{c: row[c] for c in self._COLUMNS} for row in self.rows]).set_index("flow")
 
+    @property
+    def window(self) -> int:
+        """The old name of :attr:`half_width` (deprecated)."""
+        return self.half_width
+
     def to_dict(self) -> dict[str, Any]:
         tr = self.trajectory
         return {
             "problem": tr.problem,
             "lr": tr.lr,
             "steps": [int(tr.steps[0]), int(tr.steps[-1])],
-            "window": self.window,
+            "half_width": self.half_width,
             "gd_established": self.gd_established,
             "flows": self.rows,
         }
@@ -179,7 +185,7 @@ class Comparison:
             osc = tr.oscillation
             ax_v.semilogy(osc.steps.cpu().numpy(), osc.variance.cpu().numpy(), color="k", lw=0.8, label="GD, measured")
         ax_l.semilogy(steps, tr.loss.cpu().numpy(), color="0.7", lw=0.8, label="GD")
-        ax_l.semilogy(steps, self.gd_loss_avg.cpu().numpy(), color="k", lw=1, label=f"GD, +-{self.window} avg")
+        ax_l.semilogy(steps, self.gd_loss_avg.cpu().numpy(), color="k", lw=1, label=f"GD, +-{self.half_width} avg")
         probe_steps = steps[self.records[0].probe.cpu().numpy()] if self.records else steps[:0]
         ax_s.plot(probe_steps, self.gd_sharpness.cpu().numpy(), "k.", ms=3, label="GD")
         for r in self.records:
@@ -209,11 +215,11 @@ class Comparison:
         return fig
 
 
-def _window_average(x: Tensor, window: int) -> Tensor:
-    """Centred moving average over ``+-window`` entries, truncated at the ends."""
+def _moving_average(x: Tensor, half_width: int) -> Tensor:
+    """Centred moving average over ``+-half_width`` entries, truncated at the ends."""
     c = torch.cat([x.new_zeros(1), torch.cumsum(x, 0)])
     idx = torch.arange(len(x), device=x.device)
-    lo, hi = (idx - window).clamp(min=0), (idx + window + 1).clamp(max=len(x))
+    lo, hi = (idx - half_width).clamp(min=0), (idx + half_width + 1).clamp(max=len(x))
     return (c[hi] - c[lo]) / (hi - lo)
 
 
@@ -222,13 +228,15 @@ def compare(
     *flows: Flow,
     problem: Problem | None = None,
     steps: int | None = None,
-    window: int = 10,
+    half_width: int = 10,
     n_probe: int = 50,
     progress: bool = False,
-    method: str | None = None,
+    solver: str | None = None,
     step_size: float | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    window: int | None = None,
+    method: str | None = None,
 ) -> Comparison:
     """Simulate each flow from the trajectory's first iterate and compare it with GD.
 
@@ -237,11 +245,15 @@ def compare(
     for a dense recording, to the smoothed iterates (interior steps); relative loss error; at
     ``n_probe`` evenly spaced stored steps the sharpness (LOBPCG, warm-started) against GD's, and the
     predicted time-averaged loss (``CentralFlow.predicted_loss``, ``OscillationFlow``'s ``L + 1/2 <H, Sigma>``;
-    the loss itself for other flows) against GD's loss averaged over ``+-window`` steps. A flow with extra
+    the loss itself for other flows) against GD's loss averaged over ``+-half_width`` steps. A flow with extra
     state starts it from the trajectory (``flow.initial_extra``); the oscillation flow's predicted variance
-    and the step at which its oscillation becomes established are reported beside GD's. ``method``,
-    ``step_size``, ``rtol`` and ``atol`` go to :func:`simulate` for every flow (default: each flow's own solver).
+    and the step at which its oscillation becomes established are reported beside GD's. ``solver``
+    (a torchdiffeq method), ``step_size``, ``rtol`` and ``atol`` go to :func:`simulate` for every flow (default:
+    each flow's own solver). ``window=`` and ``method=`` are the old names of ``half_width=`` and ``solver=``
+    (deprecated: a fit's ``window`` is its shooting window and its ``method`` the gradient method).
     """
+    half_width = renamed(half_width, window, "window -> half_width", "compare", default=10)
+    solver = renamed(solver, method, "method -> solver", "compare")
     if not flows:
         raise InputError("compare: pass at least one flow, e.g. compare(traj, GradientFlow(problem, traj.lr)).")
     if problem is None:
@@ -261,10 +273,10 @@ def compare(
     dense = tr.store_every == 1 and len(tr) >= 3
     smooth = tr.smoothed().iterates if dense else None
     if tr.history:
-        full = _window_average(tr.history["loss"], window)
+        full = _moving_average(tr.history["loss"], half_width)
         gd_loss_avg = full[tr.steps - int(tr.history["step"][0])]
     else:
-        gd_loss_avg = _window_average(tr.loss, max(1, window // tr.store_every))
+        gd_loss_avg = _moving_average(tr.loss, max(1, half_width // tr.store_every))
     probe = torch.unique(torch.linspace(0, len(tr) - 1, min(n_probe, len(tr))).round().long()).to(gd.device)
 
     def sharpness(states: Tensor) -> Tensor:
@@ -280,7 +292,7 @@ def compare(
     for f in flows:
         start = time.perf_counter()
         extra0 = None if f.extra_state is None else f.initial_extra(gd[0], tr)
-        states, extras = simulate(f, gd[0], tr.times, method, step_size, rtol, atol, progress=progress,
+        states, extras = simulate(f, gd[0], tr.times, solver, step_size, rtol, atol, progress=progress,
                                   extra0=extra0, return_extra=True)
         seconds = time.perf_counter() - start
         with torch.no_grad():
@@ -313,4 +325,4 @@ def compare(
                 variance=variance,
             )
         )
-    return Comparison(tr, records, gd_sharp, gd_loss_avg, window)
+    return Comparison(tr, records, gd_sharp, gd_loss_avg, half_width)

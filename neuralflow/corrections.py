@@ -23,6 +23,7 @@ share their derivatives (``g`` and ``H g`` are computed once).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,16 +35,25 @@ from torch import Tensor
 from .autodiff import StateDerivatives, top_eigenpairs
 from .errors import InputError
 from .flows import FLOWS
-from .flows.base import Approximation, ExtraState, Flow
-from .flows.central import SECOND_ORDER_OSCILLATION
-from .flows.gradient import CONTINUOUS_TIME_1, NO_OSCILLATION
-from .flows.modified import CONTINUOUS_TIME_2
-from .flows.oscillation import ISOTROPIC_INJECTION, LINEAR_FLOQUET_GROWTH
+from .flows.approximations import (
+    CONTINUOUS_TIME_1,
+    CONTINUOUS_TIME_2,
+    EFFECTIVE_STEP_SIZE,
+    ISOTROPIC_INJECTION,
+    LINEAR_FLOQUET_GROWTH,
+    NO_OSCILLATION,
+    NO_OSCILLATION_CRITICAL,
+    SECOND_ORDER_OSCILLATION,
+    SLAVED_TOP_DIRECTION,
+    Approximation,
+)
+from .flows.base import ExtraState, Flow
 from .problems import Problem
 
 __all__ = [
     "TermSpec",
     "TERMS",
+    "FeatureSpec",
     "FEATURES",
     "Correction",
     "TermLibrary",
@@ -58,31 +68,6 @@ __all__ = [
     "NO_OSCILLATION_CRITICAL",
     "SLAVED_TOP_DIRECTION",
 ]
-
-EFFECTIVE_STEP_SIZE = Approximation(
-    name="effective-step-size",
-    statement="The drift along -g proceeds at exactly the nominal step size lr.",
-    exact_when="always for GD's own update; broken by averaging or rescaled dynamics",
-    revised_by=("g",),
-    reference="Cohen, Kaur, Li, Kolter, Talwalkar, ICLR 2021 (step size as the only time scale)",
-)
-
-NO_OSCILLATION_CRITICAL = Approximation(
-    name="no-oscillation-critical-subspace",
-    statement="The iterates do not oscillate in the subspace of critical Hessian eigenvectors (eigenvalues "
-    ">= 1.95/lr), so the drift -(1/2) lr grad <H, Sigma> is absent.",
-    exact_when="sharpness below 2/lr; several eigenvalues at 2/lr break it together",
-    revised_by=("gradScrit",),
-    reference=NO_OSCILLATION.reference,
-)
-
-SLAVED_TOP_DIRECTION = Approximation(
-    name="slaved-top-direction",
-    statement="The motion along the top Hessian eigenvector is slaved to the gradient, with no dynamics of its own.",
-    exact_when="far below the edge of stability",
-    revised_by=("u_ug",),
-    reference="Damian, Nichani, Lee, Self-Stabilization, ICLR 2023",
-)
 
 
 class _Factory(TypedDict):
@@ -190,12 +175,13 @@ class _Context:
 
 @dataclass(frozen=True)
 class TermSpec:
-    """One candidate correction field ``lr^power * field(theta)`` (an entry of :data:`TERMS`).
+    r"""One candidate correction field ``lr^power * field(theta)`` (an entry of :data:`TERMS`).
 
     ``theory`` is the coefficient GD has in front of it (None where it depends on the problem);
     ``approximation`` is what a non-zero fitted coefficient says to revise; ``formula`` the field
-    as a researcher writes it; ``unit_field`` computes ``field`` (without the power of ``lr``)
-    from the shared derivatives of one evaluation.
+    as a researcher writes it in plain text and ``latex`` in LaTeX math (``\eta`` for ``lr``; the report's
+    corrected ODE, parsed by matplotlib's mathtext too); ``unit_field`` computes ``field`` (without the power of
+    ``lr``) from the shared derivatives of one evaluation.
     """
 
     name: str
@@ -203,6 +189,7 @@ class TermSpec:
     theory: float | None
     approximation: Approximation
     formula: str
+    latex: str
     unit_field: Callable[[_Context], Tensor]
 
     def __call__(self, ctx: _Context) -> Tensor:
@@ -222,27 +209,51 @@ class TermSpec:
 TERMS: dict[str, TermSpec] = {
     spec.name: spec
     for spec in (
-        TermSpec("g", 1, 0.0, EFFECTIVE_STEP_SIZE, "lr g", lambda c: c.g),
-        TermSpec("Hg", 2, -1 / 2, CONTINUOUS_TIME_1, "lr^2 H g", lambda c: c.Hg),
-        TermSpec("H2g", 3, -1 / 3, CONTINUOUS_TIME_2, "lr^3 H^2 g", lambda c: c.H2g),
-        TermSpec("D3gg", 3, -1 / 12, CONTINUOUS_TIME_2, "lr^3 D3L[g, g]", lambda c: c.D3gg),
-        TermSpec("gradS", 1, None, NO_OSCILLATION, "lr grad S", lambda c: c.gradS),
+        TermSpec("g", 1, 0.0, EFFECTIVE_STEP_SIZE, "lr g", r"\eta\,g", lambda c: c.g),
+        TermSpec("Hg", 2, -1 / 2, CONTINUOUS_TIME_1, "lr^2 H g", r"\eta^{2}\,H g", lambda c: c.Hg),
+        TermSpec("H2g", 3, -1 / 3, CONTINUOUS_TIME_2, "lr^3 H^2 g", r"\eta^{3}\,H^{2} g", lambda c: c.H2g),
+        TermSpec("D3gg", 3, -1 / 12, CONTINUOUS_TIME_2, "lr^3 D3L[g, g]", r"\eta^{3}\,D^{3}L[g,g]", lambda c: c.D3gg),
+        TermSpec("gradS", 1, None, NO_OSCILLATION, "lr grad S", r"\eta\,\nabla S", lambda c: c.gradS),
         TermSpec(
             "gradScrit", 1, None, NO_OSCILLATION_CRITICAL, "lr grad sum_{lambda_i >= 1.95/lr} lambda_i",
-            lambda c: c.gradScrit,
+            r"\eta\,\nabla\sum_{\lambda_i\geq 1.95/\eta}\lambda_i", lambda c: c.gradScrit,
         ),
-        TermSpec("u_ug", 1, None, SLAVED_TOP_DIRECTION, "lr (u . g) u", lambda c: c.u_ug),
+        TermSpec("u_ug", 1, None, SLAVED_TOP_DIRECTION, "lr (u . g) u", r"\eta\,(u\cdot g)\,u", lambda c: c.u_ug),
     )
 }
 """Candidate correction terms by name. Add a :class:`TermSpec` here to make a term available."""
 
-FEATURES: dict[str, Callable[[_Context], Tensor]] = {
-    "lr_S_minus_2": lambda c: c.owner.lr * c.S - 2,
-    "lr_S": lambda c: c.owner.lr * c.S,
-    "loss": lambda c: c.state.losses,
-    "sigma2": lambda c: c.sigma2,
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One scalar state feature ``x(theta)`` that gated coefficients and feature networks read (an entry of
+    :data:`FEATURES`).
+
+    ``text`` and ``latex`` write it (the report's gate formulas and axes); ``edge`` is the value where it crosses
+    the edge of stability, ``lr S = 2`` (the knot of the report's gate basis; None for a feature with no such
+    value); ``value`` computes it, ``(B,)``, from the shared derivatives of one evaluation.
+    """
+
+    name: str
+    text: str
+    latex: str
+    edge: float | None
+    value: Callable[[_Context], Tensor]
+
+    def __call__(self, ctx: _Context) -> Tensor:
+        """The feature on the context's states, ``(B,)``."""
+        return self.value(ctx)
+
+
+FEATURES: dict[str, FeatureSpec] = {
+    spec.name: spec
+    for spec in (
+        FeatureSpec("lr_S_minus_2", "lr S - 2", r"\eta S-2", 0.0, lambda c: c.owner.lr * c.S - 2),
+        FeatureSpec("lr_S", "lr S", r"\eta S", 2.0, lambda c: c.owner.lr * c.S),
+        FeatureSpec("loss", "L", "L", None, lambda c: c.state.losses),
+        FeatureSpec("sigma2", "sigma^2", r"\sigma^{2}", None, lambda c: c.sigma2),
+    )
 }
-"""Scalar state features ``(B,)`` that gated coefficients and feature networks read."""
+"""Scalar state features by name. Add a :class:`FeatureSpec` here to make a feature available."""
 
 
 def _feature_matrix(ctx: _Context, names: Sequence[str]) -> Tensor:
@@ -568,13 +579,18 @@ class TermLibrary(Correction):
 
     @property
     def inspected_features(self) -> list[str]:
-        """The gates' inputs then the amplitude features (each once): the columns of :meth:`features`."""
+        """The gates' inputs then the amplitude features (each once): the columns of :meth:`feature_values`."""
         return list(dict.fromkeys([*self.feature_names, *self.amplitude_names]))
 
-    def features(self, thetas: Tensor) -> Tensor:
+    def feature_values(self, thetas: Tensor) -> Tensor:
         """The scalar state features ``(B, F)`` in the order of :attr:`inspected_features`, detached."""
         ctx = self._context(thetas)
         return _feature_matrix(ctx, self.inspected_features).detach()
+
+    def features(self, thetas: Tensor) -> Tensor:
+        """The old name of :meth:`feature_values` (deprecated: ``features`` is the constructor's list of names)."""
+        warnings.warn("TermLibrary.features(thetas) is now feature_values(thetas).", DeprecationWarning, stacklevel=2)
+        return self.feature_values(thetas)
 
     def config(self) -> dict[str, Any]:
         return {

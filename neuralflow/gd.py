@@ -48,7 +48,7 @@ def run_gd(
     eig_every: int = 1,
     n_eigs: int = 1,
     store_every: int = 1,
-    progress: bool = True,
+    progress: bool = False,
     eig_tol: float = 5e-3,
     theta0: torch.Tensor | None = None,
     eig_retries: int = 2,
@@ -86,6 +86,8 @@ def run_gd(
     step and the last finite sharpness; ``error.partial`` is the trajectory up to that point.
     Ctrl-C (KeyboardInterrupt) raises :class:`~neuralflow.errors.Interrupted`, whose ``partial`` is
     the trajectory so far (and whose ``checkpoint`` is the file written, with ``resume``).
+
+    Quiet by default; ``progress=True`` shows a tqdm bar (the command line and the demo do).
     """
     lr = check_lr(lr)
     eig_tol = check_positive_finite(eig_tol, "eig_tol")

@@ -71,9 +71,9 @@ HELP: dict[str, str] = {
     "loss": "Loss of a module problem: mse (0.5 ||f(x) - y||^2) or ce (cross-entropy).",
     # compare
     "compare.steps": "Compare up to this step (default: the whole run).",
-    "compare.window": "GD's loss is averaged over +-this many steps to compare with a predicted time-average.",
+    "compare.half_width": "GD's loss is averaged over +-this many steps to compare with a predicted time-average.",
     "compare.n_probe": "Number of evenly spaced stored steps at which sharpness is compared.",
-    "compare.method": "torchdiffeq method for every flow (default: each flow's own; the central flow's is euler).",
+    "compare.solver": "torchdiffeq method for every flow (default: each flow's own; the central flow's is euler).",
     "compare.step_size": "Fixed-grid solver step, in steps (default: the flow's own).",
     "compare.rtol": "Adaptive solver relative tolerance (default: 1e-7).",
     "compare.atol": "Adaptive solver absolute tolerance (default: 1e-9).",
@@ -172,6 +172,8 @@ API_ONLY: dict[str, str] = {
                      "line, any other start needs Python",
     "quadratic.A": "a matrix; build quadratic(A) in Python",
     "quadratic.theta0": "belongs to quadratic, which is Python-only",
+    "compare.window": "the old name of half_width (deprecated; a fit's window is its shooting window)",
+    "compare.method": "the old name of solver (deprecated; a fit's method is its gradient method)",
     "run_demo.settings": "a DemoSettings dataclass of the whole demo; the command line runs the built-in default "
                          "(--fast shrinks it), other settings need Python",
 }

@@ -544,7 +544,7 @@ def sweep(
     workers: int | None = None,
     address: str | None = None,
     threads: int = 1,
-    progress: bool = True,
+    progress: bool = False,
 ) -> Any:
     """Run every configuration (see the module docstring) as an independent task; return the table.
 
@@ -556,7 +556,8 @@ def sweep(
     ``final_distance.<flow>`` for compared flows, ``coef.<term>`` and ``se.<term>`` for a fit, wall
     times (:data:`TIMING_COLUMNS`), versions and the run's files (relative to ``out``). Runs already in
     ``out`` are read back, not run again. ``engine``: ``"local"`` (``workers`` processes), ``"ray"``
-    (``address``), or an :class:`Engine`; each task uses ``threads`` torch threads.
+    (``address``), or an :class:`Engine`; each task uses ``threads`` torch threads. Quiet by default;
+    ``progress=True`` shows a bar over the runs.
     """
     try:
         import pandas as pd

@@ -74,7 +74,7 @@ def test_sigma2_feature_is_the_self_stabilisation_variance(problem, states):
 
     def feature(p: nf.Problem, theta: torch.Tensor, lr: float) -> float:
         lib = TermLibrary(p, lr, ["gradScrit"], gated=True, amplitude=["sigma2"], max_critical=3)
-        return float(lib.features(theta[None])[0, lib.inspected_features.index("sigma2")])
+        return float(lib.feature_values(theta[None])[0, lib.inspected_features.index("sigma2")])
 
     quartic = nf.problems.zhu_quartic()  # sharpening at its start: -<g, grad S> = 47 > 0
     theta = states[0]
@@ -106,7 +106,7 @@ def test_library_forward_contributions_and_coefficients(problem, states):
     for name, c in zip(lib.terms, (-0.5, -1 / 3, -1 / 12), strict=True):
         assert torch.allclose(coeffs[name], torch.full((3,), c, dtype=torch.float64))
         assert torch.allclose(contrib[name], c * fields[name])
-    assert lib.features(states).shape == (3, 3)
+    assert lib.feature_values(states).shape == (3, 3)
     assert lib.feature_names == ["lr_S_minus_2", "lr_S", "loss"]
     # one state (d,) gives the first row of the batch
     assert torch.allclose(lib(torch.tensor(0.0), states[0]), out[0])

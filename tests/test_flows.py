@@ -310,7 +310,7 @@ def test_blow_up_and_non_finite_states_name_the_time():
     with pytest.raises(nf.DivergenceError, match=r"t = 1[0-9]\."):
         simulate(GradientFlow(p, 0.04), p.theta0, torch.tensor([0.0, 5.0, 20.0]))
     with pytest.raises(nf.DivergenceError, match="t = "):
-        simulate(GradientFlow(p, 0.04), p.theta0, torch.arange(0.0, 30.0), method="euler", step_size=1.0)
+        simulate(GradientFlow(p, 0.04), p.theta0, torch.arange(0.0, 30.0), solver="euler", step_size=1.0)
     with pytest.raises(nf.InputError, match="NaN or inf"):
         simulate(GradientFlow(p, 0.04), torch.tensor([math.nan], dtype=torch.float64), torch.tensor([0.0, 1.0]))
     with pytest.raises(nf.InputError, match="increasing"):

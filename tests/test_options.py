@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 
@@ -11,6 +12,7 @@ import torch
 import neuralflow as nf
 from neuralflow import options
 from neuralflow.cli import COMMON, build_parser, main, problem_builders, public_functions
+from neuralflow.errors import Interrupted
 from neuralflow.flows import FLOWS
 
 COMMANDS = ("run-gd", "compare", "fit", "report", "demo")
@@ -264,3 +266,35 @@ def test_a_users_module_from_a_file_runs_and_is_rebuilt_for_the_fit(tmp_path, ca
     assert "must return (module, (inputs, targets))" in capsys.readouterr().err
     assert main(["run-gd", "--problem", f"module:{tmp_path / 'nope.py'}:build", "--steps", "2"]) == 2
     assert "not a Python file" in capsys.readouterr().err
+
+
+#: The library's long loops: quiet unless asked (``progress=True``); the command line and the demo turn bars on.
+LONG_LOOPS = {"run_gd": nf.run_gd, "fit": nf.fit, "compare": nf.compare, "simulate": nf.simulate, "sweep": nf.sweep}
+
+
+@pytest.mark.parametrize("name", sorted(LONG_LOOPS))
+def test_library_functions_are_quiet_by_default(name):
+    assert inspect.signature(LONG_LOOPS[name]).parameters["progress"].default is False
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_command_line_shows_progress_bars_unless_quiet(monkeypatch, tmp_path, quiet):
+    from neuralflow import cli
+
+    seen = {}
+
+    @functools.wraps(nf.run_gd)  # the command line's options come from the signature
+    def record(problem, **kwargs):
+        seen.update(kwargs)
+        raise Interrupted("recorded", partial=None)
+
+    monkeypatch.setattr(cli, "run_gd", record)
+    argv = ["run-gd", "--problem", "zhu-quartic", "--steps", "3", "--out", str(tmp_path / "run.nft")]
+    main(argv + (["--quiet"] if quiet else []))
+    assert seen["progress"] is not quiet
+
+
+def test_the_demo_shows_progress_bars_by_default():
+    from neuralflow.demo import run_demo
+
+    assert inspect.signature(run_demo).parameters["progress"].default is True

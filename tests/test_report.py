@@ -220,10 +220,11 @@ def test_latex_parses_as_math(which):
 
 
 def test_every_physics_and_term_renders_as_math():
-    from neuralflow.report import PHYSICS_LATEX, TERM_LATEX
+    from neuralflow.corrections import TERMS
+    from neuralflow.flows import FLOWS
 
-    for physics in [*PHYSICS_LATEX, "some_new_flow"]:
-        terms = [TermSummary(t, 0.1, -1.234e-5, None, None, None) for t in [*TERM_LATEX, "new_term"]]
+    for physics in [*FLOWS, "some_new_flow"]:
+        terms = [TermSummary(t, 0.1, -1.234e-5, None, None, None) for t in [*TERMS, "new_term"]]
         _render_math(Report("p", 0.1, physics, 1.0, 0.5, terms).equation())
     gate = Gate({"lr_S": (1.0, 2.0), "my_feature": (0.0, 1.0)}, (0.0, 1.0), None)
     _render_math(Report("p", 0.1, "gradient", 1.0, 0.5, [TermSummary("gradS", 0.6, 0.5, gate=gate)]).equation())

@@ -48,7 +48,7 @@ def test_simulate_integrates_with_the_flows_preferred_solver():
     lr, grad = 0.1, GradientFlow(p, 0.1)
     exact = torch.exp(-lr * torch.tensor([1.0, 3.0], dtype=torch.float64) * 5) * p.theta0
     err = (nf.simulate(grad, p.theta0, torch.tensor([0.0, 5.0], dtype=torch.float64))[-1] - exact).norm()
-    euler = (nf.simulate(grad, p.theta0, torch.tensor([0.0, 5.0], dtype=torch.float64), method="euler",
+    euler = (nf.simulate(grad, p.theta0, torch.tensor([0.0, 5.0], dtype=torch.float64), solver="euler",
                          step_size=0.5)[-1] - exact).norm()
     assert err < 1e-6 * euler
 

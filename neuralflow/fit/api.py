@@ -80,7 +80,7 @@ def fit(
     step_size: float | None = None,
     rtol: float = 1e-7,
     atol: float = 1e-9,
-    progress: bool = True,
+    progress: bool = False,
     balance: bool = False,
     exclude: Sequence[tuple[int, int]] = (),
     resume: str | os.PathLike | None = None,
@@ -129,6 +129,8 @@ def fit(
     ``initial_extra`` at its first step (``extra_start="measured"``: the trajectory's measurement where it has
     one), or is fitted per window from there (``"fitted"``, with ``val_fraction=0``: a validation window's start
     would be fitted on it; these nuisance starts are not returned).
+
+    Quiet by default; ``progress=True`` shows the optimiser's tqdm bar (the command line and the demo do).
     """
     if isinstance(trajectory, (list, tuple)):  # several runs share one set of coefficients
         options = {k: v for k, v in locals().items() if k not in ("model", "trajectory")}

@@ -1,16 +1,19 @@
 """Physics: ODE models of GD derived from first principles (stage 3 of the pipeline).
 
-Each flow lists, as data, the approximations its derivation made (``flow.approximations``).
+Each flow lists, as data, the approximations its derivation made (``flow.approximations``; every record lives
+in :mod:`neuralflow.flows.approximations`), and writes its right-hand side in LaTeX (``Flow.latex``).
 Flows are registered by name in :data:`FLOWS` for the command line, checkpoints and reports:
 ``FLOWS[name](problem, lr, **options)`` builds one, and ``flow.config()`` holds the name and options.
 """
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from ..problems import Problem
 from ..trajectory import Trajectory
-from .base import Approximation, ExtraState, Flow
+from .approximations import APPROXIMATIONS, Approximation
+from .base import ExtraState, Flow
 from .central import CentralFlow, CriticalState, solve_sdcp
 from .gradient import GradientFlow
 from .modified import ModifiedFlow
@@ -28,17 +31,34 @@ FLOWS: dict[str, Callable[..., Flow]] = {
 }
 
 
+def _entry(name: str) -> tuple[type[Flow], dict[str, Any]]:
+    """The class and the fixed constructor options of the registered flow ``name``."""
+    entry = FLOWS[name]
+    flow_class, fixed = (entry.func, dict(entry.keywords)) if isinstance(entry, partial) else (entry, {})
+    if not (isinstance(flow_class, type) and issubclass(flow_class, Flow)):
+        raise TypeError(f"FLOWS[{name!r}] must be a Flow class, perhaps with options bound by functools.partial.")
+    return flow_class, fixed
+
+
 def for_run(name: str, problem: Problem, trajectory: Trajectory, **options: object) -> Flow:
     """``FLOWS[name]`` for a recorded run (:meth:`Flow.from_trajectory`): at its ``lr``, and for the oscillation
     flow with the run's injected noise as ``q``; ``options`` go to the constructor and win."""
-    entry = FLOWS[name]
-    flow_class, defaults = (entry.func, entry.keywords) if isinstance(entry, partial) else (entry, {})
-    assert isinstance(flow_class, type) and issubclass(flow_class, Flow)  # a flow class, perhaps with options bound
-    return flow_class.from_trajectory(problem, trajectory, **{**defaults, **options})
+    cls, fixed = _entry(name)
+    return cls.from_trajectory(problem, trajectory, **{**fixed, **options})
+
+
+def flow_latex(name: str) -> str | None:
+    """The right-hand side of the registered flow ``name`` in LaTeX (:attr:`Flow.latex`); None for a name that
+    is not in :data:`FLOWS`."""
+    if name not in FLOWS:
+        return None
+    cls, fixed = _entry(name)
+    return cls.latex_of(**fixed)
 
 
 __all__ = [
     "Approximation",
+    "APPROXIMATIONS",
     "Flow",
     "ExtraState",
     "OscillationFlow",
@@ -51,6 +71,7 @@ __all__ = [
     "simulate",
     "FLOWS",
     "for_run",
+    "flow_latex",
 ]
 
 

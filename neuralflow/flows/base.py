@@ -19,34 +19,9 @@ from torch import Tensor
 from ..autodiff import StateDerivatives
 from ..errors import InputError
 from ..problems import Problem, check_lr
+from .approximations import Approximation
 
 __all__ = ["Approximation", "ExtraState", "Flow"]
-
-
-@dataclass(frozen=True)
-class Approximation:
-    """One named approximation made in deriving a flow.
-
-    ``name`` is a slug; ``statement`` one sentence a researcher would write in a paper;
-    ``exact_when`` the order or regime in which it is exact; ``revised_by`` the names of the
-    candidate correction terms (:data:`~neuralflow.corrections.TERMS`) that would repair it; ``reference`` where
-    the derivation is written down.
-    """
-
-    name: str
-    statement: str
-    exact_when: str
-    revised_by: tuple[str, ...]
-    reference: str
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "statement": self.statement,
-            "exact_when": self.exact_when,
-            "revised_by": list(self.revised_by),
-            "reference": self.reference,
-        }
 
 
 @dataclass(frozen=True)
@@ -71,11 +46,13 @@ class ExtraState:
 class Flow(torch.nn.Module):
     """An ODE model of GD on ``problem`` with step size ``lr``, in step time.
 
-    Subclasses set ``name`` (the registry key) and ``approximations``, and implement
+    Subclasses set ``name`` (the registry key), ``latex`` and ``approximations``, and implement
     :meth:`vector_field` on a batch of states.
     """
 
     name: str = "flow"
+    #: The right-hand side ``dtheta/dt`` in LaTeX math, step time, ``\eta`` for ``lr`` (the report's corrected ODE).
+    latex: str = ""
     approximations: tuple[Approximation, ...] = ()
     extra_state: ExtraState | None = None
     differentiable: bool = True  # False: simulation only (no adjoint through the flow yet)
@@ -94,6 +71,12 @@ class Flow(torch.nn.Module):
         """The flow for a recorded run: at its ``lr``, with what else the flow takes from a run (its noise, for
         the oscillation flow); ``options`` go to the constructor and win."""
         return cls(problem, trajectory.lr, **options)
+
+    @classmethod
+    def latex_of(cls, **options: Any) -> str:
+        """:attr:`latex` of the flow the constructor ``options`` would build, without building one (the report
+        knows a flow by its registry name only)."""
+        return cls.latex
 
     def forward(self, t: Tensor, theta: Tensor) -> Tensor:
         self.problem.check_theta(theta, "state")

@@ -42,8 +42,14 @@ from torch import Tensor
 from ..autodiff import Curvature, StateDerivatives, top_eigenpairs
 from ..errors import InputError, NeuralflowError
 from ..problems import Problem
-from .base import Approximation, Flow
-from .gradient import CONTINUOUS_TIME_1
+from .approximations import (
+    CONTINUOUS_TIME_1,
+    CRITICAL_SUBSPACE,
+    QUASI_STATIC_OSCILLATION,
+    SECOND_ORDER_OSCILLATION,
+    SINGLE_CRITICAL,
+)
+from .base import Flow
 
 __all__ = [
     "CentralFlow",
@@ -56,48 +62,6 @@ __all__ = [
     "covariance_drift",
     "project_psd",
 ]
-
-_CDTKL = (
-    "Cohen, Damian, Talwalkar, Kolter, Lee, Understanding Optimization in Deep Learning with Central Flows, ICLR 2025"
-)
-
-QUASI_STATIC_OSCILLATION = Approximation(
-    name="quasi-static-oscillation",
-    statement="GD's oscillation across the valley is slaved to the slow motion: its covariance Sigma is set "
-    "instantly to the value that holds the critical eigenvalues at 2/lr, so the time-averaged iterate follows "
-    "-lr [g + 1/2 grad <H, Sigma>] with no transient (e.g. the growth of the oscillation at EoS onset).",
-    exact_when="after the EoS onset transient, when the oscillation is in equilibrium",
-    revised_by=("gradS", "gradScrit"),
-    reference=_CDTKL,
-)
-
-CRITICAL_SUBSPACE = Approximation(
-    name="critical-subspace",
-    statement="GD oscillates only along the Hessian eigenvectors whose eigenvalues are critical (at least "
-    "1.95/lr); the dynamics of every other eigendirection, including the slaved top-eigendirection motion, "
-    "is that of gradient flow.",
-    exact_when="a clear gap between the critical eigenvalues and the rest of the spectrum",
-    revised_by=("gradScrit", "u_ug"),
-    reference=_CDTKL,
-)
-
-SECOND_ORDER_OSCILLATION = Approximation(
-    name="second-order-oscillation",
-    statement="The effect of the oscillation on the time-averaged gradient is expanded to second order in its "
-    "amplitude (1/2 grad <H, Sigma>, a third-derivative term), dropping higher moments of the oscillation.",
-    exact_when="small oscillations (sigma^2 lambda small against the loss scale)",
-    revised_by=("gradS",),
-    reference=_CDTKL,
-)
-
-SINGLE_CRITICAL = Approximation(
-    name="single-critical-eigenvalue",
-    statement="Only the top Hessian eigenvalue can be critical: the oscillation is along the top eigenvector u "
-    "alone, Sigma = sigma^2 u u^T.",
-    exact_when="an isolated top eigenvalue (e.g. scalar-output nets)",
-    revised_by=("gradScrit",),
-    reference=_CDTKL,
-)
 
 
 def project_psd(X: Tensor) -> Tensor:
@@ -313,6 +277,7 @@ class CentralFlow(Flow):
     """
 
     name = "central"
+    latex = r"-\eta\left(g+\frac{1}{2}\sigma^{2}\nabla S\right)"
     solver = {"method": "euler", "options": {"step_size": 0.5}}
 
     def __init__(

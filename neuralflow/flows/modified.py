@@ -12,36 +12,18 @@ Implicit Gradient Regularization, ICLR 2021); the second-order term is not a gra
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from ..autodiff import StateDerivatives
 from ..errors import InputError
 from ..problems import Problem
-from .base import Approximation, Flow
-from .gradient import NO_OSCILLATION
+from .approximations import CONTINUOUS_TIME_2, CONTINUOUS_TIME_3, NO_OSCILLATION
+from .base import Flow
 
 __all__ = ["ModifiedFlow", "CONTINUOUS_TIME_2", "CONTINUOUS_TIME_3"]
-
-_HLW = "Hairer, Lubich, Wanner, Geometric Numerical Integration, ch. IX (modified equation of explicit Euler)"
-
-CONTINUOUS_TIME_2 = Approximation(
-    name="continuous-time-order-2",
-    statement="GD's discrete steps are replaced by their modified equation truncated after the first-order "
-    "term, dropping the second-order backward-error terms -lr^3 (1/3 H^2 g + 1/12 D3L[g, g]).",
-    exact_when="lr -> 0, to O(lr^3) per step",
-    revised_by=("H2g", "D3gg"),
-    reference=_HLW,
-)
-
-CONTINUOUS_TIME_3 = Approximation(
-    name="continuous-time-order-3",
-    statement="GD's discrete steps are replaced by their modified equation truncated after the second-order "
-    "terms, dropping every O(lr^4) backward-error term.",
-    exact_when="lr -> 0, to O(lr^4) per step",
-    revised_by=(),
-    reference=_HLW,
-)
 
 
 class ModifiedFlow(Flow):
@@ -56,6 +38,12 @@ class ModifiedFlow(Flow):
     """
 
     name = "modified"
+    #: The right-hand side in LaTeX by order.
+    LATEX = {
+        1: r"-\eta\,g-\frac{1}{2}\eta^{2}H g",
+        2: r"-\eta\,g-\frac{1}{2}\eta^{2}H g-\eta^{3}\left(\frac{1}{3}H^{2}g+\frac{1}{12}D^{3}L[g,g]\right)",
+    }
+    latex = LATEX[1]
 
     def __init__(self, problem: Problem, lr: float, order: int = 1) -> None:
         super().__init__(problem, lr)
@@ -72,8 +60,13 @@ class ModifiedFlow(Flow):
             )
         self.order = order
         self.name = f"modified{order}"
+        self.latex = self.latex_of(order=order)
         dropped = CONTINUOUS_TIME_2 if order == 1 else CONTINUOUS_TIME_3
         self.approximations = (dropped, NO_OSCILLATION)
+
+    @classmethod
+    def latex_of(cls, order: int = 1, **options: Any) -> str:
+        return cls.LATEX[order]
 
     def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
         lr, g = self.lr, state.g

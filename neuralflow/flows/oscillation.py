@@ -58,9 +58,16 @@ from ..errors import InputError
 from ..oscillation import roundoff_variance
 from ..problems import Problem
 from ..trajectory import Trajectory
-from .base import Approximation, ExtraState, Flow
-from .central import SECOND_ORDER_OSCILLATION, covariance_drift, project_psd
-from .gradient import CONTINUOUS_TIME_1
+from .approximations import (
+    ADIABATIC_EIGENVECTORS,
+    CONTINUOUS_TIME_1,
+    ISOTROPIC_INJECTION,
+    LINEAR_FLOQUET_GROWTH,
+    SECOND_ORDER_OSCILLATION,
+    TRACKED_SUBSPACE,
+)
+from .base import ExtraState, Flow
+from .central import covariance_drift, project_psd
 
 __all__ = [
     "OscillationFlow",
@@ -73,46 +80,6 @@ __all__ = [
 ]
 
 NEGLIGIBLE = 1e-12  # an oscillation mode below this share of the loss is left out of the drift
-
-_SCIENCE = ("Damian, Nichani, Lee, Self-Stabilization, ICLR 2023 (sec. 4); Cohen, Damian, Talwalkar, Kolter, Lee, "
-            "Central Flows, ICLR 2025; derived together in neuralflow's science notes, section 7")
-
-LINEAR_FLOQUET_GROWTH = Approximation(
-    name="linear-floquet-growth",
-    statement="The oscillation's variance along each tracked eigenvector grows or decays at the linearised rate "
-    "2 log|1 - lr lambda_i| per step, whatever its amplitude; a finite amplitude shifts the effective curvature "
-    "the oscillation feels (GD hovers a little above 2/lr at the edge of stability).",
-    exact_when="infinitesimal oscillations (quiet stretch, onset of a catapult)",
-    revised_by=("gradScrit",),
-    reference=_SCIENCE,
-)
-
-TRACKED_SUBSPACE = Approximation(
-    name="oscillation-in-tracked-subspace",
-    statement="GD's oscillation lies in the span of the tracked top-k Hessian eigenvectors; a direction outside "
-    "them carries no oscillation and one that leaves the tracked set is reset to its floor.",
-    exact_when="a gap between the tracked eigenvalues and the rest of the spectrum",
-    revised_by=("gradScrit", "u_ug"),
-    reference=_SCIENCE,
-)
-
-ADIABATIC_EIGENVECTORS = Approximation(
-    name="adiabatic-eigenvectors",
-    statement="The tracked eigenvectors turn slowly against the oscillation's period (two steps), so the "
-    "covariance is carried into the new eigenbasis by a rotation, with no transfer between directions.",
-    exact_when="eigenvectors that rotate little per step (no near-crossing with an untracked eigenvalue)",
-    revised_by=("u_ug",),
-    reference=_SCIENCE,
-)
-
-ISOTROPIC_INJECTION = Approximation(
-    name="isotropic-constant-injection",
-    statement="The variance that seeds the oscillation (injected noise, float round-off) is the same constant q "
-    "per step along every direction.",
-    exact_when="isotropic Gaussian noise of fixed size; round-off only on average",
-    revised_by=(),
-    reference=_SCIENCE,
-)
 
 OSCILLATION_COVARIANCE = ExtraState(
     name="oscillation-covariance",
@@ -191,6 +158,7 @@ class OscillationFlow(Flow):
     """
 
     name = "oscillation"
+    latex = r"-\eta\left(g+\frac{1}{2}\nabla\langle H,\Sigma\rangle\right)"
     differentiable = False
     solver = {"method": "euler", "options": {"step_size": 0.5}}
 

@@ -18,41 +18,10 @@ from torch import Tensor
 from ..autodiff import StateDerivatives, top_eigenpairs
 from ..errors import InputError
 from ..problems import Problem
-from .base import Approximation, Flow
+from .approximations import NO_THIRD_DERIVATIVES, REAL_PART, UNRESOLVED_GRADIENT_FLOW
+from .base import Flow
 
 __all__ = ["PrincipalFlow", "principal_rate", "NO_THIRD_DERIVATIVES", "REAL_PART", "UNRESOLVED_GRADIENT_FLOW"]
-
-_RWQD = (
-    "Rosca, Wu, Qin, Dherin, On a continuous time model of gradient descent dynamics and instability in deep "
-    "learning, TMLR 2023"
-)
-
-NO_THIRD_DERIVATIVES = Approximation(
-    name="no-third-derivatives",
-    statement="The loss is treated as locally quadratic (the Hessian does not change along a step), dropping "
-    "every third-derivative term of GD's modified equation, starting with -(1/12) lr^3 D3L[g, g].",
-    exact_when="quadratic losses (constant Hessian)",
-    revised_by=("D3gg",),
-    reference=_RWQD,
-)
-
-REAL_PART = Approximation(
-    name="real-part",
-    statement="Where lr lambda > 1, GD's per-step factor 1 - lr lambda is negative and its logarithm complex; "
-    "only the real part log|1 - lr lambda| is kept, dropping the period-2 flip along those eigenvectors.",
-    exact_when="lr lambda_max < 1",
-    revised_by=("gradS", "u_ug"),
-    reference=_RWQD,
-)
-
-UNRESOLVED_GRADIENT_FLOW = Approximation(
-    name="unresolved-directions-gradient-flow",
-    statement="Outside the top-k Hessian eigenspace the flow is gradient flow -lr g, dropping the backward-error "
-    "terms -(1/2) lr^2 H g, ... in the unresolved directions.",
-    exact_when="k = None (every direction resolved) or lr lambda small outside the top-k eigenspace",
-    revised_by=("Hg",),
-    reference=_RWQD,
-)
 
 _DENSE_LIMIT = 2000
 
@@ -88,6 +57,7 @@ class PrincipalFlow(Flow):
     """
 
     name = "principal"
+    latex = r"\sum_i\frac{\log(1-\eta\lambda_i)}{\lambda_i}(u_i\cdot g)\,u_i"
 
     def __init__(self, problem: Problem, lr: float, k: int | None = None, eig_tol: float = 1e-6) -> None:
         super().__init__(problem, lr)

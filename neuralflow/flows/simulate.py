@@ -13,6 +13,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
+from .._validate import renamed
 from ..errors import DivergenceError, InputError
 from ..solvers import Solver
 from .base import Flow
@@ -53,7 +54,7 @@ def simulate(
     flow: Flow,
     theta0: Tensor,
     t: Tensor,
-    method: str | None = None,
+    solver: str | Solver | None = None,
     step_size: float | None = None,
     rtol: float | None = None,
     atol: float | None = None,
@@ -61,6 +62,7 @@ def simulate(
     extra0: Tensor | None = None,
     return_extra: bool = False,
     reset: bool = True,
+    method: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor | None]:
     """Integrate ``dtheta/dt = flow(t, theta)`` from ``theta0`` at ``t[0]``; states at ``t``, shape ``(len(t), d)``.
 
@@ -71,9 +73,11 @@ def simulate(
     (None for a flow without extra state). ``reset=False`` keeps the flow's warm state (to resume a saved
     simulation, :func:`neuralflow.checkpoint.load_simulation`).
 
-    Times are step times (iterate ``k`` at ``t = k``), increasing. The solver defaults to the flow's
-    own choice (``flow.solver``: explicit Euler with 2 substeps per step for :class:`CentralFlow`)
-    or else ``dopri5`` with ``rtol=1e-7, atol=1e-9``; ``step_size`` sets a fixed-grid solver's step.
+    Times are step times (iterate ``k`` at ``t = k``), increasing. ``solver`` (a torchdiffeq method name such as
+    ``"euler"``, or a :class:`~neuralflow.solvers.Solver`) defaults to the flow's own choice (``flow.solver``:
+    explicit Euler with 2 substeps per step for :class:`CentralFlow`) or else ``dopri5`` with ``rtol=1e-7,
+    atol=1e-9``; ``step_size``, ``rtol`` and ``atol`` override its settings. ``method=`` is the old name of
+    ``solver=`` (deprecated: ``method`` is the fit's gradient method).
     Stateful flows are reset first. A non-finite state or velocity, or a step-size underflow, raises
     :class:`DivergenceError` naming the time reached.
     """
@@ -87,9 +91,10 @@ def simulate(
     t = torch.as_tensor(t, dtype=theta0.dtype, device=theta0.device)
     if t.dim() != 1 or len(t) < 2 or not bool((t.diff() > 0).all()):
         raise InputError("simulate: t must be a 1-D tensor of at least 2 strictly increasing step times.")
+    solver = renamed(solver, method, "method -> solver", "simulate")
     preferred = getattr(flow, "solver", None)
-    solver = DEFAULT_SOLVER if not preferred else Solver.from_options(preferred)
-    solver = solver.override(method, step_size, rtol, atol)
+    base = solver if isinstance(solver, Solver) else DEFAULT_SOLVER if not preferred else Solver.from_options(preferred)
+    solver = base.override(None if isinstance(solver, Solver) else solver, step_size, rtol, atol)
     if reset:
         flow.reset()
     if flow.extra_state is not None and extra0 is None:
@@ -115,7 +120,7 @@ def simulate(
         except AssertionError as err:  # torchdiffeq's "underflow in dt"
             raise DivergenceError(
                 f"{flow.name} flow: the solver's step size underflowed at t = {func.t_reached:.6g} ({err}); the "
-                "flow blows up or is too stiff there. Try method='euler' with a small step_size."
+                "flow blows up or is too stiff there. Try solver='euler' with a small step_size."
             ) from None
     if not torch.isfinite(states).all():
         bad = int(torch.nonzero(~torch.isfinite(states).all(dim=1))[0])

@@ -49,7 +49,7 @@ from ..sparse import SparseSolution, sparse_regression
 from .build import build_report, distill, shares  # noqa: F401 (importable from here as before)
 from .formula import SparseFormula, gate_formula
 from .model import Report
-from .notation import FEATURE_NOTATION, PHYSICS_LATEX, TERM_LATEX, sig, theory_text  # noqa: F401
+from .notation import sig, theory_text  # noqa: F401
 from .summary import RESIDUAL, Gate, TermSummary  # noqa: F401
 
 __all__ = [

@@ -17,10 +17,9 @@ from ..flows import Approximation
 from .equations import equation_latex, equation_text
 from .hidden import HiddenStateEvidence
 from .notation import (
-    PHYSICS_LATEX,
     _feature_knot,
     _feature_text,
-    _latex_escape,
+    _physics_latex,
     _term_latex,
     fixed_width,
     markdown_table,
@@ -233,7 +232,7 @@ class Report:
         equations of ``theta`` and of the extra state, side by side."""
         if self.extra_equation is not None:
             return equation_latex(self.extra_equation)
-        rhs = PHYSICS_LATEX.get(self.physics, r"F_{\mathrm{" + _latex_escape(self.physics) + "}}(\theta)")
+        rhs = _physics_latex(self.physics)
         changes = {t.name: t.coefficient_latex(digits) for t in self.terms if t.regime == "edge"}
         for t in self.terms:
             if t.regime == "edge":

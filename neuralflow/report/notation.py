@@ -1,4 +1,5 @@
-"""Notation of the report: LaTeX of terms, physics and features; numbers and tables as text."""
+"""Notation of the report: terms, features and physics as their registry entries write them; numbers and tables
+as text."""
 
 from __future__ import annotations
 
@@ -6,49 +7,27 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
+from ..corrections import FEATURES, TERMS
+from ..flows import flow_latex
+
 # ------------------------------------------------------------------------------------------------ notation
-
-#: LaTeX of each candidate vector field at unit coefficient (the term table in the README), step time.
-TERM_LATEX: dict[str, str] = {
-    "g": r"\eta\,g",
-    "Hg": r"\eta^{2}\,H g",
-    "H2g": r"\eta^{3}\,H^{2} g",
-    "D3gg": r"\eta^{3}\,D^{3}L[g,g]",
-    "gradS": r"\eta\,\nabla S",
-    "gradScrit": r"\eta\,\nabla\sum_{\lambda_i\geq 1.95/\eta}\lambda_i",
-    "u_ug": r"\eta\,(u\cdot g)\,u",
-    "theta": r"\eta\,\theta",
-}
-
-#: LaTeX of each physics right-hand side, keyed by the flow's registry name.
-PHYSICS_LATEX: dict[str, str] = {
-    "gradient": r"-\eta\,g",
-    "modified1": r"-\eta\,g-\frac{1}{2}\eta^{2}H g",
-    "modified2": r"-\eta\,g-\frac{1}{2}\eta^{2}H g-\eta^{3}\left(\frac{1}{3}H^{2}g+\frac{1}{12}D^{3}L[g,g]\right)",
-    "principal": r"\sum_i\frac{\log(1-\eta\lambda_i)}{\lambda_i}(u_i\cdot g)\,u_i",
-    "central": r"-\eta\left(g+\frac{1}{2}\sigma^{2}\nabla S\right)",
-}
-
-#: Feature name -> (plain text, LaTeX, knot x0 where the feature crosses the edge of stability).
-FEATURE_NOTATION: dict[str, tuple[str, str, float | None]] = {
-    "lr_S_minus_2": ("lr S - 2", r"\eta S-2", 0.0),
-    "lr_S": ("lr S", r"\eta S", 2.0),
-    "loss": ("L", "L", None),
-    "sigma2": ("sigma^2", r"\sigma^{2}", None),
-}
+# Each term, feature and flow writes itself (TermSpec.latex, FeatureSpec.text/.latex/.edge, Flow.latex); a name
+# outside the registries (a term or flow of a report from elsewhere) is written as F_name.
 
 
 def _feature_text(name: str) -> str:
-    return FEATURE_NOTATION.get(name, (name, "", None))[0]
+    spec = FEATURES.get(name)
+    return spec.text if spec else name
 
 
 def _feature_latex(name: str) -> str:
-    known = FEATURE_NOTATION.get(name)
-    return known[1] if known else r"\mathrm{" + _latex_escape(name) + "}"
+    spec = FEATURES.get(name)
+    return spec.latex if spec else r"\mathrm{" + _latex_escape(name) + "}"
 
 
 def _feature_knot(name: str) -> float | None:
-    return FEATURE_NOTATION.get(name, (None, None, None))[2]
+    spec = FEATURES.get(name)
+    return spec.edge if spec else None
 
 
 def _latex_escape(text: str) -> str:
@@ -56,7 +35,12 @@ def _latex_escape(text: str) -> str:
 
 
 def _term_latex(name: str) -> str:
-    return TERM_LATEX.get(name, r"F_{\mathrm{" + _latex_escape(name) + "}}")
+    spec = TERMS.get(name)
+    return spec.latex if spec else r"F_{\mathrm{" + _latex_escape(name) + "}}"
+
+
+def _physics_latex(name: str) -> str:
+    return flow_latex(name) or r"F_{\mathrm{" + _latex_escape(name) + r"}}(\theta)"
 
 
 def sig(x: float | None, digits: int = 3) -> str:
