@@ -725,7 +725,6 @@ class Hybrid(Flow):
         self.flow = flow
         self.correction = correction
         self.extra_state = flow.extra_state
-        self.differentiable = flow.differentiable
 
     @property
     def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]

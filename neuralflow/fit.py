@@ -22,8 +22,7 @@ first iterate and step, which reads the trajectory's measurement (``Trajectory.o
 one; with ``extra_start="fitted"`` every window's start of the extra state is a parameter of its own
 (initialised there) fitted with the correction, for runs where nothing is measured. The loss is ``E`` on
 ``theta`` alone (the measured variance is not in it yet), and the APHYNITY term is left out (weight 0): a
-hidden-state library's parameters are already the relative revision of the physics' coefficients. The flow
-must be differentiable (``flow.differentiable``; the oscillation flow is not yet).
+hidden-state library's parameters are already the relative revision of the physics' coefficients.
 
 Gradients come from ``torchdiffeq.odeint_adjoint`` (adjoint parameters = the correction's
 parameters, seminorm) or from backpropagation through ``odeint`` (``method="direct"``); LBFGS and
@@ -756,11 +755,6 @@ def _check_inputs(model: Hybrid, trajectory: Trajectory, target: str, method: st
         raise InputError(f"fit: target must be 'iterates' or 'smoothed', got {target!r}.")
     if method not in ("adjoint", "direct", "regression"):
         raise InputError(f"fit: method must be 'adjoint', 'direct' or 'regression', got {method!r}.")
-    if not model.flow.differentiable:
-        raise InputError(
-            f"fit: the {model.flow.name} flow is simulation-only (no derivatives through its extra state yet), so it "
-            "cannot be fitted; simulate it with nf.simulate and compare it with nf.compare."
-        )
     if model.extra_state is not None and method == "regression":
         raise InputError(
             f"fit: method='regression' reads derivatives of theta alone, but the {model.flow.name} flow carries "
