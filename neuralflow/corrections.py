@@ -21,6 +21,7 @@ share their derivatives (``g`` and ``H g`` are computed once).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -643,17 +644,39 @@ class HiddenStateLibrary(Correction):
     ``delta = 0``), the parameter is the *revision* the data ask for, as for the theta terms of
     :class:`TermLibrary`, and a floor of 1e-20 and a growth of 2 get parameters of the same scale (Gauss-Newton's
     finite differences and LBFGS need that). :meth:`coefficients` gives ``c_j``.
+
+    ``init`` starts chosen terms from other coefficients than the physics' (``{"floquet": 1.0, "drift": 1.0,
+    "floor": 1e-19}``: values of ``c_j`` themselves), so that a fit has to find the physics rather than start on
+    it; they are set when the library joins a flow in :class:`Hybrid` (which knows the ``p_j``).
     """
 
     name = "hidden-state"
 
-    def __init__(self, problem: Problem, lr: float, terms: Sequence[str] = ("floquet",)) -> None:
+    def __init__(self, problem: Problem, lr: float, terms: Sequence[str] = ("floquet",),
+                 init: dict[str, float] | None = None) -> None:
         super().__init__(problem, lr)
         self.terms = _check_names(terms, HIDDEN_TERMS, "hidden-state term")
         if not self.terms:
             raise InputError(f"a HiddenStateLibrary needs at least one term; known terms are {sorted(HIDDEN_TERMS)}.")
+        init = dict(init or {})
+        unknown = [n for n in init if n not in self.terms]
+        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                     for v in init.values())
+        if unknown or not finite:
+            raise InputError(f"HiddenStateLibrary: init must give finite coefficients of its own terms {self.terms}; "
+                             f"got {init!r}.")
+        self.init = {n: float(v) for n, v in init.items()}
+        self._init_pending = bool(self.init)
         kw = {"dtype": problem.dtype, "device": problem.device}
         self.deltas = torch.nn.ParameterDict({n: torch.nn.Parameter(torch.zeros((), **kw)) for n in self.terms})
+
+    def start_from(self, flow: Flow) -> None:
+        """Set ``delta`` so that the coefficients with ``flow`` are :attr:`init` (``Hybrid`` calls it once)."""
+        own = flow.hidden_coefficients()
+        with torch.no_grad():
+            for name, value in self.init.items():
+                self.deltas[name].fill_(value / own[name] - 1 if own[name] != 0 else value)
+        self._init_pending = False
 
     @property
     def specs(self) -> list[HiddenTermSpec]:
@@ -672,7 +695,7 @@ class HiddenStateLibrary(Correction):
         raise InputError("a HiddenStateLibrary acts on a flow's extra state; use it inside nf.Hybrid(flow, library).")
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "lr": self.lr, "terms": list(self.terms)}
+        return {"name": self.name, "lr": self.lr, "terms": list(self.terms), "init": dict(self.init)}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, terms={self.terms}"
@@ -721,6 +744,8 @@ class Hybrid(Flow):
                     + (f"; it supports {sorted(supported)}." if supported else
                        " (it carries no state beyond theta); use a flow with extra state, e.g. the oscillation flow.")
                 )
+            if correction._init_pending:
+                correction.start_from(flow)
         super().__init__(flow.problem, flow.lr)
         self.flow = flow
         self.correction = correction

@@ -21,8 +21,17 @@ its whole ODE state ``[theta, extra]``; each window starts from the flow's ``ini
 first iterate and step, which reads the trajectory's measurement (``Trajectory.oscillation``) where there is
 one; with ``extra_start="fitted"`` every window's start of the extra state is a parameter of its own
 (initialised there) fitted with the correction, for runs where nothing is measured. The loss is ``E`` on
-``theta`` alone (the measured variance is not in it yet), and the APHYNITY term is left out (weight 0): a
-hidden-state library's parameters are already the relative revision of the physics' coefficients.
+``theta``, plus, with ``variance_weight=w > 0``, the measured oscillation variance in log scale:
+
+    loss = E + w * mean_{windows, outputs k: measured} (log s_model - log s_measured)^2
+
+``s_model`` the flow's predicted variance (``flow.predicted_variance``, ``tr X``), ``s_measured`` GD's demodulated
+variance along its tracked eigenvectors (``Trajectory.oscillation.variance``), over the outputs where the
+measurement is above its floor (:func:`_measured_log_variance`). Both parts are dimensionless: ``E`` is 1 for
+standing still, the variance term 1 for being off by a factor ``e`` everywhere, so ``w = 1`` asks as much of a
+factor ``e`` in the variance as of the whole displacement. The window errors and the validation loss stay on
+``theta``. The APHYNITY term is left out (weight 0): a hidden-state library's parameters are already the
+relative revision of the physics' coefficients.
 
 Gradients come from ``torchdiffeq.odeint_adjoint`` (adjoint parameters = the correction's
 parameters, seminorm) or from backpropagation through ``odeint`` (``method="direct"``); LBFGS and
@@ -73,6 +82,9 @@ _DEFAULT_ITERS = {"gauss-newton": 20, "lbfgs": 100, "adam": 500}
 _SWITCH_OPEN = 0.01  # a gate whose switch stays below this at every point counts as off
 _GN_MAX_PARAMS = 64  # finite-difference sensitivities cost one solve per parameter
 _GATED_REGRESSION_ITERS = 200  # LBFGS iterations of the gated regression (precomputed tensors, no solves)
+# the demodulated variance counts where it exceeds (this * ||m_{k+1} - m_k||)^2: below the edge on the digits runs
+# it sits at ratios 2e-8 to 6e-8, where the injected noise's own equilibrium q / (2 |r|) explains it
+_VARIANCE_FLOOR_RATIO = 1e-8
 
 
 @dataclass
@@ -223,8 +235,10 @@ class _Objective:
     def __init__(
         self, model: Hybrid, win: _Windows, method: str, solver: str, options: dict[str, Any], rtol: float,
         atol: float, min_norm: float, start: Tensor, fitted_start: bool = False,
+        variance: tuple[float, Tensor, Tensor] | None = None,
     ) -> None:
         self.model = model
+        self.variance = variance  # (weight, measured log variance (n_out + 1, W), mask) or None
         self._start = start  # (W, state_dim): the windows' first iterates, joined with their extra state
         self.counted = _Counted(model)
         self.win = win
@@ -290,13 +304,27 @@ class _Objective:
         return (sol[1:, ..., :d] - self.win.targets[1:]).square().sum(-1).mean(0).detach() / self.win.normaliser
 
     def _residuals(self, sol: Tensor, fa: Tensor | None) -> Tensor:
-        """Residual vector (trajectory, then penalty) of the training windows; loss = its squared norm."""
+        """Residual vector (trajectory, variance, penalty) of the training windows; loss = its squared norm."""
         idx = self.win.train
         n_out, B, d = sol.shape[0] - 1, len(idx), self.win.targets.shape[-1]
         traj = (sol[1:, idx, :d] - self.win.targets[1:, idx]) / math.sqrt(n_out * B * self.win.normaliser)
-        if fa is None:
-            return traj.reshape(-1)
-        return torch.cat([traj.reshape(-1), fa.reshape(-1) * math.sqrt(self.penalty_weight / B)])
+        parts = [traj.reshape(-1)]
+        if self.variance is not None:
+            parts.append(self._variance_residuals(sol[1:, idx]))
+        if fa is not None:
+            parts.append(fa.reshape(-1) * math.sqrt(self.penalty_weight / B))
+        return torch.cat(parts)
+
+    def _variance_residuals(self, sol: Tensor) -> Tensor:
+        """``sqrt(w / n) (log s_model - log s_measured)`` at the measured outputs of the training windows (0 elsewhere,
+        so that the residual vector keeps its length)."""
+        weight, measured, mask = self.variance
+        idx = self.win.train
+        measured, mask = measured[1:, idx], mask[1:, idx]
+        model = self.model.flow.predicted_variance(self.model.flow.split(sol)[1])
+        gap = torch.log(model.clamp_min(torch.finfo(model.dtype).tiny)) - measured
+        n = max(int(mask.sum()), 1)
+        return (torch.where(mask, gap, 0.0) * math.sqrt(weight / n)).reshape(-1)
 
     def _penalised(self) -> bool:
         return self.model.correction is not None and self.penalty_weight > 0
@@ -813,6 +841,7 @@ def _objective(
     model: Hybrid, trajectory: Trajectory, window: int, target: str, method: str, min_norm: float,
     val_fraction: float, stride: int | None, seed: int, solver: str, step_size: float | None, rtol: float,
     atol: float, exclude: Sequence[tuple[int, int]], settings: dict[str, Any], extra_start: str = "measured",
+    variance_weight: float = 0.0,
 ) -> tuple[_Objective, Trajectory]:
     """Validate the inputs and set up the windows and the loss; records resolved settings."""
     targets = _check_inputs(model, trajectory, target, method)
@@ -848,8 +877,40 @@ def _objective(
     if model.extra_state is not None:  # the measured extra state at each window's first iterate
         extra = torch.stack([model.initial_extra(x, trajectory, int(k)) for x, k in zip(start, win.steps)])
         start = model.join(start, extra)
+    variance = _variance_term(model, trajectory, win, variance_weight)
     return _Objective(model, win, method, solver, options, rtol, atol, float(min_norm), start,
-                      extra_start == "fitted"), targets
+                      extra_start == "fitted", variance), targets
+
+
+def _variance_term(model: Hybrid, trajectory: Trajectory, win: _Windows,
+                   weight: float) -> tuple[float, Tensor, Tensor] | None:
+    """The loss's variance part: ``(weight, log s_measured, mask)`` at every window output, or None for weight 0."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
+        raise InputError(f"fit: variance_weight must be a non-negative number, got {weight!r}.")
+    if weight == 0:
+        return None
+    if not hasattr(model.flow, "predicted_variance"):
+        raise InputError(f"fit: variance_weight compares a flow's predicted oscillation variance with GD's, but the "
+                         f"{model.flow.name} flow predicts none; use the oscillation flow or variance_weight=0.")
+    log_s, mask = _measured_log_variance(trajectory, win)
+    if not bool(mask.any()):
+        raise InputError("fit: the trajectory has no measured oscillation variance above its floor in the windows; "
+                         "record it with run_gd (n_eigs >= 1) or pass variance_weight=0.")
+    return float(weight), log_s, mask
+
+
+def _measured_log_variance(trajectory: Trajectory, win: _Windows) -> tuple[Tensor, Tensor]:
+    """GD's measured ``log s`` at every window output ``(n_out + 1, W)`` and where it counts: finite and at least
+    ``(_VARIANCE_FLOOR_RATIO ||m_{k+1} - m_k||)^2`` (the demodulation's floor, :mod:`neuralflow.oscillation`)."""
+    osc = trajectory.oscillation
+    steps = (win.steps[None, :] + win.t[:, None].round().long()).cpu()
+    row = torch.searchsorted(osc.steps, steps.clamp(max=int(osc.steps[-1])))
+    found = osc.steps[row] == steps
+    s, step = osc.variance[row], osc.smoothed_step[row]
+    mask = found & torch.isfinite(s) & torch.isfinite(step) & (s > 0) & (s >= (_VARIANCE_FLOOR_RATIO * step) ** 2)
+    log_s = torch.log(torch.where(mask, s, 1.0))
+    device, dtype = win.targets.device, win.targets.dtype
+    return log_s.to(device=device, dtype=dtype), mask.to(device)
 
 
 def fit_loss(
@@ -867,6 +928,7 @@ def fit_loss(
     rtol: float = 1e-7,
     atol: float = 1e-9,
     exclude: Sequence[tuple[int, int]] = (),
+    variance_weight: float = 0.0,
 ) -> tuple[float, Tensor]:
     """The loss :func:`fit` minimises at the model's current parameters, and its gradient.
 
@@ -878,7 +940,7 @@ def fit_loss(
         raise InputError(f"fit_loss: method must be 'adjoint' or 'direct', got {method!r}.")
     obj, _ = _objective(
         model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-        atol, exclude, {},
+        atol, exclude, {}, variance_weight=variance_weight,
     )
     if not obj.params:
         raise InputError("fit_loss: the model has no trainable parameters.")
@@ -910,6 +972,7 @@ def fit(
     exclude: Sequence[tuple[int, int]] = (),
     resume: str | os.PathLike | None = None,
     extra_start: str = "measured",
+    variance_weight: float = 0.0,
 ) -> FitResult:
     """Fit ``model`` (a :class:`~neuralflow.corrections.Hybrid`) to ``trajectory`` by multiple shooting.
 
@@ -953,7 +1016,8 @@ def fit(
     For a flow with extra state (module docstring) each window's extra state starts from the flow's
     ``initial_extra`` at its first step (``extra_start="measured"``: the trajectory's measurement where it has
     one), or is fitted per window from there (``"fitted"``, with ``val_fraction=0``: a validation window's start
-    would be fitted on it; these nuisance starts are not returned).
+    would be fitted on it; these nuisance starts are not returned). ``variance_weight`` adds the measured
+    oscillation variance to the loss in log scale (module docstring; 0, the default, leaves it out).
     """
     if isinstance(trajectory, (list, tuple)):  # several runs share one set of coefficients
         options = {k: v for k, v in locals().items() if k not in ("model", "trajectory")}
@@ -964,6 +1028,7 @@ def fit(
         "max_iters": max_iters, "val_fraction": val_fraction, "stride": stride, "patience": patience, "tol": tol,
         "init": init, "learning_rate": learning_rate, "seed": seed, "solver": solver, "step_size": step_size,
         "rtol": rtol, "atol": atol, "balance": bool(balance), "extra_start": extra_start,
+        "variance_weight": variance_weight,
         "model": model.config() if isinstance(model, Hybrid) else None,
     }
     patience = check_positive_int(patience, "fit: patience")
@@ -973,7 +1038,7 @@ def fit(
         raise InputError(f"fit: init must be 'auto', 'regression' or 'current', got {init!r}.")
     obj, targets = _objective(
         model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-        atol, exclude, settings, extra_start,
+        atol, exclude, settings, extra_start, variance_weight,
     )
     win, problem, lib = obj.win, model.problem, model.correction
     can_regress = isinstance(lib, TermLibrary) and model.extra_state is None

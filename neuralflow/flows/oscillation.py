@@ -284,10 +284,13 @@ class OscillationFlow(Flow):
         return eig.values, eig.vectors
 
     def initial_extra(self, theta0: Tensor, trajectory: Trajectory | None = None, step: int | None = None) -> Tensor:
-        """``X`` at ``theta0``: diagonal, the equilibrium ``q / (2 |r_i|)`` along each direction below the edge;
-        along a direction at or above it, GD's measured variance (demodulated amplitude squared, along GD's
-        i-th tracked eigenvector at ``step``, default the trajectory's first step) where ``trajectory`` has
-        one, else ``q``. The start may lie above ``2/lr``."""
+        """``X`` at ``theta0``: diagonal, GD's measured variance along each direction (demodulated amplitude squared,
+        along GD's i-th tracked eigenvector at ``step``, default the trajectory's first step; at least ``q``) where
+        ``trajectory`` has one, else the equilibrium ``q / (2 |r_i|)`` below the edge and ``q`` at or above it.
+        The measurement counts below the edge too: after a catapult the sharpness is below ``2/lr`` while the
+        oscillation decays from its peak, far above the equilibrium (below the edge without an oscillation the
+        demodulated variance sits at the equilibrium, 1e-20 on the digits runs with ``nu = 1e-10``). The start
+        may lie above ``2/lr``."""
         theta0 = self.problem.check_theta(theta0, "theta0").detach()
         values, _ = self.eigen(theta0)
         rates = self.rates(values)
@@ -300,7 +303,7 @@ class OscillationFlow(Flow):
                 if len(row):
                     measured = osc.amplitude[row[0]].to(var).pow(2)
                     n = min(len(measured), len(var))
-                    ok = (rates[:n] >= 0) & torch.isfinite(measured[:n])
+                    ok = torch.isfinite(measured[:n])
                     var[:n] = torch.where(ok, measured[:n].clamp_min(self.q), var[:n])
         return self.extra_from_covariance(torch.diag(var))
 
