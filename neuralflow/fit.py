@@ -865,6 +865,8 @@ def _objective(
     win = _make_windows(targets, window, stride, val_fraction, seed, problem.dtype, problem.device, exclude)
     if model.correction is not None:
         model.correction.reset_cache()
+    if hasattr(model.flow, "reset"):  # warm starts and reference bases from an earlier simulation or fit
+        model.flow.reset()
     if extra_start not in ("measured", "fitted"):
         raise InputError(f"fit: extra_start must be 'measured' or 'fitted', got {extra_start!r}.")
     if extra_start == "fitted" and model.extra_state is None:
