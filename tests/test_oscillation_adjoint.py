@@ -107,6 +107,7 @@ def test_adjoint_gradient_through_the_covariance_is_exact_where_eigenvectors_are
     torch.testing.assert_close(grad_d, central_differences(model, traj), rtol=1e-5, atol=1e-10)
 
 
+@pytest.mark.slow  # tight eigen-solves (tol 1e-10) at every evaluation: about 30 s
 def test_frozen_eigenvector_gradient_on_a_tanh_net_is_within_its_approximation():
     p = tanh_net()
     lr = 2.05 / float(top_eigenpairs(p, p.theta0, k=1, tol=1e-10).values[0])  # just past the edge of stability
