@@ -132,7 +132,7 @@ def test_fit_started_away_from_the_physics_recovers_the_planted_coefficients(cyc
     p = quartic()
     lib = HiddenStateLibrary(p, LR, terms=["floquet", "drift"], init={"floquet": 1.0, "drift": 1.0})
     model = Hybrid(OscillationFlow(p, LR, n_track=1, q=1e-6, eig_tol=1e-10), lib)
-    start = {n: float(c) for n, c in lib.coefficients(model.flow).items()}
+    start = {n: float(c.detach()) for n, c in lib.coefficients(model.flow).items()}
     assert start == pytest.approx({"floquet": 1.0, "drift": 1.0}, rel=1e-12)
     res = fit(model, cycling, method="adjoint", progress=False, **{**OPTIONS, "val_fraction": 0.25})
     assert res.coefficients == pytest.approx({"floquet": 2.2, "drift": 0.45}, rel=1e-6), res.coefficients
