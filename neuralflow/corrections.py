@@ -23,6 +23,7 @@ share their derivatives (``g`` and ``H g`` are computed once).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -730,17 +731,39 @@ class HiddenStateLibrary(Correction):
     ``delta = 0``), the parameter is the *revision* the data ask for, as for the theta terms of
     :class:`TermLibrary`, and a floor of 1e-20 and a growth of 2 get parameters of the same scale (Gauss-Newton's
     finite differences and LBFGS need that). :meth:`coefficients` gives ``c_j``.
+
+    ``init`` starts chosen terms from other coefficients than the physics' (``{"floquet": 1.0, "drift": 1.0,
+    "floor": 1e-19}``: values of ``c_j`` themselves), so that a fit has to find the physics rather than start on
+    it; they are set when the library joins a flow in :class:`Hybrid` (which knows the ``p_j``).
     """
 
     name = "hidden-state"
 
-    def __init__(self, problem: Problem, lr: float, terms: Sequence[str] = ("floquet",)) -> None:
+    def __init__(self, problem: Problem, lr: float, terms: Sequence[str] = ("floquet",),
+                 init: dict[str, float] | None = None) -> None:
         super().__init__(problem, lr)
         self.terms = _check_names(terms, HIDDEN_TERMS, "hidden-state term")
         if not self.terms:
             raise InputError(f"a HiddenStateLibrary needs at least one term; known terms are {sorted(HIDDEN_TERMS)}.")
-        kw = {"dtype": problem.dtype, "device": problem.device}
+        init = dict(init or {})
+        unknown = [n for n in init if n not in self.terms]
+        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                     for v in init.values())
+        if unknown or not finite:
+            raise InputError(f"HiddenStateLibrary: init must give finite coefficients of its own terms {self.terms}; "
+                             f"got {init!r}.")
+        self.init = {n: float(v) for n, v in init.items()}
+        self._init_pending = bool(self.init)
+        kw: _Factory = {"dtype": problem.dtype, "device": problem.device}
         self.deltas = torch.nn.ParameterDict({n: torch.nn.Parameter(torch.zeros((), **kw)) for n in self.terms})
+
+    def start_from(self, flow: Flow) -> None:
+        """Set ``delta`` so that the coefficients with ``flow`` are :attr:`init` (``Hybrid`` calls it once)."""
+        own = flow.hidden_coefficients()
+        with torch.no_grad():
+            for name, value in self.init.items():
+                self.deltas[name].fill_(value / own[name] - 1 if own[name] != 0 else value)
+        self._init_pending = False
 
     @property
     def specs(self) -> list[HiddenTermSpec]:
@@ -759,7 +782,7 @@ class HiddenStateLibrary(Correction):
         raise InputError("a HiddenStateLibrary acts on a flow's extra state; use it inside nf.Hybrid(flow, library).")
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "lr": self.lr, "terms": list(self.terms)}
+        return {"name": self.name, "lr": self.lr, "terms": list(self.terms), "init": dict(self.init)}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, terms={self.terms}"
@@ -937,6 +960,8 @@ class Hybrid(Flow):
                     + (f"; it supports {sorted(supported)}." if supported else
                        " (it carries no state beyond theta); use a flow with extra state, e.g. the oscillation flow.")
                 )
+            if correction._init_pending:
+                correction.start_from(flow)
         super().__init__(flow.problem, flow.lr)
         self.flow = flow
         self.correction = correction
@@ -948,7 +973,6 @@ class Hybrid(Flow):
                 f"{own.name}+{latent.name}", f"[{own.symbol}, {latent.symbol}]", (own.size + latent.size,),
                 f"{own.statement}, flattened, then {latent.statement}",
             )
-        self.differentiable = flow.differentiable
 
     @property
     def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]
@@ -966,6 +990,7 @@ class Hybrid(Flow):
         lib = self.correction
         if isinstance(lib, LatentCorrection):
             head, z = self.flow_part(batch)
+            assert z is not None  # a latent correction's states follow the flow's
             theta = head[:, : self.problem.dim]
             state = StateDerivatives(self.problem, theta, torch.is_grad_enabled() and batch.requires_grad)
             out = self.flow.vector_field(t, state) if self.flow.extra_state is None else self.flow(t, head)
@@ -980,7 +1005,7 @@ class Hybrid(Flow):
             out = self.flow(t, batch)
             if lib is not None:
                 theta, extra = self.flow.split(batch)
-                out = out + self.flow.join(lib(t, theta), torch.zeros_like(extra))
+                out = out + self.flow.join(lib(t, theta), None if extra is None else torch.zeros_like(extra))
         return out if y.dim() == 2 else out[0]
 
     def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:

@@ -237,7 +237,3 @@ def test_bad_input_gets_clear_errors(planted):
         fit(Hybrid(nf.flows.GradientFlow(p, LR), None), planted, window=20, extra_start="fitted", progress=False)
     with pytest.raises(nf.InputError, match="regression"):
         fit(model, planted, window=20, method="regression", progress=False, **SOLVER)
-    q = damian()
-    traj = nf.run_gd(q, LR, 40, progress=False)
-    with pytest.raises(nf.InputError, match="simulation-only"):
-        fit(Hybrid(OscillationFlow(q, LR, n_track=1), None), traj, window=20, progress=False)

@@ -21,11 +21,19 @@ its whole ODE state ``[theta, extra]``; each window starts from the flow's ``ini
 first iterate and step, which reads the trajectory's measurement (``Trajectory.oscillation``) where there is
 one; with ``extra_start="fitted"`` every window's start of the extra state is a parameter of its own
 (initialised there) fitted with the correction, for runs where nothing is measured. The loss is ``E`` on
-``theta`` alone (the measured variance is not in it yet), and the APHYNITY term is left out (weight 0): a
-hidden-state library's parameters are already the relative revision of the physics' coefficients. The flow
-must be differentiable (``flow.differentiable``; the oscillation flow is not yet). A
-:class:`~neuralflow.corrections.LatentCorrection` goes the same way: its latent states ``z`` are part of the
-hybrid's extra state (``model.extra_state``), starting at 0 in every window or fitted per window.
+``theta``, plus, with ``variance_weight=w > 0``, the measured oscillation variance in log scale:
+
+    loss = E + w * mean_{windows, outputs k: measured} (log s_model - log s_measured)^2
+
+``s_model`` the flow's predicted variance (``flow.predicted_variance``, ``tr X``), ``s_measured`` GD's demodulated
+variance along its tracked eigenvectors (``Trajectory.oscillation.variance``), over the outputs where the
+measurement is above its floor (:mod:`neuralflow.fit.variance`). Both parts are dimensionless: ``E`` is 1 for
+standing still, the variance term 1 for being off by a factor ``e`` everywhere, so ``w = 1`` asks as much of a
+factor ``e`` in the variance as of the whole displacement. The window errors and the validation loss stay on
+``theta``. The APHYNITY term is left out (weight 0): a hidden-state library's parameters are already the
+relative revision of the physics' coefficients. A :class:`~neuralflow.corrections.LatentCorrection` goes the
+same way: its latent states ``z`` are part of the hybrid's extra state (``model.extra_state``), starting at 0 in
+every window or fitted per window.
 
 Gradients come from ``torchdiffeq.odeint_adjoint`` (adjoint parameters = the correction's
 parameters, seminorm) or from backpropagation through ``odeint`` (``method="direct"``); LBFGS and

@@ -42,6 +42,7 @@ def fit_loss(
     rtol: float = 1e-7,
     atol: float = 1e-9,
     exclude: Sequence[tuple[int, int]] = (),
+    variance_weight: float = 0.0,
 ) -> tuple[float, Tensor]:
     """The loss :func:`fit` minimises at the model's current parameters, and its gradient.
 
@@ -53,7 +54,7 @@ def fit_loss(
         raise InputError(f"fit_loss: method must be 'adjoint' or 'direct', got {method!r}.")
     obj, _ = _objective(
         model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-        atol, exclude, {},
+        atol, exclude, {}, variance_weight=variance_weight,
     )
     if not obj.params:
         raise InputError("fit_loss: the model has no trainable parameters.")
@@ -85,6 +86,7 @@ def fit(
     exclude: Sequence[tuple[int, int]] = (),
     resume: str | os.PathLike | None = None,
     extra_start: str = "measured",
+    variance_weight: float = 0.0,
 ) -> FitResult:
     """Fit ``model`` (a :class:`~neuralflow.corrections.Hybrid`) to ``trajectory`` by multiple shooting.
 
@@ -128,7 +130,8 @@ def fit(
     For a flow with extra state (module docstring) each window's extra state starts from the flow's
     ``initial_extra`` at its first step (``extra_start="measured"``: the trajectory's measurement where it has
     one), or is fitted per window from there (``"fitted"``, with ``val_fraction=0``: a validation window's start
-    would be fitted on it; these nuisance starts are not returned).
+    would be fitted on it; these nuisance starts are not returned). ``variance_weight`` adds the measured
+    oscillation variance to the loss in log scale (module docstring; 0, the default, leaves it out).
 
     Quiet by default; ``progress=True`` shows the optimiser's tqdm bar (the command line and the demo do).
     """
@@ -144,6 +147,7 @@ def fit(
         "max_iters": max_iters, "val_fraction": val_fraction, "stride": stride, "patience": patience, "tol": tol,
         "init": init, "learning_rate": learning_rate, "seed": seed, "solver": solver, "step_size": step_size,
         "rtol": rtol, "atol": atol, "balance": bool(balance), "extra_start": extra_start,
+        "variance_weight": variance_weight,
         "model": model.config() if isinstance(model, Hybrid) else None,
     }
     patience = check_positive_int(patience, "fit: patience")
@@ -153,7 +157,7 @@ def fit(
         raise InputError(f"fit: init must be 'auto', 'regression' or 'current', got {init!r}.")
     obj, targets = _objective(
         model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-        atol, exclude, settings, extra_start,
+        atol, exclude, settings, extra_start, variance_weight,
     )
     win, problem, lib = obj.win, model.problem, model.correction
     regressed = lib if isinstance(lib, TermLibrary) and model.extra_state is None else None  # what a regression fits

@@ -21,7 +21,6 @@ _GN_MAX_PARAMS = 64  # finite-difference sensitivities cost one solve per parame
 _GATED_REGRESSION_ITERS = 200  # LBFGS iterations of the gated regression (precomputed tensors, no solves)
 
 
-
 def resolved_solver(settings: dict[str, Any]) -> Solver:
     """The :class:`~neuralflow.solvers.Solver` a fit used, from its ``FitResult.settings`` (those of old checkpoints
     too): the ``solver`` (default rk4) at the step size it chose (``step_size_used``, else the ``step_size`` given,
@@ -70,11 +69,6 @@ def _check_inputs(model: Hybrid, trajectory: object, target: str, method: str) -
         raise InputError(f"fit: target must be 'iterates' or 'smoothed', got {target!r}.")
     if method not in ("adjoint", "direct", "regression"):
         raise InputError(f"fit: method must be 'adjoint', 'direct' or 'regression', got {method!r}.")
-    if not model.flow.differentiable:
-        raise InputError(
-            f"fit: the {model.flow.name} flow is simulation-only (no derivatives through its extra state yet), so it "
-            "cannot be fitted; simulate it with nf.simulate and compare it with nf.compare."
-        )
     if model.extra_state is not None and method == "regression":
         raise InputError(
             f"fit: method='regression' reads derivatives of theta alone, but the {model.flow.name} flow carries "

@@ -16,6 +16,7 @@ from ..problems import check_positive_int
 from ..solvers import ADAPTIVE, FIXED_GRID, Solver
 from ..trajectory import Trajectory
 from .options import _check_exclude, _check_inputs, _default_step_size
+from .variance import _variance_term
 from .windows import _make_windows, _Windows
 
 
@@ -72,8 +73,10 @@ class _Objective:
     def __init__(
         self, model: Hybrid, win: _Windows, method: str, solver: Solver, min_norm: float, start: Tensor,
         fitted_start: bool = False,
+        variance: tuple[float, Tensor, Tensor] | None = None,
     ) -> None:
         self.model = model
+        self.variance = variance  # (weight, measured log variance (n_out + 1, W), mask) or None
         self._start = start  # (W, state_dim): the windows' first iterates, joined with their extra state
         self.counted = _Counted(model)
         self.win = win
@@ -139,13 +142,29 @@ class _Objective:
         return (sol[1:, ..., :d] - self.win.targets[1:]).square().sum(-1).mean(0).detach() / self.win.normaliser
 
     def _residuals(self, sol: Tensor, fa: Tensor | None) -> Tensor:
-        """Residual vector (trajectory, then penalty) of the training windows; loss = its squared norm."""
+        """Residual vector (trajectory, variance, penalty) of the training windows; loss = its squared norm."""
         idx = self.win.train
         n_out, B, d = sol.shape[0] - 1, len(idx), self.win.targets.shape[-1]
         traj = (sol[1:, idx, :d] - self.win.targets[1:, idx]) / math.sqrt(n_out * B * self.win.normaliser)
-        if fa is None:
-            return traj.reshape(-1)
-        return torch.cat([traj.reshape(-1), fa.reshape(-1) * math.sqrt(self.penalty_weight / B)])
+        parts = [traj.reshape(-1)]
+        if self.variance is not None:
+            parts.append(self._variance_residuals(sol[1:, idx]))
+        if fa is not None:
+            parts.append(fa.reshape(-1) * math.sqrt(self.penalty_weight / B))
+        return torch.cat(parts)
+
+    def _variance_residuals(self, sol: Tensor) -> Tensor:
+        """``sqrt(w / n) (log s_model - log s_measured)`` at the measured outputs of the training windows (0 elsewhere,
+        so that the residual vector keeps its length)."""
+        assert self.variance is not None  # called only with a variance part
+        weight, measured, mask = self.variance
+        idx = self.win.train
+        measured, mask = measured[1:, idx], mask[1:, idx]
+        flow: Any = self.model.flow  # a flow with predicted_variance (checked when the variance part was set up)
+        model = flow.predicted_variance(flow.split(sol)[1])
+        gap = torch.log(model.clamp_min(torch.finfo(model.dtype).tiny)) - measured
+        n = max(int(mask.sum()), 1)
+        return (torch.where(mask, gap, 0.0) * math.sqrt(weight / n)).reshape(-1)
 
     def _penalised(self) -> Correction | None:
         """The correction when the loss penalises its size (APHYNITY), else None."""
@@ -220,7 +239,7 @@ def _objective(
     model: Hybrid, trajectory: Trajectory, window: int, target: str, method: str, min_norm: float,
     val_fraction: float, stride: int | None, seed: int, solver: str, step_size: float | None, rtol: float,
     atol: float, exclude: Sequence[Sequence[int | None]] | None, settings: dict[str, Any],
-    extra_start: str = "measured",
+    extra_start: str = "measured", variance_weight: float = 0.0,
 ) -> tuple[_Objective, Trajectory]:
     """Validate the inputs and set up the windows and the loss; records resolved settings."""
     targets = _check_inputs(model, trajectory, target, method)
@@ -243,6 +262,7 @@ def _objective(
     win = _make_windows(targets, window, stride, val_fraction, seed, problem.dtype, problem.device, excluded)
     if model.correction is not None:
         model.correction.reset_cache()
+    model.flow.reset()  # warm starts and reference bases from an earlier simulation or fit
     if extra_start not in ("measured", "fitted"):
         raise InputError(f"fit: extra_start must be 'measured' or 'fitted', got {extra_start!r}.")
     if extra_start == "fitted" and model.extra_state is None:
@@ -260,5 +280,5 @@ def _objective(
             extras.append(extra)
         start = model.join(start, torch.stack(extras))
     ode = Solver(solver, fixed_step, rtol, atol)
-    return _Objective(model, win, method, ode, float(min_norm), start,
-                      extra_start == "fitted"), targets
+    variance = _variance_term(model, trajectory, win, variance_weight)
+    return _Objective(model, win, method, ode, float(min_norm), start, extra_start == "fitted", variance), targets

@@ -55,7 +55,6 @@ class Flow(torch.nn.Module):
     latex: str = ""
     approximations: tuple[Approximation, ...] = ()
     extra_state: ExtraState | None = None
-    differentiable: bool = True  # False: simulation only (no adjoint through the flow yet)
 
     def __init__(self, problem: Problem, lr: float) -> None:
         super().__init__()
