@@ -252,7 +252,7 @@ class OscillationFlow(Flow):
         track.block = eig.block
         return eig.values, eig.vectors
 
-    def initial_extra(self, theta0: Tensor, trajectory: Trajectory | None = None, step: int | None = None) -> Tensor:
+    def initial_extra(self, theta0: Tensor, trajectory: object = None, step: int | None = None) -> Tensor:
         """``X`` at ``theta0``: diagonal, GD's measured variance along each direction (demodulated amplitude squared,
         along GD's i-th tracked eigenvector at ``step``, default the trajectory's first step; at least ``q``) where
         ``trajectory`` has one, else the equilibrium ``q / (2 |r_i|)`` below the edge and ``q`` at or above it.
@@ -264,6 +264,9 @@ class OscillationFlow(Flow):
         values, _ = self.eigen(theta0)
         rates = self.rates(values)
         var = self.equilibrium(rates)
+        if trajectory is not None and not isinstance(trajectory, Trajectory):
+            raise InputError(f"OscillationFlow.initial_extra: trajectory must be an nf.Trajectory, got "
+                             f"{type(trajectory).__name__}.")
         if trajectory is not None:
             osc = trajectory.oscillation
             if osc.amplitude is not None:
@@ -313,7 +316,7 @@ class OscillationFlow(Flow):
         for track, u in zip(tracks, U, strict=True):
             if track.U_ref is None:
                 track.U_ref = u
-        U_ref = torch.stack([track.U_ref for track in tracks])
+        U_ref = torch.stack([u for track in tracks if (u := track.U_ref) is not None])
         values = (U * hu).sum(-1)  # Rayleigh quotients, (B, k)
         r = self.rates(values)
         X = self.covariance(extras)
@@ -350,11 +353,10 @@ class OscillationFlow(Flow):
             else:  # floor
                 A = inject
             fields[name] = self.join(zero_m, torch.cat([A / EE, zero_rho], dim=1))
-        out = dm, torch.cat([dZ, d[:, None]], dim=1)
+        dextra = torch.cat([dZ, d[:, None]], dim=1)
         if not graph:
-            out = tuple(o.detach() for o in out)
-            fields = {n: f.detach() for n, f in fields.items()}
-        return out[0], out[1], fields
+            return dm.detach(), dextra.detach(), {n: f.detach() for n, f in fields.items()}
+        return dm, dextra, fields
 
     def _eigenvectors(
         self, t: Tensor, thetas: Tensor, state: StateDerivatives, tracks: list[_Track],
@@ -379,8 +381,9 @@ class OscillationFlow(Flow):
         for track in tracks:
             if track.t0 is not None and time == track.t0:
                 track.block = track.block0
-        if all(track.block is not None for track in tracks):
-            U0 = torch.stack([track.block[:k] for track in tracks])
+        blocks = [track.block for track in tracks if track.block is not None]
+        if len(blocks) == len(tracks):
+            U0 = torch.stack([block[:k] for block in blocks])
             hu = torch.stack([state.hvp(U0[:, i]) for i in range(k)], dim=1)
             M = U0 @ hu.detach().mT
             lam, Q = torch.linalg.eigh(0.5 * (M + M.mT))
@@ -393,14 +396,16 @@ class OscillationFlow(Flow):
         else:
             U, hu, fresh = None, None, torch.ones(len(tracks), dtype=torch.bool)
         if bool(fresh.any()):
-            warm = [None] * len(tracks) if U is None else list(U)
+            warm: list[Tensor | None] = [None] * len(tracks) if U is None else list(U)
             fields = zip(thetas.detach(), tracks, fresh.tolist(), warm, strict=True)
-            U = torch.stack([self.eigen(theta, track=track)[1] if bad else u for theta, track, bad, u in fields])
+            U = torch.stack([u if u is not None and not bad else self.eigen(theta, track=track)[1]
+                             for theta, track, bad, u in fields])
             hu = torch.stack([state.hvp(U[:, i]) for i in range(k)], dim=1)
         for track, u in zip(tracks, U, strict=True):
             track.block = u
             if track.t0 is None:
                 track.t0, track.block0 = time, u
+        assert hu is not None  # set with U, by the warm check or by the fresh solves
         return U, hu
 
     def hidden_coefficients(self) -> dict[str, float]:
@@ -411,6 +416,7 @@ class OscillationFlow(Flow):
     def hidden_fields(self, t: Tensor, y: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         batch = self._check_state(y)
         thetas, extras = self.split(batch)
+        assert extras is not None  # the flow carries extra state
         dm, dextra, fields = self._evaluate(t, thetas, extras, list(range(len(batch))), names)
         return self.join(dm, dextra), fields
 
@@ -435,10 +441,11 @@ class OscillationFlow(Flow):
         projected onto the PSD cone; ``rho = 0`` after it."""
         batch = y if y.dim() == 2 else y.unsqueeze(0)
         thetas, extras = self.split(batch)
+        assert extras is not None  # the flow carries extra state
         out = []
         for b in range(len(batch)):
             track = self._tracks.get(b)
-            if track is None or track.U_last is None or track.U_ref is None:
+            if track is None or track.U_last is None or track.U_ref is None or track.rates_last is None:
                 out.append(batch[b])
                 continue
             X = carry_covariance(self.covariance(extras[b]), track.U_ref, track.U_last,
