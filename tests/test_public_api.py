@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import neuralflow as nf
+from neuralflow.fit import fit_loss
 
 #: The public API of the design notes (the contract users, examples and acceptance checks rely on), as
 #: ``(dotted path, names it must have)``; ``""`` is the top level.
@@ -115,3 +116,12 @@ def test_term_library_feature_values_keep_their_old_method_name_with_a_warning()
     assert values.shape == (2, 2) and torch.allclose(values[:, 1], p.loss(p.theta0).detach().expand(2))
     with pytest.warns(DeprecationWarning, match="feature_values"):
         assert torch.equal(lib.features(states), values)
+
+
+@pytest.mark.parametrize("function", [nf.fit, fit_loss, nf.fit_runs])
+def test_fit_options_are_keyword_only_after_the_data(function):
+    """As ``torchdiffeq.odeint(func, y0, t, *, ...)``: the model and the data by position, every option by name."""
+    params = list(inspect.signature(function).parameters.values())
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    assert positional in (["model", "trajectory"], ["model", "trajectories"])
+    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params[len(positional):])

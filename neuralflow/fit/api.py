@@ -30,6 +30,7 @@ from .uncertainty import _cluster_meat, _coefficient_map, _uncertainty
 def fit_loss(
     model: Hybrid,
     trajectory: Trajectory,
+    *,
     window: int = 20,
     target: str = "iterates",
     method: str = "adjoint",
@@ -64,6 +65,7 @@ def fit_loss(
 def fit(
     model: Hybrid,
     trajectory: Trajectory | Sequence[Trajectory],
+    *,
     window: int = 20,
     target: str = "iterates",
     method: str = "adjoint",
@@ -249,7 +251,7 @@ def fit(
 
 
 def fit_runs(
-    model: Hybrid, trajectories: Sequence[Trajectory], universal_z: float = _UNIVERSAL_Z, per_run: bool = True,
+    model: Hybrid, trajectories: Sequence[Trajectory], *, universal_z: float = _UNIVERSAL_Z, per_run: bool = True,
     **options: Any,
 ) -> JointFitResult:
     """Fit one set of constant coefficients to several runs; say which terms are universal across them.
