@@ -100,6 +100,8 @@ HELP: dict[str, str] = {
     "fit.resume": "Gauss-Newton state file: continue the fit from it if it exists, update it every iteration.",
     "fit.extra_start": "For a flow with extra state: start each window's extra state from the trajectory's "
                        "measurement ('measured') or fit it per window ('fitted', needs --val-fraction 0).",
+    "fit.variance_weight": "Weight w of the measured oscillation variance in the loss, w * mean (log s_model - "
+                           "log s_measured)^2 (flows that predict it; 0 leaves it out).",
     # TermLibrary
     "TermLibrary.terms": "Correction terms, comma-separated (see corrections.TERMS).",
     "TermLibrary.gated": "Terms whose coefficient is gated by state features, comma-separated.",
