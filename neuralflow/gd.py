@@ -59,35 +59,76 @@ def run_gd(
 ) -> Trajectory:
     """Run ``steps`` steps of full-batch GD on ``problem`` and record the trajectory.
 
-    Sharpness (the top ``n_eigs`` eigenvalues of ``H``) is measured every ``eig_every`` steps
-    (``eig_every=0`` never) to relative residual ``eig_tol``, each solve warm-started from the
-    previous one. Iterates are kept every ``store_every`` steps (the last step always); scalar
-    series are kept at every step in ``Trajectory.history``.
-
-    An eigen-solve that misses ``eig_tol`` is retried up to ``eig_retries`` times from a cold
-    start with guard vectors and more iterations (:func:`_measure`); if it still fails, the step's
-    sharpness is recorded as NaN, ``history["eig_converged"]`` is False there, and a warning names
-    the steps: a value that failed its residual check is never recorded.
-
-    ``resume=path`` names the run's checkpoint file: if it exists, the run continues from it (its
-    settings must be these); with ``checkpoint_every=N`` the state is written there atomically every
-    ``N`` steps, at the end, and on an interruption. The result is bit for bit the uninterrupted run's.
-
-    ``noise = nu > 0`` adds Gaussian noise of standard deviation ``nu`` per coordinate after each step,
-    ``theta_{k+1} = theta_k - lr g_k + nu xi_k``, drawn from its own generator seeded with ``noise_seed`` on
-    the problem's device (same seed, same run); it seeds the edge-of-stability oscillation at a known
-    level (science.md 7). ``noise = 0`` leaves GD exactly as without it. Both are in ``meta``.
+    ``theta_{k+1} = theta_k - lr * grad L(theta_k)`` (plus ``nu xi_k`` with ``noise = nu > 0``). Scalar series are
+    kept at every step in ``Trajectory.history``; iterates every ``store_every`` steps (the last step always).
+    Sharpness is measured with warm-started LOBPCG on Hessian-vector products, each solve started from the
+    previous one. An eigen-solve that misses ``eig_tol`` is retried from a cold start with guard vectors and more
+    iterations; if it still fails, the step's sharpness is recorded as NaN, ``history["eig_converged"]`` is False
+    there, and a warning names the steps: a value that failed its residual check is never recorded.
 
     The period-two oscillation is measured at every step along the tracked eigenvectors (the series
     ``oscillation``, ``oscillation_total`` and ``smoothed_step`` of ``history``; see
     :attr:`Trajectory.oscillation`).
 
-    A non-finite loss or iterate stops the run with a :class:`DivergenceError` that names the
-    step and the last finite sharpness; ``error.partial`` is the trajectory up to that point.
-    Ctrl-C (KeyboardInterrupt) raises :class:`~neuralflow.errors.Interrupted`, whose ``partial`` is
-    the trajectory so far (and whose ``checkpoint`` is the file written, with ``resume``).
+    Parameters
+    ----------
+    problem : Problem
+        The loss over one flat parameter vector (:mod:`neuralflow.problems`).
+    lr : float
+        The step size, positive and finite.
+    steps : int
+        How many GD steps to take; the trajectory has ``steps + 1`` points.
+    eig_every : int, default 1
+        Measure the top eigenvalues of ``H`` every this many steps; 0 never.
+    n_eigs : int, default 1
+        How many of the top Hessian eigenvalues to track, in ``[1, problem.dim]``.
+    store_every : int, default 1
+        Keep the iterate every this many steps (the last one always).
+    progress : bool, default False
+        Show a tqdm bar (the command line and the demo do).
+    eig_tol : float, default 5e-3
+        Relative residual the eigen-solve must reach for a sharpness to be recorded.
+    theta0 : Tensor, optional
+        The starting point, shape ``(d,)``; the problem's own ``theta0`` if None.
+    eig_retries : int, default 2
+        Cold restarts of an eigen-solve that misses ``eig_tol``, each with four times the iterations.
+    checkpoint_every : int, default 0
+        Write the run's state to ``resume`` atomically every this many steps, at the end and on an
+        interruption; 0 never. Needs ``resume``.
+    resume : str or PathLike, optional
+        The run's checkpoint file (kind ``"gd-checkpoint"``): if it exists, the run continues from it (its
+        settings must be these), bit for bit as the uninterrupted run.
+    noise : float, default 0.0
+        ``nu``: the standard deviation of Gaussian noise added per coordinate after each step,
+        ``theta_{k+1} = theta_k - lr g_k + nu xi_k``; it seeds the edge-of-stability oscillation at a known level
+        (science.md 7). 0 leaves GD exactly as without it.
+    noise_seed : int, default 0
+        Seed of the noise's own generator on the problem's device (same seed, same run).
 
-    Quiet by default; ``progress=True`` shows a tqdm bar (the command line and the demo do).
+    Returns
+    -------
+    Trajectory
+        The recorded run; ``meta`` holds the settings above, ``noise`` and ``noise_seed`` included.
+
+    Raises
+    ------
+    InputError
+        On an invalid setting or starting point, or a ``resume`` file of another run.
+    DivergenceError
+        When the loss or the iterate turns non-finite; it names the step and the last finite sharpness, and
+        ``error.partial`` is the trajectory up to that point.
+    Interrupted
+        On Ctrl-C (KeyboardInterrupt); ``partial`` is the trajectory so far and ``checkpoint`` the file written
+        (with ``resume``).
+    FileFormatError
+        When the ``resume`` file is damaged or does not fit its settings.
+
+    Examples
+    --------
+    >>> import neuralflow as nf
+    >>> traj = nf.run_gd(nf.problems.quadratic([[1.0, 0.0], [0.0, 10.0]]), lr=0.1, steps=20)
+    >>> traj.iterates.shape
+    torch.Size([21, 2])
     """
     lr = check_lr(lr)
     eig_tol = check_positive_finite(eig_tol, "eig_tol")

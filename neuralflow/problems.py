@@ -146,7 +146,33 @@ def quadratic(
     """``L(theta) = 1/2 theta^T A theta`` with symmetric ``A``.
 
     GD, the principal flow and the modified-equation series agree exactly on it.
-    ``theta0`` defaults to the all-ones vector.
+
+    Parameters
+    ----------
+    A : Tensor or nested sequence of float
+        The symmetric ``(d, d)`` matrix.
+    theta0 : Tensor or sequence of float, optional
+        The initial point; None: the all-ones vector.
+    dtype : torch.dtype, default torch.float64
+        The parameters' and the data's dtype.
+    device : torch.device or str, optional
+        Where the parameters and the data live; None: the CPU.
+
+    Returns
+    -------
+    Problem
+        The loss over one flat parameter vector, with its initial point ``theta0``.
+
+    Raises
+    ------
+    InputError
+        When ``A`` is not a finite symmetric square matrix.
+
+    Examples
+    --------
+    >>> import neuralflow as nf
+    >>> nf.problems.quadratic([[1.0, 0.0], [0.0, 10.0]]).dim
+    2
     """
     A = _as_tensor(A, dtype, device)
     if A.dim() != 2 or A.shape[0] != A.shape[1]:
@@ -173,6 +199,25 @@ def zhu_quartic(
 
     On the minimum set ``xy = 1`` the sharpness is ``2 (x^2 + y^2) >= 4``; with ``lr = 0.2`` from
     the default initialisation GD enters the edge of stability.
+
+    Parameters
+    ----------
+    theta0 : sequence of two float, default (3.2, 0.3)
+        The initial point ``(x, y)``.
+    dtype : torch.dtype, default torch.float64
+        The parameters' and the data's dtype.
+    device : torch.device or str, optional
+        Where the parameters and the data live; None: the CPU.
+
+    Returns
+    -------
+    Problem
+        The loss over one flat parameter vector, with its initial point ``theta0``.
+
+    Raises
+    ------
+    InputError
+        When ``theta0`` does not have two entries.
     """
     x0 = _as_tensor(theta0, dtype, device)
     if x0.shape != (2,):
@@ -264,6 +309,41 @@ def mlp_digits(
     ``dtype`` and moved to ``device``: the same seed gives the same net, up to rounding, in every dtype and
     on every device (a float32 run against a float64 one compares round-off, not two nets). The flat
     vector follows ``named_parameters()`` order.
+
+    Parameters
+    ----------
+    n : int, default 1000
+        How many of the 1797 digits to use (the first ``n``).
+    widths : sequence of int, default (64, 64)
+        The hidden layers' widths.
+    activation : str, default "tanh"
+        ``"tanh"``, ``"gelu"``, ``"softplus"``, ``"sigmoid"`` or ``"relu"`` (not smooth: no flow that needs
+        Hessians or third derivatives applies).
+    seed : int, default 0
+        The seed of the initialisation.
+    dtype : torch.dtype, default torch.float64
+        The parameters' and the data's dtype.
+    device : torch.device or str, optional
+        Where the parameters and the data live; None: the CPU.
+    batch_size : int, optional
+        Split the data into parts of at most this many examples (the loss is unchanged); None: one part.
+
+    Returns
+    -------
+    Problem
+        The loss over one flat parameter vector, with its initial point ``theta0``.
+
+    Raises
+    ------
+    InputError
+        On an unknown activation, a non-positive width or ``n`` outside ``[1, 1797]``.
+
+    Examples
+    --------
+    >>> import neuralflow as nf
+    >>> problem = nf.problems.mlp_digits(n=100, widths=(8,))
+    >>> problem.dim
+    610
     """
     act, smooth = _activation(activation, "mlp_digits")
     widths = tuple(int(w) for w in widths)
@@ -321,6 +401,33 @@ def cnn_digits(
     :func:`mlp_digits` (``torch.manual_seed(seed)``, PyTorch's default initialisation in float64 on the CPU,
     then cast to ``dtype`` and moved to ``device``). The architecture family of the central-flow experiments
     (Cohen et al. 2025 train CNNs on CIFAR), small enough for third derivatives on a CPU.
+
+    Parameters
+    ----------
+    n : int, default 500
+        How many of the 1797 digits to use (the first ``n``).
+    channels : sequence of two int, default (8, 8)
+        The channels ``(c1, c2)`` of the two convolutions.
+    activation : str, default "tanh"
+        As in :func:`mlp_digits`.
+    seed : int, default 0
+        The seed of the initialisation.
+    dtype : torch.dtype, default torch.float64
+        The parameters' and the data's dtype.
+    device : torch.device or str, optional
+        Where the parameters and the data live; None: the CPU.
+    batch_size : int, optional
+        Split the data into parts of at most this many examples (the loss is unchanged); None: one part.
+
+    Returns
+    -------
+    Problem
+        The loss over one flat parameter vector, with its initial point ``theta0``.
+
+    Raises
+    ------
+    InputError
+        On an unknown activation, channels that are not two positive ints, or ``n`` outside ``[1, 1797]``.
     """
     act, smooth = _activation(activation, "cnn_digits")
     channels = tuple(int(c) for c in channels)
@@ -372,6 +479,31 @@ def lstm_recall(
     memory. ``LSTM(1, hidden)`` read out by ``Linear(hidden, 1)`` at the last step, initialised by
     PyTorch after ``torch.manual_seed(seed)`` in float64 on the CPU, then cast and moved. Smooth (sigmoid and
     tanh gates), so every flow applies.
+
+    Parameters
+    ----------
+    n : int, default 128
+        How many sequences (at most 100000).
+    length : int, default 8
+        The sequences' length (at most 1000).
+    hidden : int, default 8
+        The LSTM's hidden size (at most 4096).
+    seed : int, default 0
+        The seed of the data and of the initialisation.
+    dtype : torch.dtype, default torch.float64
+        The parameters' and the data's dtype.
+    device : torch.device or str, optional
+        Where the parameters and the data live; None: the CPU.
+
+    Returns
+    -------
+    Problem
+        The loss over one flat parameter vector, with its initial point ``theta0``.
+
+    Raises
+    ------
+    InputError
+        When ``n``, ``length`` or ``hidden`` is not a positive int within its limit.
     """
     for name, value, most in (("n", n, 100_000), ("length", length, 1000), ("hidden", hidden, 4096)):
         if check_positive_int(value, f"lstm_recall: {name}") > most:
@@ -417,8 +549,39 @@ def from_module(
     ``loss="mse"`` is ``0.5 ||f(x) - y||^2`` averaged over examples; ``loss="ce"`` is the mean
     cross-entropy (class indices or one-hot / soft targets). The flat vector concatenates
     ``named_parameters()`` in order; buffers stay as they are. Evaluation goes through
-    ``torch.func.functional_call``. With ``batch_size`` the data are split into chunks of at most
-    that many examples, each chunk one part of the loss.
+    ``torch.func.functional_call``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model ``f``; its parameters' dtype and device are the problem's.
+    inputs : Tensor
+        The examples' inputs, ``(N, ...)``.
+    targets : Tensor
+        The examples' targets, ``(N, ...)`` of the outputs' shape (``"ce"`` also takes ``(N,)`` class indices).
+    loss : str, default "mse"
+        ``"mse"`` or ``"ce"``.
+    batch_size : int, optional
+        Split the data into chunks of at most this many examples, each chunk one part of the loss (the loss is
+        unchanged); None: one part.
+
+    Returns
+    -------
+    Problem
+        The loss over one flat parameter vector, with its initial point ``theta0``.
+
+    Raises
+    ------
+    InputError
+        On an unknown loss, inputs and targets of different lengths or shapes, or non-finite data.
+
+    Examples
+    --------
+    >>> import torch, neuralflow as nf
+    >>> net = torch.nn.Linear(3, 1, dtype=torch.float64)
+    >>> x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+    >>> nf.problems.from_module(net, x, y).dim
+    4
     """
     if loss not in _LOSSES:
         raise InputError(f"from_module: unknown loss {loss!r}; choose from {sorted(_LOSSES)}.")
@@ -468,7 +631,35 @@ def from_module(
 
 
 def from_function(fn: LossFn, theta0: Tensor, name: str = "function") -> Problem:
-    """A problem from any loss callable ``fn(theta) -> 0-dim tensor`` and an initial point."""
+    """A problem from any loss callable ``fn(theta) -> 0-dim tensor`` and an initial point.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(theta) -> 0-dim tensor``, differentiable by autograd (twice for the flows that need the Hessian,
+        three times for those that need third derivatives).
+    theta0 : Tensor
+        The initial point, a non-empty 1-D tensor; its dtype and device are the problem's.
+    name : str, default "function"
+        The problem's name in tables and files.
+
+    Returns
+    -------
+    Problem
+        The loss over one flat parameter vector, with its initial point ``theta0``.
+
+    Raises
+    ------
+    InputError
+        When ``fn`` is not callable or ``theta0`` is not a non-empty 1-D tensor.
+
+    Examples
+    --------
+    >>> import torch, neuralflow as nf
+    >>> problem = nf.problems.from_function(lambda th: (th**4).sum(), torch.ones(3, dtype=torch.float64))
+    >>> problem.dim
+    3
+    """
     if not callable(fn):
         raise InputError(f"from_function: fn must be callable, got {type(fn).__name__}.")
     return Problem(name, theta0, [fn], {"function": getattr(fn, "__qualname__", repr(fn))})

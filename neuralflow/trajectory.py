@@ -39,7 +39,41 @@ class Trajectory:
     ``history`` holds the same scalar series at *every* step, whatever ``store_every`` was, and, from
     :func:`~neuralflow.gd.run_gd`, the oscillation series behind :attr:`oscillation` (``oscillation`` (n, n_eigs),
     ``oscillation_total``, ``smoothed_step``): projections, not eigenvectors, so files stay small.
-    ``problem`` is the problem's JSON description; ``meta`` free-form JSON-able notes.
+
+    Parameters
+    ----------
+    lr : float
+        GD's step size.
+    steps : Tensor
+        ``(T,)`` int64, the GD step of each stored iterate.
+    iterates : Tensor
+        ``(T, d)``, the stored iterates ``theta_k``.
+    loss : Tensor
+        ``(T,)``, ``L(theta_k)``.
+    grad_norm : Tensor
+        ``(T,)``, ``||g(theta_k)||``.
+    sharpness : Tensor
+        ``(T, n_eigs)``, the top Hessian eigenvalues, NaN where not measured.
+    update_u : Tensor
+        ``(T,)``, the update's component along the top eigenvector.
+    problem : dict
+        The problem's JSON description (``Problem.description``).
+    history : dict of str to Tensor
+        The scalar series at every step (and the oscillation series), keyed by name, with a ``step`` series.
+    meta : dict
+        Free-form JSON-able notes (``run_gd`` writes its settings there).
+
+    Raises
+    ------
+    InputError
+        When a series does not have one row per stored step.
+
+    Examples
+    --------
+    >>> import neuralflow as nf
+    >>> traj = nf.run_gd(nf.problems.zhu_quartic(), lr=0.05, steps=10)
+    >>> traj.slice(2, 5).steps.tolist()
+    [2, 3, 4]
     """
 
     lr: float
@@ -136,8 +170,22 @@ class Trajectory:
         oscillation grows from round-off or injected noise (in float64 full-batch GD that takes hundreds
         of steps). There the central flow's premise, an oscillation at quasi-static equilibrium (Cohen
         et al., ICLR 2025), fails, and a coefficient gated on ``lr * S - 2`` cannot be a function of the
-        state. Steps where the measurement is undefined (the first and last two) are not quiet. Pass the
-        result to ``fit(..., exclude=...)``.
+        state. Steps where the measurement is undefined (the first and last two) are not quiet.
+
+        Parameters
+        ----------
+        ratio : float, default ESTABLISHED_RATIO
+            The oscillation is established where its amplitude exceeds ``ratio`` times the smoothed step.
+
+        Returns
+        -------
+        list of (int, int)
+            The quiet ranges ``[start, stop)``, in order; pass them to ``fit(..., exclude=...)``.
+
+        Raises
+        ------
+        InputError
+            When the sharpness was not measured at every step (``eig_every > 1``).
         """
         osc = self.oscillation
         source = self.history if self.history else {"step": self.steps, "sharpness": self.sharpness}
@@ -157,7 +205,25 @@ class Trajectory:
         return ranges
 
     def slice(self, start: int | None = None, stop: int | None = None) -> Trajectory:
-        """The part with ``start <= step < stop`` (either bound may be None)."""
+        """The part with ``start <= step < stop``.
+
+        Parameters
+        ----------
+        start : int, optional
+            First step kept; None: from the beginning.
+        stop : int, optional
+            First step no longer kept; None: to the end.
+
+        Returns
+        -------
+        Trajectory
+            The stored iterates and the ``history`` rows in the range.
+
+        Raises
+        ------
+        InputError
+            When no stored step lies in the range.
+        """
         lo = -math.inf if start is None else start
         hi = math.inf if stop is None else stop
         keep = (self.steps >= lo) & (self.steps < hi)
@@ -197,7 +263,20 @@ class Trajectory:
         return replace(inner, iterates=mid, meta={**self.meta, "smoothed": True})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Trajectory:
-        """A copy with every tensor on ``device`` and every floating tensor in ``dtype`` (None: unchanged)."""
+        """A copy with every tensor on ``device`` and every floating tensor in ``dtype``.
+
+        Parameters
+        ----------
+        device : torch.device or str, optional
+            Where the tensors go; None: where they are.
+        dtype : torch.dtype, optional
+            The floating tensors' dtype; None: unchanged. Integer and boolean tensors keep theirs.
+
+        Returns
+        -------
+        Trajectory
+            The copy.
+        """
         move = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
         return replace(
             self,
@@ -245,7 +324,18 @@ class Trajectory:
 
     # ------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write to ``path`` (suffix ``.nft`` by convention): tensors + JSON, atomic, no pickle."""
+        """Write the trajectory to a file: tensors + JSON, atomic, no pickle.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            The file (suffix ``.nft`` by convention); replaced atomically if it exists.
+
+        Returns
+        -------
+        Path
+            The file written.
+        """
         tensors = {"steps": self.steps, "iterates": self.iterates}
         tensors.update({name: getattr(self, name) for name in _SERIES})
         tensors.update({f"history.{k}": v for k, v in self.history.items()})
@@ -258,13 +348,48 @@ class Trajectory:
 
         The metadata is checked against its schema (and covered by the file's checksum) and the
         tensors' dtypes and shapes against each other before the trajectory is built.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            The ``.nft`` file.
+        device : torch.device or str, optional
+            Where to put the tensors; None: the CPU, as stored.
+
+        Returns
+        -------
+        Trajectory
+            The trajectory the file holds.
+
+        Raises
+        ------
+        FileFormatError
+            When the file is not a trajectory, is damaged, or its tensors do not fit together.
         """
         traj = cls._build(*_io.read(path, _KIND), str(path))
         return traj if device is None else traj.to(device)
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "<bytes>") -> Trajectory:
-        """The trajectory held by the bytes of a ``.nft`` file, checked as :meth:`load` does (``where`` names it)."""
+        """The trajectory held by the bytes of a ``.nft`` file, checked as :meth:`load` does.
+
+        Parameters
+        ----------
+        data : bytes
+            The file's contents.
+        where : str, default "<bytes>"
+            What error messages call the data (a file name or an address).
+
+        Returns
+        -------
+        Trajectory
+            The trajectory the bytes hold.
+
+        Raises
+        ------
+        FileFormatError
+            When the bytes are not a trajectory file, are damaged, or its tensors do not fit together.
+        """
         return cls._build(*_io.parse(data, _KIND, where), where)
 
     @classmethod
@@ -286,7 +411,18 @@ class Trajectory:
 
     # ------------------------------------------------------------------- plots
     def plot(self, ax: Any = None) -> Any:
-        """Loss (log scale) and sharpness with the ``2/lr`` line; returns the figure."""
+        """Plot the loss (log scale) and the sharpness with the ``2/lr`` line.
+
+        Parameters
+        ----------
+        ax : pair of matplotlib Axes, optional
+            The loss and the sharpness axes to draw on; None: a new figure with two rows.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            The figure (returned, not shown). Needs matplotlib.
+        """
         import matplotlib.pyplot as plt
 
         src = self.history if self.history else {
