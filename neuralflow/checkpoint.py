@@ -201,12 +201,30 @@ def _problem(
 
 
 def save(result: FitResult, path: str | os.PathLike, report: Report | bool = True) -> Path:
-    """Write ``result`` to ``path`` (suffix ``.nff`` by convention) atomically; returns the path.
+    """Write a fit's result to a file atomically: tensors and JSON, no pickle.
 
-    ``report=True`` stores the numbers of ``build_report(result)`` (computed here; a failure is
-    recorded in the file and reported as a warning, never fails the save), a :class:`Report`
-    already built is stored as it is, ``False`` stores none. The format is described in the
-    module docstring.
+    The format is described in the module docstring; :func:`load` reads it back.
+
+    Parameters
+    ----------
+    result : FitResult
+        The fit (from :func:`neuralflow.fit.fit`); its flow and correction must be registered ones.
+    path : str or PathLike
+        The file (suffix ``.nff`` by convention); replaced atomically if it exists.
+    report : Report or bool, default True
+        True: store the numbers of ``build_report(result)``, computed here (a failure is recorded in the file
+        and reported as a warning, never fails the save); a :class:`Report` already built: store it as it is;
+        False: store none.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Raises
+    ------
+    InputError
+        When ``result`` is not a ``FitResult`` or its model is not made of registered flows and corrections.
     """
     if not isinstance(result, FitResult):
         raise InputError(f"save: expected a FitResult (from nf.fit), got {type(result).__name__}.")
@@ -243,12 +261,37 @@ def load(
 ) -> FitResult:
     """Read a checkpoint written by :func:`save` and rebuild a working :class:`FitResult`.
 
-    The problem is rebuilt from its stored description (on ``device``), or taken from ``problem``
-    for problems that cannot be rebuilt (``from_module``, ``from_function``); either way its loss
-    at the first target state must match the one recorded. Errors (:class:`FileFormatError` for
-    the file, :class:`InputError` for the problem) name the file and say what to do. A problem of
-    more than ``max_params`` parameters is not rebuilt from a file unless the limit is raised (None: none),
-    nor a problem from the user's own Python file unless ``allow_code`` (rebuilding it runs that file).
+    Either way the problem is obtained, its loss at the first target state must match the one recorded.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The ``.nff`` file.
+    problem : Problem, optional
+        The problem the fit was made on, for problems that cannot be rebuilt from their description
+        (``from_module``, ``from_function``); None: rebuilt from the stored description.
+    device : torch.device or str, optional
+        Where a problem rebuilt from its description lives (the model and the tensors follow the problem);
+        None: the CPU. Unused when ``problem`` is given.
+    max_params : int or None, default MAX_PARAMS
+        A problem of more parameters is not rebuilt from a file unless the limit is raised; None: no limit.
+    allow_code : bool, default False
+        Rebuild a problem from the user's own Python file (:func:`~neuralflow.problems.from_file`), which runs
+        that file.
+
+    Returns
+    -------
+    FitResult
+        The fit, with its model, trajectory, coefficients and settings.
+
+    Raises
+    ------
+    FileFormatError
+        When the file is not a fit checkpoint, is damaged, or its parts do not fit together; the error names the
+        file.
+    InputError
+        When the problem cannot be rebuilt (too large, code not allowed, unregistered) or gives another loss at
+        the first state than the one recorded; the error says what to pass.
     """
     tensors, header = _io.read(path, _KIND)
     meta = header["meta"]

@@ -240,17 +240,55 @@ def compare(
 ) -> Comparison:
     """Simulate each flow from the trajectory's first iterate and compare it with GD.
 
-    The problem is rebuilt from ``trajectory.problem`` (``problems.make``) unless given. ``steps``
-    limits the comparison to stored steps ``<= steps``. Per flow: distance to the GD iterates and,
-    for a dense recording, to the smoothed iterates (interior steps); relative loss error; at
-    ``n_probe`` evenly spaced stored steps the sharpness (LOBPCG, warm-started) against GD's, and the
-    predicted time-averaged loss (``CentralFlow.predicted_loss``, ``OscillationFlow``'s ``L + 1/2 <H, Sigma>``;
-    the loss itself for other flows) against GD's loss averaged over ``+-half_width`` steps. A flow with extra
-    state starts it from the trajectory (``flow.initial_extra``); the oscillation flow's predicted variance
-    and the step at which its oscillation becomes established are reported beside GD's. ``solver``
-    (a torchdiffeq method), ``step_size``, ``rtol`` and ``atol`` go to :func:`simulate` for every flow (default:
-    each flow's own solver). ``window=`` and ``method=`` are the old names of ``half_width=`` and ``solver=``
-    (deprecated: a fit's ``window`` is its shooting window and its ``method`` the gradient method).
+    Per flow: distance to the GD iterates and, for a dense recording, to the smoothed iterates (the midpoint
+    process of Cohen et al. 2025, interior steps); relative loss error; at ``n_probe`` evenly spaced stored steps
+    the sharpness (LOBPCG, warm-started) against GD's, and the predicted time-averaged loss
+    (``CentralFlow.predicted_loss``, ``OscillationFlow``'s ``L + 1/2 <H, Sigma>``; the loss itself for other
+    flows) against GD's loss averaged over ``+-half_width`` steps. A flow with extra state starts it from the
+    trajectory (``flow.initial_extra``); the oscillation flow's predicted variance and the step at which its
+    oscillation becomes established are reported beside GD's.
+
+    Parameters
+    ----------
+    trajectory : Trajectory
+        The GD run, from :func:`~neuralflow.gd.run_gd`.
+    *flows : Flow
+        The flows to compare, each at the trajectory's ``lr``; at least one.
+    problem : Problem, optional
+        The problem the run was on; None: rebuilt from ``trajectory.problem`` (``problems.make``).
+    steps : int, optional
+        Compare only the stored steps ``<= steps``; None: all.
+    half_width : int, default 10
+        GD's loss is averaged over ``+-half_width`` steps for the time-averaged-loss error.
+    n_probe : int, default 50
+        How many evenly spaced stored steps the sharpness is evaluated at.
+    progress : bool, default False
+        Show a tqdm bar per flow.
+    solver : str, optional
+        A torchdiffeq method for every flow (:func:`~neuralflow.flows.simulate`); None: each flow's own solver.
+    step_size : float, optional
+        The solver's fixed step, in steps.
+    rtol : float, optional
+        The solver's relative tolerance.
+    atol : float, optional
+        The solver's absolute tolerance.
+    window : int, optional
+        Deprecated old name of ``half_width`` (a fit's ``window`` is its shooting window).
+    method : str, optional
+        Deprecated old name of ``solver`` (a fit's ``method`` is its gradient method).
+
+    Returns
+    -------
+    Comparison
+        ``records`` per flow and one row per flow in ``rows`` (``str()`` prints the table, ``to_frame()``
+        gives a DataFrame, ``plot()`` the figure).
+
+    Raises
+    ------
+    InputError
+        Without flows, with a flow at another ``lr``, or with fewer than two stored steps.
+    DivergenceError
+        When a flow blows up (from :func:`~neuralflow.flows.simulate`).
     """
     half_width = renamed(half_width, window, "window -> half_width", "compare", default=10)
     solver = renamed(solver, method, "method -> solver", "compare")

@@ -413,6 +413,45 @@ class TermLibrary(Correction):
     of stability unless it is also listed in ``baseline``: its coefficient is then a constant below
     the edge plus a gated change at ``lr S = 2`` (e.g. ``Hg``: ``-1/2`` from the modified equation
     below the edge, whatever the oscillation makes of it above).
+
+    Parameters
+    ----------
+    problem : Problem
+        The loss GD runs on.
+    lr : float
+        GD's step size.
+    terms : sequence of str, default ("Hg",)
+        Names from :data:`TERMS`, at least one, none repeated.
+    gated : sequence of str or bool, optional
+        The terms (a subset of ``terms``) whose coefficient is a gate of the ``features``; True: every term;
+        None or False: none (every coefficient constant).
+    features : sequence of str, default ("lr_S_minus_2", "lr_S", "loss")
+        Names from :data:`FEATURES`: the gates' inputs.
+    hidden : int, default 8
+        Width of each gate's small MLP.
+    max_critical : int, default 4
+        At most this many eigenvalues count as critical (``>= 1.95 / lr``) in the terms and features that sum
+        over them (``gradScrit``, ``sigma2``).
+    eig_tol : float, default 1e-6
+        LOBPCG's relative residual for the top eigenpairs the terms and features need.
+    amplitude : sequence of str, default ()
+        Names from :data:`FEATURES` in which a gated coefficient's amplitude is linear (``sigma2``: ``c = w
+        sigma2``); needs gated terms.
+    baseline : sequence of str, default ()
+        Gated terms whose coefficient below the edge is a learned constant rather than 0.
+
+    Raises
+    ------
+    InputError
+        On an unknown or repeated name, a gated or baseline term outside its parent list, amplitude features
+        without gated terms, or a non-positive ``hidden`` or ``max_critical``.
+
+    Examples
+    --------
+    >>> import neuralflow as nf
+    >>> lib = nf.TermLibrary(nf.problems.zhu_quartic(), lr=0.2, terms=["Hg", "H2g"])
+    >>> lib.terms
+    ['Hg', 'H2g']
     """
 
     name = "term-library"
@@ -618,6 +657,33 @@ class NeuralCorrection(Correction):
     scalar state features of :data:`FEATURES` (then ``F_a`` depends on ``theta`` only through
     them). Two tanh hidden layers of width ``hidden``; the output layer starts at 0, so the
     model starts as the physics alone (the universal differential equations of Rackauckas et al. 2020).
+
+    Parameters
+    ----------
+    problem : Problem
+        The loss GD runs on.
+    lr : float
+        GD's step size.
+    features : str, default "state"
+        What the network reads (stored as ``inputs``): ``"state"`` (``theta``) or ``"features"`` (the
+        ``feature_names``).
+    hidden : int, default 64
+        Width of the two hidden layers.
+    feature_names : sequence of str, default ("lr_S_minus_2", "lr_S", "loss")
+        Names from :data:`FEATURES`, read with ``features="features"``.
+    seed : int, default 0
+        Seed of the network's initialisation (the global generator is left as it was).
+    max_critical : int, default 4
+        At most this many eigenvalues count as critical (``>= 1.95 / lr``) in the terms and features that sum
+        over them (``gradScrit``, ``sigma2``).
+    eig_tol : float, default 1e-6
+        LOBPCG's relative residual for the top eigenpairs the terms and features need.
+
+    Raises
+    ------
+    InputError
+        On ``features`` other than ``"state"`` or ``"features"``, an unknown feature name, or a non-positive
+        ``hidden`` or ``max_critical``.
     """
 
     name = "neural"

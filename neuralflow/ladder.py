@@ -91,19 +91,49 @@ def ladder(
 ) -> Ladder:
     """Fit the same correction library on top of each physics flow and tabulate the gap.
 
-    ``physics`` are flows built on the trajectory's problem (for example ``GradientFlow``,
-    ``ModifiedFlow(order=1)``, ``CentralFlow``), or their names in ``flows.FLOWS`` (built on
-    ``problem``, by default rebuilt from the trajectory's description), from the crudest to the
-    most refined; each gets
-    a ``TermLibrary(terms, gated, features, baseline)`` and is fitted with ``fit(model, trajectory,
-    **fit_kwargs)``; ``report_options`` go to :func:`build_report`. This is the physicist's loop:
-    observe, model, compare, revise, refit.
+    Each physics flow, from the crudest to the most refined, gets a ``TermLibrary(terms, gated, features,
+    baseline)`` and is fitted with ``fit(model, trajectory, **fit_kwargs)``; its report is built with
+    :func:`build_report`. This is the physicist's loop: observe, model, compare, revise, refit.
 
     A rung whose flow carries state beyond ``theta`` (the oscillation flow) gets a
-    :class:`~neuralflow.corrections.HiddenStateLibrary` instead: ``hidden_terms``, by default those of the growth
-    ``floquet``, the amplitude-dependent rate, the floor and the drift coupling that the flow supports
-    (:func:`neuralflow.report.hidden.default_hidden_terms`). So gradient flow, central flow and oscillation flow
-    give one table: each rung's gap, what its correction closed, its top revision.
+    :class:`~neuralflow.corrections.HiddenStateLibrary` instead. So gradient flow, central flow and oscillation
+    flow give one table: each rung's gap, what its correction closed, its top revision.
+
+    Parameters
+    ----------
+    trajectory : Trajectory
+        The GD run every rung is fitted to.
+    physics : sequence of Flow or str
+        Flows built on the trajectory's problem (for example ``GradientFlow``, ``ModifiedFlow(order=1)``,
+        ``CentralFlow``), or their names in ``flows.FLOWS`` (built on ``problem``); at least one.
+    terms : sequence of str, default ("Hg",)
+        The library's terms (:class:`~neuralflow.corrections.TermLibrary`).
+    gated : sequence of str or bool, optional
+        The library's gated terms.
+    features : sequence of str, optional
+        The gates' features; None: the library's default.
+    baseline : sequence of str, default ()
+        The gated terms with a learned constant below the edge.
+    report_options : dict, optional
+        Keywords for :func:`build_report`.
+    problem : Problem, optional
+        The problem flows given by name are built on; None: rebuilt from the trajectory's description.
+    hidden_terms : sequence of str, optional
+        The :class:`~neuralflow.corrections.HiddenStateLibrary` terms of a rung with extra state; None: those of
+        the growth ``floquet``, the amplitude-dependent rate, the floor and the drift coupling that the flow
+        supports (:func:`neuralflow.report.hidden.default_hidden_terms`).
+    **fit_kwargs
+        Options of :func:`neuralflow.fit.fit` (``window``, ``method``, ``max_iters``, ...), the same for every rung.
+
+    Returns
+    -------
+    Ladder
+        One :class:`Report` per rung (``reports``) and the fits (``results``); ``str()`` prints the table.
+
+    Raises
+    ------
+    InputError
+        Without physics, or with an unknown flow name.
     """
     if not physics:
         raise InputError("ladder: pass at least one physics flow, e.g. [GradientFlow(p, lr), CentralFlow(p, lr)].")

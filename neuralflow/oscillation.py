@@ -5,8 +5,9 @@ period-two component (Cohen et al., ICLR 2025; Damian, Nichani, Lee, ICLR 2023).
 
 * ``e_k = theta_k - m_k = -(theta_{k-1} - 2 theta_k + theta_{k+1}) / 4`` with ``m`` the midpoint process.
   It contains the smooth trajectory's curvature too, about ``-theta''/4``: below the edge of stability
-  ``||e_k||^2`` sits at 1e-17..1e-16 on the digits runs while the injected variance is 1e-20, so
-  ``||e||^2`` means nothing below that floor. Recorded as ``total = ||e_k||^2``.
+  ``||e_k||^2`` has a floor set by that curvature, which can lie far above a small injected variance, so
+  ``||e||^2`` means nothing below that floor (the README's oscillation section, ``benchmarks/oscillation.py``,
+  gives the floors measured on the digits runs). Recorded as ``total = ||e_k||^2``.
 * the **period-two demodulation** ``x_k ~ (-1)^k d_k``,
   ``d_k = (theta_{k-2} - 4 theta_{k-1} + 6 theta_k - 4 theta_{k+1} + theta_{k+2}) / 16``:
   the fourth difference passes a sign-alternating sequence with gain exactly 1 and suppresses a smooth
@@ -19,8 +20,8 @@ period-two component (Cohen et al., ICLR 2025; Damian, Nichani, Lee, ICLR 2023).
 at least ``ratio^2`` times the squared smoothed step, ``s_k >= (ratio ||m_{k+1} - m_k||)^2``
 (``ratio = 0.1``: the oscillation's amplitude is a tenth of how far the time-averaged iterate moves
 per step). The same rule (:func:`established`) is applied to GD's measured variance and to a flow's
-predicted variance with the flow's own step. On the digits runs the two regimes differ by several
-orders of magnitude, so the ratio is not delicate.
+predicted variance with the flow's own step. The two regimes differ by orders of magnitude (see
+``benchmarks/oscillation.py``), so the ratio is not delicate.
 """
 
 from __future__ import annotations

@@ -23,8 +23,33 @@ ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 @dataclass(frozen=True)
 class Solver:
-    """A torchdiffeq ``method`` with its ``step_size`` (fixed grid; None: torchdiffeq's, one step per output time)
-    or its tolerances ``rtol`` and ``atol`` (adaptive). The default is ``dopri5`` with ``rtol=1e-7, atol=1e-9``."""
+    """An ODE integrator: a torchdiffeq ``method`` with its fixed step or its tolerances.
+
+    Validated once, when it is made; immutable (:meth:`override` makes a changed copy).
+
+    Parameters
+    ----------
+    method : str, default "dopri5"
+        A torchdiffeq method: one of :data:`FIXED_GRID` or :data:`ADAPTIVE`.
+    step_size : float, optional
+        The fixed grid's step, in GD steps; None: torchdiffeq's (one step per output time). Unused by an
+        adaptive method.
+    rtol : float, default 1e-7
+        The relative tolerance of an adaptive method.
+    atol : float, default 1e-9
+        The absolute tolerance of an adaptive method.
+
+    Raises
+    ------
+    InputError
+        On an unknown method, or a step size or tolerance that is not positive and finite.
+
+    Examples
+    --------
+    >>> from neuralflow.solvers import Solver
+    >>> Solver("rk4", step_size=0.5).odeint_options()
+    {'method': 'rk4', 'options': {'step_size': 0.5}, 'rtol': 1e-07, 'atol': 1e-09}
+    """
 
     method: str = "dopri5"
     step_size: float | None = None

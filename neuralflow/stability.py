@@ -92,10 +92,36 @@ def stability(
 ) -> Stability:
     """Re-fit ``result``'s model on ``replicates`` delete-half block resamples of ``trajectory``; see the module.
 
-    ``trajectory`` is the one passed to :func:`~neuralflow.fit.fit` (not ``result.trajectory``, which
-    holds the fit's targets, smoothed if ``target="smoothed"``). ``report_options`` go to
-    :func:`~neuralflow.report.build_report` for the original and every re-fit. The fit's own
-    ``exclude`` is kept in every re-fit.
+    Each re-fit starts from a copy of the fitted model, repeats the fit's own settings (its ``exclude`` kept)
+    and leaves out a random half of the blocks; a re-fit that fails is counted, not raised.
+
+    Parameters
+    ----------
+    result : FitResult
+        The fit whose conclusions are tested.
+    trajectory : Trajectory
+        The trajectory passed to :func:`~neuralflow.fit.fit` (not ``result.trajectory``, which holds the
+        fit's targets, smoothed if ``target="smoothed"``).
+    replicates : int, default 20
+        How many resampled re-fits.
+    blocks : int, default 8
+        Consecutive blocks of steps the fitted span is split into; each re-fit keeps half of them (at least 2).
+    seed : int, default 0
+        Seed of the blocks each re-fit leaves out.
+    **report_options
+        Keywords for :func:`~neuralflow.report.build_report`, for the original and every re-fit.
+
+    Returns
+    -------
+    Stability
+        How often each conclusion came out on top, and the spread of every coefficient and of the fraction
+        of the gap closed; ``str()`` prints them.
+
+    Raises
+    ------
+    InputError
+        When ``result`` is not a ``FitResult``, ``trajectory`` not a ``Trajectory``, or ``replicates`` or
+        ``blocks`` out of range.
     """
     if not isinstance(result, FitResult):
         raise InputError(f"stability: expected a FitResult, got {type(result).__name__}.")

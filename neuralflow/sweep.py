@@ -548,16 +548,41 @@ def sweep(
 ) -> Any:
     """Run every configuration (see the module docstring) as an independent task; return the table.
 
-    Returns a pandas DataFrame with one row per configuration, in the order given: the configuration
-    (nested keys dotted, lists as JSON), ``status``, ``eos_onset`` (first step with ``S >= 2/lr``),
-    ``plateau`` (median sharpness over the last quarter of the run) and ``plateau_ratio``
-    (``plateau / (2/lr)``), ``quiet_stretches`` / ``quiet_steps`` / ``quiet_first`` (the stretches past
-    ``2/lr`` without oscillation, :meth:`Trajectory.eos_transients`), ``distance.<flow>`` and
-    ``final_distance.<flow>`` for compared flows, ``coef.<term>`` and ``se.<term>`` for a fit, wall
-    times (:data:`TIMING_COLUMNS`), versions and the run's files (relative to ``out``). Runs already in
-    ``out`` are read back, not run again. ``engine``: ``"local"`` (``workers`` processes), ``"ray"``
-    (``address``), or an :class:`Engine`; each task uses ``threads`` torch threads. Quiet by default;
-    ``progress=True`` shows a bar over the runs.
+    Runs already in ``out`` are read back, not run again; a configuration listed twice runs once.
+
+    Parameters
+    ----------
+    configs : sequence of dict
+        The configurations, at least one (:func:`grid` builds a product of axes).
+    out : str or PathLike, default "sweep"
+        The folder of the runs' files and the table; made if missing, refused if another program wrote it.
+    engine : str or Engine, default "local"
+        ``"local"`` (``workers`` processes), ``"ray"`` (``address``), or an :class:`Engine`.
+    workers : int, optional
+        Processes of the local engine; None: its default.
+    address : str, optional
+        The Ray cluster's address (``engine="ray"`` only); None: a local Ray.
+    threads : int, default 1
+        Torch threads per task.
+    progress : bool, default False
+        Show a bar over the runs.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per configuration, in the order given: the configuration (nested keys dotted, lists as JSON),
+        ``status``, ``eos_onset`` (first step with ``S >= 2/lr``), ``plateau`` (median sharpness over the last
+        quarter of the run) and ``plateau_ratio`` (``plateau / (2/lr)``), ``quiet_stretches`` / ``quiet_steps``
+        / ``quiet_first`` (the stretches past ``2/lr`` without oscillation, :meth:`Trajectory.eos_transients`),
+        ``distance.<flow>`` and ``final_distance.<flow>`` for compared flows, ``coef.<term>`` and ``se.<term>``
+        for a fit, wall times (:data:`TIMING_COLUMNS`), versions and the run's files (relative to ``out``).
+
+    Raises
+    ------
+    InputError
+        Without pandas, on an unknown engine, empty or invalid configurations, or ``address`` without Ray.
+    FileFormatError
+        When ``out`` holds files another program or another sweep format wrote.
     """
     try:
         import pandas as pd

@@ -6,6 +6,7 @@ naming a parameter the signature no longer has) is a documentation bug this test
 
 from __future__ import annotations
 
+import doctest
 import importlib
 import inspect
 import re
@@ -68,7 +69,7 @@ def section(doc: str, title: str) -> str | None:
     for i, match in enumerate(headers):
         if match.group(1).strip() == title:
             end = headers[i + 1].start() if i + 1 < len(headers) else len(doc)
-            return doc[match.end():end]
+            return doc[match.end() : end]
     return None
 
 
@@ -117,7 +118,7 @@ def test_parameters_section_names_every_parameter(module: str, dotted: str) -> N
 
 
 def test_parser_reads_numpydoc_sections() -> None:
-    doc = inspect.cleandoc('''Summary.
+    doc = inspect.cleandoc("""Summary.
 
     Parameters
     ----------
@@ -130,6 +131,25 @@ def test_parser_reads_numpydoc_sections() -> None:
     -------
     int
         Not a parameter.
-    ''')
+    """)
     assert documented_parameters(doc) == ["a", "*args", "**options"]
     assert documented_parameters("Summary without sections.") == []
+
+
+#: Modules whose entry points carry an ``Examples`` section; the examples must run and print what they show.
+EXAMPLE_MODULES = [
+    "neuralflow.gd",
+    "neuralflow.trajectory",
+    "neuralflow.problems",
+    "neuralflow.flows.gradient",
+    "neuralflow.flows.simulate",
+    "neuralflow.corrections",
+    "neuralflow.solvers",
+]
+
+
+@pytest.mark.parametrize("module", EXAMPLE_MODULES)
+def test_examples_run(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{module} has no examples; drop it from EXAMPLE_MODULES"
+    assert result.failed == 0, f"{module}: {result.failed} example(s) fail (the doctest output above says which)"

@@ -239,6 +239,24 @@ OVERSIZED = {"neuralflow.cli", "neuralflow.corrections", "neuralflow.options", "
 MAX_LINES = 450
 
 
+def code_lines(source: str) -> int:
+    """Lines of ``source`` outside docstrings: the numpydoc sections the entry points must carry
+    (``tests/test_docstrings.py``) document the code and do not make a module one to split."""
+    docstrings = 0
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                    first.value.value, str):
+                docstrings += (first.end_lineno or first.lineno) - first.lineno + 1
+    return len(source.splitlines()) - docstrings
+
+
 def test_modules_stay_short():
-    long = {m for m, p in MODULES.items() if len(p.read_text().splitlines()) > MAX_LINES}
+    long = {m for m, p in MODULES.items() if code_lines(p.read_text()) > MAX_LINES}
     assert long <= OVERSIZED, f"split these along their seams: {sorted(long - OVERSIZED)}"
+
+
+def test_code_lines_leave_out_docstrings_only():
+    source = 'def f():\n    """Two\n    lines."""\n    x = "not a docstring"\n    return x\n'
+    assert code_lines(source) == 3

@@ -227,13 +227,7 @@ class WarmStart:
 class CentralFlow(Flow):
     """GD's central flow, ``dtheta/dt = -lr [g + 1/2 grad <H, Sigma>]``, several critical eigenvalues.
 
-    See the module docstring for the derivation of ``Sigma``. Parameters: ``critical`` (eigenvalues
-    ``>= critical / lr`` are critical; 1.95 as in the paper's code), ``relaxation`` (``tau`` in steps,
-    the time constant with which a critical eigenvalue below ``2/lr`` is drawn to it; keep it at least
-    the solver's step), ``max_critical`` (at most this many critical eigenvalues; 1 gives the
-    single-eigenvalue flow and adds the ``single-critical-eigenvalue`` approximation), ``eig_tol``
-    (LOBPCG relative residual; the eigenvectors only enter through ``Sigma``, which is invariant to
-    rotations within a cluster, so 1e-3 is enough), ``sdcp_tol``, ``gram_every``, ``above_edge``.
+    See the module docstring for the derivation of ``Sigma``.
 
     Cost: the complementarity problem needs ``A`` (through ``<D_kl, g> = u_k . D3L[g, u_l]``: k double
     backward passes) and the Gram matrix ``B`` of the ``D_kl`` (k(k+1)/2 passes, the bulk at several
@@ -256,9 +250,9 @@ class CentralFlow(Flow):
     keeps ``d lambda / dt <= 0`` there instead of pulling ``lambda`` down to ``2/lr`` within
     ``relaxation`` steps (which, from a state well above the edge, is a large jump). That is an
     extension, not the paper's flow. It lets the central flow serve as the physics of a fit to
-    smoothed GD, whose states hover a little above ``2/lr`` at the edge of stability (median
-    sharpness 13.9 against ``2/lr = 13.3`` on the 500-digit run at lr = 0.15); the excess is charged
-    to the quasi-static-oscillation approximation.
+    smoothed GD, whose states hover a little above ``2/lr`` at the edge of stability (the README's fit at the
+    edge of stability, ``benchmarks/eos_fit.py``); the excess is charged to the quasi-static-oscillation
+    approximation.
 
     Derivatives for the adjoint: ``U`` and ``X`` are computed outside the autograd graph. When
     ``theta`` requires grad, ``forward`` returns ``-lr [g + 1/2 grad_theta sum_kl X_kl u_k^T H u_l]``
@@ -268,12 +262,43 @@ class CentralFlow(Flow):
     complementarity solution). Without grad, the same field comes from one :class:`Curvature`.
 
     Discretisation (``simulate`` default): explicit Euler with step 1/2 (2 substeps per GD step); the
-    paper's reference uses 1/4. On the digits run (n = 1000, lr = 0.1), 120 steps across the EoS onset
-    from step 700 differ by at most 5e-5 between the two, against 0.034 from the smoothed GD
-    iterates, at half the cost. The flow is a projected (constrained) flow whose right-hand side has kinks
+    paper's reference uses 1/4, which gives the same trajectory well within its distance to smoothed GD at
+    twice the cost (the README's central-flow section, ``benchmarks/bench_flows.py``). The flow is a projected
+    (constrained) flow whose right-hand side has kinks
     where eigenvalues enter or leave the critical set, which breaks the error estimates of adaptive
     solvers; Euler with ``tau >= step`` is stable along the critical directions (factor ``1 - step/tau``
     on the margin) and along ``u`` (``|1 - step lr lambda| = 0`` at ``lambda = 2/lr``).
+
+    Parameters
+    ----------
+    problem : Problem
+        The loss GD runs on.
+    lr : float
+        GD's step size; time is in steps (iterate ``k`` at ``t = k``).
+    critical : float, default 1.95
+        Eigenvalues ``>= critical / lr`` are critical (1.95 as in the paper's code).
+    relaxation : float, default 1.0
+        ``tau`` in steps: the time constant with which a critical eigenvalue below ``2/lr`` is drawn to it; keep
+        it at least the solver's step.
+    max_critical : int, default 8
+        At most this many critical eigenvalues; 1 gives the single-eigenvalue flow and adds the
+        ``single-critical-eigenvalue`` approximation.
+    eig_tol : float, default 1e-3
+        LOBPCG's relative residual; the eigenvectors only enter through ``Sigma``, which is invariant to
+        rotations within a cluster, so 1e-3 is enough.
+    sdcp_tol : float, default 1e-9
+        Relative residual of the complementarity solve (:func:`solve_sdcp`).
+    gram_every : int, default 3
+        Recompute the Gram matrix ``B`` every this many evaluations of a batch index (1: always exact).
+    above_edge : str, default "error"
+        ``"error"``: refuse a first state whose sharpness exceeds ``2/lr``; ``"hold"``: accept it and hold the
+        eigenvalues above ``2/lr`` where they are (see above).
+
+    Raises
+    ------
+    InputError
+        When the loss has no third derivatives (a ReLU net) or a setting is out of range; and, at the first
+        evaluation after :meth:`reset`, from a state above ``2/lr`` with ``above_edge="error"``.
     """
 
     name = "central"

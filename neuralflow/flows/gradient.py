@@ -12,7 +12,28 @@ __all__ = ["GradientFlow", "CONTINUOUS_TIME_1", "NO_OSCILLATION"]
 
 
 class GradientFlow(Flow):
-    """``dtheta/dt = -lr g`` (step time): GD's continuous-time limit."""
+    """``dtheta/dt = -lr g`` (step time): GD's continuous-time limit.
+
+    Parameters
+    ----------
+    problem : Problem
+        The loss GD runs on.
+    lr : float
+        GD's step size; time is in steps (iterate ``k`` at ``t = k``).
+
+    Raises
+    ------
+    InputError
+        When ``problem`` is not a :class:`~neuralflow.problems.Problem` or ``lr`` is not positive and finite.
+
+    Examples
+    --------
+    >>> import torch, neuralflow as nf
+    >>> problem = nf.problems.quadratic([[1.0, 0.0], [0.0, 10.0]])
+    >>> flow = nf.GradientFlow(problem, lr=0.1)
+    >>> flow(torch.tensor(0.0), problem.theta0).tolist()
+    [-0.1, -1.0]
+    """
 
     name = "gradient"
     latex = r"-\eta\,g"

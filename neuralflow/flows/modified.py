@@ -35,6 +35,20 @@ class ModifiedFlow(Flow):
     gradient, two Hessian-vector products and one more double-backward, all differentiable
     again (``StateDerivatives``). Over a fixed original time ``k lr`` its distance to GD shrinks
     like ``lr^(order + 1)`` (Hairer, Lubich, Wanner, ch. IX).
+
+    Parameters
+    ----------
+    problem : Problem
+        The loss GD runs on.
+    lr : float
+        GD's step size; time is in steps (iterate ``k`` at ``t = k``).
+    order : int, default 1
+        The truncation: 1 or 2.
+
+    Raises
+    ------
+    InputError
+        When ``order`` is not 1 or 2, or the loss is not smooth enough for it (a ReLU net).
     """
 
     name = "modified"

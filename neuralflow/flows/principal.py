@@ -54,6 +54,24 @@ class PrincipalFlow(Flow):
     is gradient flow, ``-lr (g - sum_i (u_i . g) u_i)``. The eigenvectors are computed outside
     the autograd graph, so the Jacobian of ``forward`` includes the change of ``g`` and of the
     Rayleigh quotients ``lambda_i = u_i^T H u_i`` but neglects the rotation of the ``u_i``.
+
+    Parameters
+    ----------
+    problem : Problem
+        The loss GD runs on.
+    lr : float
+        GD's step size; time is in steps (iterate ``k`` at ``t = k``).
+    k : int, optional
+        Resolve only the top ``k`` eigenpairs (gradient flow in their complement); None: every eigenpair, from a
+        dense ``eigh`` (at most 2000 parameters).
+    eig_tol : float, default 1e-6
+        LOBPCG's relative residual for the top-``k`` eigenpairs (unused with ``k=None``).
+
+    Raises
+    ------
+    InputError
+        When the loss is not twice differentiable, ``k`` is not None or an int in ``[1, d]``, or ``k=None`` on a
+        problem of more than 2000 parameters.
     """
 
     name = "principal"

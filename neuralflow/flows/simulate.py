@@ -64,22 +64,62 @@ def simulate(
     reset: bool = True,
     method: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor | None]:
-    """Integrate ``dtheta/dt = flow(t, theta)`` from ``theta0`` at ``t[0]``; states at ``t``, shape ``(len(t), d)``.
+    """Integrate ``dtheta/dt = flow(t, theta)`` from ``theta0`` at ``t[0]`` and return the states at ``t``.
 
     A flow that carries state beyond ``theta`` (``flow.extra_state``, e.g. the oscillation flow's covariance
-    ``X``) starts it from ``extra0``, by default ``flow.initial_extra(theta0)``; it is integrated from one
-    output time to the next, with ``flow.rebase`` in between (output times one step apart keep its basis
-    fresh). ``return_extra=True`` returns ``(theta states, extra states)``, the latter ``(len(t), *shape)``
-    (None for a flow without extra state). ``reset=False`` keeps the flow's warm state (to resume a saved
-    simulation, :func:`neuralflow.checkpoint.load_simulation`).
+    ``X``) is integrated from one output time to the next, with ``flow.rebase`` in between (output times one
+    step apart keep its basis fresh).
 
-    Times are step times (iterate ``k`` at ``t = k``), increasing. ``solver`` (a torchdiffeq method name such as
-    ``"euler"``, or a :class:`~neuralflow.solvers.Solver`) defaults to the flow's own choice (``flow.solver``:
-    explicit Euler with 2 substeps per step for :class:`CentralFlow`) or else ``dopri5`` with ``rtol=1e-7,
-    atol=1e-9``; ``step_size``, ``rtol`` and ``atol`` override its settings. ``method=`` is the old name of
-    ``solver=`` (deprecated: ``method`` is the fit's gradient method).
-    Stateful flows are reset first. A non-finite state or velocity, or a step-size underflow, raises
-    :class:`DivergenceError` naming the time reached.
+    Parameters
+    ----------
+    flow : Flow
+        The physics (or a corrected flow); its ``solver`` attribute, if set, is its preferred integrator.
+    theta0 : Tensor
+        The initial state, one parameter vector ``(d,)``, finite.
+    t : Tensor
+        Strictly increasing step times (iterate ``k`` at ``t = k``), at least two.
+    solver : str or Solver, optional
+        A torchdiffeq method name such as ``"euler"``, or a :class:`~neuralflow.solvers.Solver`; None: the
+        flow's own choice (``flow.solver``: explicit Euler with 2 substeps per step for ``CentralFlow``), or
+        else ``dopri5`` with ``rtol=1e-7, atol=1e-9``.
+    step_size : float, optional
+        Overrides the solver's fixed step, in steps.
+    rtol : float, optional
+        Overrides the solver's relative tolerance.
+    atol : float, optional
+        Overrides the solver's absolute tolerance.
+    progress : bool, default False
+        Show a tqdm bar over step time.
+    extra0 : Tensor, optional
+        The extra state at ``t[0]``; None: ``flow.initial_extra(theta0)``.
+    return_extra : bool, default False
+        Also return the extra states.
+    reset : bool, default True
+        Reset a stateful flow's warm starts first; False keeps them (to resume a saved simulation,
+        :func:`neuralflow.checkpoint.load_simulation`).
+    method : str, optional
+        Deprecated old name of ``solver`` (``method`` is the fit's gradient method); a ``DeprecationWarning``.
+
+    Returns
+    -------
+    Tensor or tuple of (Tensor, Tensor or None)
+        The states ``(len(t), d)``; with ``return_extra=True``, ``(thetas, extras)``, the extras
+        ``(len(t), *shape)`` (None for a flow without extra state).
+
+    Raises
+    ------
+    InputError
+        On a flow that is not a :class:`Flow`, a bad ``theta0``, times that do not increase, or a bad solver.
+    DivergenceError
+        On a non-finite state or velocity, or a step-size underflow; it names the time reached.
+
+    Examples
+    --------
+    >>> import torch, neuralflow as nf
+    >>> problem = nf.problems.quadratic([[1.0, 0.0], [0.0, 10.0]])
+    >>> states = nf.simulate(nf.GradientFlow(problem, 0.1), problem.theta0, torch.arange(3.0))
+    >>> states.shape
+    torch.Size([3, 2])
     """
     if not isinstance(flow, Flow):
         raise InputError(f"simulate: flow must be a neuralflow Flow, got {type(flow).__name__}.")

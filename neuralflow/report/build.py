@@ -218,9 +218,45 @@ def build_report(
     ``min_share`` set the verdict (see :class:`Report`).
 
     A :class:`~neuralflow.corrections.HiddenStateLibrary` gives one row per term of the extra state's equation and
-    the fitted equations (:mod:`neuralflow.report.hidden`). For a
-    :class:`~neuralflow.corrections.TermLibrary`, ``hidden_state`` (default on) runs the hidden-state diagnostic
-    (:func:`~neuralflow.report.hidden.hidden_state_evidence`, with its default settings).
+    the fitted equations (:mod:`neuralflow.report.hidden`).
+
+    Parameters
+    ----------
+    result : FitResult
+        A fit of a hybrid with a correction (:func:`neuralflow.fit.fit`).
+    distill_terms : sequence of str, default ("g", "Hg", "H2g", "D3gg")
+        Names from :data:`~neuralflow.corrections.TERMS` a :class:`~neuralflow.corrections.NeuralCorrection` is
+        distilled onto.
+    max_states : int, default 100
+        The correction is evaluated at up to this many target states spread along the fitted trajectory.
+    max_windows : int, default 20
+        Loss (and sharpness) at the ends of up to this many windows feed the figures.
+    sharpness : bool, optional
+        Evaluate the sharpness at the window ends; None: when the trajectory recorded it.
+    n_folds : int, default 5
+        Folds of the blocked cross-validation of the sparse regressions (a gate's formula, a network's
+        distillation; :mod:`neuralflow.sparse`).
+    batch : int, default 32
+        States per evaluation of the correction.
+    negligible : float, default 1e-8
+        The verdict is ``"negligible"`` at a physics error at most this (see :class:`Report`).
+    outside : float, default 0.5
+        The verdict is ``"revise"`` when the library closes at least this fraction of the gap.
+    min_share : float, default 0.05
+        An approximation is suggested for revision when its terms' shares add up to at least this.
+    hidden_state : bool, default True
+        For a :class:`~neuralflow.corrections.TermLibrary`, run the hidden-state diagnostic
+        (:func:`~neuralflow.report.hidden.hidden_state_evidence`, with its default settings).
+
+    Returns
+    -------
+    Report
+        The ranked terms, their shares, the verdict and the corrected ODE.
+
+    Raises
+    ------
+    InputError
+        When the fit has no correction (physics alone) or a correction the report cannot read.
     """
     model = result.model
     flow, corr = model.flow, model.correction

@@ -220,7 +220,13 @@ class Report:
         return "\n".join(out) + "\n"
 
     def to_markdown(self) -> str:
-        """The report as Markdown: title, errors, the ranked table, suggestions, the corrected ODE."""
+        """The report as Markdown: title, errors, the ranked table, suggestions, the corrected ODE.
+
+        Returns
+        -------
+        str
+            Markdown text, with the corrected ODE in ``$$ ... $$``.
+        """
         out = [f"### {self.title()}", "", self._error_line() + ".", "", *markdown_table(self._HEADER, self._rows())]
         out += ["", "**Suggestions**", ""] + [f"{i}. {s}" for i, s in enumerate(self.suggestions(), 1)]
         out += ["", "**Corrected ODE**", "", "$$" + self.equation() + "$$"]
@@ -228,8 +234,19 @@ class Report:
         return "\n".join(out) + "\n"
 
     def equation(self, digits: int = 3) -> str:
-        """The corrected ODE as bare LaTeX math (parses with matplotlib's mathtext); for a hidden-state fit the
-        equations of ``theta`` and of the extra state, side by side."""
+        """The corrected ODE as bare LaTeX math (parses with matplotlib's mathtext).
+
+        Parameters
+        ----------
+        digits : int, default 3
+            Significant figures of the coefficients.
+
+        Returns
+        -------
+        str
+            The right-hand side of ``dtheta/dt``; for a hidden-state fit the equations of ``theta`` and of the
+            extra state, side by side.
+        """
         if self.extra_equation is not None:
             return equation_latex(self.extra_equation)
         rhs = _physics_latex(self.physics)
@@ -250,7 +267,13 @@ class Report:
         return r"\frac{d\theta}{dt}=" + rhs
 
     def to_latex(self) -> str:
-        """The corrected ODE as a LaTeX ``equation`` (coefficients to 3 significant figures)."""
+        """The corrected ODE as a LaTeX ``equation`` (coefficients to 3 significant figures).
+
+        Returns
+        -------
+        str
+            A ``\\begin{equation} ... \\end{equation}`` block.
+        """
         return "\\begin{equation}\n" + self.equation() + "\n\\end{equation}\n"
 
     def _repr_html_(self) -> str:
@@ -278,7 +301,13 @@ class Report:
                                          "approximation", "formula"]).set_index("term")
 
     def to_dict(self) -> dict[str, Any]:
-        """Every number of the report, JSON-able (what checkpoints store); inverse :meth:`from_dict`."""
+        """Every number of the report, JSON-able (what checkpoints store).
+
+        Returns
+        -------
+        dict
+            The report's fields, its verdict and derived shares; :meth:`from_dict` is the inverse.
+        """
         return {
             "problem": self.problem,
             "lr": self.lr,
@@ -303,6 +332,18 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:
+        """The report held by a dict from :meth:`to_dict` (as a checkpoint stores it).
+
+        Parameters
+        ----------
+        d : dict
+            The output of :meth:`to_dict`, possibly through JSON.
+
+        Returns
+        -------
+        Report
+            The same report (it renders as the original).
+        """
         settings = d.get("settings", {})
         return cls(
             problem=d["problem"],
@@ -330,6 +371,11 @@ class Report:
         targets) over time; ``"contributions"``: each term's contribution ``|C_i|`` over time;
         ``"gates"`` (when a term is gated): each gated coefficient against its features, with its
         sparse formula.
+
+        Returns
+        -------
+        dict of str to matplotlib.figure.Figure
+            The figures by name. Needs matplotlib.
         """
         import matplotlib.pyplot as plt
 
@@ -411,7 +457,20 @@ class Report:
         return total
 
     def save_figures(self, directory: str | Path, fmt: str = "png") -> list[Path]:
-        """Write every figure of :meth:`figures` to ``directory/report_<name>.<fmt>``; returns the paths."""
+        """Write every figure of :meth:`figures` to ``directory/report_<name>.<fmt>``.
+
+        Parameters
+        ----------
+        directory : str or Path
+            The folder, made if missing.
+        fmt : str, default "png"
+            A matplotlib file format (``"png"``, ``"pdf"``, ``"svg"``, ...).
+
+        Returns
+        -------
+        list of Path
+            The files written. Needs matplotlib.
+        """
         import matplotlib.pyplot as plt
 
         directory = Path(directory)
