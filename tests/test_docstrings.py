@@ -143,7 +143,7 @@ EXAMPLE_MODULES = [
     "neuralflow.problems",
     "neuralflow.flows.gradient",
     "neuralflow.flows.simulate",
-    "neuralflow.corrections",
+    "neuralflow.corrections.library",
     "neuralflow.solvers",
 ]
 

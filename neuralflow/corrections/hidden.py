@@ -1,0 +1,139 @@
+"""Corrections of a flow's extra state: the terms of its equation (:data:`HIDDEN_TERMS`) and their learnable
+coefficients (:class:`HiddenStateLibrary`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..autodiff import StateDerivatives
+from ..errors import InputError
+from ..flows.approximations import (
+    ISOTROPIC_INJECTION,
+    LINEAR_FLOQUET_GROWTH,
+    SECOND_ORDER_OSCILLATION,
+    Approximation,
+)
+from ..flows.base import Flow
+from ..problems import Problem
+from .terms import Correction, _check_names, _Factory
+
+
+@dataclass(frozen=True)
+class HiddenTermSpec:
+    """One term of the equation of a flow's extra state, or of its coupling into ``dtheta/dt`` (:data:`HIDDEN_TERMS`).
+
+    Written per tracked direction ``i`` with ``s = s_i`` the oscillation variance along it (on the covariance
+    ``X`` the flow evaluates the matrix form). ``theory`` is GD's coefficient (None where it depends on the run:
+    the floor is ``q``); ``approximation`` what a fitted coefficient away from the physics' own says to revise;
+    ``equation`` ``"extra"`` or ``"theta"``. The flow evaluates the unit-coefficient field
+    (:meth:`~neuralflow.flows.Flow.hidden_fields`), since only it knows how its extra state is stored.
+    """
+
+    name: str
+    theory: float | None
+    approximation: Approximation
+    formula: str
+    equation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "theory": self.theory,
+            "formula": self.formula,
+            "equation": self.equation,
+            "approximation": self.approximation.to_dict(),
+        }
+
+
+HIDDEN_TERMS: dict[str, HiddenTermSpec] = {
+    spec.name: spec
+    for spec in (
+        HiddenTermSpec("floquet", 2.0, LINEAR_FLOQUET_GROWTH, "s log|1 - lr lambda|  (X: (R X + X R) / 2)", "extra"),
+        HiddenTermSpec("floquet_linear", 0.0, LINEAR_FLOQUET_GROWTH,
+                       "s (lr lambda - 2)  (X: (L X + X L) / 2, L = diag(lr lambda - 2))", "extra"),
+        HiddenTermSpec("amplitude", 0.0, LINEAR_FLOQUET_GROWTH, "s^2  (X: X X)", "extra"),
+        HiddenTermSpec("floor", None, ISOTROPIC_INJECTION, "1  (X: I)", "extra"),
+        HiddenTermSpec("drift", 0.5, SECOND_ORDER_OSCILLATION, "-lr grad <H, Sigma>", "theta"),
+    )
+}
+"""Terms of the extra state's equation by name (science notes section 7). ``floquet_linear`` is the near-edge
+linearisation of ``floquet`` (theory 2 when it replaces it; 0 beside it); ``amplitude`` is the nonlinearity that
+linear Floquet growth neglects. Add a :class:`HiddenTermSpec` here, and its field to the flows that support it."""
+
+
+class HiddenStateLibrary(Correction):
+    """Learnable coefficients of named hidden-state terms (:data:`HIDDEN_TERMS`) of a flow with extra state.
+
+    The fitted model's coefficient of term ``j`` is ``c_j = p_j (1 + delta_j)`` where the physics flow has its
+    own coefficient ``p_j != 0`` (:meth:`~neuralflow.flows.Flow.hidden_coefficients`: 2 for the Floquet growth,
+    ``q`` for the floor, 1/2 for the drift), and ``c_j = delta_j`` where it has none; ``delta`` (the parameters)
+    starts at 0, so the hybrid starts as the physics. Why a relative change on top of the physics rather than a
+    replaced coefficient: the physics stays intact and readable (``Hybrid(flow, None)`` is the same model at
+    ``delta = 0``), the parameter is the *revision* the data ask for, as for the theta terms of
+    :class:`TermLibrary`, and a floor of 1e-20 and a growth of 2 get parameters of the same scale (Gauss-Newton's
+    finite differences and LBFGS need that). :meth:`coefficients` gives ``c_j``.
+
+    ``init`` starts chosen terms from other coefficients than the physics' (``{"floquet": 1.0, "drift": 1.0,
+    "floor": 1e-19}``: values of ``c_j`` themselves), so that a fit has to find the physics rather than start on
+    it; they are set when the library joins a flow in :class:`Hybrid` (which knows the ``p_j``).
+    """
+
+    name = "hidden-state"
+
+    def __init__(self, problem: Problem, lr: float, terms: Sequence[str] = ("floquet",),
+                 init: dict[str, float] | None = None) -> None:
+        super().__init__(problem, lr)
+        self.terms = _check_names(terms, HIDDEN_TERMS, "hidden-state term")
+        if not self.terms:
+            raise InputError(f"a HiddenStateLibrary needs at least one term; known terms are {sorted(HIDDEN_TERMS)}.")
+        init = dict(init or {})
+        unknown = [n for n in init if n not in self.terms]
+        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                     for v in init.values())
+        if unknown or not finite:
+            raise InputError(f"HiddenStateLibrary: init must give finite coefficients of its own terms {self.terms}; "
+                             f"got {init!r}.")
+        self.init = {n: float(v) for n, v in init.items()}
+        self._init_pending = bool(self.init)
+        kw: _Factory = {"dtype": problem.dtype, "device": problem.device}
+        self.deltas = torch.nn.ParameterDict({n: torch.nn.Parameter(torch.zeros((), **kw)) for n in self.terms})
+
+    def start_from(self, flow: Flow) -> None:
+        """Set ``delta`` so that the coefficients with ``flow`` are :attr:`init`, the first time only (``Hybrid``
+        calls it when it is built; a library loaded from a checkpoint keeps its fitted ``delta``)."""
+        if not self._init_pending:
+            return
+        own = flow.hidden_coefficients()
+        with torch.no_grad():
+            for name, value in self.init.items():
+                self.deltas[name].fill_(value / own[name] - 1 if own[name] != 0 else value)
+        self._init_pending = False
+
+    @property
+    def specs(self) -> list[HiddenTermSpec]:
+        return [HIDDEN_TERMS[n] for n in self.terms]
+
+    @property
+    def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]
+        return tuple(dict.fromkeys(spec.approximation for spec in self.specs))
+
+    def coefficients(self, flow: Flow) -> dict[str, Tensor]:
+        """The model's coefficient ``c_j`` of each term with ``flow``'s own ``p_j`` (differentiable in ``delta``)."""
+        own = flow.hidden_coefficients()
+        return {n: self.deltas[n] * own[n] + own[n] if own[n] != 0 else self.deltas[n] for n in self.terms}
+
+    def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
+        raise InputError("a HiddenStateLibrary acts on a flow's extra state; use it inside nf.Hybrid(flow, library).")
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "lr": self.lr, "terms": list(self.terms), "init": dict(self.init)}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, terms={self.terms}"
