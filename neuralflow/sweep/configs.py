@@ -109,7 +109,7 @@ def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
 
 
 def config_key(config: dict[str, Any]) -> str:
-    """A short hash of a normalised configuration: the name of the run's folder (see the module docstring)."""
+    """A short hash of a normalised configuration: the name of the run's folder (see neuralflow.sweep's docstring)."""
     if not config.get("noise"):
         config = {k: v for k, v in config.items() if k not in ("noise", "noise_seed")}
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))

@@ -42,7 +42,7 @@ def sweep(
     threads: int = 1,
     progress: bool = False,
 ) -> Any:
-    """Run every configuration (see the module docstring) as an independent task; return the table.
+    """Run every configuration (see the docstring of neuralflow.sweep) as an independent task; return the table.
 
     Runs already in ``out`` are read back, not run again; a configuration listed twice runs once.
 

@@ -168,4 +168,4 @@ class RayEngine(Engine):
 
 
 ENGINES: dict[str, type[Engine]] = {"local": LocalEngine, "ray": RayEngine}
-"""Registered engines by name (see the module docstring to add one)."""
+"""Registered engines by name (the docstring of neuralflow.sweep says how to add one)."""
