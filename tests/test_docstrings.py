@@ -140,7 +140,8 @@ def test_parser_reads_numpydoc_sections() -> None:
 EXAMPLE_MODULES = [
     "neuralflow.gd",
     "neuralflow.trajectory",
-    "neuralflow.problems",
+    "neuralflow.problems.core",
+    "neuralflow.problems.digits",
     "neuralflow.flows.gradient",
     "neuralflow.flows.simulate",
     "neuralflow.corrections.library",

@@ -279,7 +279,7 @@ def test_library_functions_are_quiet_by_default(name):
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_the_command_line_shows_progress_bars_unless_quiet(monkeypatch, tmp_path, quiet):
-    from neuralflow import cli
+    from neuralflow.cli import runs
 
     seen = {}
 
@@ -288,7 +288,7 @@ def test_the_command_line_shows_progress_bars_unless_quiet(monkeypatch, tmp_path
         seen.update(kwargs)
         raise Interrupted("recorded", partial=None)
 
-    monkeypatch.setattr(cli, "run_gd", record)
+    monkeypatch.setattr(runs, "run_gd", record)
     argv = ["run-gd", "--problem", "zhu-quartic", "--steps", "3", "--out", str(tmp_path / "run.nft")]
     main(argv + (["--quiet"] if quiet else []))
     assert seen["progress"] is not quiet

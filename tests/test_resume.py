@@ -192,8 +192,8 @@ def test_unwritable_outputs_are_refused_before_any_computation(tmp_path, monkeyp
     run = nf.run_gd(nf.problems.zhu_quartic(), 0.1, 10, progress=False).save(tmp_path / "run.nft")
     fit_path = tmp_path / "fit.nff"
     # the command line's own references (it imports these at the top), and the checkpoint's reader
-    for module, name in (("cli", "run_gd"), ("cli", "fit"), ("cli", "compare"), ("checkpoint", "stored_report"),
-                         ("cli", "run_demo")):
+    for module, name in (("cli.runs", "run_gd"), ("cli.fits", "fit"), ("cli.runs", "compare"),
+                         ("checkpoint", "stored_report"), ("cli.batch", "run_demo")):
         where = importlib.import_module(f"neuralflow.{module}")
         monkeypatch.setattr(where, name, _refusing(getattr(where, name)))
     words = [w.format(file=tmp_path / "a-file", dir=tmp_path, run=run, fit=fit_path) for w in command]
