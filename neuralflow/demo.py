@@ -27,7 +27,8 @@
 5. *Figure*: the oscillation variance on a log scale: GD's measured (``traj.oscillation``) against the
    variance ``tr X`` predicted by the fitted hybrid, by the oscillation flow with its theory coefficients and by
    the fit's starting point, each rolled out with :func:`neuralflow.simulate` from GD's iterate and measured
-   oscillation 40 steps before the onset to the end of the run.
+   oscillation 40 steps before the onset to the end of the run (each rollout's mean distance to smoothed GD is
+   printed and kept in the summary).
 6. *Files*: the trajectory (``.nft``), the checkpoint (``.nff``, with its report), the ladder and the report
    (Markdown), the figures (PNG) and ``summary.json`` in one output folder, named at the end. A re-run into the
    same folder first removes the files of the earlier run (the demo's own names only), so that two runs never mix.
@@ -139,16 +140,19 @@ def variance_figure(
     return fig
 
 
-def _rollout(model: Hybrid, traj: Any, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model`` from GD's iterate and measured oscillation at ``start`` to the end: steps and predicted ``tr X``."""
+def _rollout(model: Hybrid, traj: Any, start: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``model`` from GD's iterate and measured oscillation at ``start`` to the end: steps, predicted ``tr X`` and
+    the mean distance of its ``theta`` to smoothed GD (the midpoint process, defined one step in from each end)."""
     sub = traj.slice(start, None)
     model.flow.reset()
     extra0 = model.initial_extra(sub.iterates[0], traj, start)
     t = sub.steps.to(sub.iterates.dtype)
     with torch.no_grad():
-        _, extras = simulate(model, sub.iterates[0], t, solver="euler", step_size=0.5, extra0=extra0, reset=False,
-                             return_extra=True)
-    return sub.steps, model.flow.predicted_variance(extras).detach()
+        states, extras = simulate(model, sub.iterates[0], t, solver="euler", step_size=0.5, extra0=extra0,
+                                  reset=False, return_extra=True)
+    smoothed = sub.smoothed()
+    distance = (states[smoothed.steps - start] - smoothed.iterates).norm(dim=1).mean()
+    return sub.steps, model.flow.predicted_variance(extras).detach(), float(distance)
 
 
 def run_demo(
@@ -237,16 +241,19 @@ def run_demo(
     # 5. the oscillation's size: GD against the fitted and the unfitted model
     t0 = time.perf_counter()
     start = max(0, onset + s.rollout_start)
-    _say(f"[5/5] rolling out the fitted and the unfitted oscillation flow from step {start} to {s.steps}", quiet)
-    def fresh() -> OscillationFlow:
-        return OscillationFlow.from_trajectory(problem, traj, n_track=s.n_eigs)
-
-    unfitted = Hybrid(fresh(), HiddenStateLibrary(problem, s.lr, terms=list(s.hidden_terms), init=dict(s.hidden_init)))
-    curves = {"fitted hybrid": _rollout(result.model, traj, start),
-              "oscillation flow (theory)": _rollout(Hybrid(fresh(), None), traj, start),
-              "the fit's start": _rollout(unfitted, traj, start)}
+    _say(f"[5/5] rolling out the fitted, the theory's and the starting oscillation flow from step {start} to "
+         f"{s.steps}", quiet)
+    with_theory = Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=s.n_eigs), None)
+    as_started = Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=s.n_eigs),
+                        HiddenStateLibrary(problem, s.lr, terms=list(s.hidden_terms), init=dict(s.hidden_init)))
+    rollouts = {"fitted hybrid": _rollout(result.model, traj, start),
+                "oscillation flow (theory)": _rollout(with_theory, traj, start),
+                "the fit's start": _rollout(as_started, traj, start)}
+    distances = {label: r[2] for label, r in rollouts.items()}
+    for label, distance in distances.items():
+        _say(f"      {label:<26} mean distance to smoothed GD {distance:.3g}", quiet)
     osc = traj.oscillation
-    figure = variance_figure(osc.steps, osc.variance, curves, s.lr, onset)
+    figure = variance_figure(osc.steps, osc.variance, {label: r[:2] for label, r in rollouts.items()}, s.lr, onset)
     figure.savefig(out / "variance.png", dpi=120)
     files["variance figure"] = str(out / "variance.png")
     stage("rollout", t0)
@@ -263,6 +270,7 @@ def run_demo(
         "hidden_state_missing": [r.to_dict().get("hidden_state") for r in state_only.reports],
         "coefficients": result.coefficients,
         "theory": theory,
+        "rollout_distance": distances,
         "physics_error": result.physics_error,
         "hybrid_error": result.hybrid_error,
         "verdict": report.verdict,

@@ -64,7 +64,8 @@ def test_the_notebook_executes_on_the_shipped_checkpoint():
     import nbclient
     import nbformat
 
-    assert (ROOT / "checkpoints" / "edge_of_stability.nff").is_file(), "run python examples/make_checkpoints.py"
+    for name in ("edge_of_stability.nff", "demo.nff"):
+        assert (ROOT / "checkpoints" / name).is_file(), "run python examples/make_checkpoints.py"
     nb = nbformat.read(EXAMPLES / "inspect_checkpoint.ipynb", as_version=4)
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(EXAMPLES)}})
@@ -72,7 +73,9 @@ def test_the_notebook_executes_on_the_shipped_checkpoint():
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("text/html" in o.get("data", {}) for o in outputs)  # the report as HTML
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the figures
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # the figures, the demo's variance
+    printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "dX/dt = " in printed  # the demo checkpoint's learned equation of the oscillation covariance
 
 
 def test_the_tour_notebook_shows_reprs_and_frames(monkeypatch):
