@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from neuralflow import checkpoint
+from neuralflow._io import FORMAT_VERSION
 from neuralflow.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +62,20 @@ def test_the_demo_writes_what_it_promises(tmp_path, capsys):
     assert checkpoint.stored_report(out / "fit.nff").to_markdown() == (out / "report.md").read_text()
 
 
-def test_the_notebook_executes_on_the_shipped_checkpoint():
+def _kernel_imports_this_checkout(monkeypatch) -> None:
+    """A notebook's kernel is a new process: make it import this checkout, whatever the environment has installed."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def test_the_notebook_executes_on_the_shipped_checkpoint(monkeypatch):
     import nbclient
     import nbformat
 
-    for name in ("edge_of_stability.nff", "demo.nff"):
+    _kernel_imports_this_checkout(monkeypatch)
+    for name in ("modified_equation.nff", "edge_of_stability.nff", "demo.nff"):
         assert (ROOT / "checkpoints" / name).is_file(), "run python examples/make_checkpoints.py"
+        # shipped in the current format (an older one still loads, but then the checkpoints were not regenerated)
+        assert checkpoint.info(ROOT / "checkpoints" / name)["format_version"] == FORMAT_VERSION
     nb = nbformat.read(EXAMPLES / "inspect_checkpoint.ipynb", as_version=4)
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(EXAMPLES)}})
@@ -79,13 +89,10 @@ def test_the_notebook_executes_on_the_shipped_checkpoint():
 
 
 def test_the_tour_notebook_shows_reprs_and_frames(monkeypatch):
-    import os
-
     import nbclient
     import nbformat
 
-    # the kernel is a new process: make it import this checkout, whatever the environment has installed
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    _kernel_imports_this_checkout(monkeypatch)
     nb = nbformat.read(EXAMPLES / "notebook_tour.ipynb", as_version=4)
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(EXAMPLES)}})
