@@ -47,7 +47,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -140,19 +140,22 @@ def variance_figure(
     return fig
 
 
-def _rollout(model: Hybrid, traj: Any, start: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _rollout(model: Hybrid, traj: Any, start: int, step_size: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``model`` from GD's iterate and measured oscillation at ``start`` to the end: steps, predicted ``tr X`` and
     the mean distance of its ``theta`` to smoothed GD (the midpoint process, defined one step in from each end)."""
+    flow = model.flow
+    if not isinstance(flow, OscillationFlow):
+        raise NeuralflowError(f"demo: the variance rollout needs the oscillation flow, got {flow.name!r}.")
     sub = traj.slice(start, None)
-    model.flow.reset()
+    flow.reset()
     extra0 = model.initial_extra(sub.iterates[0], traj, start)
     t = sub.steps.to(sub.iterates.dtype)
     with torch.no_grad():
-        states, extras = simulate(model, sub.iterates[0], t, solver="euler", step_size=0.5, extra0=extra0,
+        states, extras = simulate(model, sub.iterates[0], t, solver="euler", step_size=step_size, extra0=extra0,
                                   reset=False, return_extra=True)
     smoothed = sub.smoothed()
     distance = (states[smoothed.steps - start] - smoothed.iterates).norm(dim=1).mean()
-    return sub.steps, model.flow.predicted_variance(extras).detach(), float(distance)
+    return sub.steps, flow.predicted_variance(cast(torch.Tensor, extras)).detach(), float(distance)  # never None here
 
 
 def run_demo(
@@ -246,9 +249,9 @@ def run_demo(
     with_theory = Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=s.n_eigs), None)
     as_started = Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=s.n_eigs),
                         HiddenStateLibrary(problem, s.lr, terms=list(s.hidden_terms), init=dict(s.hidden_init)))
-    rollouts = {"fitted hybrid": _rollout(result.model, traj, start),
-                "oscillation flow (theory)": _rollout(with_theory, traj, start),
-                "the fit's start": _rollout(as_started, traj, start)}
+    rollouts = {"fitted hybrid": _rollout(result.model, traj, start, s.step_size),
+                "oscillation flow (theory)": _rollout(with_theory, traj, start, s.step_size),
+                "the fit's start": _rollout(as_started, traj, start, s.step_size)}
     distances = {label: r[2] for label, r in rollouts.items()}
     for label, distance in distances.items():
         _say(f"      {label:<26} mean distance to smoothed GD {distance:.3g}", quiet)
