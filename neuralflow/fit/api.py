@@ -47,9 +47,20 @@ def fit_loss(
 ) -> tuple[float, Tensor]:
     """The loss :func:`fit` minimises at the model's current parameters, and its gradient.
 
-    The gradient is flat over the correction's trainable parameters (``model.parameters()``
-    order), by the adjoint method (``method="adjoint"``) or backpropagation (``"direct"``).
-    Arguments as in :func:`fit`.
+    Parameters
+    ----------
+    model, trajectory, window, target, min_norm, val_fraction, stride, seed
+        As in :func:`fit`.
+    solver, step_size, rtol, atol, exclude, variance_weight
+        As in :func:`fit`.
+    method : {"adjoint", "direct"}, default "adjoint"
+        The gradient by the adjoint method or by backpropagation through the solver.
+
+    Returns
+    -------
+    (float, Tensor)
+        The loss and its gradient, flat over the correction's trainable parameters (``model.parameters()``
+        order).
     """
     if method not in ("adjoint", "direct"):
         raise InputError(f"fit_loss: method must be 'adjoint' or 'direct', got {method!r}.")
@@ -92,50 +103,93 @@ def fit(
 ) -> FitResult:
     """Fit ``model`` (a :class:`~neuralflow.corrections.Hybrid`) to ``trajectory`` by multiple shooting.
 
-    Windows of ``window`` steps start every ``stride`` steps (default: ``window``, disjoint) at the
-    observed iterates (``target="iterates"``) or at the midpoint process (``"smoothed"``,
-    Cohen et al. 2025); a seeded ``val_fraction`` of them is held out for validation and early
-    stopping (``patience`` iterations without improvement). The loss is described in
-    :mod:`neuralflow.fit`. ``method``: ``"adjoint"`` (``odeint_adjoint``), ``"direct"``
-    (backpropagation through ``odeint``) or ``"regression"`` (the derivative-regression baseline,
-    no ODE fit; gated coefficients by LBFGS over fields and gate inputs evaluated once at the targets,
-    at most ``max_iters`` iterations, default 200; the window errors still come from one final
-    batched solve). ``optimizer``: ``"gauss-newton"`` (Levenberg-Marquardt, default for at most 64
-    parameters), ``"lbfgs"`` or ``"adam"`` (``learning_rate``). ``init="regression"`` starts a
-    term library from the regression baseline (the default for constant coefficients and for
-    ``method="regression"``; gates are then re-initialised from ``seed``), ``"current"`` from the
-    model's parameters. ``solver`` is a torchdiffeq method; fixed-grid
-    ones use ``step_size`` (in steps; default ``1/n`` with ``n`` the smallest integer making
-    ``lr * S * step_size <= 0.25`` for the largest sharpness ``S`` the trajectory measured, ``1/2``
-    if it measured none), adaptive ones ``rtol`` and ``atol``. ``balance=True`` weights the
-    regression's points by the inverse local mean of their squared velocity residual over
-    ``window + 1`` points, so that a short transient (a catapult at the edge of stability) cannot
-    dominate it. ``exclude`` lists ``(start, stop)`` step ranges (None for an open end): every window
-    that meets one, or comes within the regression's 5-point stencil of it, is dropped from training
-    and validation (a transient the model is not meant to describe, such as the round-off-seeded
-    onset of the edge-of-stability oscillation, ``Trajectory.eos_transients()``).
+    Windows of ``window`` steps start every ``stride`` steps at the observed iterates or at the midpoint process
+    (Cohen et al. 2025); a seeded ``val_fraction`` of them is held out for validation and early stopping. Each
+    window is integrated with torchdiffeq from its first target state; the loss (:mod:`neuralflow.fit`) is the
+    windows' normalised squared distance to the targets, plus the APHYNITY penalty on the correction's size and,
+    for a flow with an oscillation state, the measured variance in log scale. Runs are reproducible bit for bit
+    on the same machine.
 
-    A solver failure mid-fit raises :class:`~neuralflow.errors.DivergenceError`; the model then
-    holds the best parameters found so far (also in ``error.partial``). Ctrl-C during the optimisation
-    raises :class:`~neuralflow.errors.Interrupted` whose ``partial`` is the FitResult of the best
-    parameters so far (``settings["interrupted_after"]`` iterations).
+    Parameters
+    ----------
+    model : Hybrid
+        The physics flow plus the correction to fit; on return it holds the best parameters found.
+    trajectory : Trajectory or list of Trajectory
+        The GD run (:func:`~neuralflow.gd.run_gd`); a list of runs (e.g. at several ``lr``) fits one set of
+        coefficients to all of them and says which terms are universal (:func:`fit_runs`).
+    window : int, default 20
+        Steps per shooting window.
+    target : {"iterates", "smoothed"}, default "iterates"
+        Fit the observed iterates or the midpoint process ``(theta_{k-1} + 2 theta_k + theta_{k+1}) / 4``.
+    method : {"adjoint", "direct", "regression"}, default "adjoint"
+        Gradients by ``odeint_adjoint``, by backpropagation through ``odeint``, or no ODE fit: the
+        derivative-regression baseline (gated coefficients by LBFGS over fields and gate inputs evaluated once at
+        the targets, at most ``max_iters`` iterations, default 200; the window errors still come from one final
+        batched solve).
+    optimizer : {"auto", "gauss-newton", "lbfgs", "adam"}, default "auto"
+        Gauss-Newton / Levenberg-Marquardt with finite-difference sensitivities (the default for at most 64
+        parameters), LBFGS or Adam (``learning_rate``).
+    min_norm : float, default 1e-4
+        Weight of the APHYNITY penalty on the correction's size relative to the physics field.
+    max_iters : int, optional
+        Optimiser iterations; None: 20 for Gauss-Newton, 100 for LBFGS, 500 for Adam.
+    val_fraction : float, default 0.2
+        Share of the windows held out for validation (they pick the returned parameters).
+    stride : int, optional
+        Steps between window starts; None: ``window`` (disjoint windows).
+    patience : int, default 5
+        Iterations without a better validation loss before the fit stops.
+    tol : float, default 1e-9
+        Relative decrease of the loss below which the optimiser stops.
+    init : {"auto", "regression", "current"}, default "auto"
+        Start a term library from the regression baseline (the default for constant coefficients and for
+        ``method="regression"``; gates are then re-initialised from ``seed``) or from the model's parameters.
+    learning_rate : float, default 1e-2
+        Adam's learning rate.
+    seed : int, default 0
+        Seed of the validation split and of re-initialised gates.
+    solver : str, default "rk4"
+        A torchdiffeq method (:data:`neuralflow.solvers.FIXED_GRID` or :data:`~neuralflow.solvers.ADAPTIVE`).
+    step_size : float, optional
+        A fixed-grid solver's step in steps; None: ``1/n`` with ``n`` the smallest integer making
+        ``lr * S * step_size <= 0.25`` for the largest sharpness the trajectory measured (``1/2`` without one).
+    rtol, atol : float, default 1e-7, 1e-9
+        An adaptive solver's tolerances.
+    progress : bool, default False
+        Show the optimiser's tqdm bar (the command line and the demo do).
+    balance : bool, default False
+        Weight the regression's points by the inverse local mean of their squared velocity residual over
+        ``window + 1`` points, so that a short transient (a catapult) cannot dominate it.
+    exclude : sequence of (start, stop), default ()
+        Step ranges (None for an open end) whose windows are dropped from training and validation, e.g. the
+        noise-seeded onset of the oscillation (``Trajectory.eos_transients()``).
+    resume : path, optional
+        Gauss-Newton only: the optimiser's state is written atomically there after every iteration, and a fit
+        started with an existing file continues from it, bit for bit (same settings, model and targets).
+    extra_start : {"measured", "fitted"}, default "measured"
+        For a flow with extra state: each window's extra state starts from the flow's ``initial_extra`` at its
+        first step (the trajectory's measurement where it has one), or is fitted per window from there (with
+        ``val_fraction=0``; these nuisance starts are not returned).
+    variance_weight : float, default 0.0
+        Weight of the measured oscillation variance in the loss, in log scale (:mod:`neuralflow.fit`); 0 leaves
+        it out.
 
-    ``resume=path`` (Gauss-Newton only, the default for term libraries): the optimiser's state is
-    written atomically to ``path`` after every iteration, and a fit started with an existing ``path``
-    continues from it; the fitted numbers are bit for bit those of an uninterrupted fit. The file
-    must come from the same settings, model and targets. Runs are reproducible
-    bit-for-bit on the same machine.
+    Returns
+    -------
+    FitResult
+        The fitted coefficients and their uncertainty, the physics' and the hybrid's window errors, the history,
+        the settings; ``.report()`` explains it, ``.save(path)`` keeps it (a :class:`JointFitResult` for a list
+        of runs).
 
-    ``trajectory`` may be a list of runs (e.g. at several ``lr``): one set of coefficients is then fitted
-    to all of them and the result says which terms are universal (:func:`fit_runs`).
-
-    For a flow with extra state (module docstring) each window's extra state starts from the flow's
-    ``initial_extra`` at its first step (``extra_start="measured"``: the trajectory's measurement where it has
-    one), or is fitted per window from there (``"fitted"``, with ``val_fraction=0``: a validation window's start
-    would be fitted on it; these nuisance starts are not returned). ``variance_weight`` adds the measured
-    oscillation variance to the loss in log scale (module docstring; 0, the default, leaves it out).
-
-    Quiet by default; ``progress=True`` shows the optimiser's tqdm bar (the command line and the demo do).
+    Raises
+    ------
+    InputError
+        For a bad argument or data that do not match the model (the message says what to do).
+    DivergenceError
+        When a solve fails mid-fit; the model then holds the best parameters found so far (also in
+        ``error.partial``).
+    Interrupted
+        On Ctrl-C; ``partial`` is the FitResult of the best parameters so far (``settings["interrupted_after"]``).
     """
     if isinstance(trajectory, (list, tuple)):  # several runs share one set of coefficients
         options = {k: v for k, v in locals().items() if k not in ("model", "trajectory")}
@@ -280,6 +334,24 @@ def fit_runs(
     verdict (``universal`` is None), as without per-run fits. (The test compares the
     runs with each other, not with the joint fit: where one coefficient is not universal the joint model is
     wrong, its error grows with the misfit, and other coefficients shift to absorb it.)
+
+    Parameters
+    ----------
+    model : Hybrid
+        A physics flow with a constant-coefficient term library; on return it holds the joint coefficients.
+    trajectories : list of Trajectory
+        The runs, one per condition (e.g. ``lr``).
+    universal_z : float, default 3.0
+        How many combined errors apart two runs' coefficients may be and still count as one universal value.
+    per_run : bool, default True
+        Also fit every run alone (needed for the universality verdict).
+    **options
+        :func:`fit`'s options, applied to every run.
+
+    Returns
+    -------
+    JointFitResult
+        The joint fit, each run's own fit and, per term, whether it is universal (None without a verdict).
     """
     if isinstance(trajectories, Trajectory) or not isinstance(trajectories, Sequence) or not trajectories:
         raise InputError("fit: pass one Trajectory or a non-empty list of them (one per run).")
