@@ -14,6 +14,7 @@ import neuralflow as nf
 from neuralflow.autodiff import top_eigenpairs
 from neuralflow.corrections import HiddenStateLibrary, Hybrid
 from neuralflow.fit import fit, fit_loss
+from neuralflow.fit.shooting import _objective
 from neuralflow.flows import OscillationFlow
 
 LR = 0.1
@@ -167,6 +168,24 @@ def test_measured_variance_enters_the_loss_in_log_scale_with_its_weight(cycling)
     gap = torch.cat(gaps)
     assert int(torch.isnan(gap).sum()) == 10
     assert loss[1] - loss[0] == pytest.approx(float(gap[~torch.isnan(gap)].square().mean()), rel=1e-6)
+
+
+def test_validation_loss_is_the_fit_loss_with_its_variance_part(cycling):
+    """The validation loss that picks the returned parameters is the loss the fit minimises, on the validation
+    windows: with a variance weight ``w`` it grows by ``w`` times their mean squared log-variance gap (scored on
+    ``theta`` alone, a fit that trades ``theta`` against the variance would return its start)."""
+    p = quartic()
+    model = Hybrid(OscillationFlow(p, LR, n_track=1, q=1e-6, eig_tol=1e-10),
+                   library(p, LR, {"floquet": -0.5, "drift": 1.0}))
+    settings = {**OPTIONS, "window": 10, "val_fraction": 0.25}
+    val = []
+    for w in (0.0, 1.0, 2.0):
+        obj, _ = _objective(model, cycling, target="iterates", method="adjoint", min_norm=0.0, stride=None, seed=0,
+                            rtol=1e-7, atol=1e-9, exclude=(), settings={}, variance_weight=w, **settings)
+        obj.residuals(grad=False)
+        val.append(obj.val_loss)
+    assert len(obj.win.val) == 2 and val[1] - val[0] > 1e-4 * val[0]
+    assert val[2] - val[0] == pytest.approx(2 * (val[1] - val[0]), rel=1e-9)
 
 
 def test_variance_weight_is_checked():
