@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--variance-weight", type=float, default=1.0)
     ap.add_argument("--terms", default="floquet,drift,floor,amplitude", help="hidden-state terms, comma-separated")
     ap.add_argument("--optimizer", default="gauss-newton")
+    ap.add_argument("--val-fraction", type=float, default=0.2, help="share of windows held out (0: none)")
     ap.add_argument("--max-iters", type=int, default=8)
     ap.add_argument("--no-rollout", action="store_true")
     ap.add_argument("--cache", default=None, help="folder to keep the GD run in (reused when present)")
@@ -114,7 +115,8 @@ def main() -> None:
     t0 = time.perf_counter()
     res = nf.fit(model, traj, window=args.window, stride=args.stride, target="smoothed", method="adjoint",
                  optimizer=args.optimizer, max_iters=args.max_iters, solver="euler", step_size=STEP,
-                 exclude=[(None, first), (last, None)], variance_weight=args.variance_weight, progress=True)
+                 exclude=[(None, first), (last, None)], val_fraction=args.val_fraction,
+                 variance_weight=args.variance_weight, progress=True)
     fit_seconds = time.perf_counter() - t0
     coefficients = dict(res.coefficients)
     checks = {
@@ -125,7 +127,8 @@ def main() -> None:
     out = {
         "setup": {**setup, "noise": NOISE, "q": q, "window": args.window, "stride": args.stride, "first": first,
                   "last": last,
-                  "variance_weight": args.variance_weight, "optimizer": args.optimizer, "max_iters": args.max_iters,
+                  "variance_weight": args.variance_weight,
+                  "val_fraction": args.val_fraction, "optimizer": args.optimizer, "max_iters": args.max_iters,
                   "threads": torch.get_num_threads(), "load_average_start": load_start},
         "coefficients": coefficients, "uncertainty": res.uncertainty,
         "relative_error": {"floquet": checks["floquet"], "drift": checks["drift"]},
