@@ -743,6 +743,13 @@ class HiddenStateLibrary(Correction):
     relative form a step from ``10 q`` to ``q`` is ``delta`` 9 -> 0 along a residual that bends like ``log(1 +
     delta)``, and a slightly longer step makes the floor negative.
 
+    At the edge of stability fit ``terms=("floquet", "drift", "floor", "amplitude")`` with
+    ``nf.fit(..., variance_weight=1)`` (``benchmarks/eos_hidden_fit.py``; measured on the digits run in the README):
+    the growth and the floor reach ``theta`` only through the oscillation's size, so without the measured variance
+    they are read from the oscillating windows alone, where linear Floquet growth has nothing to saturate it and
+    the growth coefficient bends to stand in (1.2-1.6 against 2); the amplitude-dependent rate is that saturation,
+    and the variance part reads the growth from the quiet stretch and the floor from the onset (2.02-2.05).
+
     ``init`` starts chosen terms from other coefficients than the physics' (``{"floquet": 1.0, "drift": 1.0,
     "floor": 1e-19}``: values of ``c_j`` themselves), so that a fit has to find the physics rather than start on
     it; they are set when the library joins a flow in :class:`Hybrid` (which knows the ``p_j``).
