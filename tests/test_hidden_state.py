@@ -112,7 +112,26 @@ def test_library_terms_carry_theory_and_approximation():
     assert c["floquet"] == pytest.approx(2.2) and c["drift"] == 0.5
     assert c["floor"] == pytest.approx(0.3)  # the physics has no floor here: the coefficient itself
     c = {n: v.detach() for n, v in lib.coefficients(PlantedHidden(p, LR, q=1e-20)).items()}
-    assert float(c["floor"]) == pytest.approx(1.3e-20)  # a relative revision of q
+    # q revised by a factor (log scale)
+    assert float(c["floor"]) == pytest.approx(1e-20 * math.exp(0.3), rel=1e-9, abs=0)
+    assert float(c["floquet"]) == pytest.approx(2.2)  # the others by a relative change
+
+
+def test_the_floor_is_revised_in_log_scale():
+    """The floor's parameter is ``log(c / q)``: a start 10 q is ``delta = log 10``, a Gauss-Newton step in ``delta``
+    multiplies the floor, and no step makes it negative."""
+    p = planted_problem()
+    model = Hybrid(PlantedHidden(p, LR, q=1e-20), HiddenStateLibrary(p, LR, ("floquet", "floor"),
+                                                                       init={"floquet": 1.0, "floor": 1e-19}))
+    lib = model.correction
+    deltas = {n: float(v.detach()) for n, v in lib.deltas.items()}
+    assert deltas["floor"] == pytest.approx(math.log(10)) and deltas["floquet"] == -0.5
+    with torch.no_grad():
+        lib.deltas["floor"].fill_(-30.0)  # a long step down
+    floor = float(lib.coefficients(model.flow)["floor"].detach())
+    assert 0 < floor == pytest.approx(1e-20 * math.exp(-30), rel=1e-9, abs=0)
+    with pytest.raises(nf.errors.InputError, match="positive factor"):
+        Hybrid(PlantedHidden(p, LR, q=1e-20), HiddenStateLibrary(p, LR, ("floor",), init={"floor": -1e-19}))
 
 
 def test_adjoint_fit_recovers_the_planted_hidden_state_rates(planted):

@@ -169,6 +169,23 @@ def test_measured_variance_enters_the_loss_in_log_scale_with_its_weight(cycling)
     assert loss[1] - loss[0] == pytest.approx(float(gap[~torch.isnan(gap)].square().mean()), rel=1e-6)
 
 
+def test_validation_loss_is_the_fit_loss_with_its_variance_part(cycling):
+    """The validation loss that picks the returned parameters is the loss the fit minimises, on the validation
+    windows: with a variance weight ``w`` it grows by ``w`` times their mean squared log-variance gap (scored on
+    ``theta`` alone, a fit that trades ``theta`` against the variance would return its start)."""
+    p = quartic()
+    settings = {**OPTIONS, "window": 10, "val_fraction": 0.25}
+    val = []
+    for w in (0.0, 1.0, 2.0):
+        model = Hybrid(OscillationFlow(p, LR, n_track=1, q=1e-6, eig_tol=1e-10),
+                       library(p, LR, {"floquet": -0.5, "drift": 1.0}))
+        res = fit(model, cycling, method="adjoint", optimizer="gauss-newton", max_iters=1, min_norm=0.0,
+                  variance_weight=w, progress=False, **settings)
+        val.append(res.history[0]["val_loss"])  # at the start, the same parameters for every weight
+    assert val[1] - val[0] > 1e-4 * val[0]
+    assert val[2] - val[0] == pytest.approx(2 * (val[1] - val[0]), rel=1e-9)
+
+
 def test_variance_weight_is_checked():
     p = quartic()
     traj = flow_trajectory(p, LR, steps=20, n_track=1, q=1e-6)

@@ -29,11 +29,13 @@ one; with ``extra_start="fitted"`` every window's start of the extra state is a 
 variance along its tracked eigenvectors (``Trajectory.oscillation.variance``), over the outputs where the
 measurement is above its floor (:mod:`neuralflow.fit.variance`). Both parts are dimensionless: ``E`` is 1 for
 standing still, the variance term 1 for being off by a factor ``e`` everywhere, so ``w = 1`` asks as much of a
-factor ``e`` in the variance as of the whole displacement. The window errors and the validation loss stay on
-``theta``. The APHYNITY term is left out (weight 0): a hidden-state library's parameters are already the
-relative revision of the physics' coefficients. A :class:`~neuralflow.corrections.LatentCorrection` goes the
-same way: its latent states ``z`` are part of the hybrid's extra state (``model.extra_state``), starting at 0 in
-every window or fitted per window.
+factor ``e`` in the variance as of the whole displacement. The window errors stay on ``theta``; the validation
+loss, which picks the parameters the fit returns, is the same loss on the validation windows (``E`` plus the
+variance part): scored on ``theta`` alone, a fit whose variance part moves the coefficients off a start that
+suits ``theta`` would return that start. The APHYNITY term is left out (weight 0): a hidden-state library's
+parameters are already the relative revision of the physics' coefficients. A
+:class:`~neuralflow.corrections.LatentCorrection` goes the same way: its latent states ``z`` are part of the hybrid's
+extra state (``model.extra_state``), starting at 0 in every window or fitted per window.
 
 Gradients come from ``torchdiffeq.odeint_adjoint`` (adjoint parameters = the correction's
 parameters, seminorm) or from backpropagation through ``odeint`` (``method="direct"``); LBFGS and

@@ -148,17 +148,16 @@ class _Objective:
         traj = (sol[1:, idx, :d] - self.win.targets[1:, idx]) / math.sqrt(n_out * B * self.win.normaliser)
         parts = [traj.reshape(-1)]
         if self.variance is not None:
-            parts.append(self._variance_residuals(sol[1:, idx]))
+            parts.append(self._variance_residuals(sol[1:, idx], idx))
         if fa is not None:
             parts.append(fa.reshape(-1) * math.sqrt(self.penalty_weight / B))
         return torch.cat(parts)
 
-    def _variance_residuals(self, sol: Tensor) -> Tensor:
-        """``sqrt(w / n) (log s_model - log s_measured)`` at the measured outputs of the training windows (0 elsewhere,
-        so that the residual vector keeps its length)."""
+    def _variance_residuals(self, sol: Tensor, idx: Tensor) -> Tensor:
+        """``sqrt(w / n) (log s_model - log s_measured)`` at the measured outputs of windows ``idx`` (0 elsewhere, so
+        that the residual vector keeps its length); ``sol`` holds those windows' outputs after the first."""
         assert self.variance is not None  # called only with a variance part
         weight, measured, mask = self.variance
-        idx = self.win.train
         measured, mask = measured[1:, idx], mask[1:, idx]
         flow: Any = self.model.flow  # a flow with predicted_variance (checked when the variance part was set up)
         model = flow.predicted_variance(flow.split(sol)[1])
@@ -176,6 +175,9 @@ class _Objective:
         self.last_errors = self.errors(sol)
         if len(self.win.val):
             self.val_loss = float(self.last_errors[self.win.val].mean())
+            if self.variance is not None:  # the loss the fit minimises, on the validation windows
+                with torch.no_grad():
+                    self.val_loss += float(self._variance_residuals(sol[1:, self.win.val], self.win.val).square().sum())
         fa = None
         penalised = self._penalised()
         if penalised is not None:
