@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
 import torch
 
 import neuralflow as nf
-from neuralflow.fit import fit_loss
+from neuralflow.fit import ShootingOptions, fit_loss
 
 #: The public API of the design notes (the contract users, examples and acceptance checks rely on), as
 #: ``(dotted path, names it must have)``; ``""`` is the top level.
@@ -125,3 +126,15 @@ def test_fit_options_are_keyword_only_after_the_data(function):
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     assert positional in (["model", "trajectory"], ["model", "trajectories"])
     assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params[len(positional):])
+
+
+def test_the_shooting_options_are_one_dataclass_with_fits_defaults():
+    """fit and fit_loss build one ShootingOptions; each of its fields is a keyword of both with the same default."""
+    for function in (nf.fit, fit_loss):
+        params = inspect.signature(function).parameters
+        for f in dataclasses.fields(ShootingOptions):
+            if f.name == "extra_start" and function is fit_loss:
+                continue  # fit_loss evaluates the measured start only
+            assert f.name in params, (function.__name__, f.name)
+            assert params[f.name].default == f.default, (function.__name__, f.name)
+    assert ShootingOptions.pick({"window": 7, "progress": True}) == ShootingOptions(window=7)

@@ -53,7 +53,8 @@ loop): the cheap route at the edge of stability, where every right-hand side nee
 
 
 from .api import fit, fit_loss, fit_runs
+from .options import ShootingOptions
 from .regression import CoefficientProfile, coefficient_profile  # noqa: F401
 from .result import FitResult, JointFitResult
 
-__all__ = ["fit", "fit_runs", "fit_loss", "coefficient_profile", "FitResult", "JointFitResult"]
+__all__ = ["fit", "fit_runs", "fit_loss", "coefficient_profile", "FitResult", "JointFitResult", "ShootingOptions"]

@@ -20,7 +20,7 @@ from ..problems import check_positive_int
 from ..trajectory import Trajectory
 from .joint import _UNIVERSAL_Z, _at_lr, _JointObjective, _truncation_allowance
 from .optimisers import _optimise
-from .options import _GATED_REGRESSION_ITERS, _OPTIMIZERS
+from .options import _GATED_REGRESSION_ITERS, _OPTIMIZERS, ShootingOptions
 from .regression import _gated_regression, _least_squares, _regression, _regression_system
 from .result import FitResult, JointFitResult
 from .shooting import _objective, _SolverFailure
@@ -64,10 +64,9 @@ def fit_loss(
     """
     if method not in ("adjoint", "direct"):
         raise InputError(f"fit_loss: method must be 'adjoint' or 'direct', got {method!r}.")
-    obj, _ = _objective(
-        model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-        atol, exclude, {}, variance_weight=variance_weight,
-    )
+    options = ShootingOptions(window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
+                              atol, exclude, variance_weight=variance_weight)
+    obj, _ = _objective(model, trajectory, options, {})
     if not obj.params:
         raise InputError("fit_loss: the model has no trainable parameters.")
     return obj.loss_and_grad()
@@ -211,10 +210,9 @@ def fit(
         raise InputError(f"fit: unknown optimizer {optimizer!r}; choose from {list(_OPTIMIZERS)}.")
     if init not in ("auto", "regression", "current"):
         raise InputError(f"fit: init must be 'auto', 'regression' or 'current', got {init!r}.")
-    obj, targets = _objective(
-        model, trajectory, window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-        atol, exclude, settings, extra_start, variance_weight,
-    )
+    shooting = ShootingOptions(window, target, method, min_norm, val_fraction, stride, seed, solver, step_size,
+                               rtol, atol, exclude, extra_start, variance_weight)
+    obj, targets = _objective(model, trajectory, shooting, settings)
     win, problem, lib = obj.win, model.problem, model.correction
     regressed = lib if isinstance(lib, TermLibrary) and model.extra_state is None else None  # what a regression fits
     if method == "regression" and regressed is None:
@@ -376,9 +374,7 @@ def fit_runs(
                          "extra_start='measured' or fit the runs one by one.")
     settings = {k: v for k, v in options.items() if k != "progress"}
     progress, method, init = options["progress"], options["method"], options["init"]
-    keys = ("window", "target", "method", "min_norm", "val_fraction", "stride", "seed", "solver", "step_size",
-            "rtol", "atol", "exclude")
-    setup = {k: options[k] for k in keys}
+    setup = ShootingOptions.pick(options)
     timing: dict[str, float] = {}
     singles = []
     if per_run:
@@ -389,7 +385,7 @@ def fit_runs(
     inverse = [1 / max(s.hybrid_error, tiny) for s in singles] or [1.0] * len(trajectories)
     weights = [w / sum(inverse) for w in inverse]
     models = [_at_lr(model, t.lr, share=True) for t in trajectories]
-    built = [_objective(m, t, **setup, settings={}) for m, t in zip(models, trajectories, strict=True)]
+    built = [_objective(m, t, setup, {}) for m, t in zip(models, trajectories, strict=True)]
     objectives, targets = [b[0] for b in built], [b[1] for b in built]
     joint = _JointObjective(objectives, weights)
     lib = model.correction

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -19,6 +20,33 @@ _DEFAULT_ITERS = {"gauss-newton": 20, "lbfgs": 100, "adam": 500}
 _SWITCH_OPEN = 0.01  # a gate whose switch stays below this at every point counts as off
 _GN_MAX_PARAMS = 64  # finite-difference sensitivities cost one solve per parameter
 _GATED_REGRESSION_ITERS = 200  # LBFGS iterations of the gated regression (precomputed tensors, no solves)
+
+
+@dataclass(frozen=True)
+class ShootingOptions:
+    """What defines the shooting windows and their loss, shared by :func:`~neuralflow.fit.fit`,
+    :func:`~neuralflow.fit.fit_loss` and the fit over several runs (each field is the keyword of the same name of
+    :func:`~neuralflow.fit.fit`, which documents it); checked when the windows are set up."""
+
+    window: int = 20
+    target: str = "iterates"
+    method: str = "adjoint"
+    min_norm: float = 1e-4
+    val_fraction: float = 0.2
+    stride: int | None = None
+    seed: int = 0
+    solver: str = "rk4"
+    step_size: float | None = None
+    rtol: float = 1e-7
+    atol: float = 1e-9
+    exclude: Sequence[Sequence[int | None]] | None = ()
+    extra_start: str = "measured"
+    variance_weight: float = 0.0
+
+    @classmethod
+    def pick(cls, options: dict[str, Any]) -> ShootingOptions:
+        """The shooting options among ``options`` (a fit's keywords); the others are left to the caller."""
+        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
 
 def resolved_solver(settings: dict[str, Any]) -> Solver:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -15,7 +14,7 @@ from ..errors import InputError
 from ..problems import check_positive_int
 from ..solvers import ADAPTIVE, FIXED_GRID, Solver
 from ..trajectory import Trajectory
-from .options import _check_exclude, _check_inputs, _default_step_size
+from .options import ShootingOptions, _check_exclude, _check_inputs, _default_step_size
 from .variance import _variance_term
 from .windows import _make_windows, _Windows
 
@@ -238,12 +237,13 @@ class _Objective:
 
 
 def _objective(
-    model: Hybrid, trajectory: Trajectory, window: int, target: str, method: str, min_norm: float,
-    val_fraction: float, stride: int | None, seed: int, solver: str, step_size: float | None, rtol: float,
-    atol: float, exclude: Sequence[Sequence[int | None]] | None, settings: dict[str, Any],
-    extra_start: str = "measured", variance_weight: float = 0.0,
+    model: Hybrid, trajectory: Trajectory, options: ShootingOptions, settings: dict[str, Any],
 ) -> tuple[_Objective, Trajectory]:
     """Validate the inputs and set up the windows and the loss; records resolved settings."""
+    window, target, method, min_norm = options.window, options.target, options.method, options.min_norm
+    val_fraction, stride, seed, solver = options.val_fraction, options.stride, options.seed, options.solver
+    step_size, rtol, atol, exclude = options.step_size, options.rtol, options.atol, options.exclude
+    extra_start, variance_weight = options.extra_start, options.variance_weight
     targets = _check_inputs(model, trajectory, target, method)
     settings["exclude"] = excluded = _check_exclude(exclude)
     window = check_positive_int(window, "fit: window")
