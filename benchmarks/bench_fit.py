@@ -48,8 +48,13 @@ def model(problem: nf.Problem) -> Hybrid:
 def every(traj: nf.Trajectory, k: int) -> nf.Trajectory:
     keep = slice(None, None, k)
     return replace(
-        traj, steps=traj.steps[keep], iterates=traj.iterates[keep], loss=traj.loss[keep],
-        grad_norm=traj.grad_norm[keep], sharpness=traj.sharpness[keep], update_u=traj.update_u[keep],
+        traj,
+        steps=traj.steps[keep],
+        iterates=traj.iterates[keep],
+        loss=traj.loss[keep],
+        grad_norm=traj.grad_norm[keep],
+        sharpness=traj.sharpness[keep],
+        update_u=traj.update_u[keep],
     )
 
 
@@ -62,13 +67,20 @@ def recovery() -> list[dict]:
             t0 = time.perf_counter()
             res = nf.fit(model(problem), data, window=50, method=method, progress=False)
             wall = time.perf_counter() - t0
-            rows.append({
-                "data": label, "method": method if method == "regression" else "ode fit (gauss-newton)",
-                "coefficients": res.coefficients, "uncertainty": res.uncertainty,
-                "relative_error": {k: abs(res.coefficients[k] - v) / abs(v) for k, v in THEORY.items()},
-                "iterations": len(res.history) - 1, "n_function_evals": res.n_function_evals, "seconds": wall,
-                "physics_error": res.physics_error, "hybrid_error": res.hybrid_error,
-            })
+            rows.append(
+                {
+                    "data": label,
+                    "method": method if method == "regression" else "ode fit (gauss-newton)",
+                    "coefficients": res.coefficients,
+                    "uncertainty": res.uncertainty,
+                    "relative_error": {k: abs(res.coefficients[k] - v) / abs(v) for k, v in THEORY.items()},
+                    "iterations": len(res.history) - 1,
+                    "n_function_evals": res.n_function_evals,
+                    "seconds": wall,
+                    "physics_error": res.physics_error,
+                    "hybrid_error": res.hybrid_error,
+                }
+            )
     return rows
 
 
@@ -116,9 +128,11 @@ def main() -> None:
     print(f"{'data':<16}{'method':<24}{'Hg':>9}{'H2g':>9}{'D3gg':>9}{'max err':>9}{'iters':>6}{'evals':>7}{'s':>7}")
     for r in rec:
         c = r["coefficients"]
-        print(f"{r['data']:<16}{r['method']:<24}{c['Hg']:>9.4f}{c['H2g']:>9.4f}{c['D3gg']:>9.4f}"
-              f"{max(r['relative_error'].values()):>9.1%}{r['iterations']:>6}{r['n_function_evals']:>7}"
-              f"{r['seconds']:>7.1f}")
+        print(
+            f"{r['data']:<16}{r['method']:<24}{c['Hg']:>9.4f}{c['H2g']:>9.4f}{c['D3gg']:>9.4f}"
+            f"{max(r['relative_error'].values()):>9.1%}{r['iterations']:>6}{r['n_function_evals']:>7}"
+            f"{r['seconds']:>7.1f}"
+        )
     mem = [] if args.skip_memory else memory(args.base_window, args.threads)
     if mem:
         print("\npeak memory of one loss + gradient evaluation (2 windows, RK4 step 1)")

@@ -57,8 +57,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     problem = nf.problems.mlp_digits(n=args.n, widths=tuple(args.widths))
     lr = args.lr
-    result: dict = {"problem": problem.description, "dim": problem.dim, "lr": lr, "steps": args.steps,
-                    "threads": torch.get_num_threads()}
+    result: dict = {
+        "problem": problem.description,
+        "dim": problem.dim,
+        "lr": lr,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+    }
 
     start = time.perf_counter()
     traj = nf.run_gd(problem, lr, args.steps, eig_every=10, n_eigs=4, progress=True)
@@ -90,8 +95,10 @@ def main() -> None:
     result["cost_state_step"] = k
     result["central_n_critical_at_cost_state"] = central.last.n_critical
 
-    print(f"\nforward cost at step {k} (gradient-equivalents; gradient = {1e3 * grad_s:.1f} ms, median of "
-          f"{args.repeats}; central flow with {central.last.n_critical} critical eigenvalues)")
+    print(
+        f"\nforward cost at step {k} (gradient-equivalents; gradient = {1e3 * grad_s:.1f} ms, median of "
+        f"{args.repeats}; central flow with {central.last.n_critical} critical eigenvalues)"
+    )
     for name, c in cost.items():
         print(f"  {name:16s} {c:8.2f}")
     if args.cost_only:

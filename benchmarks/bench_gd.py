@@ -98,8 +98,10 @@ def main() -> None:
         "gradient_seconds_median": grad,
         "methods": {},
     }
-    print(f"mlp_digits d={problem.dim}, steps {args.start}..{args.start + args.steps} (past EoS onset), "
-          f"tol {args.tol:g}; one gradient = {grad * 1e3:.1f} ms (median)")
+    print(
+        f"mlp_digits d={problem.dim}, steps {args.start}..{args.start + args.steps} (past EoS onset), "
+        f"tol {args.tol:g}; one gradient = {grad * 1e3:.1f} ms (median)"
+    )
     print(f"{'sharpness update':<22}{'grad-equiv (median)':>20}{'HVPs (mean)':>13}{'median S':>10}")
     labels = {"warm": "LOBPCG warm start", "cold": "LOBPCG cold start", "lanczos": "Lanczos cold start"}
     for name, label in labels.items():
@@ -113,8 +115,10 @@ def main() -> None:
     cost = {name: m["gradient_equivalents_median"] for name, m in result["methods"].items()}
     result["speedup_vs_lanczos"] = cost["lanczos"] / cost["warm"]
     result["speedup_vs_cold_lobpcg"] = cost["cold"] / cost["warm"]
-    print(f"warm start is {result['speedup_vs_lanczos']:.1f}x cheaper than cold Lanczos, "
-          f"{result['speedup_vs_cold_lobpcg']:.1f}x cheaper than cold LOBPCG")
+    print(
+        f"warm start is {result['speedup_vs_lanczos']:.1f}x cheaper than cold Lanczos, "
+        f"{result['speedup_vs_cold_lobpcg']:.1f}x cheaper than cold LOBPCG"
+    )
 
     _, t_run = timed(nf.run_gd, problem, lr, 200, eig_every=1, theta0=theta, progress=False)
     _, t_plain = timed(nf.run_gd, problem, lr, 200, eig_every=0, theta0=theta, progress=False)

@@ -36,17 +36,27 @@ def _worker(dim: int, steps: int, store_every: int, eig_every: int, queue) -> No
 
     problem = nf.problems.from_function(loss, torch.ones(dim, dtype=torch.float64), name="wide-quartic")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_now = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 1024 \
-        if Path("/proc/self/statm").exists() else before
+    rss_now = (
+        int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 1024
+        if Path("/proc/self/statm").exists()
+        else before
+    )
     t0 = time.perf_counter()
     traj = nf.run_gd(problem, 0.1, steps, eig_every=eig_every, store_every=store_every, progress=False)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({
-        "dim": dim, "steps": steps, "store_every": store_every, "eig_every": eig_every, "stored": len(traj),
-        "peak_mb": (peak - max(before, rss_now)) / 1024, "stored_mb": traj.iterates.numel() * 8 / 2**20,
-        "seconds": seconds,
-    })
+    queue.put(
+        {
+            "dim": dim,
+            "steps": steps,
+            "store_every": store_every,
+            "eig_every": eig_every,
+            "stored": len(traj),
+            "peak_mb": (peak - max(before, rss_now)) / 1024,
+            "stored_mb": traj.iterates.numel() * 8 / 2**20,
+            "seconds": seconds,
+        }
+    )
 
 
 def main() -> None:
@@ -64,17 +74,22 @@ def main() -> None:
         proc.start()
         rows.append(queue.get())
         proc.join()
-    print(f"run_gd memory, d = {args.dim:.3g} parameters (float64), {args.steps} steps, sharpness every "
-          f"{args.eig_every} steps")
+    print(
+        f"run_gd memory, d = {args.dim:.3g} parameters (float64), {args.steps} steps, sharpness every "
+        f"{args.eig_every} steps"
+    )
     print(f"{'store_every':>12}{'stored':>8}{'iterates MB':>13}{'peak MB':>10}{'peak / stored':>15}{'s':>7}")
     for r in rows:
         ratio = r["peak_mb"] / r["stored_mb"] if r["stored_mb"] else float("nan")
-        print(f"{r['store_every']:>12}{r['stored']:>8}{r['stored_mb']:>13.1f}{r['peak_mb']:>10.1f}{ratio:>15.2f}"
-              f"{r['seconds']:>7.1f}")
+        print(
+            f"{r['store_every']:>12}{r['stored']:>8}{r['stored_mb']:>13.1f}{r['peak_mb']:>10.1f}{ratio:>15.2f}"
+            f"{r['seconds']:>7.1f}"
+        )
     per_iterate = (rows[0]["peak_mb"] - rows[-1]["peak_mb"]) / (rows[0]["stored"] - rows[-1]["stored"])
     print(f"marginal cost of one stored iterate: {per_iterate:.2f} MB (8 d bytes = {8 * args.dim / 2**20:.2f} MB)")
-    out = write_json(args.out, {"rows": rows, "marginal_mb_per_stored_iterate": per_iterate}, dtype=torch.float64,
-                     indent=1)
+    out = write_json(
+        args.out, {"rows": rows, "marginal_mb_per_stored_iterate": per_iterate}, dtype=torch.float64, indent=1
+    )
     print(f"wrote {out}")
 
 

@@ -48,8 +48,11 @@ def eos_sized_report(states: int = 100, windows: int = 100, ends: int = 20) -> R
     esteps = np.linspace(20, 2000, ends).round().astype(int).tolist()
     who = ("observed", "physics", "hybrid")
     curves = {
-        "distance": {"step": wsteps, "physics": rng.uniform(0.1, 1, windows).tolist(),
-                     "hybrid": rng.uniform(0.01, 0.1, windows).tolist()},
+        "distance": {
+            "step": wsteps,
+            "physics": rng.uniform(0.1, 1, windows).tolist(),
+            "hybrid": rng.uniform(0.01, 0.1, windows).tolist(),
+        },
         "loss": {"step": esteps, **{k: rng.uniform(0.05, 0.4, ends).tolist() for k in who}},
         "sharpness": {"step": esteps, **{k: rng.uniform(15, 25, ends).tolist() for k in who}},
     }
@@ -97,8 +100,16 @@ def main() -> None:
     print(f"{'everything':20s} {text_total + times['figures (+ PNG)']:10.4f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"stored_bytes": len(stored), "seconds": times, "text_total": text_total,
-                     "total": text_total + times["figures (+ PNG)"]}, indent=1)
+    write_json(
+        out,
+        {
+            "stored_bytes": len(stored),
+            "seconds": times,
+            "text_total": text_total,
+            "total": text_total + times["figures (+ PNG)"],
+        },
+        indent=1,
+    )
     print(f"wrote {out} ({len(stored)} bytes of stored report)")
 
 

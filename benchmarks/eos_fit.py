@@ -54,20 +54,28 @@ from neuralflow.provenance import write_json  # noqa: E402
 STEP = 0.5  # Euler substep (steps)
 
 
-def rollout_stats(name: str, states: torch.Tensor, smoothed: torch.Tensor, problem: nf.Problem, probes: torch.Tensor,
-                  seconds: float) -> dict:
+def rollout_stats(
+    name: str, states: torch.Tensor, smoothed: torch.Tensor, problem: nf.Problem, probes: torch.Tensor, seconds: float
+) -> dict:
     dist = (states - smoothed).norm(dim=1)
     block, sharp = None, []
     for k in probes.tolist():
         eig = top_eigenpairs(problem, states[k], k=1, v0=block, tol=1e-6)
         block = eig.block
         sharp.append(float(eig.values[0]))
-    return {"name": name, "distance": dist.tolist(), "mean_distance": float(dist[1:].mean()),
-            "probe_steps": probes.tolist(), "sharpness": sharp, "seconds": seconds}
+    return {
+        "name": name,
+        "distance": dist.tolist(),
+        "mean_distance": float(dist[1:].mean()),
+        "probe_steps": probes.tolist(),
+        "sharpness": sharp,
+        "seconds": seconds,
+    }
 
 
-def central_window_errors(flow: CentralFlow, win_steps: torch.Tensor, smoothed: torch.Tensor, window: int,
-                          normaliser: float) -> list[float]:
+def central_window_errors(
+    flow: CentralFlow, win_steps: torch.Tensor, smoothed: torch.Tensor, window: int, normaliser: float
+) -> list[float]:
     """CentralFlow's normalised window error from each start (NaN where it is undefined: S > 2/lr at the start)."""
     t = torch.arange(window + 1, dtype=smoothed.dtype)
     out = []
@@ -86,14 +94,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--probes", type=int, default=30, help="states along each rollout where sharpness is measured")
-    parser.add_argument("--amplitude", action="store_true",
-                        help="gated amplitudes linear in sigma2 (amplitude=['sigma2']) instead of constant")
-    parser.add_argument("--unbalanced", action="store_true",
-                        help="plain least squares instead of the balanced regression (points weighted by the inverse "
-                             "local mean of their squared residual)")
-    parser.add_argument("--keep-transients", action="store_true",
-                        help="fit the quiet stretches past 2/lr too (Trajectory.eos_transients: GD does not oscillate "
-                             "yet there), which are excluded by default")
+    parser.add_argument(
+        "--amplitude",
+        action="store_true",
+        help="gated amplitudes linear in sigma2 (amplitude=['sigma2']) instead of constant",
+    )
+    parser.add_argument(
+        "--unbalanced",
+        action="store_true",
+        help="plain least squares instead of the balanced regression (points weighted by the inverse "
+        "local mean of their squared residual)",
+    )
+    parser.add_argument(
+        "--keep-transients",
+        action="store_true",
+        help="fit the quiet stretches past 2/lr too (Trajectory.eos_transients: GD does not oscillate "
+        "yet there), which are excluded by default",
+    )
     parser.add_argument("--out", default="benchmarks/results/eos_fit.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the machine is shared; two OpenMP threads were measured 30x slower here
@@ -109,17 +126,41 @@ def main() -> None:
 
     t0 = time.perf_counter()
     # the gates see lr S - 2 only: a switch on the loss could stand in for time
-    lib = TermLibrary(p, LR, ["Hg", "gradS", "gradScrit"], gated=["gradS", "gradScrit"], features=["lr_S_minus_2"],
-                      amplitude=["sigma2"] if args.amplitude else [], eig_tol=1e-3)
+    lib = TermLibrary(
+        p,
+        LR,
+        ["Hg", "gradS", "gradScrit"],
+        gated=["gradS", "gradScrit"],
+        features=["lr_S_minus_2"],
+        amplitude=["sigma2"] if args.amplitude else [],
+        eig_tol=1e-3,
+    )
     model = Hybrid(GradientFlow(p, LR), lib)
-    res = nf.fit(model, traj, window=args.window, target="smoothed", method="regression", solver="euler",
-                 step_size=STEP, progress=False, balance=not args.unbalanced, exclude=exclude)
+    res = nf.fit(
+        model,
+        traj,
+        window=args.window,
+        target="smoothed",
+        method="regression",
+        solver="euler",
+        step_size=STEP,
+        progress=False,
+        balance=not args.unbalanced,
+        exclude=exclude,
+    )
     timing["fit"] = time.perf_counter() - t0
     print(res)
     print(f"fit timing: {res.timing}; regression loss {res.settings['regression_loss']}")
     with torch.no_grad():
-        gates = {n: {"scale": float(g.scale), "w_sigma2": float(g.weights[0]) if args.amplitude else 0.0,
-                     "gain": float(g.gain), "margin": float(g.margin)} for n, g in lib.gates.items()}
+        gates = {
+            n: {
+                "scale": float(g.scale),
+                "w_sigma2": float(g.weights[0]) if args.amplitude else 0.0,
+                "gain": float(g.gain),
+                "margin": float(g.margin),
+            }
+            for n, g in lib.gates.items()
+        }
     print(f"gates: {json.dumps(gates)}", flush=True)
 
     # (ii) rollouts from step 0
@@ -134,8 +175,12 @@ def main() -> None:
         for n, c in lib.constants.items():
             constants_only.constants[n].copy_(c)
     ablation = Hybrid(GradientFlow(p, LR), constants_only)
-    for name, flow in (("gradient", GradientFlow(p, LR)), ("central", central), ("hybrid", model),
-                       ("constants_only", ablation)):
+    for name, flow in (
+        ("gradient", GradientFlow(p, LR)),
+        ("central", central),
+        ("hybrid", model),
+        ("constants_only", ablation),
+    ):
         t0 = time.perf_counter()
         states_of[name] = nf.simulate(flow, p.theta0, t, solver="euler", step_size=STEP)[1:]
         sec = time.perf_counter() - t0
@@ -185,11 +230,18 @@ def main() -> None:
     for i, s0 in enumerate(prof["step"].tolist()):
         n, lo = bin_crit[i], int(bin_idx[i])
         sig = gd_minus_sigma2_half(lo, lo + args.window, n)
-        profile_rows.append({"step": s0, "n_critical": n, "quiet": quiet_bin[i],
-                             "Hg": float(prof["coefficients"]["Hg"][i]),
-                             "gradScrit": float(prof["coefficients"]["gradScrit"][i]),
-                             "gradScrit_se": float(prof["se"]["gradScrit"][i]),
-                             "minus_sigma2_half_gd": sig, "unexplained": float(prof["unexplained"][i])})
+        profile_rows.append(
+            {
+                "step": s0,
+                "n_critical": n,
+                "quiet": quiet_bin[i],
+                "Hg": float(prof["coefficients"]["Hg"][i]),
+                "gradScrit": float(prof["coefficients"]["gradScrit"][i]),
+                "gradScrit_se": float(prof["se"]["gradScrit"][i]),
+                "minus_sigma2_half_gd": sig,
+                "unexplained": float(prof["unexplained"][i]),
+            }
+        )
     timing["profile"] = time.perf_counter() - t0
 
     # (i) windowed distances: GradientFlow and the hybrid on every window (from the fit), CentralFlow on
@@ -200,8 +252,11 @@ def main() -> None:
     cf_val = central_window_errors(central, win_steps[val], smoothed, args.window, res.normaliser)
     timing["central_windows"] = time.perf_counter() - t0
     windows = {
-        "step": win_steps.tolist(), "validation": val.tolist(), "gradient": res.physics_window_errors.tolist(),
-        "hybrid": res.window_errors.tolist(), "central_validation": cf_val,
+        "step": win_steps.tolist(),
+        "validation": val.tolist(),
+        "gradient": res.physics_window_errors.tolist(),
+        "hybrid": res.window_errors.tolist(),
+        "central_validation": cf_val,
     }
 
     def nanmean(x: list[float]) -> float:
@@ -214,48 +269,70 @@ def main() -> None:
     print(rep)
     threshold = 2 / LR
     rows = [
-        ("GradientFlow", float(res.physics_window_errors[val].mean()), float(res.physics_window_errors.mean()),
-         rollouts["gradient"]),
+        (
+            "GradientFlow",
+            float(res.physics_window_errors[val].mean()),
+            float(res.physics_window_errors.mean()),
+            rollouts["gradient"],
+        ),
         ("CentralFlow", nanmean(cf_val), math.nan, rollouts["central"]),
         ("GF + gated terms", float(res.window_errors[val].mean()), float(res.window_errors.mean()), rollouts["hybrid"]),
         ("GF + constants only", math.nan, math.nan, rollouts["constants_only"]),
     ]
     after = [i for i, k in enumerate(probes.tolist()) if k >= (traj.eos_onset or 0)]
     print()
-    print(f"{'model':18s} {'win err (val)':>14s} {'win err (all)':>14s} {'rollout dist':>13s} "
-          f"{'S after onset (mean, max)':>26s}   (2/lr = {threshold:.3f})")
+    print(
+        f"{'model':18s} {'win err (val)':>14s} {'win err (all)':>14s} {'rollout dist':>13s} "
+        f"{'S after onset (mean, max)':>26s}   (2/lr = {threshold:.3f})"
+    )
     table = []
     for name, wv, wa, ro in rows:
         s_after = [ro["sharpness"][i] for i in after]
         mean_s = sum(s_after) / len(s_after) if s_after else math.nan
         max_s = max(s_after, default=math.nan)
         print(f"{name:18s} {wv:14.4g} {wa:14.4g} {ro['mean_distance']:13.4f} {mean_s:13.3f} {max_s:12.3f}")
-        table.append({"model": name, "window_error_val": wv, "window_error_all": wa,
-                      "rollout_mean_distance": ro["mean_distance"], "sharpness_after_onset_mean": mean_s})
+        table.append(
+            {
+                "model": name,
+                "window_error_val": wv,
+                "window_error_all": wa,
+                "rollout_mean_distance": ro["mean_distance"],
+                "sharpness_after_onset_mean": mean_s,
+            }
+        )
     ratio = rollouts["gradient"]["mean_distance"] / rollouts["hybrid"]["mean_distance"]
     print(f"\nrollout: hybrid {ratio:.2f}x closer than GradientFlow (target >= 2)")
-    print("\ncoefficients over time (step, lr S - 2 of the smoothed state, fitted gradS, gradScrit; -sigma^2/2 of "
-          "CentralFlow on its rollout (top, mean); -sigma^2/2 measured on GD; n critical):")
+    print(
+        "\ncoefficients over time (step, lr S - 2 of the smoothed state, fitted gradS, gradScrit; -sigma^2/2 of "
+        "CentralFlow on its rollout (top, mean); -sigma^2/2 measured on GD; n critical):"
+    )
     inspected = lib.feature_values(smoothed[coef_steps])
     feats = inspected[:, lib.inspected_features.index("lr_S_minus_2")]
     for i in range(0, len(coef_steps), max(1, len(coef_steps) // 14)):
-        print(f"  {int(coef_steps[i]):4d} {float(feats[i]):+.3f} {float(coeffs['gradS'][i]):+.3e} "
-              f"{float(coeffs['gradScrit'][i]):+.3e} {sig_top[i]:+.3e} {sig_mean[i]:+.3e} {sig_gd[i]:+.3e} {n_crit[i]}")
+        print(
+            f"  {int(coef_steps[i]):4d} {float(feats[i]):+.3f} {float(coeffs['gradS'][i]):+.3e} "
+            f"{float(coeffs['gradScrit'][i]):+.3e} {sig_top[i]:+.3e} {sig_mean[i]:+.3e} {sig_gd[i]:+.3e} {n_crit[i]}"
+        )
     print("\ncoefficient profile (constants fitted per bin; -sigma^2/2 measured on GD per critical direction):")
-    print(f"  {'step':>5} {'n crit':>6} {'quiet':>5} {'Hg':>8} {'gradScrit':>11} {'+-':>9} {'-sigma^2/2':>11} "
-          f"{'ratio':>6} {'unexpl.':>7}")
+    print(
+        f"  {'step':>5} {'n crit':>6} {'quiet':>5} {'Hg':>8} {'gradScrit':>11} {'+-':>9} {'-sigma^2/2':>11} "
+        f"{'ratio':>6} {'unexpl.':>7}"
+    )
     for r in profile_rows:
         ratio_r = r["gradScrit"] / r["minus_sigma2_half_gd"] if r["minus_sigma2_half_gd"] else math.nan
-        print(f"  {r['step']:5d} {r['n_critical']:6d} {str(r['quiet']):>5} {r['Hg']:+8.3f} {r['gradScrit']:+11.3e} "
-              f"{r['gradScrit_se']:9.1e} {r['minus_sigma2_half_gd']:+11.3e} {ratio_r:6.2f} {r['unexplained']:7.3f}")
+        print(
+            f"  {r['step']:5d} {r['n_critical']:6d} {str(r['quiet']):>5} {r['Hg']:+8.3f} {r['gradScrit']:+11.3e} "
+            f"{r['gradScrit_se']:9.1e} {r['minus_sigma2_half_gd']:+11.3e} {ratio_r:6.2f} {r['unexplained']:7.3f}"
+        )
     onset = traj.eos_onset or 0
     oscillating = [r for r in profile_rows if r["n_critical"] and not r["quiet"] and r["step"] >= onset]
     before = [r for r in profile_rows if r["step"] + args.window <= onset]
     ratios = [r["gradScrit"] / r["minus_sigma2_half_gd"] for r in oscillating]
     profile_summary = {
         "bins_before_onset_max_abs_gradScrit": max((abs(r["gradScrit"]) for r in before), default=math.nan),
-        "bins_quiet_max_abs_gradScrit": max((abs(r["gradScrit"]) for r in profile_rows if r["quiet"]),
-                                            default=math.nan),
+        "bins_quiet_max_abs_gradScrit": max(
+            (abs(r["gradScrit"]) for r in profile_rows if r["quiet"]), default=math.nan
+        ),
         "bins_oscillating": len(oscillating),
         "ratio_to_minus_sigma2_half_median": statistics.median(ratios) if ratios else math.nan,
         "ratio_to_minus_sigma2_half_range": [min(ratios), max(ratios)] if ratios else [],
@@ -268,42 +345,76 @@ def main() -> None:
     summary = {}
     for n in ("gradS", "gradScrit"):
         c = coeffs[n]
-        summary[n] = {"mean_before_onset": float(c[pre].mean()) if pre else math.nan,
-                      "mean_100_after_onset": float(c[post].mean()) if post else math.nan}
-    summary["minus_sigma2_half_top"] = {"mean_before_onset": nanmean([sig_top[i] for i in pre]),
-                                        "mean_100_after_onset": nanmean([sig_top[i] for i in post])}
-    summary["minus_sigma2_half_mean"] = {"mean_before_onset": nanmean([sig_mean[i] for i in pre]),
-                                         "mean_100_after_onset": nanmean([sig_mean[i] for i in post])}
-    summary["minus_sigma2_half_gd"] = {"mean_before_onset": nanmean([sig_gd[i] for i in pre]),
-                                       "mean_100_after_onset": nanmean([sig_gd[i] for i in post])}
+        summary[n] = {
+            "mean_before_onset": float(c[pre].mean()) if pre else math.nan,
+            "mean_100_after_onset": float(c[post].mean()) if post else math.nan,
+        }
+    summary["minus_sigma2_half_top"] = {
+        "mean_before_onset": nanmean([sig_top[i] for i in pre]),
+        "mean_100_after_onset": nanmean([sig_top[i] for i in post]),
+    }
+    summary["minus_sigma2_half_mean"] = {
+        "mean_before_onset": nanmean([sig_mean[i] for i in pre]),
+        "mean_100_after_onset": nanmean([sig_mean[i] for i in post]),
+    }
+    summary["minus_sigma2_half_gd"] = {
+        "mean_before_onset": nanmean([sig_gd[i] for i in pre]),
+        "mean_100_after_onset": nanmean([sig_gd[i] for i in post]),
+    }
     print(json.dumps(summary, indent=1))
     top_name = None if top is None else top.name
     top_approx = None if top is None else getattr(top.approximation, "name", top.approximation)
-    print(f"\nreport verdict: {rep.verdict}; top term {top_name!r} repairs {top_approx!r}; top suggestion is the "
-          f"no-oscillation approximation: {top_approx in ('no-oscillation', 'no-oscillation-critical-subspace')}")
+    print(
+        f"\nreport verdict: {rep.verdict}; top term {top_name!r} repairs {top_approx!r}; top suggestion is the "
+        f"no-oscillation approximation: {top_approx in ('no-oscillation', 'no-oscillation-critical-subspace')}"
+    )
     print(f"timing (s): {json.dumps({k: round(v, 1) for k, v in timing.items()})}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "problem": p.description, "lr": LR, "steps": args.steps, "window": args.window, "euler_step": STEP,
-        "eos_onset": traj.eos_onset, "fit": {"coefficients": res.coefficients, "timing": res.timing,
-                                             "regression_loss": res.settings["regression_loss"],
-                                             "physics_error": res.physics_error, "hybrid_error": res.hybrid_error},
-        "table": table, "rollout_ratio_gradient_over_hybrid": ratio, "windows": windows,
-        "rollouts": rollouts, "coefficients": {"step": coef_steps.tolist(), "lr_S_minus_2": feats.tolist(),
-                                               "gradS": coeffs["gradS"].tolist(),
-                                               "gradScrit": coeffs["gradScrit"].tolist(),
-                                               "minus_sigma2_half_top": sig_top,
-                                               "minus_sigma2_half_mean": sig_mean,
-                                               "minus_sigma2_half_gd": sig_gd, "n_critical": n_crit},
+        "problem": p.description,
+        "lr": LR,
+        "steps": args.steps,
+        "window": args.window,
+        "euler_step": STEP,
+        "eos_onset": traj.eos_onset,
+        "fit": {
+            "coefficients": res.coefficients,
+            "timing": res.timing,
+            "regression_loss": res.settings["regression_loss"],
+            "physics_error": res.physics_error,
+            "hybrid_error": res.hybrid_error,
+        },
+        "table": table,
+        "rollout_ratio_gradient_over_hybrid": ratio,
+        "windows": windows,
+        "rollouts": rollouts,
+        "coefficients": {
+            "step": coef_steps.tolist(),
+            "lr_S_minus_2": feats.tolist(),
+            "gradS": coeffs["gradS"].tolist(),
+            "gradScrit": coeffs["gradScrit"].tolist(),
+            "minus_sigma2_half_top": sig_top,
+            "minus_sigma2_half_mean": sig_mean,
+            "minus_sigma2_half_gd": sig_gd,
+            "n_critical": n_crit,
+        },
         "gates": gates,
         "coefficient_summary": summary,
-        "transients": transients, "excluded": exclude, "balance": not args.unbalanced,
-        "profile": profile_rows, "profile_summary": profile_summary,
-        "report": {"verdict": rep.verdict, "top_term": top_name, "top_approximation": top_approx,
-                   "suggestions": rep.suggestions()},
-        "gd_sharpness": traj.sharpness[:, 0].tolist(), "timing": timing,
+        "transients": transients,
+        "excluded": exclude,
+        "balance": not args.unbalanced,
+        "profile": profile_rows,
+        "profile_summary": profile_summary,
+        "report": {
+            "verdict": rep.verdict,
+            "top_term": top_name,
+            "top_approximation": top_approx,
+            "suggestions": rep.suggestions(),
+        },
+        "gd_sharpness": traj.sharpness[:, 0].tolist(),
+        "timing": timing,
     }
     write_json(out, result, indent=1)
 
@@ -321,8 +432,13 @@ def main() -> None:
     axes[2].plot(cs, sig_top, "--", label="-sigma^2/2 (CentralFlow rollout, top)")
     axes[2].plot(cs, sig_mean, ":", label="-sigma^2/2 (CentralFlow rollout, mean)")
     axes[2].plot(cs, sig_gd, "-.", label="-sigma^2/2 (GD oscillation, per critical direction)")
-    axes[2].plot([r["step"] + args.window / 2 for r in profile_rows], [r["gradScrit"] for r in profile_rows], "k.",
-                 ms=6, label="gradScrit fitted per bin (coefficient_profile)")
+    axes[2].plot(
+        [r["step"] + args.window / 2 for r in profile_rows],
+        [r["gradScrit"] for r in profile_rows],
+        "k.",
+        ms=6,
+        label="gradScrit fitted per bin (coefficient_profile)",
+    )
     for lo, hi in transients:
         axes[2].axvspan(lo, hi, color="0.9", zorder=0)
     axes[2].axvline(onset, color="k", lw=0.8)

@@ -74,8 +74,12 @@ def rollout(flow: torch.nn.Module, problem: nf.Problem, traj: nf.Trajectory, smo
     except nf.DivergenceError as exc:
         return {"diverged": str(exc), "seconds": time.perf_counter() - t0}
     dist = (states[smoothed.steps - traj.steps[0]] - smoothed.iterates).norm(dim=1)  # the midpoints lack the ends
-    return {"diverged": None, "mean_distance": float(dist.mean()), "final_distance": float(dist[-1]),
-            "seconds": time.perf_counter() - t0}
+    return {
+        "diverged": None,
+        "mean_distance": float(dist.mean()),
+        "final_distance": float(dist[-1]),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
@@ -113,10 +117,22 @@ def main() -> None:
     first = setup["first"] if args.first is None else args.first
     last = setup["last"] if args.last is None else args.last
     t0 = time.perf_counter()
-    res = nf.fit(model, traj, window=args.window, stride=args.stride, target="smoothed", method="adjoint",
-                 optimizer=args.optimizer, max_iters=args.max_iters, solver="euler", step_size=STEP,
-                 exclude=[(None, first), (last, None)], val_fraction=args.val_fraction,
-                 variance_weight=args.variance_weight, progress=True)
+    res = nf.fit(
+        model,
+        traj,
+        window=args.window,
+        stride=args.stride,
+        target="smoothed",
+        method="adjoint",
+        optimizer=args.optimizer,
+        max_iters=args.max_iters,
+        solver="euler",
+        step_size=STEP,
+        exclude=[(None, first), (last, None)],
+        val_fraction=args.val_fraction,
+        variance_weight=args.variance_weight,
+        progress=True,
+    )
     fit_seconds = time.perf_counter() - t0
     coefficients = dict(res.coefficients)
     checks = {
@@ -125,21 +141,37 @@ def main() -> None:
         "floor": abs(math.log10(max(coefficients["floor"], 1e-300) / NOISE**2)),
     }
     out = {
-        "setup": {**setup, "noise": NOISE, "q": q, "window": args.window, "stride": args.stride, "first": first,
-                  "last": last,
-                  "variance_weight": args.variance_weight,
-                  "val_fraction": args.val_fraction, "optimizer": args.optimizer, "max_iters": args.max_iters,
-                  "threads": torch.get_num_threads(), "load_average_start": load_start},
-        "coefficients": coefficients, "uncertainty": res.uncertainty,
+        "setup": {
+            **setup,
+            "noise": NOISE,
+            "q": q,
+            "window": args.window,
+            "stride": args.stride,
+            "first": first,
+            "last": last,
+            "variance_weight": args.variance_weight,
+            "val_fraction": args.val_fraction,
+            "optimizer": args.optimizer,
+            "max_iters": args.max_iters,
+            "threads": torch.get_num_threads(),
+            "load_average_start": load_start,
+        },
+        "coefficients": coefficients,
+        "uncertainty": res.uncertainty,
         "relative_error": {"floquet": checks["floquet"], "drift": checks["drift"]},
         "floor_log10_factor_from_nu2": checks["floor"],
-        "fit_seconds": fit_seconds, "timing": res.timing, "n_function_evals": res.n_function_evals,
-        "iterations": len(res.history), "history": res.history,
+        "fit_seconds": fit_seconds,
+        "timing": res.timing,
+        "n_function_evals": res.n_function_evals,
+        "iterations": len(res.history),
+        "history": res.history,
         "window_error": {"physics": res.physics_error, "hybrid": res.hybrid_error},
     }
-    print(f"{args.setup}: n {setup['n']}, widths {setup['widths']}, lr {lr}, nu {NOISE:g} (q = {q:.3g}), "
-          f"windows of {args.window} every {args.stride} steps from step {first}, variance weight "
-          f"{args.variance_weight}, {torch.get_num_threads()} thread(s), load average {load_start[0]:.2f}")
+    print(
+        f"{args.setup}: n {setup['n']}, widths {setup['widths']}, lr {lr}, nu {NOISE:g} (q = {q:.3g}), "
+        f"windows of {args.window} every {args.stride} steps from step {first}, variance weight "
+        f"{args.variance_weight}, {torch.get_num_threads()} thread(s), load average {load_start[0]:.2f}"
+    )
     print(f"{'term':10s} {'start':>10s} {'fitted':>12s} {'theory':>10s} {'off':>10s}")
     for name in terms:
         if name not in checks:  # a revision the physics lacks (theory 0), e.g. the amplitude-dependent rate
@@ -147,19 +179,25 @@ def main() -> None:
     for name, theory in (("floquet", 2.0), ("drift", 0.5), ("floor", NOISE**2)):
         off = f"{checks[name]:.1%}" if name != "floor" else f"10^{checks[name]:.2f}"
         print(f"{name:10s} {lib.init[name]:10.3g} {coefficients[name]:12.5g} {theory:10.3g} {off:>10s}")
-    print(f"fit: {fit_seconds:.1f} s, {len(res.history)} iterations, {res.n_function_evals} right-hand sides; "
-          f"window error physics {res.physics_error:.4g} -> hybrid {res.hybrid_error:.4g}")
+    print(
+        f"fit: {fit_seconds:.1f} s, {len(res.history)} iterations, {res.n_function_evals} right-hand sides; "
+        f"window error physics {res.physics_error:.4g} -> hybrid {res.hybrid_error:.4g}"
+    )
     if not args.no_rollout:
         smoothed = traj.smoothed()
         out["rollout"] = {
             "hybrid": rollout(model, problem, traj, smoothed),
-            "physics": rollout(Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=4), None), problem,
-                               traj, smoothed),
+            "physics": rollout(
+                Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=4), None), problem, traj, smoothed
+            ),
             "central": rollout(CentralFlow(problem, lr), problem, traj, smoothed),
         }
         for name, r in out["rollout"].items():
-            shown = ("diverged" if r["diverged"] else
-                     f"mean distance {r['mean_distance']:.4g}, final {r['final_distance']:.4g}")
+            shown = (
+                "diverged"
+                if r["diverged"]
+                else f"mean distance {r['mean_distance']:.4g}, final {r['final_distance']:.4g}"
+            )
             print(f"rollout {name:8s}: {shown} ({r['seconds']:.0f} s)")
     out["load_average_end"] = os.getloadavg()
     path = Path(args.out or f"benchmarks/results/eos_hidden_fit_{args.setup}.json")

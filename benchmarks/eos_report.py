@@ -73,10 +73,21 @@ def main() -> None:
 
     t0 = time.perf_counter()
     ladder = nf.ladder(
-        traj, [GradientFlow(p, LR), CentralFlow(p, LR, above_edge="hold")], terms=TERMS,
-        gated=TERMS, baseline=["Hg"], features=["lr_S_minus_2"], report_options={"max_windows": 8},
-        window=args.window, target="smoothed", method="regression", solver="euler", step_size=0.5, balance=True,
-        exclude=quiet, progress=False,
+        traj,
+        [GradientFlow(p, LR), CentralFlow(p, LR, above_edge="hold")],
+        terms=TERMS,
+        gated=TERMS,
+        baseline=["Hg"],
+        features=["lr_S_minus_2"],
+        report_options={"max_windows": 8},
+        window=args.window,
+        target="smoothed",
+        method="regression",
+        solver="euler",
+        step_size=0.5,
+        balance=True,
+        exclude=quiet,
+        progress=False,
     )
     timing["ladder"] = time.perf_counter() - t0
     print(ladder)
@@ -88,8 +99,10 @@ def main() -> None:
 
     rough = cubic_residual(gradient)
     shown = gradient.windows["validation"]
-    print(f"rough part of the targets (best cubic per window): {float(rough[shown].mean()):.3g} on the validation "
-          f"windows, against the gradient-flow error {gradient.physics_error:.3g}")
+    print(
+        f"rough part of the targets (best cubic per window): {float(rough[shown].mean()):.3g} on the validation "
+        f"windows, against the gradient-flow error {gradient.physics_error:.3g}"
+    )
 
     t0 = time.perf_counter()
     t = torch.arange(len(traj.smoothed()) + 1, dtype=p.dtype)
@@ -101,15 +114,31 @@ def main() -> None:
     timing["rollout"] = time.perf_counter() - t0
     print(f"rollout of the gradient-flow hybrid from step 0: {rollout}")
 
-    write_json(out, {
-        "settings": {"n": 500, "widths": [32, 32], "lr": LR, "steps": args.steps, "window": args.window,
-                     "terms": TERMS, "baseline": ["Hg"], "quiet_stretches": quiet, "eos_onset": traj.eos_onset},
-        "ladder": ladder.to_dict(),
-        "rough_part": {"validation_mean": float(rough[shown].mean()), "per_window": rough.tolist(),
-                       "window_steps": gradient.windows["step"].tolist()},
-        "rollout": rollout,
-        "timing": timing,
-    }, indent=1)
+    write_json(
+        out,
+        {
+            "settings": {
+                "n": 500,
+                "widths": [32, 32],
+                "lr": LR,
+                "steps": args.steps,
+                "window": args.window,
+                "terms": TERMS,
+                "baseline": ["Hg"],
+                "quiet_stretches": quiet,
+                "eos_onset": traj.eos_onset,
+            },
+            "ladder": ladder.to_dict(),
+            "rough_part": {
+                "validation_mean": float(rough[shown].mean()),
+                "per_window": rough.tolist(),
+                "window_steps": gradient.windows["step"].tolist(),
+            },
+            "rollout": rollout,
+            "timing": timing,
+        },
+        indent=1,
+    )
     print(f"wrote {out}; timing {json.dumps({k: round(v, 1) for k, v in timing.items()})}")
 
 

@@ -41,13 +41,20 @@ def main() -> None:
     rows = {}
     for name, env in PATHS.items():
         with tempfile.TemporaryDirectory() as tmp:
-            out = subprocess.run([sys.executable, "-c", CHILD, tmp], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), **env})
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, tmp],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), **env},
+            )
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = rows[name]
         r["closed"] = 1 - r["hybrid_error"] / r["physics_error"]
-        print(f"{name:<11} ({r['capability']}): onset {r['onset']}, verdict {r['verdict']}, closed "
-              f"{100 * r['closed']:.1f} percent, " + ", ".join(f"{k} {v:+.4g}" for k, v in r["coefficients"].items()))
+        print(
+            f"{name:<11} ({r['capability']}): onset {r['onset']}, verdict {r['verdict']}, closed "
+            f"{100 * r['closed']:.1f} percent, " + ", ".join(f"{k} {v:+.4g}" for k, v in r["coefficients"].items())
+        )
         print(f"            top suggestion: {r['top suggestion'][:150]}")
     # the runs' own thread count is 1 (OMP_NUM_THREADS above); the stamp's is this process's
     print(f"wrote {write_json(HERE / 'results' / 'kernel_paths.json', rows)}")

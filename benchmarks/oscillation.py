@@ -77,8 +77,13 @@ def run_central(problem: nf.Problem, lr: float, theta0: torch.Tensor, t: torch.T
     states = simulate(central, theta0, t)
     seconds = (time.perf_counter() - t0) / len(t)
     probe = torch.arange(0, len(t), 10)
-    return {"states": states, "seconds": torch.tensor(seconds), "sharp": eigen_series(problem, states, 1)[:, 0],
-            "probe": probe, "pred_loss": torch.stack([central.predicted_loss(states[i]) for i in probe])}
+    return {
+        "states": states,
+        "seconds": torch.tensor(seconds),
+        "sharp": eigen_series(problem, states, 1)[:, 0],
+        "probe": probe,
+        "pred_loss": torch.stack([central.predicted_loss(states[i]) for i in probe]),
+    }
 
 
 def cost(problem: nf.Problem, lr: float, c_states: torch.Tensor, osc: dict, t: torch.Tensor, n: int = 20) -> dict:
@@ -86,8 +91,10 @@ def cost(problem: nf.Problem, lr: float, c_states: torch.Tensor, osc: dict, t: t
     trajectory, in two windows: 150 steps past the start (around the EoS onset; the oscillation flow still quiet)
     and 450 past it (the oscillation established); and of one gradient."""
     grad_s = statistics.median(
-        [(lambda t0: (gradient(problem, problem.theta0), time.perf_counter() - t0)[1])(time.perf_counter())
-         for _ in range(15)]
+        [
+            (lambda t0: (gradient(problem, problem.theta0), time.perf_counter() - t0)[1])(time.perf_counter())
+            for _ in range(15)
+        ]
     )
     out: dict = {"gradient_seconds": grad_s, "windows": []}
     for i in sorted({min(150, len(t) - n - 1), min(450, len(t) - n - 1)}):
@@ -99,11 +106,13 @@ def cost(problem: nf.Problem, lr: float, c_states: torch.Tensor, osc: dict, t: t
         t0 = time.perf_counter()
         simulate(flow, osc["states"][i], span, extra0=flow.extra_from_covariance(osc["X"][i]))
         osc_s = (time.perf_counter() - t0) / n
-        out["windows"].append({
-            "steps": [int(span[0]), int(span[-1])],
-            "central": {"seconds_per_step": central_s, "gradients_per_step": central_s / grad_s},
-            "oscillation": {"seconds_per_step": osc_s, "gradients_per_step": osc_s / grad_s},
-        })
+        out["windows"].append(
+            {
+                "steps": [int(span[0]), int(span[-1])],
+                "central": {"seconds_per_step": central_s, "gradients_per_step": central_s / grad_s},
+                "oscillation": {"seconds_per_step": osc_s, "gradients_per_step": osc_s / grad_s},
+            }
+        )
     return out
 
 
@@ -124,9 +133,14 @@ def run_flow(problem: nf.Problem, traj: nf.Trajectory, start: int, t: torch.Tens
 
     flow.rebase = recording_rebase
     states, extra = simulate(flow, x0, t, extra0=X0, return_extra=True, reset=False)
-    return {"states": states, "X": flow.covariance(extra), "seconds": torch.tensor((time.perf_counter() - t0) / len(t)),
-            "values": torch.stack([v for v, _ in seen]), "pred_loss": torch.stack([p for _, p in seen]),
-            "q": torch.tensor(flow.q)}
+    return {
+        "states": states,
+        "X": flow.covariance(extra),
+        "seconds": torch.tensor((time.perf_counter() - t0) / len(t)),
+        "values": torch.stack([v for v, _ in seen]),
+        "pred_loss": torch.stack([p for _, p in seen]),
+        "q": torch.tensor(flow.q),
+    }
 
 
 def cached(cache: Path | None, filename: str, compute) -> dict:
@@ -165,8 +179,13 @@ def run_setup(
     g_seconds = statistics.median(
         [(lambda t0: (gradient(p64, p64.theta0), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(9)]
     )
-    result: dict = {"setup": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-                    "dim": p64.dim, "gradient_seconds": g_seconds, "runs": {}}
+    result: dict = {
+        "setup": name,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "dim": p64.dim,
+        "gradient_seconds": g_seconds,
+        "runs": {},
+    }
 
     def gd(variant: str) -> nf.Trajectory:
         nu = 0.0 if variant in ("f64", "f32") else float(variant)
@@ -256,21 +275,36 @@ def run_setup(
         }
         result["runs"][variant] = run
         figs[variant] = {
-            "gd_steps": h["step"], "gd_sharp": h["sharpness"][:, 0].double(), "gd_var": osc.variance.double(),
-            "gd_total": osc.total.double(), "t": t, "o_sharp": o_sharp, "o_var": var, "tv": tv, "d_osc": d_osc,
+            "gd_steps": h["step"],
+            "gd_sharp": h["sharpness"][:, 0].double(),
+            "gd_var": osc.variance.double(),
+            "gd_total": osc.total.double(),
+            "t": t,
+            "o_sharp": o_sharp,
+            "o_var": var,
+            "tv": tv,
+            "d_osc": d_osc,
             "d_cen": d_cen,
         }
-        print(f"[{name} {variant}] onset {onset} GD established {gd_est} flow {o_est}; dist transient "
-              f"osc {run['distance_transient']['oscillation']:.4g} central {run['distance_transient']['central']:.4g}",
-              flush=True)
+        print(
+            f"[{name} {variant}] onset {onset} GD established {gd_est} flow {o_est}; dist transient "
+            f"osc {run['distance_transient']['oscillation']:.4g} central {run['distance_transient']['central']:.4g}",
+            flush=True,
+        )
 
     noisy = sorted((float(v), r) for v, r in result["runs"].items() if v not in ("f64", "f32"))
-    pts = [(math.log(1 / nu), r["quiet_stretch"], r["flow_established"] - r["onset"]) for nu, r in noisy
-           if r["quiet_stretch"] is not None and r["flow_established"] is not None]
+    pts = [
+        (math.log(1 / nu), r["quiet_stretch"], r["flow_established"] - r["onset"])
+        for nu, r in noisy
+        if r["quiet_stretch"] is not None and r["flow_established"] is not None
+    ]
     if len(pts) >= 2:
         xs = torch.tensor([p[0] for p in pts])
-        slope = lambda ys: float(torch.linalg.lstsq(  # noqa: E731
-            torch.stack([xs, torch.ones_like(xs)], 1), torch.tensor(ys, dtype=xs.dtype)[:, None]).solution[0, 0])
+        slope = lambda ys: float(
+            torch.linalg.lstsq(  # noqa: E731
+                torch.stack([xs, torch.ones_like(xs)], 1), torch.tensor(ys, dtype=xs.dtype)[:, None]
+            ).solution[0, 0]
+        )
         sg, sf = slope([p[1] for p in pts]), slope([p[2] for p in pts])
         result["quiet_slope"] = {"gd": sg, "oscillation": sf, "relative_error": abs(sf - sg) / abs(sg)}
     if noisy:
@@ -313,35 +347,68 @@ def figure(result: dict, figs: dict, c_sharp: torch.Tensor, t: torch.Tensor, thr
 
 
 def table(result: dict) -> str:
-    lines = [f"set-up {result['setup']} (n {result['n']}, widths {result['widths']}, lr {result['lr']}): "
-             f"central flow {result['central']['seconds_per_step']:.3g} s/step "
-             f"({result['central']['gradients_per_step']:.0f} gradients)"]
-    head = ("run", "q", "onset", "GD est.", "flow est.", "err/quiet", "d trans osc", "d trans cen", "d run osc",
-            "d run cen", "peak GD", "peak osc", "avg loss err osc", "avg loss err cen", "s/step")
+    lines = [
+        f"set-up {result['setup']} (n {result['n']}, widths {result['widths']}, lr {result['lr']}): "
+        f"central flow {result['central']['seconds_per_step']:.3g} s/step "
+        f"({result['central']['gradients_per_step']:.0f} gradients)"
+    ]
+    head = (
+        "run",
+        "q",
+        "onset",
+        "GD est.",
+        "flow est.",
+        "err/quiet",
+        "d trans osc",
+        "d trans cen",
+        "d run osc",
+        "d run cen",
+        "peak GD",
+        "peak osc",
+        "avg loss err osc",
+        "avg loss err cen",
+        "s/step",
+    )
     lines.append(" | ".join(head))
     for v, r in result["runs"].items():
         fp = r["first_peak"]
         pk = lambda x: "-" if x is None else f"{x[0]}: {x[1]:.3f}"  # noqa: E731
         err = r["established_error_fraction"]
-        lines.append(" | ".join([
-            v, f"{r['q']:.2g}", str(r["onset"]), str(r["gd_established"]), str(r["flow_established"]),
-            "-" if err is None else f"{err:.3f}",
-            f"{r['distance_transient']['oscillation']:.4f}", f"{r['distance_transient']['central']:.4f}",
-            f"{r['distance_run']['oscillation']:.4f}", f"{r['distance_run']['central']:.4f}",
-            pk(fp["gd"]), pk(fp["oscillation"]), f"{r['avg_loss_error']['oscillation']:.4f}",
-            f"{r['avg_loss_error']['central']:.4f}",
-            f"{r['seconds_per_step']:.3g}",
-        ]))
+        lines.append(
+            " | ".join(
+                [
+                    v,
+                    f"{r['q']:.2g}",
+                    str(r["onset"]),
+                    str(r["gd_established"]),
+                    str(r["flow_established"]),
+                    "-" if err is None else f"{err:.3f}",
+                    f"{r['distance_transient']['oscillation']:.4f}",
+                    f"{r['distance_transient']['central']:.4f}",
+                    f"{r['distance_run']['oscillation']:.4f}",
+                    f"{r['distance_run']['central']:.4f}",
+                    pk(fp["gd"]),
+                    pk(fp["oscillation"]),
+                    f"{r['avg_loss_error']['oscillation']:.4f}",
+                    f"{r['avg_loss_error']['central']:.4f}",
+                    f"{r['seconds_per_step']:.3g}",
+                ]
+            )
+        )
     if "quiet_slope" in result:
         s = result["quiet_slope"]
-        lines.append(f"quiet stretch vs log(1/nu): slope GD {s['gd']:.2f}, flow {s['oscillation']:.2f} steps "
-                     f"(relative error {s['relative_error']:.3f})")
+        lines.append(
+            f"quiet stretch vs log(1/nu): slope GD {s['gd']:.2f}, flow {s['oscillation']:.2f} steps "
+            f"(relative error {s['relative_error']:.3f})"
+        )
     for w in result.get("cost", {}).get("windows", []):
-        lines.append(f"cost per GD step, one process, steps {w['steps'][0]}-{w['steps'][1]}: central flow "
-                     f"{w['central']['seconds_per_step']:.3g} s ({w['central']['gradients_per_step']:.0f} gradients), "
-                     f"oscillation flow {w['oscillation']['seconds_per_step']:.3g} s "
-                     f"({w['oscillation']['gradients_per_step']:.0f} gradients); one gradient "
-                     f"{1e3 * result['cost']['gradient_seconds']:.2f} ms")
+        lines.append(
+            f"cost per GD step, one process, steps {w['steps'][0]}-{w['steps'][1]}: central flow "
+            f"{w['central']['seconds_per_step']:.3g} s ({w['central']['gradients_per_step']:.0f} gradients), "
+            f"oscillation flow {w['oscillation']['seconds_per_step']:.3g} s "
+            f"({w['oscillation']['gradients_per_step']:.0f} gradients); one gradient "
+            f"{1e3 * result['cost']['gradient_seconds']:.2f} ms"
+        )
     if "transient_ratio_mean" in result:
         lines.append(f"transient distance, central / oscillation, mean over nu: {result['transient_ratio_mean']:.2f}")
     return "\n".join(lines)
@@ -350,11 +417,19 @@ def table(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setups", nargs="+", default=["small", "large"], choices=sorted(SETUPS))
-    ap.add_argument("--noise", nargs="+", default=["1e-12", "1e-10", "1e-8", "f64", "f32"],
-                    help="noise levels nu, 'f64' (round-off only) and 'f32' (float32 round-off, small set-up)")
+    ap.add_argument(
+        "--noise",
+        nargs="+",
+        default=["1e-12", "1e-10", "1e-8", "f64", "f32"],
+        help="noise levels nu, 'f64' (round-off only) and 'f32' (float32 round-off, small set-up)",
+    )
     ap.add_argument("--cache", default=None, help="folder to keep the GD runs in (reused when present)")
-    ap.add_argument("--stage", default="all", choices=["gd", "flows", "central", "all"],
-                    help="gd / flows / central: only run that part into --cache (to split the work)")
+    ap.add_argument(
+        "--stage",
+        default="all",
+        choices=["gd", "flows", "central", "all"],
+        help="gd / flows / central: only run that part into --cache (to split the work)",
+    )
     ap.add_argument("--stop", type=int, default=None, help="integrate the flows up to this step (default: the end)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()

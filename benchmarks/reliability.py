@@ -54,31 +54,54 @@ def expect_error(call) -> str:
 def bad_arguments() -> Counter:
     zhu = nf.problems.zhu_quartic()
     tiny = nf.problems.mlp_digits(n=30, widths=(4,))
-    gd = lambda **kw: (lambda: nf.run_gd(**{"problem": zhu, "lr": 0.1, "steps": 3, "progress": False, **kw}))
+    gd = lambda **kw: lambda: nf.run_gd(**{"problem": zhu, "lr": 0.1, "steps": 3, "progress": False, **kw})
     probes = [gd(lr=v) for v in (-0.1, 0, math.nan, math.inf, True, "0.1", None)]
     probes += [gd(steps=v) for v in (0, -1, 1.5, True, "3")]
     probes += [gd(eig_every=v) for v in (-1, 0.5, True)] + [gd(n_eigs=v) for v in (0, 3, 1.0)]
     probes += [gd(eig_tol=v) for v in (math.nan, -1.0, 0.0, math.inf, True)] + [gd(eig_retries=v) for v in (-1, 0.5)]
     probes += [gd(store_every=v) for v in (0, -2)] + [gd(checkpoint_every=5), gd(checkpoint_every=-1)]
-    probes += [gd(theta0=t) for t in (torch.tensor([math.nan, 1.0], dtype=F64), torch.tensor([1.0, math.inf],
-               dtype=F64), torch.ones(3, dtype=F64), torch.ones(2, dtype=torch.float32), [1.0, 2.0])]
+    probes += [
+        gd(theta0=t)
+        for t in (
+            torch.tensor([math.nan, 1.0], dtype=F64),
+            torch.tensor([1.0, math.inf], dtype=F64),
+            torch.ones(3, dtype=F64),
+            torch.ones(2, dtype=torch.float32),
+            [1.0, 2.0],
+        )
+    ]
     probes += [lambda n=n: nf.problems.mlp_digits(n=n, widths=(4,)) for n in (0, -1, 5000, 2.5)]
     probes += [lambda w=w: nf.problems.mlp_digits(n=10, widths=w) for w in ((0,), (-3,))]
     probes += [lambda: nf.problems.mlp_digits(n=10, activation="exp")]
     probes += [lambda d=d: nf.problems.mlp_digits(n=10, widths=(4,), dtype=d) for d in (torch.float16, torch.bfloat16)]
-    probes += [lambda: nf.problems.quadratic([[1.0, 2.0], [0.0, 1.0]]), lambda: nf.problems.quadratic([[math.nan]]),
-               lambda: nf.problems.quadratic([1.0, 2.0]), lambda: nf.problems.scalar_factorization(0),
-               lambda: nf.problems.zhu_quartic(theta0=(1.0,)), lambda: nf.problems.from_function(3, torch.ones(2))]
+    probes += [
+        lambda: nf.problems.quadratic([[1.0, 2.0], [0.0, 1.0]]),
+        lambda: nf.problems.quadratic([[math.nan]]),
+        lambda: nf.problems.quadratic([1.0, 2.0]),
+        lambda: nf.problems.scalar_factorization(0),
+        lambda: nf.problems.zhu_quartic(theta0=(1.0,)),
+        lambda: nf.problems.from_function(3, torch.ones(2)),
+    ]
     lin = torch.nn.Linear(3, 2, dtype=F64)
     x = torch.randn(6, 3, dtype=F64)
-    probes += [lambda y=y, loss=loss: nf.problems.from_module(lin, x, y, loss=loss)
-               for y in (torch.randn(6, 1, dtype=F64), torch.randn(6, dtype=F64), torch.randn(6, 2, 1, dtype=F64))
-               for loss in ("mse", "ce")]
-    probes += [lambda: nf.problems.from_module(lin, x, torch.randn(5, 2, dtype=F64)),
-               lambda: nf.problems.from_module(lin, x, torch.randn(6, 2, dtype=F64), loss="l1")]
-    for d in ({"name": "warp"}, {"name": "mlp-digits", "n": "60"}, {"name": "mlp-digits", "dtype": "manual_seed"},
-              {"name": "mlp-digits", "widths": [100000, 100000]}, {"name": "zhu-quartic", "colour": 1},
-              {"name": "scalar-factorization", "depth": 10**9}, {"name": "mlp-digits", "n": True}):
+    probes += [
+        lambda y=y, loss=loss: nf.problems.from_module(lin, x, y, loss=loss)
+        for y in (torch.randn(6, 1, dtype=F64), torch.randn(6, dtype=F64), torch.randn(6, 2, 1, dtype=F64))
+        for loss in ("mse", "ce")
+    ]
+    probes += [
+        lambda: nf.problems.from_module(lin, x, torch.randn(5, 2, dtype=F64)),
+        lambda: nf.problems.from_module(lin, x, torch.randn(6, 2, dtype=F64), loss="l1"),
+    ]
+    for d in (
+        {"name": "warp"},
+        {"name": "mlp-digits", "n": "60"},
+        {"name": "mlp-digits", "dtype": "manual_seed"},
+        {"name": "mlp-digits", "widths": [100000, 100000]},
+        {"name": "zhu-quartic", "colour": 1},
+        {"name": "scalar-factorization", "depth": 10**9},
+        {"name": "mlp-digits", "n": True},
+    ):
         probes.append(lambda d=d: nf.problems.make(d))
     traj = nf.run_gd(tiny, 0.05, 12, eig_every=0, progress=False)
     other = nf.problems.mlp_digits(n=20, widths=(4,))
@@ -88,8 +111,13 @@ def bad_arguments() -> Counter:
         return lambda: nf.fit(model, t, **{"window": 4, "method": "regression", "progress": False, **kw})
 
     probes += [fit(val_fraction=v) for v in (-0.1, 1.0, 1.5, math.nan)]
-    probes += [fit(window=v) for v in (0, -4, 100)] + [fit(target="mean"), fit(method="magic"), fit(problem=other),
-                                                         fit(lr=0.1), fit(exclude=[(5, 2)])]
+    probes += [fit(window=v) for v in (0, -4, 100)] + [
+        fit(target="mean"),
+        fit(method="magic"),
+        fit(problem=other),
+        fit(lr=0.1),
+        fit(exclude=[(5, 2)]),
+    ]
     probes += [lambda r=r: nf.flows.CentralFlow(zhu, 0.1, relaxation=r) for r in (0, -1.0, math.nan, math.inf)]
     probes += [lambda c=c: nf.flows.CentralFlow(zhu, 0.1, critical=c) for c in (0, 3, math.nan)]
     probes += [lambda: TermLibrary(zhu, 0.1, terms=["nonsense"]), lambda: nf.flows.ModifiedFlow(zhu, 0.1, order=7)]
@@ -103,8 +131,14 @@ def craft(path: Path, kind: str, meta, tensors, **header_fields) -> Path:
     """A forged file: any header, with a checksum that matches it."""
     from safetensors.torch import save
 
-    header = {"kind": kind, "format_version": _io.FORMAT_VERSION, "neuralflow_version": nf.__version__,
-              "torch_version": torch.__version__, "meta": meta, **header_fields}
+    header = {
+        "kind": kind,
+        "format_version": _io.FORMAT_VERSION,
+        "neuralflow_version": nf.__version__,
+        "torch_version": torch.__version__,
+        "meta": meta,
+        **header_fields,
+    }
     header["sha256"] = _io.digest(header, tensors)
     path.write_bytes(save(tensors, metadata={"neuralflow": json.dumps(header)}))
     return path
@@ -117,10 +151,19 @@ def bad_files(tmp: Path, small: nf.Trajectory) -> Counter:
     meta = header["meta"]
     results = Counter()
     edits = [("lr", v) for v in (-0.02, 0, math.nan, math.inf, True, "0.2", None, [0.2])]
-    edits += [("problem", v) for v in (
-        {"name": "mlp-digits", "n": 60, "widths": [100000, 100000]}, {"name": "mlp-digits", "dtype": "float16"},
-        {"name": "mlp-digits", "dtype": "manual_seed"}, {"name": "zhu-quartic", "theta0": [1.0]},
-        {"name": "zhu-quartic", "colour": "red"}, {"name": 7}, [1, 2], "zhu")]
+    edits += [
+        ("problem", v)
+        for v in (
+            {"name": "mlp-digits", "n": 60, "widths": [100000, 100000]},
+            {"name": "mlp-digits", "dtype": "float16"},
+            {"name": "mlp-digits", "dtype": "manual_seed"},
+            {"name": "zhu-quartic", "theta0": [1.0]},
+            {"name": "zhu-quartic", "colour": "red"},
+            {"name": 7},
+            [1, 2],
+            "zhu",
+        )
+    ]
     edits += [("meta", v) for v in ({"eig_tol": -1.0}, {"warp": 1}, {"eig_every": 1.5}, {"smoothed": "yes"})]
     for key, value in edits:
         path = craft(tmp / "forged.nft", "trajectory", {**meta, key: value}, tensors)
@@ -131,16 +174,22 @@ def bad_files(tmp: Path, small: nf.Trajectory) -> Counter:
 
         results[expect_error(load_and_build)] += 1
     for fields in ({"format_version": v} for v in (0, -1, True, "1", 1.5, None, 99)):
-        results[expect_error(lambda f=fields: nf.Trajectory.load(craft(tmp / "v.nft", "trajectory", meta, tensors,
-                                                                         **f)))] += 1
+        results[
+            expect_error(lambda f=fields: nf.Trajectory.load(craft(tmp / "v.nft", "trajectory", meta, tensors, **f)))
+        ] += 1
     deep = tmp / "deep.nft"
     from safetensors.torch import save
 
-    deep.write_bytes(save(tensors, metadata={"neuralflow": '{"kind": "trajectory", "meta": ' + "[" * 100_000
-                                                           + "]" * 100_000 + "}"}))
+    deep.write_bytes(
+        save(tensors, metadata={"neuralflow": '{"kind": "trajectory", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"})
+    )
     results[expect_error(lambda: nf.Trajectory.load(deep))] += 1
-    for name, bad in (("iterates", tensors["iterates"].half()), ("steps", tensors["steps"].double()),
-                      ("loss", tensors["loss"][:, None]), ("iterates", tensors["iterates"][:-1])):
+    for name, bad in (
+        ("iterates", tensors["iterates"].half()),
+        ("steps", tensors["steps"].double()),
+        ("loss", tensors["loss"][:, None]),
+        ("iterates", tensors["iterates"][:-1]),
+    ):
         path = craft(tmp / "t.nft", "trajectory", meta, {**tensors, name: bad})
         results[expect_error(lambda p=path: nf.Trajectory.load(p))] += 1
     cut = tmp / "cut.nft"
@@ -187,7 +236,8 @@ def bit_flips(tmp: Path, small: nf.Trajectory, fit_header_bits: str) -> dict[str
     def same_traj(t):
         fields = ("steps", "iterates", "loss", "grad_norm", "sharpness", "update_u")
         return json.dumps([t.lr, t.problem, t.meta]) == json.dumps([ref.lr, ref.problem, ref.meta]) and all(
-            torch.equal(getattr(t, f).nan_to_num(7), getattr(ref, f).nan_to_num(7)) for f in fields)
+            torch.equal(getattr(t, f).nan_to_num(7), getattr(ref, f).nan_to_num(7)) for f in fields
+        )
 
     out = {
         ".nft header": flips(data, range(8 * (8 + n)), nf.Trajectory.from_bytes, same_traj),
@@ -196,15 +246,19 @@ def bit_flips(tmp: Path, small: nf.Trajectory, fit_header_bits: str) -> dict[str
     problem = nf.problems.zhu_quartic(theta0=(1.5, 0.5))
     traj = nf.run_gd(problem, 0.1, 12, progress=False)
     model = nf.Hybrid(nf.flows.GradientFlow(problem, 0.1), TermLibrary(problem, 0.1, terms=["Hg"]))
-    fdata = checkpoint.save(nf.fit(model, traj, window=4, method="regression", progress=False),
-                            tmp / "fit.nff").read_bytes()
+    fdata = checkpoint.save(
+        nf.fit(model, traj, window=4, method="regression", progress=False), tmp / "fit.nff"
+    ).read_bytes()
     (fn,) = struct.unpack("<Q", fdata[:8])
     ref_t, ref_h = _io.parse(fdata, "fit", "fit.nff")
 
     def same_fit(parsed):
         t, h = parsed
-        return json.dumps(h) == json.dumps(ref_h) and t.keys() == ref_t.keys() and all(
-            torch.equal(t[k].nan_to_num(7), ref_t[k].nan_to_num(7)) for k in t)
+        return (
+            json.dumps(h) == json.dumps(ref_h)
+            and t.keys() == ref_t.keys()
+            and all(torch.equal(t[k].nan_to_num(7), ref_t[k].nan_to_num(7)) for k in t)
+        )
 
     header_bits = range(8 * (8 + fn))
     if fit_header_bits != "all":
@@ -230,7 +284,8 @@ nf.run_gd(p, 0.3, 400, progress=False, checkpoint_every=10, resume=sys.argv[1])
 def identical(a: nf.Trajectory, b: nf.Trajectory) -> bool:
     pairs = [(a.iterates, b.iterates)] + [(a.history[k], b.history[k]) for k in a.history]
     return a.history.keys() == b.history.keys() and all(
-        x.shape == y.shape and bool(((x == y) | ((x != x) & (y != y))).all()) for x, y in pairs)
+        x.shape == y.shape and bool(((x == y) | ((x != x) & (y != y))).all()) for x, y in pairs
+    )
 
 
 def interruptions(tmp: Path, kills: int) -> Counter:
@@ -251,8 +306,26 @@ def interruptions(tmp: Path, kills: int) -> Counter:
         results["handled" if identical(resumed, reference) and not leftovers else "lost work"] += 1
     for sig in (signal.SIGTERM, signal.SIGINT):  # the command line saves what it has
         out, ckpt = tmp / f"cli{sig}.nft", tmp / f"cli{sig}.ckpt"
-        args = [sys.executable, "-m", "neuralflow", "run-gd", "--n", "40", "--widths", "6", "--lr", "0.3", "--steps",
-                "100000", "--out", str(out), "--resume", str(ckpt), "--checkpoint-every", "10"]
+        args = [
+            sys.executable,
+            "-m",
+            "neuralflow",
+            "run-gd",
+            "--n",
+            "40",
+            "--widths",
+            "6",
+            "--lr",
+            "0.3",
+            "--steps",
+            "100000",
+            "--out",
+            str(out),
+            "--resume",
+            str(ckpt),
+            "--checkpoint-every",
+            "10",
+        ]
         child = subprocess.Popen(args, env=ENV, stderr=subprocess.PIPE, text=True)
         while not ckpt.exists() and child.poll() is None:
             time.sleep(0.02)
@@ -261,8 +334,11 @@ def interruptions(tmp: Path, kills: int) -> Counter:
         _, err = child.communicate(timeout=300)
         try:
             partial = nf.Trajectory.load(out)
-            ok = child.returncode == 130 and str(out) in err and identical(
-                partial, nf.run_gd(problem, 0.3, int(partial.history["step"][-1]), progress=False))
+            ok = (
+                child.returncode == 130
+                and str(out) in err
+                and identical(partial, nf.run_gd(problem, 0.3, int(partial.history["step"][-1]), progress=False))
+            )
         except NeuralflowError:
             ok = False
         results["handled" if ok else "lost work"] += 1
@@ -270,8 +346,10 @@ def interruptions(tmp: Path, kills: int) -> Counter:
         path = tmp / "big.nft"
         nf.run_gd(problem, 0.3, 5, progress=False).save(path)
         before = path.read_bytes()
-        code = ("import torch, neuralflow as nf, sys; from neuralflow import _io\n"
-                "_io.write(sys.argv[1], 'trajectory', {'x': torch.zeros(60_000_000)}, {'lr': 0.1})")
+        code = (
+            "import torch, neuralflow as nf, sys; from neuralflow import _io\n"
+            "_io.write(sys.argv[1], 'trajectory', {'x': torch.zeros(60_000_000)}, {'lr': 0.1})"
+        )
         child = subprocess.Popen([sys.executable, "-c", code, str(path)], env=ENV)
         deadline = time.monotonic() + 120
         while not any(p.name.startswith(".big.nft.nf") for p in tmp.iterdir()) and time.monotonic() < deadline:

@@ -78,8 +78,9 @@ def main() -> None:
         for _ in range(args.kills):
             start = next_step(ckpt) if ckpt.exists() else 0
             target = rng.randrange(start + args.every + 1, args.steps)  # a step the child must not reach a save at
-            child = subprocess.Popen([sys.executable, "-c", CHILD.format(**SETUP), str(ckpt), str(args.steps),
-                                      str(args.every)], env=env)
+            child = subprocess.Popen(
+                [sys.executable, "-c", CHILD.format(**SETUP), str(ckpt), str(args.steps), str(args.every)], env=env
+            )
             while not ckpt.exists() or next_step(ckpt) <= start:  # started and past its first save
                 time.sleep(0.05)
             time.sleep(max(0.0, (target - next_step(ckpt)) * per_step))
@@ -87,22 +88,30 @@ def main() -> None:
             child.wait()
             rows.append({"kill aimed at step": target, "checkpoint at step": next_step(ckpt)})
         t0 = time.perf_counter()
-        resumed = nf.run_gd(problem, SETUP["lr"], args.steps, progress=False, checkpoint_every=args.every,
-                            resume=ckpt)
+        resumed = nf.run_gd(problem, SETUP["lr"], args.steps, progress=False, checkpoint_every=args.every, resume=ckpt)
         t_resume = time.perf_counter() - t0
         leftovers = [p.name for p in Path(tmp).iterdir() if p.name != "run.ckpt"]
 
     same = identical(resumed, reference)
     result = {
-        "setup": {**SETUP, "widths": list(SETUP["widths"]), "steps": args.steps, "every": args.every,
-                  "seed": args.seed, "dim": problem.dim, "eos_onset": reference.eos_onset},
+        "setup": {
+            **SETUP,
+            "widths": list(SETUP["widths"]),
+            "steps": args.steps,
+            "every": args.every,
+            "seed": args.seed,
+            "dim": problem.dim,
+            "eos_onset": reference.eos_onset,
+        },
         "kills": rows,
         "bit_for_bit": same,
         "temporary_files_left": leftovers,
         "seconds": {"uninterrupted": round(t_ref, 1), "resumed part": round(t_resume, 1)},
     }
-    print(f"digits n {SETUP['n']} widths {SETUP['widths']} ({problem.dim} parameters), lr {SETUP['lr']}, "
-          f"{args.steps} steps, sharpness every step, checkpoint every {args.every}; EoS onset {reference.eos_onset}")
+    print(
+        f"digits n {SETUP['n']} widths {SETUP['widths']} ({problem.dim} parameters), lr {SETUP['lr']}, "
+        f"{args.steps} steps, sharpness every step, checkpoint every {args.every}; EoS onset {reference.eos_onset}"
+    )
     for row in rows:
         aimed, saved = row["kill aimed at step"], row["checkpoint at step"]
         print(f"  SIGKILL aimed at step {aimed:>5}; checkpoint at step {saved:>5}")

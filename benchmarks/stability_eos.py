@@ -35,19 +35,37 @@ def main() -> None:
     traj = nf.run_gd(problem, s.lr, s.steps, eig_every=s.eig_every, n_eigs=s.n_eigs, progress=False)
     onset = traj.eos_onset
     lo, hi = max(0, onset + s.fit_span[0]), min(s.steps, onset + s.fit_span[1])
-    library = nf.corrections.TermLibrary(problem, s.lr, terms=list(s.terms), gated=list(s.terms),
-                                         baseline=list(s.baseline), features=["lr_S_minus_2"], eig_tol=s.eig_tol)
+    library = nf.corrections.TermLibrary(
+        problem,
+        s.lr,
+        terms=list(s.terms),
+        gated=list(s.terms),
+        baseline=list(s.baseline),
+        features=["lr_S_minus_2"],
+        eig_tol=s.eig_tol,
+    )
     span = traj.slice(lo, hi + 1)
-    result = nf.fit(nf.Hybrid(nf.flows.GradientFlow(problem, s.lr), library), span, window=s.window,
-                    target="smoothed", method="regression", solver="euler", step_size=s.step_size, balance=True,
-                    exclude=traj.eos_transients(), progress=False)
+    result = nf.fit(
+        nf.Hybrid(nf.flows.GradientFlow(problem, s.lr), library),
+        span,
+        window=s.window,
+        target="smoothed",
+        method="regression",
+        solver="euler",
+        step_size=s.step_size,
+        balance=True,
+        exclude=traj.eos_transients(),
+        progress=False,
+    )
     t0 = time.perf_counter()
     st = nf.stability(result, span, replicates=args.replicates, blocks=args.blocks, max_windows=s.report_windows)
     seconds = time.perf_counter() - t0
     print(f"EoS demo fit (steps {lo}..{hi}, onset {onset}); {seconds:.0f} s for {args.replicates} re-fits")
     print(st)
-    out = write_json(HERE / "results" / "stability_eos.json",
-                     {**asdict(st), "seconds": round(seconds, 1), "span": [lo, hi], "onset": onset})
+    out = write_json(
+        HERE / "results" / "stability_eos.json",
+        {**asdict(st), "seconds": round(seconds, 1), "span": [lo, hi], "onset": onset},
+    )
     print(f"wrote {out}")
 
 

@@ -49,8 +49,12 @@ def main(args: argparse.Namespace) -> None:
         serial_s, serial = timed(Path(tmp) / "serial", args.steps, workers=1)
         results["serial"] = {"seconds": serial_s, "run_median": float(serial["wall_s"].median())}
         pool_s, pool = timed(Path(tmp) / "pool", args.steps, workers=2)
-        results["local, 2 workers"] = {"seconds": pool_s, "speedup": serial_s / pool_s,
-                                       "same_table": same(serial, pool), "run_median": float(pool["wall_s"].median())}
+        results["local, 2 workers"] = {
+            "seconds": pool_s,
+            "speedup": serial_s / pool_s,
+            "same_table": same(serial, pool),
+            "run_median": float(pool["wall_s"].median()),
+        }
         if args.ray:
             try:
                 import ray
@@ -62,16 +66,23 @@ def main(args: argparse.Namespace) -> None:
                     ray_s, on_ray = timed(Path(tmp) / "ray", args.steps, engine="ray")
                 finally:
                     ray.shutdown()
-                results["ray, 2 CPUs"] = {"seconds": ray_s, "speedup": serial_s / ray_s,
-                                          "same_table": same(serial, on_ray),
-                                          "run_median": float(on_ray["wall_s"].median())}
-    print(f"sweep of {len(serial)} runs: mlp_digits n 500 widths (32, 32), lr x seed, {args.steps} steps, sharpness "
-          "every step")
+                results["ray, 2 CPUs"] = {
+                    "seconds": ray_s,
+                    "speedup": serial_s / ray_s,
+                    "same_table": same(serial, on_ray),
+                    "run_median": float(on_ray["wall_s"].median()),
+                }
+    print(
+        f"sweep of {len(serial)} runs: mlp_digits n 500 widths (32, 32), lr x seed, {args.steps} steps, sharpness "
+        "every step"
+    )
     # a run's median wall time shows contention: on 2 idle cores it is the same serial and with 2 workers
     print(f"{'engine':<20}{'wall s':>9}{'speed-up':>10}{'same table':>12}{'run median s':>14}")
     for name, r in results.items():
-        print(f"{name:<20}{r['seconds']:>9.1f}{r.get('speedup', 1.0):>10.2f}{str(r.get('same_table', '-')):>12}"
-              f"{r['run_median']:>14.2f}")
+        print(
+            f"{name:<20}{r['seconds']:>9.1f}{r.get('speedup', 1.0):>10.2f}{str(r.get('same_table', '-')):>12}"
+            f"{r['run_median']:>14.2f}"
+        )
     per_run = serial["wall_s"]
     law = serial.groupby("lr")[["eos_onset", "plateau_ratio", "quiet_steps"]].agg(["mean", "std"])
     print("edge-of-stability law (mean, std over seeds):")
@@ -80,13 +91,28 @@ def main(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     law_figure(serial).savefig(out.with_name("sweep_law.png"), dpi=120)
     serial.to_csv(out.with_name("sweep_table.csv"), index=False)
-    write_json(out, {
-        "runs": len(serial), "steps": args.steps, "engines": results,
-        "per_run_seconds": {"median": float(per_run.median()), "min": float(per_run.min()),
-                            "max": float(per_run.max())},
-        "law": {str(lr): {"eos_onset": float(g["eos_onset"].mean()), "plateau_ratio": float(g["plateau_ratio"].mean()),
-                          "plateau_ratio_std": float(g["plateau_ratio"].std())} for lr, g in serial.groupby("lr")},
-    }, indent=1)
+    write_json(
+        out,
+        {
+            "runs": len(serial),
+            "steps": args.steps,
+            "engines": results,
+            "per_run_seconds": {
+                "median": float(per_run.median()),
+                "min": float(per_run.min()),
+                "max": float(per_run.max()),
+            },
+            "law": {
+                str(lr): {
+                    "eos_onset": float(g["eos_onset"].mean()),
+                    "plateau_ratio": float(g["plateau_ratio"].mean()),
+                    "plateau_ratio_std": float(g["plateau_ratio"].std()),
+                }
+                for lr, g in serial.groupby("lr")
+            },
+        },
+        indent=1,
+    )
     print(f"wrote {out}, {out.with_name('sweep_law.png')}, {out.with_name('sweep_table.csv')}")
 
 

@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> nf.Report:
     onset = traj.eos_onset
     start = max(0, onset - 10)  # the central flow starts below 2/lr
     span = traj.slice(start, steps + 1)
-    comparison = nf.compare(span, nf.flows.GradientFlow(problem, lr), nf.flows.CentralFlow(problem, lr),
-                            problem=problem, n_probe=10)
+    comparison = nf.compare(
+        span, nf.flows.GradientFlow(problem, lr), nf.flows.CentralFlow(problem, lr), problem=problem, n_probe=10
+    )
     print(comparison)
 
     fit_options = {"target": "smoothed", "window": 4, "stride": 10, "step_size": 0.25, "progress": False}
@@ -51,10 +52,12 @@ def main(argv: list[str] | None = None) -> nf.Report:
     report = result.report(max_windows=10)
     print(report)
     gradient, central = comparison.records
-    print(f"what remains: the central flow misses GD's smoothed iterates by "
-          f"{float(central.distance_smoothed.mean()):.3g} on average (gradient flow "
-          f"{float(gradient.distance_smoothed.mean()):.3g}), most of it at the onset transient, where the "
-          "oscillation grows from round-off instead of appearing at once")
+    print(
+        f"what remains: the central flow misses GD's smoothed iterates by "
+        f"{float(central.distance_smoothed.mean()):.3g} on average (gradient flow "
+        f"{float(gradient.distance_smoothed.mean()):.3g}), most of it at the onset transient, where the "
+        "oscillation grows from round-off instead of appearing at once"
+    )
     if args.save:
         print(f"checkpoint: {checkpoint.save(result, args.save, report=report)}")
     return report

@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> nf.FitResult:
     problem = nf.problems.mlp_digits(n=64, widths=(8,), seed=0)
     lr = 0.01
     traj = nf.run_gd(problem, lr, steps, eig_every=20, progress=not args.fast)
-    print(f"{problem.name}: {problem.dim} parameters, lr = {lr}, sharpness up to "
-          f"{float(traj.sharpness[torch.isfinite(traj.sharpness)].max()):.3g} (2/lr = {2 / lr:g})")
+    print(
+        f"{problem.name}: {problem.dim} parameters, lr = {lr}, sharpness up to "
+        f"{float(traj.sharpness[torch.isfinite(traj.sharpness)].max()):.3g} (2/lr = {2 / lr:g})"
+    )
 
     def library() -> nf.Hybrid:
         return nf.Hybrid(nf.flows.GradientFlow(problem, lr), nf.corrections.TermLibrary(problem, lr, list(THEORY)))

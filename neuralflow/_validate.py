@@ -41,8 +41,11 @@ def renamed(new: Any, old: Any, names: str, where: str, default: Any = None) -> 
     before, after = names.split(" -> ")
     if new is not None and new != default:
         raise InputError(f"{where}: pass {after}= only ({before}= is its old name).")
-    warnings.warn(f"{where}: {before}= is now {after}= (the old name will go in a later release).",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{where}: {before}= is now {after}= (the old name will go in a later release).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return old
 
 
@@ -232,8 +235,9 @@ class ByName(Spec):
             return
         name = value.get("name")
         Str(max_len=200).check(name, f"{at}.name")
-        record = (self.other if self.marker is not None and self.marker in value
-                  else self.cases.get(str(name), self.other))
+        record = (
+            self.other if self.marker is not None and self.marker in value else self.cases.get(str(name), self.other)
+        )
         if record is None:
             raise InputError(f"{at}.name is {_show(name)}; known names are {sorted(self.cases)}.")
         record.check(value, at)
@@ -279,46 +283,81 @@ PROBLEM_DESCRIPTIONS: dict[str, _Problem] = {
         _named({"depth": Int(1), "theta0": NUMBERS, "dtype": Str(DTYPES)}), lambda d: d.get("depth", 3)
     ),
     "mlp-digits": _Problem(
-        _named({
-            "n": Int(1, 1797), "widths": List(Int(1), 0, 64), "seed": SEED, "dtype": Str(DTYPES),
-            "activation": Str(("tanh", "gelu", "softplus", "sigmoid", "relu")), "batch_size": Optional(Int(1)),
-        }),
+        _named(
+            {
+                "n": Int(1, 1797),
+                "widths": List(Int(1), 0, 64),
+                "seed": SEED,
+                "dtype": Str(DTYPES),
+                "activation": Str(("tanh", "gelu", "softplus", "sigmoid", "relu")),
+                "batch_size": Optional(Int(1)),
+            }
+        ),
         _mlp_size,
     ),
     "cnn-digits": _Problem(
-        _named({
-            "n": Int(1, 1797), "channels": List(Int(1, 4096), 2, 2), "seed": SEED, "dtype": Str(DTYPES),
-            "activation": Str(("tanh", "gelu", "softplus", "sigmoid", "relu")), "batch_size": Optional(Int(1)),
-        }),
+        _named(
+            {
+                "n": Int(1, 1797),
+                "channels": List(Int(1, 4096), 2, 2),
+                "seed": SEED,
+                "dtype": Str(DTYPES),
+                "activation": Str(("tanh", "gelu", "softplus", "sigmoid", "relu")),
+                "batch_size": Optional(Int(1)),
+            }
+        ),
         lambda d: _cnn_size(*d.get("channels", (8, 8))),
     ),
     "lstm-recall": _Problem(
-        _named({"n": Int(1, 100_000), "length": Int(1, 1000), "hidden": Int(1, 4096), "seed": SEED,
-                "dtype": Str(DTYPES)}),
+        _named(
+            {"n": Int(1, 100_000), "length": Int(1, 1000), "hidden": Int(1, 4096), "seed": SEED, "dtype": Str(DTYPES)}
+        ),
         lambda d: _lstm_size(d.get("hidden", 8)),
     ),
     # The user's own Python file (problems.from_file): rebuilt only when the caller allows running it.
     "module": _Problem(
-        _named({"path": Str(max_len=4096), "function": Str(max_len=200), "loss": Str(("mse", "ce")),
-                "batch_size": Optional(Int(1)), "dtype": Str(DTYPES)}, ("path", "function")),
+        _named(
+            {
+                "path": Str(max_len=4096),
+                "function": Str(max_len=200),
+                "loss": Str(("mse", "ce")),
+                "batch_size": Optional(Int(1)),
+                "dtype": Str(DTYPES),
+            },
+            ("path", "function"),
+        ),
         lambda d: 0,
     ),
 }
 # Problems that cannot be rebuilt from their description (from_module, from_function): the user passes them.
-OTHER_PROBLEM = _named({
-    "module": Str(), "examples": Int(1), "loss": Str(), "batch_size": Optional(Int(1)), "function": Str(),
-    "theta0": NUMBERS,
-})
+OTHER_PROBLEM = _named(
+    {
+        "module": Str(),
+        "examples": Int(1),
+        "loss": Str(),
+        "batch_size": Optional(Int(1)),
+        "function": Str(),
+        "theta0": NUMBERS,
+    }
+)
 # from_module descriptions carry "module" (the net's repr) and are named after its class, which may be any name.
-PROBLEM = ByName({k: v.record for k, v in PROBLEM_DESCRIPTIONS.items()}, OTHER_PROBLEM, marker="module",
-                 empty_ok=True)
+PROBLEM = ByName({k: v.record for k, v in PROBLEM_DESCRIPTIONS.items()}, OTHER_PROBLEM, marker="module", empty_ok=True)
 
 # ``Trajectory.meta``: what run_gd and the trajectory's own methods record.
 # run_gd's settings are checked; a user may add notes of their own (Trajectory.meta is free-form JSON).
-TRAJECTORY_META = Record({
-    "eig_every": Int(0), "n_eigs": Int(1), "store_every": Int(1), "eig_tol": POSITIVE, "smoothed": Bool(),
-    "eig_retries": Int(0), "noise": Num(0.0), "noise_seed": SEED,
-}, extra=Json())
+TRAJECTORY_META = Record(
+    {
+        "eig_every": Int(0),
+        "n_eigs": Int(1),
+        "store_every": Int(1),
+        "eig_tol": POSITIVE,
+        "smoothed": Bool(),
+        "eig_retries": Int(0),
+        "noise": Num(0.0),
+        "noise_seed": SEED,
+    },
+    extra=Json(),
+)
 # (a fit file holds an empty history in its JSON part; a non-empty one is tensors)
 TRAJECTORY = Record({"lr": LR, "problem": PROBLEM, "meta": TRAJECTORY_META, "history": Map(Json())}, ("lr",))
 
@@ -330,10 +369,13 @@ FIT = Record(
         "problem": PROBLEM,
         "check": Record({"first_loss": Num()}, ("first_loss",)),
         "model": Record({"name": Str(max_len=200), "flow": _CONFIG, "correction": Optional(_CONFIG)}, ("flow",)),
-        "result": Record({
-            "json": Record({"coefficients": _COEFFICIENTS, "uncertainty": _COEFFICIENTS}, extra=Json()),
-            "tensors": _TENSOR_LAYOUT,
-        }, ("json", "tensors")),
+        "result": Record(
+            {
+                "json": Record({"coefficients": _COEFFICIENTS, "uncertainty": _COEFFICIENTS}, extra=Json()),
+                "tensors": _TENSOR_LAYOUT,
+            },
+            ("json", "tensors"),
+        ),
         "trajectory": Record({"json": TRAJECTORY, "tensors": _TENSOR_LAYOUT}, ("json", "tensors")),
         "report": Optional(Json()),
         "report_error": Optional(Str()),
@@ -350,9 +392,18 @@ SIMULATION = Record(
 # A run_gd checkpoint (resume): the run's settings and where it stands.
 GD_CHECKPOINT = Record(
     {
-        "lr": LR, "problem": PROBLEM, "steps": Int(1), "next_step": Int(0), "eig_every": Int(0), "n_eigs": Int(1),
-        "store_every": Int(1), "eig_tol": POSITIVE, "eig_retries": Int(0), "last_sharpness": Num(nan_ok=True),
-        "noise": Num(0.0), "noise_seed": SEED,
+        "lr": LR,
+        "problem": PROBLEM,
+        "steps": Int(1),
+        "next_step": Int(0),
+        "eig_every": Int(0),
+        "n_eigs": Int(1),
+        "store_every": Int(1),
+        "eig_tol": POSITIVE,
+        "eig_retries": Int(0),
+        "last_sharpness": Num(nan_ok=True),
+        "noise": Num(0.0),
+        "noise_seed": SEED,
     },
     ("lr", "problem", "steps", "next_step", "eig_every", "n_eigs", "store_every", "eig_tol"),
 )
@@ -360,8 +411,14 @@ GD_CHECKPOINT = Record(
 # A fit's Gauss-Newton state (fit(..., resume=)).
 FIT_CHECKPOINT = Record(
     {
-        "settings": Json(), "targets_sha256": Str(max_len=64), "iteration": Int(0), "mu": Num(nan_ok=True),
-        "finished": Bool(), "history": List(Json()), "best_score": Num(nan_ok=True), "best_iteration": Int(0),
+        "settings": Json(),
+        "targets_sha256": Str(max_len=64),
+        "iteration": Int(0),
+        "mu": Num(nan_ok=True),
+        "finished": Bool(),
+        "history": List(Json()),
+        "best_score": Num(nan_ok=True),
+        "best_iteration": Int(0),
         "stale": Int(0),
     },
     ("settings", "targets_sha256", "iteration", "mu", "finished", "history", "best_score", "best_iteration", "stale"),
@@ -372,14 +429,23 @@ FIT_CHECKPOINT = Record(
 SWEEP_ROW = Record({"row": Map(Json())}, ("row",))
 
 SCHEMAS: dict[str, Spec] = {
-    "trajectory": TRAJECTORY, "fit": FIT, "gd-checkpoint": GD_CHECKPOINT, "fit-checkpoint": FIT_CHECKPOINT,
-    "sweep-row": SWEEP_ROW, "simulation": SIMULATION,
+    "trajectory": TRAJECTORY,
+    "fit": FIT,
+    "gd-checkpoint": GD_CHECKPOINT,
+    "fit-checkpoint": FIT_CHECKPOINT,
+    "sweep-row": SWEEP_ROW,
+    "simulation": SIMULATION,
 }
 
 HEADER = Record(
     {
-        "kind": Str(max_len=100), "format_version": Int(1), "neuralflow_version": Str(max_len=100),
-        "torch_version": Str(max_len=100), "sha256": Str(max_len=64), "meta": Json(), "provenance": Map(Json()),
+        "kind": Str(max_len=100),
+        "format_version": Int(1),
+        "neuralflow_version": Str(max_len=100),
+        "torch_version": Str(max_len=100),
+        "sha256": Str(max_len=64),
+        "meta": Json(),
+        "provenance": Map(Json()),
     },
     ("kind", "format_version", "sha256", "meta"),
 )

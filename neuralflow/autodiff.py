@@ -82,10 +82,7 @@ class Curvature:
             for part in self.problem.parts:
                 (g,) = torch.autograd.grad(part(self.theta), self.theta, create_graph=True)
                 graphs.append(g)
-        return [
-            torch.autograd.grad(g, self.theta, v, retain_graph=True, create_graph=create_graph)[0]
-            for g in graphs
-        ]
+        return [torch.autograd.grad(g, self.theta, v, retain_graph=True, create_graph=create_graph)[0] for g in graphs]
 
     def hvp(self, v: Tensor) -> Tensor:
         """``H v`` for ``v`` of shape ``(d,)`` or each row of a ``(k, d)`` block."""

@@ -104,7 +104,12 @@ def _encode(obj: Any, prefix: str, tensors: dict[str, Tensor], skip: tuple[str, 
 
 
 def _decode(
-    cls: type, part: dict[str, Any], prefix: str, tensors: dict[str, Tensor], device: torch.device, where: str,
+    cls: type,
+    part: dict[str, Any],
+    prefix: str,
+    tensors: dict[str, Tensor],
+    device: torch.device,
+    where: str,
     **extra: Any,
 ) -> Any:
     """Inverse of :func:`_encode`: rebuild ``cls`` from its JSON part and its tensors (moved to ``device``)."""
@@ -172,7 +177,11 @@ def _first_loss(problem: Problem, trajectory: Trajectory) -> float:
 
 
 def _problem(
-    meta: dict[str, Any], problem: Problem | None, device: Any, where: str, max_params: int | None,
+    meta: dict[str, Any],
+    problem: Problem | None,
+    device: Any,
+    where: str,
+    max_params: int | None,
     allow_code: bool = False,
 ) -> Problem:
     description = meta["problem"]
@@ -241,8 +250,9 @@ def save(result: FitResult, path: str | os.PathLike, report: Report | bool = Tru
             report_dict = build_report(result).to_dict()
         except (NeuralflowError, RuntimeError, ValueError) as exc:
             report_error = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"save: the report could not be built, the checkpoint holds none ({report_error}).",
-                          stacklevel=2)
+            warnings.warn(
+                f"save: the report could not be built, the checkpoint holds none ({report_error}).", stacklevel=2
+            )
     meta = {
         "problem": model.problem.description,
         "check": {"first_loss": _first_loss(model.problem, result.trajectory)},
@@ -256,8 +266,11 @@ def save(result: FitResult, path: str | os.PathLike, report: Report | bool = Tru
 
 
 def load(
-    path: str | os.PathLike, problem: Problem | None = None, device: torch.device | str | None = None,
-    max_params: int | None = MAX_PARAMS, allow_code: bool = False,
+    path: str | os.PathLike,
+    problem: Problem | None = None,
+    device: torch.device | str | None = None,
+    max_params: int | None = MAX_PARAMS,
+    allow_code: bool = False,
 ) -> FitResult:
     """Read a checkpoint written by :func:`save` and rebuild a working :class:`FitResult`.
 
@@ -303,8 +316,9 @@ def load(
         model = _model(meta["model"], problem, state, where)
         for k in list(state):
             tensors.pop("model." + k)
-        result = _decode(FitResult, meta["result"], "result.", tensors, problem.device, where, model=model,
-                         trajectory=trajectory)
+        result = _decode(
+            FitResult, meta["result"], "result.", tensors, problem.device, where, model=model, trajectory=trajectory
+        )
     except KeyError as exc:
         raise FileFormatError(f"{where}: the metadata lacks {exc}; the file is damaged.") from None
     if tensors:
@@ -368,17 +382,25 @@ def save_simulation(path: str | os.PathLike, flow: Flow, t: float, state: Tensor
     """
     _registered(FLOWS, flow, "flow")
     if state.dim() != 1 or state.shape[0] != flow.state_dim:
-        raise InputError(f"save_simulation: state must be one ODE state of length {flow.state_dim}, got "
-                         f"{tuple(state.shape)}.")
+        raise InputError(
+            f"save_simulation: state must be one ODE state of length {flow.state_dim}, got {tuple(state.shape)}."
+        )
     tensors = {"state": state, **{f"warm.{k}": v for k, v in flow.warm_tensors().items()}}
-    meta = {"problem": flow.problem.description, "flow": flow.config(), "t": float(t),
-            "check": {"first_loss": float(flow.problem.loss(flow.split(state)[0].detach()))}}
+    meta = {
+        "problem": flow.problem.description,
+        "flow": flow.config(),
+        "t": float(t),
+        "check": {"first_loss": float(flow.problem.loss(flow.split(state)[0].detach()))},
+    }
     return _io.write(path, _SIMULATION_KIND, tensors, meta)
 
 
 def load_simulation(
-    path: str | os.PathLike, problem: Problem | None = None, device: torch.device | str | None = None,
-    max_params: int | None = MAX_PARAMS, allow_code: bool = False,
+    path: str | os.PathLike,
+    problem: Problem | None = None,
+    device: torch.device | str | None = None,
+    max_params: int | None = MAX_PARAMS,
+    allow_code: bool = False,
 ) -> tuple[Flow, float, Tensor, Tensor | None]:
     """Read a file written by :func:`save_simulation`: ``(flow, t, theta, extra)``, the flow's warm state restored.
 
@@ -394,12 +416,15 @@ def load_simulation(
     except KeyError as exc:
         raise FileFormatError(f"{where}: the metadata lacks {exc}; the file is damaged.") from None
     if state.shape != (flow.state_dim,):
-        raise FileFormatError(f"{where}: the stored state has length {state.shape[0]} but the flow's is "
-                              f"{flow.state_dim}.")
+        raise FileFormatError(
+            f"{where}: the stored state has length {state.shape[0]} but the flow's is {flow.state_dim}."
+        )
     theta, extra = flow.split(state)
     now = float(problem.loss(theta))
     if not math.isclose(recorded, now, rel_tol=_CHECK_RTOL, abs_tol=1e-300):
-        raise InputError(f"{where}: the problem gives loss {now:.12g} at the saved state but the file recorded "
-                         f"{recorded:.12g}; pass the problem the simulation ran on.")
+        raise InputError(
+            f"{where}: the problem gives loss {now:.12g} at the saved state but the file recorded "
+            f"{recorded:.12g}; pass the problem the simulation ran on."
+        )
     flow.load_warm_tensors({k.removeprefix("warm."): v for k, v in tensors.items()})
     return flow, t, theta, extra

@@ -30,7 +30,6 @@ from .trajectory import Trajectory
 __all__ = ["compare", "Comparison", "FlowRecord"]
 
 
-
 @dataclass
 class FlowRecord:
     """One flow simulated along a trajectory: states at the trajectory's stored steps and diagnostics.
@@ -110,12 +109,22 @@ class Comparison:
             f"the stored steps; errors relative. avg loss: predicted time-averaged loss vs GD's loss averaged "
             f"over +-{self.half_width} steps.\n"
         )
-        heads = ["flow", "dist GD", "dist smoothed", "final dist", "loss err", "avg loss err", "sharp err",
-                 "osc. established", "time s"]
+        heads = [
+            "flow",
+            "dist GD",
+            "dist smoothed",
+            "final dist",
+            "loss err",
+            "avg loss err",
+            "sharp err",
+            "osc. established",
+            "time s",
+        ]
         cells = self._cells()
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
         line = lambda xs: "  ".join(  # noqa: E731
-            x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths, strict=True)))
+            x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths, strict=True))
+        )
         table = "\n".join([line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells])
         if any(r.variance is not None for r in self.records):
             table += f"\nGD's oscillation established at step {self.gd_established} (EoS onset {tr.eos_onset})."
@@ -124,11 +133,22 @@ class Comparison:
     def __repr__(self) -> str:
         tr = self.trajectory
         flows = ", ".join(f"{r['flow']} {r['distance']:.3g}" for r in self.rows)
-        return (f"Comparison({tr.problem.get('name', 'problem')}, lr={tr.lr:g}, steps {int(tr.steps[0])}.."
-                f"{int(tr.steps[-1])}; mean distance to GD: {flows})")
+        return (
+            f"Comparison({tr.problem.get('name', 'problem')}, lr={tr.lr:g}, steps {int(tr.steps[0])}.."
+            f"{int(tr.steps[-1])}; mean distance to GD: {flows})"
+        )
 
-    _COLUMNS = ("flow", "distance", "distance_smoothed", "final_distance", "loss_error", "avg_loss_error",
-                "sharpness_error", "established", "seconds")
+    _COLUMNS = (
+        "flow",
+        "distance",
+        "distance_smoothed",
+        "final_distance",
+        "loss_error",
+        "avg_loss_error",
+        "sharpness_error",
+        "established",
+        "seconds",
+    )
 
     def _cells(self) -> list[list[str]]:
         fmt = lambda v: "-" if v is None else (str(v) if isinstance(v, (str, int)) else f"{v:.4g}")  # noqa: E731
@@ -136,8 +156,10 @@ class Comparison:
 
     def _repr_html_(self) -> str:
         tr = self.trajectory
-        caption = (f"flows against GD on {tr.problem.get('name', 'problem')}, lr = {tr.lr:g}, steps "
-                   f"{int(tr.steps[0])}..{int(tr.steps[-1])}")
+        caption = (
+            f"flows against GD on {tr.problem.get('name', 'problem')}, lr = {tr.lr:g}, steps "
+            f"{int(tr.steps[0])}..{int(tr.steps[-1])}"
+        )
         return html_table(self._COLUMNS, self._cells(), caption)
 
     def to_frame(self) -> Any:
@@ -176,8 +198,10 @@ class Comparison:
         else:
             axes = list(ax)
             if len(axes) != 3 + with_variance:
-                raise InputError(f"Comparison.figure: pass {3 + with_variance} axes (distance, loss, sharpness"
-                                 f"{', oscillation variance' if with_variance else ''}), got {len(axes)}.")
+                raise InputError(
+                    f"Comparison.figure: pass {3 + with_variance} axes (distance, loss, sharpness"
+                    f"{', oscillation variance' if with_variance else ''}), got {len(axes)}."
+                )
             fig = axes[0].figure
         ax_d, ax_l, ax_s = axes[:3]
         if with_variance:
@@ -195,8 +219,12 @@ class Comparison:
             ax_l.semilogy(steps, r.loss.cpu().numpy(), lw=1, color=ln.get_color(), label=r.name)
             if r.name == "central":
                 ax_l.semilogy(
-                    steps[r.probe.cpu().numpy()], r.predicted_loss.cpu().numpy(), ls=":", lw=1.5,
-                    color=ln.get_color(), label="central, predicted avg",
+                    steps[r.probe.cpu().numpy()],
+                    r.predicted_loss.cpu().numpy(),
+                    ls=":",
+                    lw=1.5,
+                    color=ln.get_color(),
+                    label="central, predicted avg",
                 )
             ax_s.plot(steps[r.probe.cpu().numpy()], r.sharpness.cpu().numpy(), lw=1, color=ln.get_color(), label=r.name)
             if r.variance is not None:
@@ -330,8 +358,9 @@ def compare(
     for f in flows:
         start = time.perf_counter()
         extra0 = None if f.extra_state is None else f.initial_extra(gd[0], tr)
-        states, extras = simulate(f, gd[0], tr.times, solver, step_size, rtol, atol, progress=progress,
-                                  extra0=extra0, return_extra=True)
+        states, extras = simulate(
+            f, gd[0], tr.times, solver, step_size, rtol, atol, progress=progress, extra0=extra0, return_extra=True
+        )
         seconds = time.perf_counter() - start
         with torch.no_grad():
             loss = torch.stack([problem.loss(th) for th in states])

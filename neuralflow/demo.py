@@ -93,8 +93,17 @@ class DemoSettings:
 
 
 DEFAULT = DemoSettings()
-FAST = replace(DEFAULT, steps=240, ladder_span=(37, 57), ladder_iters=1, fit_span=(37, 57), fit_iters=1, window=10,
-               rollout_start=-5, report_windows=2)
+FAST = replace(
+    DEFAULT,
+    steps=240,
+    ladder_span=(37, 57),
+    ladder_iters=1,
+    fit_span=(37, 57),
+    fit_iters=1,
+    window=10,
+    rollout_start=-5,
+    report_windows=2,
+)
 
 
 def _say(text: str, quiet: bool) -> None:
@@ -115,7 +124,10 @@ def clear_previous_run(out: Path) -> None:
 
 
 def variance_figure(
-    steps: torch.Tensor, measured: torch.Tensor, predicted: dict[str, tuple[torch.Tensor, torch.Tensor]], lr: float,
+    steps: torch.Tensor,
+    measured: torch.Tensor,
+    predicted: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
     onset: int | None = None,
 ) -> Any:
     """GD's measured oscillation variance against each model's predicted ``tr X`` on a log scale (a Figure).
@@ -152,16 +164,27 @@ def _rollout(model: Hybrid, traj: Any, start: int, step_size: float) -> tuple[to
     extra0 = model.initial_extra(sub.iterates[0], traj, start)
     t = sub.steps.to(sub.iterates.dtype)
     with torch.no_grad():
-        states, extras = simulate(model, sub.iterates[0], t, solver="euler", step_size=step_size, extra0=extra0,
-                                  reset=False, return_extra=True)
+        states, extras = simulate(
+            model,
+            sub.iterates[0],
+            t,
+            solver="euler",
+            step_size=step_size,
+            extra0=extra0,
+            reset=False,
+            return_extra=True,
+        )
     smoothed = sub.smoothed()
     distance = (states[smoothed.steps - start] - smoothed.iterates).norm(dim=1).mean()
     return sub.steps, flow.predicted_variance(cast(torch.Tensor, extras)).detach(), float(distance)  # never None here
 
 
 def run_demo(
-    out: str | Path = "neuralflow-demo", fast: bool = False, settings: DemoSettings | None = None,
-    progress: bool = True, quiet: bool = False,
+    out: str | Path = "neuralflow-demo",
+    fast: bool = False,
+    settings: DemoSettings | None = None,
+    progress: bool = True,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Run the demo (see the module docstring) and write its files into ``out``.
 
@@ -183,8 +206,11 @@ def run_demo(
     # 1. the experiment
     t0 = time.perf_counter()
     problem = mlp_digits(n=s.n, widths=s.widths, seed=s.seed)
-    _say(f"[1/5] GD on {problem.name} ({problem.dim} parameters, {s.n} digits), lr = {s.lr:g}, {s.steps} steps, "
-         f"noise {s.noise:g} per coordinate per step", quiet)
+    _say(
+        f"[1/5] GD on {problem.name} ({problem.dim} parameters, {s.n} digits), lr = {s.lr:g}, {s.steps} steps, "
+        f"noise {s.noise:g} per coordinate per step",
+        quiet,
+    )
     traj = run_gd(problem, s.lr, s.steps, n_eigs=s.n_eigs, noise=s.noise, noise_seed=s.noise_seed, progress=progress)
     onset = traj.eos_onset
     if onset is None:
@@ -196,23 +222,40 @@ def run_demo(
     files["trajectory"] = str(traj.save(out / "trajectory.nft"))
     traj.plot().savefig(out / "gd.png", dpi=120)
     files["gd figure"] = str(out / "gd.png")
-    _say(f"      sharpness reached 2/lr = {2 / s.lr:.4g} at step {onset} (the edge of stability); quiet above it "
-         f"(not oscillating yet): {quiet_stretches}", quiet)
+    _say(
+        f"      sharpness reached 2/lr = {2 / s.lr:.4g} at step {onset} (the edge of stability); quiet above it "
+        f"(not oscillating yet): {quiet_stretches}",
+        quiet,
+    )
     stage("gd", t0)
 
-    fit_kw: dict[str, Any] = {"window": s.window, "target": "smoothed", "method": "adjoint",
-                              "optimizer": "gauss-newton", "solver": "euler", "step_size": s.step_size,
-                              "progress": progress}
+    fit_kw: dict[str, Any] = {
+        "window": s.window,
+        "target": "smoothed",
+        "method": "adjoint",
+        "optimizer": "gauss-newton",
+        "solver": "euler",
+        "step_size": s.step_size,
+        "progress": progress,
+    }
 
     # 2. the ladder's state-only rungs
     t0 = time.perf_counter()
     lo, hi = onset + s.ladder_span[0], min(s.steps, onset + s.ladder_span[1])
-    _say(f"[2/5] ladder: {' + '.join(s.ladder_terms)} fitted by the adjoint on gradient-flow and central-flow "
-         f"physics, steps {lo}..{hi}", quiet)
-    state_only = ladder(traj.slice(lo, hi + 1),
-                        [GradientFlow(problem, s.lr), CentralFlow(problem, s.lr, above_edge="hold")],
-                        terms=s.ladder_terms, report_options={"max_windows": s.report_windows},
-                        max_iters=s.ladder_iters, init="current", **fit_kw)
+    _say(
+        f"[2/5] ladder: {' + '.join(s.ladder_terms)} fitted by the adjoint on gradient-flow and central-flow "
+        f"physics, steps {lo}..{hi}",
+        quiet,
+    )
+    state_only = ladder(
+        traj.slice(lo, hi + 1),
+        [GradientFlow(problem, s.lr), CentralFlow(problem, s.lr, above_edge="hold")],
+        terms=s.ladder_terms,
+        report_options={"max_windows": s.report_windows},
+        max_iters=s.ladder_iters,
+        init="current",
+        **fit_kw,
+    )
     stage("ladder", t0)
 
     # 3. the hidden-state correction on the oscillation flow
@@ -220,10 +263,18 @@ def run_demo(
     lo, hi = onset + s.fit_span[0], min(s.steps, onset + s.fit_span[1])
     flow = OscillationFlow.from_trajectory(problem, traj, n_track=s.n_eigs)
     library = HiddenStateLibrary(problem, s.lr, terms=list(s.hidden_terms), init=dict(s.hidden_init))
-    _say(f"[3/5] fitting the oscillation flow's {', '.join(s.hidden_terms)} by the adjoint, started at "
-         f"{', '.join(f'{k} {v:.3g}' for k, v in library.init.items())}, steps {lo}..{hi}", quiet)
-    result = fit(Hybrid(flow, library), traj.slice(lo, hi + 1), max_iters=s.fit_iters,
-                 variance_weight=s.variance_weight, **fit_kw)
+    _say(
+        f"[3/5] fitting the oscillation flow's {', '.join(s.hidden_terms)} by the adjoint, started at "
+        f"{', '.join(f'{k} {v:.3g}' for k, v in library.init.items())}, steps {lo}..{hi}",
+        quiet,
+    )
+    result = fit(
+        Hybrid(flow, library),
+        traj.slice(lo, hi + 1),
+        max_iters=s.fit_iters,
+        variance_weight=s.variance_weight,
+        **fit_kw,
+    )
     stage("fit", t0)
 
     # 4. the explanation: the hidden-state report and the whole ladder
@@ -245,14 +296,20 @@ def run_demo(
     # 5. the oscillation's size: GD against the fitted and the unfitted model
     t0 = time.perf_counter()
     start = max(0, onset + s.rollout_start)
-    _say(f"[5/5] rolling out the fitted, the theory's and the starting oscillation flow from step {start} to "
-         f"{s.steps}", quiet)
+    _say(
+        f"[5/5] rolling out the fitted, the theory's and the starting oscillation flow from step {start} to {s.steps}",
+        quiet,
+    )
     with_theory = Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=s.n_eigs), None)
-    as_started = Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=s.n_eigs),
-                        HiddenStateLibrary(problem, s.lr, terms=list(s.hidden_terms), init=dict(s.hidden_init)))
-    rollouts = {"fitted hybrid": _rollout(result.model, traj, start, s.step_size),
-                "oscillation flow (theory)": _rollout(with_theory, traj, start, s.step_size),
-                "the fit's start": _rollout(as_started, traj, start, s.step_size)}
+    as_started = Hybrid(
+        OscillationFlow.from_trajectory(problem, traj, n_track=s.n_eigs),
+        HiddenStateLibrary(problem, s.lr, terms=list(s.hidden_terms), init=dict(s.hidden_init)),
+    )
+    rollouts = {
+        "fitted hybrid": _rollout(result.model, traj, start, s.step_size),
+        "oscillation flow (theory)": _rollout(with_theory, traj, start, s.step_size),
+        "the fit's start": _rollout(as_started, traj, start, s.step_size),
+    }
     distances = {label: r[2] for label, r in rollouts.items()}
     for label, distance in distances.items():
         _say(f"      {label:<26} mean distance to smoothed GD {distance:.3g}", quiet)

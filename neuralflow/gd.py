@@ -149,9 +149,18 @@ def run_gd(
     if not bool(torch.isfinite(theta).all()):
         raise InputError("theta0 contains NaN or inf values; pass a finite starting point.")
 
-    settings = {"lr": lr, "problem": problem.description, "steps": steps, "eig_every": eig_every, "n_eigs": n_eigs,
-                "store_every": store_every, "eig_tol": eig_tol, "eig_retries": eig_retries, "noise": float(noise),
-                "noise_seed": noise_seed}
+    settings = {
+        "lr": lr,
+        "problem": problem.description,
+        "steps": steps,
+        "eig_every": eig_every,
+        "n_eigs": n_eigs,
+        "store_every": store_every,
+        "eig_tol": eig_tol,
+        "eig_retries": eig_retries,
+        "noise": float(noise),
+        "noise_seed": noise_seed,
+    }
     run = _Run.start(theta, steps, n_eigs, store_every, noise, noise_seed)
     if resume is not None and Path(resume).exists():
         run = _Run.load(resume, settings, theta, problem)
@@ -168,8 +177,15 @@ def run_gd(
             **{k: h[k][keep] for k in ("loss", "grad_norm", "sharpness", "update_u")},
             problem=problem.description,
             history=h,
-            meta={"eig_every": eig_every, "n_eigs": n_eigs, "store_every": store_every, "eig_tol": eig_tol,
-                  "eig_retries": eig_retries, "noise": float(noise), "noise_seed": noise_seed},
+            meta={
+                "eig_every": eig_every,
+                "n_eigs": n_eigs,
+                "store_every": store_every,
+                "eig_tol": eig_tol,
+                "eig_retries": eig_retries,
+                "noise": float(noise),
+                "noise_seed": noise_seed,
+            },
         )
 
     bar = tqdm(range(run.step, n), desc=f"GD lr={lr:g}", disable=not progress, unit="step", initial=run.step, total=n)
@@ -179,8 +195,22 @@ def run_gd(
             run.mark(k)
             if resume is not None and checkpoint_every and k > run.resumed_at and k % checkpoint_every == 0:
                 run.save(resume, settings)
-            take_step(problem, run, k, lr, steps, eig_every, n_eigs, eig_tol, eig_retries, store_every, noise, bar,
-                  progress, trajectory)
+            take_step(
+                problem,
+                run,
+                k,
+                lr,
+                steps,
+                eig_every,
+                n_eigs,
+                eig_tol,
+                eig_retries,
+                store_every,
+                noise,
+                bar,
+                progress,
+                trajectory,
+            )
     except KeyboardInterrupt:
         bar.close()
         run.rewind()
@@ -200,8 +230,22 @@ def run_gd(
     return trajectory(steps)
 
 
-def take_step(problem: Problem, run: _Run, k: int, lr: float, steps: int, eig_every: int, n_eigs: int, eig_tol: float,
-          eig_retries: int, store_every: int, noise: float, bar: Any, progress: bool, trajectory: Any) -> None:
+def take_step(
+    problem: Problem,
+    run: _Run,
+    k: int,
+    lr: float,
+    steps: int,
+    eig_every: int,
+    n_eigs: int,
+    eig_tol: float,
+    eig_retries: int,
+    store_every: int,
+    noise: float,
+    bar: Any,
+    progress: bool,
+    trajectory: Any,
+) -> None:
     """GD step ``k``: measure at ``theta_k``, record, store, then move to ``theta_{k+1}``."""
     hist, theta = run.hist, run.theta
     measure = eig_every > 0 and k % eig_every == 0
@@ -241,15 +285,21 @@ def take_step(problem: Problem, run: _Run, k: int, lr: float, steps: int, eig_ev
     if k < steps:
         new = theta - lr * g
         if run.noise_gen is not None:
-            new = new + noise * torch.randn(theta.shape, dtype=theta.dtype, device=theta.device,
-                                            generator=run.noise_gen)
+            new = new + noise * torch.randn(
+                theta.shape, dtype=theta.dtype, device=theta.device, generator=run.noise_gen
+            )
         run.recorder.update(k, new - theta, run.U)
         run.theta = new
 
 
 _CHECKPOINT = "gd-checkpoint"
-_HIST_FILL = {"loss": math.nan, "grad_norm": math.nan, "sharpness": math.nan, "update_u": math.nan,
-              "eig_converged": True}
+_HIST_FILL = {
+    "loss": math.nan,
+    "grad_norm": math.nan,
+    "sharpness": math.nan,
+    "update_u": math.nan,
+    "eig_converged": True,
+}
 
 
 @dataclass
@@ -271,8 +321,9 @@ class _Run:
     _mark: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, theta: torch.Tensor, steps: int, n_eigs: int, store_every: int, noise: float,
-              noise_seed: int) -> _Run:
+    def start(
+        cls, theta: torch.Tensor, steps: int, n_eigs: int, store_every: int, noise: float, noise_seed: int
+    ) -> _Run:
         n, dev, dt = steps + 1, theta.device, theta.dtype
         hist = {"step": torch.arange(n, device=dev)}
         for name, fill in _HIST_FILL.items():
@@ -286,10 +337,17 @@ class _Run:
 
     def mark(self, step: int) -> None:
         """Remember the state at the start of ``step`` (what an interruption rewinds to, what a checkpoint holds)."""
-        self._mark = {"step": step, "theta": self.theta, "stored": len(self.stored_steps), "block": self.block,
-                      "U": self.U, "gen": self.gen.get_state(), "last_sharpness": self.last_sharpness,
-                      "noise_gen": None if self.noise_gen is None else self.noise_gen.get_state(),
-                      "recorder": self.recorder.snapshot()}
+        self._mark = {
+            "step": step,
+            "theta": self.theta,
+            "stored": len(self.stored_steps),
+            "block": self.block,
+            "U": self.U,
+            "gen": self.gen.get_state(),
+            "last_sharpness": self.last_sharpness,
+            "noise_gen": None if self.noise_gen is None else self.noise_gen.get_state(),
+            "recorder": self.recorder.snapshot(),
+        }
         self.step = step
 
     def rewind(self) -> None:
@@ -302,7 +360,7 @@ class _Run:
             self.noise_gen.set_state(m["noise_gen"])
         self.recorder.restore(m["recorder"])
         self.recorder.clear(self.step)
-        del self.stored_steps[m["stored"]:]
+        del self.stored_steps[m["stored"] :]
         if self.step < self.hist["step"].shape[0]:
             for name, fill in _HIST_FILL.items():
                 self.hist[name][self.step] = fill
@@ -311,9 +369,12 @@ class _Run:
         """Write the state at the start of the marked step (:meth:`mark`) atomically to ``path``."""
         m = self._mark
         tensors = {f"history.{k}": v for k, v in self.hist.items()}
-        tensors.update(theta=m["theta"], generator=m["gen"],
-                       stored_steps=torch.tensor(self.stored_steps[: m["stored"]], dtype=torch.long),
-                       stored=self.stored[: m["stored"]])
+        tensors.update(
+            theta=m["theta"],
+            generator=m["gen"],
+            stored_steps=torch.tensor(self.stored_steps[: m["stored"]], dtype=torch.long),
+            stored=self.stored[: m["stored"]],
+        )
         tensors.update({f"recorder.{k}": v for k, v in OscillationRecorder.to_tensors(m["recorder"]).items()})
         for name in ("block", "U", "noise_gen"):
             if m[name] is not None:
@@ -336,8 +397,7 @@ class _Run:
         dev, dt, d = theta0.device, theta0.dtype, problem.dim
         steps, n_eigs = settings["steps"], settings["n_eigs"]
         try:
-            start = cls.start(theta0, steps, n_eigs, settings["store_every"], settings["noise"],
-                              settings["noise_seed"])
+            start = cls.start(theta0, steps, n_eigs, settings["store_every"], settings["noise"], settings["noise_seed"])
             for name, ref in start.hist.items():
                 _same_layout(tensors[f"history.{name}"], ref, f"history.{name}")
             _same_layout(tensors["theta"], theta0, "theta")
@@ -354,14 +414,20 @@ class _Run:
             start.gen.set_state(tensors["generator"])
             if start.noise_gen is not None:
                 start.noise_gen.set_state(tensors["noise_gen"])
-            start.recorder.restore(OscillationRecorder.from_tensors(
-                {k.removeprefix("recorder."): v.to(dev) for k, v in tensors.items() if k.startswith("recorder.")}))
+            start.recorder.restore(
+                OscillationRecorder.from_tensors(
+                    {k.removeprefix("recorder."): v.to(dev) for k, v in tensors.items() if k.startswith("recorder.")}
+                )
+            )
             run = dataclasses.replace(
-                start, step=meta["next_step"], theta=tensors["theta"].to(dev),
+                start,
+                step=meta["next_step"],
+                theta=tensors["theta"].to(dev),
                 stored_steps=tensors["stored_steps"].tolist(),
                 block=tensors["block"].to(dev) if "block" in tensors else None,
                 U=tensors["U"].to(dev) if "U" in tensors else None,
-                last_sharpness=float(meta.get("last_sharpness", math.nan)), resumed_at=meta["next_step"],
+                last_sharpness=float(meta.get("last_sharpness", math.nan)),
+                resumed_at=meta["next_step"],
             )
         except (KeyError, RuntimeError, FileFormatError) as exc:
             raise FileFormatError(f"{path}: the checkpoint's tensors do not fit its settings ({exc}).") from None
@@ -372,8 +438,9 @@ class _Run:
 
 def _same_layout(t: torch.Tensor, ref: torch.Tensor, name: str) -> None:
     if t.dtype != ref.dtype or t.shape != ref.shape:
-        raise FileFormatError(f"tensor {name!r} has dtype {t.dtype} and shape {tuple(t.shape)}, expected "
-                              f"{ref.dtype} {tuple(ref.shape)}")
+        raise FileFormatError(
+            f"tensor {name!r} has dtype {t.dtype} and shape {tuple(t.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+        )
 
 
 def _measure(

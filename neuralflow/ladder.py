@@ -48,8 +48,17 @@ class Ladder:
                 what = ", ".join(t.label for t in terms) if terms else "a hidden state is missing"
                 top_text = f"{name} {percent(share)} ({what})"
             gap = r.physics_error / first if first > 0 else math.nan
-            rows.append((r.physics, sig(r.physics_error), percent(gap), sig(r.hybrid_error), percent(r.closed),
-                         top_text, percent(r.unexplained)))
+            rows.append(
+                (
+                    r.physics,
+                    sig(r.physics_error),
+                    percent(gap),
+                    sig(r.hybrid_error),
+                    percent(r.closed),
+                    top_text,
+                    percent(r.unexplained),
+                )
+            )
         return rows
 
     def __repr__(self) -> str:
@@ -57,8 +66,11 @@ class Ladder:
 
     def __str__(self) -> str:
         lr = sig(self.reports[0].lr, 4) if self.reports else "-"
-        out = [f"neuralflow ladder: one correction library on each physics, lr = {lr}", "",
-               *fixed_width(self._HEADER, self._rows())]
+        out = [
+            f"neuralflow ladder: one correction library on each physics, lr = {lr}",
+            "",
+            *fixed_width(self._HEADER, self._rows()),
+        ]
         if self.reports:
             out += ["", f"last rung ({self.reports[-1].physics}): " + " ".join(self.reports[-1].suggestions())]
         return "\n".join(out) + "\n"

@@ -33,7 +33,11 @@ import torch
 from .errors import InputError
 
 _EXPECTED: dict[str, type | tuple[type, ...]] = {
-    "int": int, "float": (int, float), "str": str, "bool": bool, "tristate": bool,
+    "int": int,
+    "float": (int, float),
+    "str": str,
+    "bool": bool,
+    "tristate": bool,
 }  # the Python types a TOML config value of each option kind may have
 
 if sys.version_info >= (3, 11):
@@ -99,9 +103,9 @@ HELP: dict[str, str] = {
     "fit.exclude": "Step ranges START:STOP (an empty end is open) whose windows are left out, comma-separated.",
     "fit.resume": "Gauss-Newton state file: continue the fit from it if it exists, update it every iteration.",
     "fit.extra_start": "For a flow with extra state: start each window's extra state from the trajectory's "
-                       "measurement ('measured') or fit it per window ('fitted', needs --val-fraction 0).",
+    "measurement ('measured') or fit it per window ('fitted', needs --val-fraction 0).",
     "fit.variance_weight": "Weight w of the measured oscillation variance in the loss, w * mean (log s_model - "
-                           "log s_measured)^2 (flows that predict it; 0 leaves it out).",
+    "log s_measured)^2 (flows that predict it; 0 leaves it out).",
     # TermLibrary
     "TermLibrary.terms": "Correction terms, comma-separated (see corrections.TERMS).",
     "TermLibrary.gated": "Terms whose coefficient is gated by state features, comma-separated.",
@@ -110,7 +114,7 @@ HELP: dict[str, str] = {
     "TermLibrary.eig_tol": "LOBPCG relative residual of the terms' eigen-solves.",
     "TermLibrary.amplitude": "Features that scale a gated coefficient's amplitude, comma-separated.",
     "TermLibrary.baseline": "Gated terms that keep a constant coefficient below the edge of stability (their gate "
-                            "is then the change at lr S = 2).",
+    "is then the change at lr S = 2).",
     # build_report
     "build_report.distill_terms": "Terms a neural correction is distilled onto, comma-separated.",
     "build_report.max_states": "At most this many target states at which the correction is evaluated.",
@@ -122,7 +126,7 @@ HELP: dict[str, str] = {
     "build_report.outside": "Above this unexplained fraction the report says the physics is outside the library.",
     "build_report.min_share": "A term below this share is not suggested.",
     "build_report.hidden_state": "Run the hidden-state diagnostic on a state-only correction (windows from nearly the "
-                                 "same state that need opposite corrections).",
+    "same state that need opposite corrections).",
     # flows (in a spec: central:above_edge=hold)
     "critical": "Eigenvalues >= critical / lr are critical.",
     "relaxation": "Time constant, in steps, that draws a critical eigenvalue below 2/lr to it.",
@@ -171,13 +175,13 @@ ROUTED: dict[str, str] = {
 #: Keywords deliberately left to Python, with the reason.
 API_ONLY: dict[str, str] = {
     "run_gd.theta0": "a tensor; --theta0 of zhu-quartic and scalar-factorization sets the start from the command "
-                     "line, any other start needs Python",
+    "line, any other start needs Python",
     "quadratic.A": "a matrix; build quadratic(A) in Python",
     "quadratic.theta0": "belongs to quadratic, which is Python-only",
     "compare.window": "the old name of half_width (deprecated; a fit's window is its shooting window)",
     "compare.method": "the old name of solver (deprecated; a fit's method is its gradient method)",
     "run_demo.settings": "a DemoSettings dataclass of the whole demo; the command line runs the built-in default "
-                         "(--fast shrinks it), other settings need Python",
+    "(--fast shrinks it), other settings need Python",
 }
 
 #: Choices of string keywords (checked before any computation).
@@ -220,8 +224,10 @@ def _kind(annotation: Any, default: Any) -> str:
         return "str"
     if annotation is inspect.Parameter.empty and default is not None and type(default) in (int, float, str, bool):
         return type(default).__name__
-    raise InputError(f"no command-line form for a keyword annotated {text!r} (default {default!r}); add one to "
-                     "neuralflow.options or list the keyword in options.API_ONLY with the reason.")
+    raise InputError(
+        f"no command-line form for a keyword annotated {text!r} (default {default!r}); add one to "
+        "neuralflow.options or list the keyword in options.API_ONLY with the reason."
+    )
 
 
 def _split(text: str) -> list[str]:
@@ -265,8 +271,16 @@ def _dtype(text: str) -> torch.dtype:
 
 
 _PARSE: dict[str, Callable[[str], Any]] = {
-    "int": int, "float": float, "str": str, "bool": _bool, "tristate": _tristate, "names": _split,
-    "ranges": _ranges, "dtype": _dtype, "ints": int, "floats": float,
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": _bool,
+    "tristate": _tristate,
+    "names": _split,
+    "ranges": _ranges,
+    "dtype": _dtype,
+    "ints": int,
+    "floats": float,
 }
 
 
@@ -333,8 +347,12 @@ class Option:
             shown = ",".join(map(str, shown)) if self.kind == "names" else " ".join(map(str, shown))
         return "automatic" if shown is None else (shown if shown not in ("", []) else "none")
 
-    def add_to(self, parser: argparse.ArgumentParser | Any, default: Any = inspect.Parameter.empty,
-               shown_default: str | None = None) -> None:
+    def add_to(
+        self,
+        parser: argparse.ArgumentParser | Any,
+        default: Any = inspect.Parameter.empty,
+        shown_default: str | None = None,
+    ) -> None:
         """Add this option to ``parser``; the help ends with the default (``shown_default`` replaces it)."""
         default = self.default if default is inspect.Parameter.empty else default
         shown = shown_default or self.shown(default)
@@ -368,15 +386,30 @@ def options_of(fn: Any, owner: str | None = None, skip: Iterable[str] = ()) -> l
     out = []
     for p in inspect.signature(fn).parameters.values():
         key = f"{owner}.{p.name}"
-        if (p.name in bound or p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in skip
-                or key in ROUTED or key in API_ONLY):
+        if (
+            p.name in bound
+            or p.name == "self"
+            or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            or p.name in skip
+            or key in ROUTED
+            or key in API_ONLY
+        ):
             continue
         required = p.default is inspect.Parameter.empty
         default = None if required else p.default
         kind = _kind(p.annotation, default)
         help_ = HELP.get(key) or HELP.get(p.name) or f"{p.name} of {owner} (see its docstring)."
-        out.append(Option(owner, p.name, tuple(default) if isinstance(default, list) else default, kind,
-                          "None" in str(p.annotation), required, help_))
+        out.append(
+            Option(
+                owner,
+                p.name,
+                tuple(default) if isinstance(default, list) else default,
+                kind,
+                "None" in str(p.annotation),
+                required,
+                help_,
+            )
+        )
     return out
 
 
@@ -414,8 +447,10 @@ def parse_flows(text: str, registry: dict[str, Any], what: str = "flows") -> lis
             key, eq, value = item.partition("=")
             key = key.strip().replace("-", "_")
             if not eq or key not in known:
-                raise InputError(f"{what}: {name} has no option {item!r}; its options are "
-                                 f"{', '.join(f'{k}={o.text(o.default)}' for k, o in known.items()) or 'none'}.")
+                raise InputError(
+                    f"{what}: {name} has no option {item!r}; its options are "
+                    f"{', '.join(f'{k}={o.text(o.default)}' for k, o in known.items()) or 'none'}."
+                )
             try:
                 kwargs[key] = known[key].parse(value)
             except ValueError as err:

@@ -34,8 +34,14 @@ from torch import Tensor
 
 from .errors import FileFormatError, InputError
 
-__all__ = ["ESTABLISHED_RATIO", "Oscillation", "OscillationRecorder", "established", "first_established",
-           "roundoff_variance"]
+__all__ = [
+    "ESTABLISHED_RATIO",
+    "Oscillation",
+    "OscillationRecorder",
+    "established",
+    "first_established",
+    "roundoff_variance",
+]
 
 ESTABLISHED_RATIO = 0.1
 

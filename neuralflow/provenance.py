@@ -48,8 +48,13 @@ def commit() -> str:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -94,8 +99,13 @@ def provenance(device: torch.device | str | None = None, dtype: torch.dtype | st
     }
 
 
-def write_json(path: str | os.PathLike, data: dict[str, Any], device: torch.device | str | None = None,
-               dtype: torch.dtype | str | None = None, indent: int = 2) -> Path:
+def write_json(
+    path: str | os.PathLike,
+    data: dict[str, Any],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    indent: int = 2,
+) -> Path:
     """Write ``data`` as JSON with its :func:`provenance` under ``"provenance"`` (the benchmarks' and CLI's JSON)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -77,13 +77,22 @@ class Solver:
         rest = {k: options[k] for k in ("method", "rtol", "atol") if k in options}
         return cls(**rest, step_size=step)
 
-    def override(self, method: str | None = None, step_size: float | None = None, rtol: float | None = None,
-                 atol: float | None = None) -> Solver:
+    def override(
+        self,
+        method: str | None = None,
+        step_size: float | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+    ) -> Solver:
         """This solver with what is given replaced; another ``method`` starts from the defaults (a step size or
         tolerances chosen for one method say nothing about another)."""
         base = self if method is None or method == self.method else Solver(method)
-        return replace(base, step_size=base.step_size if step_size is None else step_size,
-                       rtol=base.rtol if rtol is None else rtol, atol=base.atol if atol is None else atol)
+        return replace(
+            base,
+            step_size=base.step_size if step_size is None else step_size,
+            rtol=base.rtol if rtol is None else rtol,
+            atol=base.atol if atol is None else atol,
+        )
 
     def odeint_options(self) -> dict[str, Any]:
         """Keywords for ``torchdiffeq.odeint``: ``method``, ``rtol``, ``atol`` and ``options``."""

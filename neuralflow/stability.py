@@ -29,8 +29,26 @@ from .trajectory import Trajectory
 __all__ = ["Stability", "stability"]
 
 # fit()'s settings that a re-fit repeats (the rest of FitResult.settings is bookkeeping)
-_REFIT = ("window", "target", "method", "optimizer", "min_norm", "max_iters", "val_fraction", "stride", "patience",
-          "tol", "init", "learning_rate", "seed", "solver", "step_size", "rtol", "atol", "balance")
+_REFIT = (
+    "window",
+    "target",
+    "method",
+    "optimizer",
+    "min_norm",
+    "max_iters",
+    "val_fraction",
+    "stride",
+    "patience",
+    "tol",
+    "init",
+    "learning_rate",
+    "seed",
+    "solver",
+    "step_size",
+    "rtol",
+    "atol",
+    "balance",
+)
 
 
 @dataclass
@@ -56,9 +74,11 @@ class Stability:
 
     def __str__(self) -> str:
         done = self.replicates - self.failed
-        lines = [f"Stability over {done} re-fits, each on a random half of the fitted span's {self.blocks} blocks of "
-                 f"steps" + (f" ({self.failed} failed)" if self.failed else "") + ":",
-                 f"  {'top conclusion':<40} on top in"]
+        lines = [
+            f"Stability over {done} re-fits, each on a random half of the fitted span's {self.blocks} blocks of "
+            f"steps" + (f" ({self.failed} failed)" if self.failed else "") + ":",
+            f"  {'top conclusion':<40} on top in",
+        ]
         for name, frac in sorted(self.top.items(), key=lambda kv: -kv[1]):
             mark = " (the report's)" if name == self.original else ""
             lines.append(f"  {name + mark:<40} {100 * frac:5.1f} percent")
@@ -87,7 +107,11 @@ def _spread(original: float, values: list[float]) -> dict[str, float]:
 
 
 def stability(
-    result: FitResult, trajectory: Trajectory, replicates: int = 20, blocks: int = 8, seed: int = 0,
+    result: FitResult,
+    trajectory: Trajectory,
+    replicates: int = 20,
+    blocks: int = 8,
+    seed: int = 0,
     **report_options: Any,
 ) -> Stability:
     """Re-fit ``result``'s model on ``replicates`` delete-half block resamples of ``trajectory``; see the module.

@@ -91,9 +91,7 @@ class Trajectory:
         T = self.steps.shape[0]
         for name in ("iterates", *_SERIES):
             if getattr(self, name).shape[0] != T:
-                raise InputError(
-                    f"Trajectory: {name} has {getattr(self, name).shape[0]} rows but there are {T} steps."
-                )
+                raise InputError(f"Trajectory: {name} has {getattr(self, name).shape[0]} rows but there are {T} steps.")
 
     # ------------------------------------------------------------------ views
     def __len__(self) -> int:
@@ -425,9 +423,7 @@ class Trajectory:
         """
         import matplotlib.pyplot as plt
 
-        src = self.history if self.history else {
-            "step": self.steps, "loss": self.loss, "sharpness": self.sharpness
-        }
+        src = self.history if self.history else {"step": self.steps, "loss": self.loss, "sharpness": self.sharpness}
         if ax is None:
             fig, (ax_loss, ax_s) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
         else:

@@ -221,10 +221,14 @@ def _rewrite(path, edit):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda t, m: t.update({"model.correction.constants.Hg": torch.zeros(3, dtype=torch.float64)}),
-         "model's tensors do not match"),
-        (lambda t, m: t.update({"model.correction.constants.Hg": torch.tensor(7.0, dtype=torch.float64)}),
-         "coefficient Hg .* altered"),
+        (
+            lambda t, m: t.update({"model.correction.constants.Hg": torch.zeros(3, dtype=torch.float64)}),
+            "model's tensors do not match",
+        ),
+        (
+            lambda t, m: t.update({"model.correction.constants.Hg": torch.tensor(7.0, dtype=torch.float64)}),
+            "coefficient Hg .* altered",
+        ),
         (lambda t, m: t.pop("trajectory.iterates"), "tensor 'trajectory.iterates'.* missing"),
         (lambda t, m: t.update({"trajectory.iterates": t["trajectory.iterates"][:-1]}), "does not fit together"),
         (lambda t, m: t.update({"stray": torch.zeros(1)}), "not described by the metadata"),
@@ -246,8 +250,9 @@ def test_problems_that_cannot_be_rebuilt_are_passed_by_the_user(tmp_path):
     problem = nf.problems.from_function(loss, torch.tensor([1.0, 1.0], dtype=torch.float64), name="bowl")
     traj = nf.run_gd(problem, 0.1, 10, eig_every=0, progress=False)
     lib = TermLibrary(problem, 0.1, terms=["Hg"])
-    result = nf.fit(nf.Hybrid(nf.flows.GradientFlow(problem, 0.1), lib), traj, window=4, method="regression",
-                    progress=False)
+    result = nf.fit(
+        nf.Hybrid(nf.flows.GradientFlow(problem, 0.1), lib), traj, window=4, method="regression", progress=False
+    )
     path = checkpoint.save(result, tmp_path / "bowl.nff", report=False)
     with pytest.raises(InputError, match=r"cannot be rebuilt.*checkpoint.load\(path, problem=\.\.\.\)"):
         checkpoint.load(path)

@@ -50,8 +50,24 @@ def test_fit_can_leave_out_the_quiet_stretch_past_two_over_lr(tmp_path, monkeypa
     # this run oscillates from the start; plant a quiet stretch to check that the flag reaches the fit
     monkeypatch.setattr(nf.Trajectory, "eos_transients", lambda self, ratio=0.1: [(50, 80)])
     out = tmp_path / "fit.nff"
-    code = main(["fit", str(run), "--terms", "Hg", "--window", "10", "--method", "regression", "--target", "smoothed",
-                 "--balance", "--exclude-transients", "--out", str(out)])
+    code = main(
+        [
+            "fit",
+            str(run),
+            "--terms",
+            "Hg",
+            "--window",
+            "10",
+            "--method",
+            "regression",
+            "--target",
+            "smoothed",
+            "--balance",
+            "--exclude-transients",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     res = nf.load(out)
     assert res.settings["balance"] is True
@@ -65,9 +81,32 @@ def test_fit_passes_a_baseline_gated_term(tmp_path):
     args = ["run-gd", "--problem", "scalar-factorization", "--lr", "0.02", "--steps", "40", "--out", str(run)]
     assert main(args) == 0
     out = tmp_path / "fit.nff"
-    code = main(["fit", str(run), "--terms", "Hg", "--gated", "Hg", "--baseline", "Hg", "--features", "lr_S_minus_2",
-                 "--window", "10", "--method", "regression", "--max-iters", "5", "--solver", "euler", "--step-size",
-                 "0.5", "--out", str(out)])
+    code = main(
+        [
+            "fit",
+            str(run),
+            "--terms",
+            "Hg",
+            "--gated",
+            "Hg",
+            "--baseline",
+            "Hg",
+            "--features",
+            "lr_S_minus_2",
+            "--window",
+            "10",
+            "--method",
+            "regression",
+            "--max-iters",
+            "5",
+            "--solver",
+            "euler",
+            "--step-size",
+            "0.5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     lib = nf.load(out).model.correction
     assert lib.baseline == ["Hg"] and hasattr(lib.gates["Hg"], "base")

@@ -77,8 +77,9 @@ def test_the_notebook_executes_on_the_shipped_checkpoint(monkeypatch):
         # shipped in the current format (an older one still loads, but then the checkpoints were not regenerated)
         assert checkpoint.info(ROOT / "checkpoints" / name)["format_version"] == FORMAT_VERSION
     nb = nbformat.read(EXAMPLES / "inspect_checkpoint.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(EXAMPLES)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
+    )
     client.execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
@@ -94,8 +95,9 @@ def test_the_tour_notebook_shows_reprs_and_frames(monkeypatch):
 
     _kernel_imports_this_checkout(monkeypatch)
     nb = nbformat.read(EXAMPLES / "notebook_tour.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(EXAMPLES)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
+    )
     client.execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]

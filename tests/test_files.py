@@ -28,8 +28,14 @@ def _craft(path, kind, meta, tensors, **header_fields):
     """Write a file as a forger would: any header, with a checksum that matches it."""
     from safetensors.torch import save
 
-    header = {"kind": kind, "format_version": _io.FORMAT_VERSION, "neuralflow_version": nf.__version__,
-              "torch_version": torch.__version__, "meta": meta, **header_fields}
+    header = {
+        "kind": kind,
+        "format_version": _io.FORMAT_VERSION,
+        "neuralflow_version": nf.__version__,
+        "torch_version": torch.__version__,
+        "meta": meta,
+        **header_fields,
+    }
     header["sha256"] = _io.digest(header, tensors)
     path.write_bytes(save(tensors, metadata={"neuralflow": json.dumps(header)}))
     return path
@@ -77,8 +83,9 @@ def test_bit_flips_of_a_fit_file_header_never_change_what_is_read(tmp_path):
     problem = nf.problems.zhu_quartic(theta0=(1.5, 0.5))
     traj = nf.run_gd(problem, 0.1, 12, progress=False)
     model = nf.Hybrid(nf.flows.GradientFlow(problem, 0.1), nf.corrections.TermLibrary(problem, 0.1, terms=["Hg"]))
-    data = checkpoint.save(nf.fit(model, traj, window=4, method="regression", progress=False),
-                           tmp_path / "fit.nff").read_bytes()
+    data = checkpoint.save(
+        nf.fit(model, traj, window=4, method="regression", progress=False), tmp_path / "fit.nff"
+    ).read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     ref_tensors, ref_header = _io.parse(data, "fit", "fit.nff")
     bits = torch.randperm(8 * (8 + n), generator=torch.Generator().manual_seed(0))[:6000]
@@ -90,9 +97,9 @@ def test_bit_flips_of_a_fit_file_header_never_change_what_is_read(tmp_path):
         except NeuralflowError:
             continue
         assert json.dumps(header) == json.dumps(ref_header), f"bit {bit} changed the metadata"
-        assert tensors.keys() == ref_tensors.keys() and all(
-            _equal(tensors[k], ref_tensors[k]) for k in ref_tensors
-        ), f"bit {bit} changed a tensor"
+        assert tensors.keys() == ref_tensors.keys() and all(_equal(tensors[k], ref_tensors[k]) for k in ref_tensors), (
+            f"bit {bit} changed a tensor"
+        )
 
 
 def test_an_edited_metadata_value_is_caught_by_the_checksum(small, tmp_path):
@@ -114,14 +121,20 @@ def test_an_edited_metadata_value_is_caught_by_the_checksum(small, tmp_path):
         (lambda m: m.update(lr="0.2"), "metadata.lr must be a number"),
         (lambda m: m["meta"].update(eig_tol=-1.0), "metadata.meta.eig_tol"),
         (lambda m: m.update(warp=1), "unknown key 'warp'"),  # meta takes a user's notes, the record does not
-        (lambda m: m.update(problem={"name": "mlp-digits", "n": 60, "dtype": "manual_seed"}),
-         "metadata.problem.dtype is 'manual_seed'; known values"),
-        (lambda m: m.update(problem={"name": "mlp-digits", "n": 60, "dtype": "float16"}),
-         "metadata.problem.dtype is 'float16'; known values"),
+        (
+            lambda m: m.update(problem={"name": "mlp-digits", "n": 60, "dtype": "manual_seed"}),
+            "metadata.problem.dtype is 'manual_seed'; known values",
+        ),
+        (
+            lambda m: m.update(problem={"name": "mlp-digits", "n": 60, "dtype": "float16"}),
+            "metadata.problem.dtype is 'float16'; known values",
+        ),
         (lambda m: m["problem"].update(colour="red"), "metadata.problem has the unknown key 'colour'"),
         (lambda m: m["problem"].update(theta0=[1.0, 2.0, 3.0]), "theta0 must have 2 to 2 entries"),
-        (lambda m: m.update(meta=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]),
-         "nested more than 32 levels"),
+        (
+            lambda m: m.update(meta=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]),
+            "nested more than 32 levels",
+        ),
     ],
 )
 def test_metadata_that_breaks_the_schema_is_refused_even_with_a_valid_checksum(small, tmp_path, edit, message):
@@ -169,22 +182,36 @@ def test_a_deeply_nested_header_is_a_clear_error_not_a_recursion_error(small, tm
 
 def test_a_file_cannot_make_the_loader_build_a_huge_problem(small, tmp_path):
     tensors, meta = _parts(small, tmp_path / "run.nft")
-    meta["problem"] = {"name": "mlp-digits", "n": 60, "widths": [100000, 100000], "activation": "tanh", "seed": 0,
-                       "dtype": "float64", "batch_size": None}
+    meta["problem"] = {
+        "name": "mlp-digits",
+        "n": 60,
+        "widths": [100000, 100000],
+        "activation": "tanh",
+        "seed": 0,
+        "dtype": "float64",
+        "batch_size": None,
+    }
     traj = nf.Trajectory.load(_craft(tmp_path / "huge.nft", "trajectory", meta, tensors))  # only the small tensors
     with pytest.raises(InputError, match=r"10,007,600,010 parameters, more than the limit of 10,000,000"):
         nf.problems.make(traj.problem)
     meta["problem"]["widths"] = [8]
-    assert nf.problems.make(nf.Trajectory.load(_craft(tmp_path / "ok.nft", "trajectory", meta, tensors)).problem,
-                            max_params=None).dim == 64 * 8 + 8 + 8 * 10 + 10
+    assert (
+        nf.problems.make(
+            nf.Trajectory.load(_craft(tmp_path / "ok.nft", "trajectory", meta, tensors)).problem, max_params=None
+        ).dim
+        == 64 * 8 + 8 + 8 * 10 + 10
+    )
     with pytest.raises(InputError, match="more than the limit of 100"):
         nf.problems.make({"name": "scalar-factorization", "depth": 10**9}, max_params=100)
 
 
 def test_tensors_of_the_wrong_dtype_or_rank_are_refused(small, tmp_path):
     tensors, meta = _parts(small, tmp_path / "run.nft")
-    for name, bad in (("iterates", tensors["iterates"].half()), ("steps", tensors["steps"].double()),
-                      ("loss", tensors["loss"][:, None])):
+    for name, bad in (
+        ("iterates", tensors["iterates"].half()),
+        ("steps", tensors["steps"].double()),
+        ("loss", tensors["loss"][:, None]),
+    ):
         forged = {**tensors, name: bad}
         with pytest.raises(FileFormatError, match=f"tensor '{name}' has dtype"):
             nf.Trajectory.load(_craft(tmp_path / "forged.nft", "trajectory", meta, forged))
@@ -245,23 +272,39 @@ def test_arbitrary_bytes_give_a_neuralflow_error_and_nothing_else(small, tmp_pat
 
 
 @FAST
-@given(lr=st.floats(1e-6, 1e3), eig_every=st.integers(0, 10**6), tol=st.floats(1e-12, 1.0),
-       theta0=st.lists(st.floats(-1e6, 1e6), min_size=2, max_size=2), smoothed=st.booleans())
+@given(
+    lr=st.floats(1e-6, 1e3),
+    eig_every=st.integers(0, 10**6),
+    tol=st.floats(1e-12, 1.0),
+    theta0=st.lists(st.floats(-1e6, 1e6), min_size=2, max_size=2),
+    smoothed=st.booleans(),
+)
 def test_any_valid_metadata_round_trips_exactly(small, tmp_path, lr, eig_every, tol, theta0, smoothed):
     import dataclasses
 
-    traj = dataclasses.replace(small, lr=lr, problem={"name": "zhu-quartic", "theta0": theta0},
-                               meta={"eig_every": eig_every, "eig_tol": tol, "smoothed": smoothed})
+    traj = dataclasses.replace(
+        small,
+        lr=lr,
+        problem={"name": "zhu-quartic", "theta0": theta0},
+        meta={"eig_every": eig_every, "eig_tol": tol, "smoothed": smoothed},
+    )
     assert _same(nf.Trajectory.load(traj.save(tmp_path / "r.nft")), traj)
 
 
 @FAST
-@given(description=st.fixed_dictionaries(
-    {"name": st.just("mlp-digits")},
-    optional={"n": _json | st.integers(-5, 3000), "widths": _json | st.lists(st.integers(-2, 10**6), max_size=4),
-              "dtype": _json | st.sampled_from(["float64", "float32", "float16", "bfloat16", "manual_seed"]),
-              "seed": _json, "activation": _json | st.sampled_from(["tanh", "relu", "exp"]), "batch_size": _json},
-))
+@given(
+    description=st.fixed_dictionaries(
+        {"name": st.just("mlp-digits")},
+        optional={
+            "n": _json | st.integers(-5, 3000),
+            "widths": _json | st.lists(st.integers(-2, 10**6), max_size=4),
+            "dtype": _json | st.sampled_from(["float64", "float32", "float16", "bfloat16", "manual_seed"]),
+            "seed": _json,
+            "activation": _json | st.sampled_from(["tanh", "relu", "exp"]),
+            "batch_size": _json,
+        },
+    )
+)
 def test_a_problem_description_is_refused_or_builds_within_the_limit(description):
     try:
         _validate.check_problem_description(description, max_params=50_000)
@@ -281,8 +324,15 @@ def test_the_size_limit_holds_for_checkpoints_and_the_command_line_until_raised(
         nf.load(path, max_params=100)
     assert nf.load(path, max_params=None).model.problem.dim == 610
     tensors, meta = _parts(small, tmp_path / "run.nft")
-    meta["problem"] = {"name": "mlp-digits", "n": 60, "widths": [100000, 100000], "activation": "tanh", "seed": 0,
-                       "dtype": "float64", "batch_size": None}
+    meta["problem"] = {
+        "name": "mlp-digits",
+        "n": 60,
+        "widths": [100000, 100000],
+        "activation": "tanh",
+        "seed": 0,
+        "dtype": "float64",
+        "batch_size": None,
+    }
     huge = _craft(tmp_path / "huge.nft", "trajectory", meta, tensors)
     assert main(["compare", str(huge), "--out", str(tmp_path / "c.png")]) == 2
     assert "more than the limit of 10,000,000" in capsys.readouterr().err
@@ -296,8 +346,15 @@ def test_whatever_the_writers_produce_reads_back(tmp_path):
     float32), a fit of a trajectory without history."""
     p = nf.problems.zhu_quartic()
     t = nf.run_gd(p, 0.1, 12, progress=False)
-    bare = nf.Trajectory(lr=0.1, steps=t.steps, iterates=t.iterates, loss=t.loss, grad_norm=t.grad_norm,
-                         sharpness=t.sharpness, update_u=t.update_u)
+    bare = nf.Trajectory(
+        lr=0.1,
+        steps=t.steps,
+        iterates=t.iterates,
+        loss=t.loss,
+        grad_norm=t.grad_norm,
+        sharpness=t.sharpness,
+        update_u=t.update_u,
+    )
     assert nf.Trajectory.load(bare.save(tmp_path / "bare.nft")).problem == {}
     t.meta["note"] = "first try"
     assert nf.Trajectory.load(t.save(tmp_path / "note.nft")).meta["note"] == "first try"
@@ -310,17 +367,27 @@ def test_whatever_the_writers_produce_reads_back(tmp_path):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.layer(x)
 
-    user = nf.problems.from_module(Quadratic(), torch.randn(5, 2, dtype=torch.float64),
-                                   torch.randn(5, 1, dtype=torch.float64))
+    user = nf.problems.from_module(
+        Quadratic(), torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    )
     assert nf.Trajectory.load(nf.run_gd(user, 0.1, 3, progress=False).save(tmp_path / "u.nft")).problem["name"] == (
-        "quadratic")
+        "quadratic"
+    )
     linear = nf.run_gd(nf.problems.mlp_digits(n=20, widths=()), 0.1, 3, progress=False)
     assert nf.Trajectory.load(linear.save(tmp_path / "lin.nft")).problem["widths"] == []
     single = nf.run_gd(nf.problems.zhu_quartic(dtype=torch.float32), 0.1, 3, progress=False)
     rebuilt = nf.problems.make(nf.Trajectory.load(single.save(tmp_path / "f32.nft")).problem)
     assert rebuilt.dtype == torch.float32 and rebuilt.loss(rebuilt.theta0) == single.loss[0]
-    no_history = nf.Trajectory(lr=0.1, steps=t.steps, iterates=t.iterates, loss=t.loss, grad_norm=t.grad_norm,
-                               sharpness=t.sharpness, update_u=t.update_u, problem=p.description)
+    no_history = nf.Trajectory(
+        lr=0.1,
+        steps=t.steps,
+        iterates=t.iterates,
+        loss=t.loss,
+        grad_norm=t.grad_norm,
+        sharpness=t.sharpness,
+        update_u=t.update_u,
+        problem=p.description,
+    )
     model = nf.Hybrid(nf.flows.GradientFlow(p, 0.1), nf.corrections.TermLibrary(p, 0.1, terms=["Hg"]))
     fitted = nf.fit(model, no_history, window=4, method="regression", progress=False)
     back = checkpoint.load(checkpoint.save(fitted, tmp_path / "f.nff"))
@@ -332,7 +399,22 @@ def test_compare_and_fit_rebuild_the_problem_on_the_device_and_dtype_asked(tmp_p
 
     run = nf.run_gd(nf.problems.zhu_quartic(), 0.1, 20, progress=False).save(tmp_path / "z.nft")
     for extra in (["--device", "cpu"], ["--dtype", "float32"]):
-        assert main(["compare", str(run), "--flows", "gradient", "--quiet", "--json", str(tmp_path / "c.json"),
-                     "--out", str(tmp_path / "c.png"), *extra]) == 0
+        assert (
+            main(
+                [
+                    "compare",
+                    str(run),
+                    "--flows",
+                    "gradient",
+                    "--quiet",
+                    "--json",
+                    str(tmp_path / "c.json"),
+                    "--out",
+                    str(tmp_path / "c.png"),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         table = json.loads((tmp_path / "c.json").read_text())
         assert table["provenance"]["dtype"] == ("float32" if "float32" in extra else "float64")

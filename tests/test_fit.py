@@ -38,8 +38,13 @@ def every(traj: nf.Trajectory, k: int) -> nf.Trajectory:
     """The same GD run as recorded with ``store_every=k`` (every k-th iterate)."""
     keep = slice(None, None, k)
     return replace(
-        traj, steps=traj.steps[keep], iterates=traj.iterates[keep], loss=traj.loss[keep],
-        grad_norm=traj.grad_norm[keep], sharpness=traj.sharpness[keep], update_u=traj.update_u[keep],
+        traj,
+        steps=traj.steps[keep],
+        iterates=traj.iterates[keep],
+        loss=traj.loss[keep],
+        grad_norm=traj.grad_norm[keep],
+        sharpness=traj.sharpness[keep],
+        update_u=traj.update_u[keep],
     )
 
 
@@ -64,7 +69,13 @@ def simulated(model: Hybrid, steps: int, store_every: int = 1, theta0: torch.Ten
         x = odeint(model, p.theta0 if theta0 is None else theta0, t, method="rk4", options={"step_size": 0.5})
     nan = torch.full((len(t),), math.nan, dtype=torch.float64)
     return nf.Trajectory(
-        lr=model.lr, steps=t.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=nan[:, None], update_u=nan,
+        lr=model.lr,
+        steps=t.long(),
+        iterates=x,
+        loss=nan,
+        grad_norm=nan,
+        sharpness=nan[:, None],
+        update_u=nan,
         problem=p.description,
     )
 
@@ -126,8 +137,7 @@ def test_planted_corrections_are_fitted_back():
     data = simulated(planted(p, lr, Hg=-0.8, D3gg=0.6), 60, store_every=4)
     res = fit(library_model(p, lr, ["Hg", "D3gg"]), data, window=20, min_norm=0.0, step_size=0.5, progress=False)
     assert res.settings["init_used"] == "regression"
-    assert relative_errors(res.coefficients, {"Hg": -0.8, "D3gg": 0.6}) == pytest.approx({"Hg": 0, "D3gg": 0},
-                                                                                          abs=0.01)
+    assert relative_errors(res.coefficients, {"Hg": -0.8, "D3gg": 0.6}) == pytest.approx({"Hg": 0, "D3gg": 0}, abs=0.01)
     assert res.hybrid_error < 1e-6 * res.physics_error
 
 
@@ -169,8 +179,10 @@ def test_fit_is_reproducible_bit_for_bit_and_reports_everything():
     p = tanh_net(inputs=2, hidden=3, n=10)
     lr = 0.3
     data = simulated(planted(p, lr, Hg=-0.5), 40)
-    runs = [fit(library_model(p, lr, ["Hg", "g"]), data, window=10, step_size=0.5, init="current", progress=False)
-            for _ in (0, 1)]
+    runs = [
+        fit(library_model(p, lr, ["Hg", "g"]), data, window=10, step_size=0.5, init="current", progress=False)
+        for _ in (0, 1)
+    ]
     assert runs[0].coefficients == runs[1].coefficients
     assert runs[0].history == [{**h, "time": runs[0].history[i]["time"]} for i, h in enumerate(runs[1].history)]
     res = runs[0]
@@ -190,10 +202,15 @@ def test_coefficient_profile_follows_a_coefficient_that_changes_in_time():
     lr = 0.2
     first = simulated(planted(p, lr, Hg=-0.8), 40)
     second = simulated(planted(p, lr, Hg=0.4), 40, theta0=first.iterates[-1])
-    data = replace(first, steps=torch.cat([first.steps, second.steps[1:] + 40]),
-                   iterates=torch.cat([first.iterates, second.iterates[1:]]),
-                   **{k: torch.cat([getattr(first, k), getattr(second, k)[1:]])
-                      for k in ("loss", "grad_norm", "sharpness", "update_u")})
+    data = replace(
+        first,
+        steps=torch.cat([first.steps, second.steps[1:] + 40]),
+        iterates=torch.cat([first.iterates, second.iterates[1:]]),
+        **{
+            k: torch.cat([getattr(first, k), getattr(second, k)[1:]])
+            for k in ("loss", "grad_norm", "sharpness", "update_u")
+        },
+    )
     model = library_model(p, lr, ["Hg"])
     prof = nf.coefficient_profile(model, data, bin=10, target="iterates")
     assert prof["step"].tolist() == [0, 10, 20, 30, 40, 50, 60, 70]
@@ -269,8 +286,9 @@ def test_solver_failure_stops_with_a_clear_error_and_keeps_the_best_parameters(s
     data = simulated(planted(p, lr, Hg=-0.5), 30)
     model = Hybrid(GradientFlow(p, lr), _Exploding(p, lr, ["Hg"]))
     with pytest.raises(nf.DivergenceError, match="underflow in dt.*best parameters so far") as info:
-        fit(model, data, window=10, solver="dopri5", optimizer="adam", learning_rate=0.1, init="current",
-            progress=False)
+        fit(
+            model, data, window=10, solver="dopri5", optimizer="adam", learning_rate=0.1, init="current", progress=False
+        )
     kept = float(model.correction.constants["Hg"].detach())
     assert -0.25 <= kept < -0.1  # the last good iterate of Adam, not the one that failed
     assert info.value.partial["model"] is model

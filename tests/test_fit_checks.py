@@ -31,8 +31,16 @@ def _noisy_flow(c: float, sigma: float, steps: int, seed: int, noisy_from: int |
         x.append(x[-1] * decay + s * torch.randn(8, generator=gen, dtype=torch.float64))
     x = torch.stack(x)
     nan = torch.full((len(x),), math.nan, dtype=torch.float64)
-    return nf.Trajectory(lr=LR, steps=torch.arange(len(x)), iterates=x, loss=nan, grad_norm=nan,
-                         sharpness=nan[:, None], update_u=nan, problem=_quadratic().description)
+    return nf.Trajectory(
+        lr=LR,
+        steps=torch.arange(len(x)),
+        iterates=x,
+        loss=nan,
+        grad_norm=nan,
+        sharpness=nan[:, None],
+        update_u=nan,
+        problem=_quadratic().description,
+    )
 
 
 def _fit_g(traj: nf.Trajectory, **options) -> nf.FitResult:
@@ -46,8 +54,15 @@ def test_the_window_error_is_the_mean_over_outputs_normalised_by_the_mean_square
     a, x0, window = 2.0, 1.5, 6
     traj = nf.run_gd(nf.problems.quadratic([[a]], theta0=[x0]), LR, 30, eig_every=0, progress=False)
     p = nf.problems.quadratic([[a]], theta0=[x0])
-    res = nf.fit(nf.Hybrid(nf.flows.GradientFlow(p, LR), TermLibrary(p, LR, terms=["Hg"])), traj, window=window,
-                 method="regression", val_fraction=0.25, step_size=0.1, progress=False)
+    res = nf.fit(
+        nf.Hybrid(nf.flows.GradientFlow(p, LR), TermLibrary(p, LR, terms=["Hg"])),
+        traj,
+        window=window,
+        method="regression",
+        val_fraction=0.25,
+        step_size=0.1,
+        progress=False,
+    )
     starts = res.windows["step"].to(torch.float64)
     k = torch.arange(1, window + 1, dtype=torch.float64)
     xs = x0 * (1 - LR * a) ** starts[:, None]
@@ -93,8 +108,14 @@ def test_balance_weights_discount_a_stretch_of_heavy_noise(seed):
 def test_val_fraction_outside_zero_one_is_refused(val_fraction):
     with pytest.raises(InputError, match=r"val_fraction must be in \[0, 1\)"):
         p = _quadratic()
-        nf.fit(nf.Hybrid(nf.flows.GradientFlow(p, LR), TermLibrary(p, LR, terms=["g"])), _noisy_flow(0.2, 1e-3, 40, 0),
-               window=10, method="regression", val_fraction=val_fraction, progress=False)
+        nf.fit(
+            nf.Hybrid(nf.flows.GradientFlow(p, LR), TermLibrary(p, LR, terms=["g"])),
+            _noisy_flow(0.2, 1e-3, 40, 0),
+            window=10,
+            method="regression",
+            val_fraction=val_fraction,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("relaxation", [0, 0.0, -1.0, math.nan, math.inf, True])

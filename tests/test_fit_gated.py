@@ -45,8 +45,16 @@ def simulated(truth: Hybrid, steps: int = 100) -> nf.Trajectory:
     with torch.no_grad():
         x = odeint(truth, p.theta0, t, method="rk4", options={"step_size": 0.5})
     nan = torch.full((len(t),), math.nan, dtype=torch.float64)
-    return nf.Trajectory(lr=LR, steps=t.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=x[:, 1:2],
-                         update_u=nan, problem=p.description)
+    return nf.Trajectory(
+        lr=LR,
+        steps=t.long(),
+        iterates=x,
+        loss=nan,
+        grad_norm=nan,
+        sharpness=x[:, 1:2],
+        update_u=nan,
+        problem=p.description,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +94,16 @@ def test_gated_regression_is_reproducible(data):
     coeffs = []
     for _ in range(2):
         model = Hybrid(GradientFlow(p, LR), TermLibrary(p, LR, ["g", "gradS"], gated=["gradS"]))
-        res = fit(model, traj.slice(stop=40), window=10, method="regression", solver="euler", step_size=0.5,
-                  max_iters=30, progress=False)
+        res = fit(
+            model,
+            traj.slice(stop=40),
+            window=10,
+            method="regression",
+            solver="euler",
+            step_size=0.5,
+            max_iters=30,
+            progress=False,
+        )
         coeffs.append(torch.nn.utils.parameters_to_vector(model.parameters()))
     assert torch.equal(coeffs[0], coeffs[1])
     curve = res.settings["regression_loss"]
@@ -161,8 +177,15 @@ def test_baseline_gated_term_recovers_its_value_below_the_edge_and_its_change(da
     traj = simulated(truth)
     lib = library()
     # from step 10: the first steps' fast transient (lr H_xx = 1.2) is beyond a finite-difference derivative
-    res = fit(Hybrid(GradientFlow(p, LR), lib), traj.slice(start=10), window=10, method="regression", solver="euler",
-              step_size=0.5, progress=False)
+    res = fit(
+        Hybrid(GradientFlow(p, LR), lib),
+        traj.slice(start=10),
+        window=10,
+        method="regression",
+        solver="euler",
+        step_size=0.5,
+        progress=False,
+    )
     assert float(lib.gates["Hg"].base.detach()) == pytest.approx(-0.5, rel=0.01)
     assert float(lib.gates["Hg"].scale.detach()) == pytest.approx(0.8, rel=0.02)
     report = res.report(sharpness=False)

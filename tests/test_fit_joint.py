@@ -23,8 +23,7 @@ def test_planted_universal_coefficients_are_fitted_once_with_each_runs_power_of_
     model = library_model(small, 0.1, ["Hg", "D3gg"])
     res = nf.fit(model, runs, window=8, min_norm=0.0, step_size=0.5, progress=False)
     assert isinstance(res, nf.JointFitResult) and len(res.runs) == len(res.per_run) == 3
-    assert relative_errors(res.coefficients, {"Hg": -0.8, "D3gg": 0.6}) == pytest.approx({"Hg": 0, "D3gg": 0},
-                                                                                          abs=1e-3)
+    assert relative_errors(res.coefficients, {"Hg": -0.8, "D3gg": 0.6}) == pytest.approx({"Hg": 0, "D3gg": 0}, abs=1e-3)
     # the model passed in holds the joint fit
     assert float(model.correction.constants["Hg"].detach()) == pytest.approx(res.coefficients["Hg"])
     assert res.universal == {"Hg": True, "D3gg": True}

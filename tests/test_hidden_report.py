@@ -81,8 +81,10 @@ def test_oscillation_flow_equations_print_in_matrix_form():
     assert extra == "dX/dt = 2.03 (R X + X R)/2 - 0.5 X X + 1e-20 I"  # the floor is the physics' q (not fitted)
     assert "R = diag(log|1 - lr lambda_i|)" in where and "Sigma = U^T X U" in where
     latex = equation_latex(eq)
-    assert latex == (r"\frac{d\theta}{dt}=-\eta\,g-0.49\,\eta\,\nabla\langle H,\Sigma\rangle,\quad "
-                     r"\frac{dX}{dt}=2.03\,\frac{RX+XR}{2}-0.5\,X^{2}+1\times 10^{-20}\,I")
+    assert latex == (
+        r"\frac{d\theta}{dt}=-\eta\,g-0.49\,\eta\,\nabla\langle H,\Sigma\rangle,\quad "
+        r"\frac{dX}{dt}=2.03\,\frac{RX+XR}{2}-0.5\,X^{2}+1\times 10^{-20}\,I"
+    )
     _render_math(latex)
 
 
@@ -101,8 +103,16 @@ def _reparametrised_run(tau) -> tuple[nf.Problem, nf.Trajectory]:
     t = torch.arange(STEPS + 1, dtype=torch.float64)
     xs = torch.exp(-DIAG_LR * tau(t)[:, None] * A.diagonal()[None, :]) * p.theta0
     nan = torch.full((STEPS + 1,), math.nan, dtype=torch.float64)
-    return p, nf.Trajectory(lr=DIAG_LR, steps=t.long(), iterates=xs, loss=p.batched_loss(xs), grad_norm=nan.clone(),
-                            sharpness=nan[:, None].clone(), update_u=nan.clone(), problem=p.description)
+    return p, nf.Trajectory(
+        lr=DIAG_LR,
+        steps=t.long(),
+        iterates=xs,
+        loss=p.batched_loss(xs),
+        grad_norm=nan.clone(),
+        sharpness=nan[:, None].clone(),
+        update_u=nan.clone(),
+        problem=p.description,
+    )
 
 
 def _state_only_fit(tau):
@@ -147,9 +157,11 @@ def test_diagnostic_fires_on_a_history_dependent_field(history, verdict):
     assert abs(math.log(loss_a / loss_b)) <= 0.1 * float(log_loss.max() - log_loss.min())
     assert report.verdict == verdict
     first = report.suggestions()[0]
-    assert first.startswith(f"A hidden state is missing: {ev.pairs} pairs of windows that start from nearly the "
-                            "same state (log L within 10 percent of their range along the run) need opposite "
-                            "corrections along g; e.g. the window at step ")
+    assert first.startswith(
+        f"A hidden state is missing: {ev.pairs} pairs of windows that start from nearly the "
+        "same state (log L within 10 percent of their range along the run) need opposite "
+        "corrections along g; e.g. the window at step "
+    )
     assert "[no-oscillation]" in first and "nf.OscillationFlow" in first
     assert "outside the library" not in " ".join(report.suggestions())
     approx, share, rows = report.revisions()[0]
@@ -189,8 +201,13 @@ def test_diagnostic_does_not_fire_on_noise():
         noisy = traj.iterates * (1 + 0.01 * torch.randn(traj.iterates.shape, generator=gen, dtype=torch.float64))
         noisy[0] = traj.iterates[0]
         traj = nf.Trajectory(**{**traj.__dict__, "iterates": noisy, "loss": p.batched_loss(noisy)})
-        result = fit(Hybrid(GradientFlow(p, DIAG_LR), TermLibrary(p, DIAG_LR, terms=["g"])), traj, window=10,
-                     stride=5, progress=False)
+        result = fit(
+            Hybrid(GradientFlow(p, DIAG_LR), TermLibrary(p, DIAG_LR, terms=["g"])),
+            traj,
+            window=10,
+            stride=5,
+            progress=False,
+        )
         assert not hidden_state_evidence(result).fired
         fired.append(hidden_state_evidence(result, min_error=0.01, z=0.0).fired)
     assert any(fired)  # without the floor and the intervals, noise fires it
@@ -208,8 +225,15 @@ def test_diagnostic_ranks_the_quasi_static_approximation_of_the_central_flow():
 def test_ladder_fits_a_hidden_state_library_on_a_rung_with_extra_state():
     traj = planted_trajectory()
     p = planted_problem()
-    lad = nf.report.ladder(traj, [GradientFlow(p, LR), PlantedHidden(p, LR)], terms=["g"], window=20,
-                           progress=False, report_options={"max_windows": 0}, **SOLVER)
+    lad = nf.report.ladder(
+        traj,
+        [GradientFlow(p, LR), PlantedHidden(p, LR)],
+        terms=["g"],
+        window=20,
+        progress=False,
+        report_options={"max_windows": 0},
+        **SOLVER,
+    )
     grad, hidden = lad.results
     assert isinstance(grad.model.correction, TermLibrary)
     assert hidden.model.correction.terms == ["floquet", "floor", "drift"]  # the defaults the planted flow supports
@@ -218,6 +242,10 @@ def test_ladder_fits_a_hidden_state_library_on_a_rung_with_extra_state():
     first, second = lad.reports
     assert second.source == "hidden-state" and second.closed > 0.99 and second.physics_error < first.physics_error
     text = str(lad)
-    assert re.search(r"^planted-hidden\s+\S+\s+\d\.\d%\s+\S+\s+100\.0%\s+(second-order-oscillation|"
-                     r"linear-floquet-growth) \S+% \((drift|floquet)\)", text, re.M)
+    assert re.search(
+        r"^planted-hidden\s+\S+\s+\d\.\d%\s+\S+\s+100\.0%\s+(second-order-oscillation|"
+        r"linear-floquet-growth) \S+% \((drift|floquet)\)",
+        text,
+        re.M,
+    )
     assert str(nf.report.Ladder.from_dict(json.loads(json.dumps(lad.to_dict())))) == text

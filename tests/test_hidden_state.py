@@ -86,8 +86,13 @@ def planted_trajectory(steps: int = 160) -> nf.Trajectory:
     truth = Hybrid(flow, library(p, deltas={"floquet": 0.1, "drift": -0.1}))
     t = torch.arange(steps + 1, dtype=torch.float64)
     with torch.no_grad():
-        y = odeint(truth, flow.join(p.theta0, torch.tensor([0.2], dtype=torch.float64)), t, method="rk4",
-                   options={"step_size": 0.5})
+        y = odeint(
+            truth,
+            flow.join(p.theta0, torch.tensor([0.2], dtype=torch.float64)),
+            t,
+            method="rk4",
+            options={"step_size": 0.5},
+        )
     theta, s = flow.split(y)
     loss = torch.stack([p.loss(th) for th in theta]).detach()
     nan = torch.full_like(loss, math.nan)
@@ -121,8 +126,10 @@ def test_the_floor_is_revised_in_log_scale():
     """The floor's parameter is ``log(c / q)``: a start 10 q is ``delta = log 10``, a Gauss-Newton step in ``delta``
     multiplies the floor, and no step makes it negative."""
     p = planted_problem()
-    model = Hybrid(PlantedHidden(p, LR, q=1e-20), HiddenStateLibrary(p, LR, ("floquet", "floor"),
-                                                                       init={"floquet": 1.0, "floor": 1e-19}))
+    model = Hybrid(
+        PlantedHidden(p, LR, q=1e-20),
+        HiddenStateLibrary(p, LR, ("floquet", "floor"), init={"floquet": 1.0, "floor": 1e-19}),
+    )
     lib = model.correction
     deltas = {n: float(v.detach()) for n, v in lib.deltas.items()}
     assert deltas["floor"] == pytest.approx(math.log(10)) and deltas["floquet"] == -0.5
@@ -137,8 +144,17 @@ def test_the_floor_is_revised_in_log_scale():
 def test_adjoint_fit_recovers_the_planted_hidden_state_rates(planted):
     p = planted_problem()
     model = Hybrid(PlantedHidden(p, LR), library(p))
-    res = fit(model, planted, window=20, method="adjoint", optimizer="lbfgs", max_iters=30, progress=False,
-              val_fraction=0.25, **SOLVER)
+    res = fit(
+        model,
+        planted,
+        window=20,
+        method="adjoint",
+        optimizer="lbfgs",
+        max_iters=30,
+        progress=False,
+        val_fraction=0.25,
+        **SOLVER,
+    )
     for name, value in TRUTH.items():
         assert res.coefficients[name] == pytest.approx(value, rel=0.02), res.coefficients
     assert res.hybrid_error < 1e-3 * res.physics_error
@@ -162,8 +178,9 @@ def test_windows_start_from_the_measured_extra_state(planted):
     loss, _ = fit_loss(truth, planted, window=20, **SOLVER)
     assert loss < 1e-20
     # started from a wrong variance the same model misses
-    wrong = nf.Trajectory(**{**planted.__dict__, "history": {**planted.history,
-                                                             "oscillation": planted.history["oscillation"] * 1.5}})
+    wrong = nf.Trajectory(
+        **{**planted.__dict__, "history": {**planted.history, "oscillation": planted.history["oscillation"] * 1.5}}
+    )
     assert fit_loss(truth, wrong, window=20, **SOLVER)[0] > 1e-6
 
 

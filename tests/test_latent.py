@@ -53,8 +53,15 @@ def latent_model(p: nf.Problem, **kw) -> Hybrid:
 
 def test_latent_states_reproduce_a_history_dependent_system_that_a_state_only_network_cannot(oscillator):
     p = oscillator_problem()
-    adam = {"method": "direct", "optimizer": "adam", "learning_rate": 3e-2, "patience": 50, "val_fraction": 0,
-            "progress": False, **SOLVER}
+    adam = {
+        "method": "direct",
+        "optimizer": "adam",
+        "learning_rate": 3e-2,
+        "patience": 50,
+        "val_fraction": 0,
+        "progress": False,
+        **SOLVER,
+    }
     latent = fit(latent_model(p), oscillator, window=20, extra_start="fitted", max_iters=100, **adam)
     state_only = Hybrid(nf.flows.GradientFlow(p, LR), NeuralCorrection(p, LR, hidden=8))  # 97 parameters vs 100
     assert sum(q.numel() for q in state_only.parameters()) <= sum(q.numel() for q in latent.model.parameters())
@@ -71,8 +78,7 @@ def test_windows_start_the_latent_states_at_zero_and_the_hybrid_starts_as_the_ph
     assert model.extra_state.name == "latent" and model.extra_state.shape == (2,) and model.state_dim == 3
     z0 = model.initial_extra(p.theta0, oscillator, 0)
     assert torch.equal(z0, torch.zeros(2, dtype=torch.float64))
-    assert fit_loss(model, oscillator, window=20, **SOLVER)[0] == fit_loss(physics, oscillator, window=20,
-                                                                           **SOLVER)[0]
+    assert fit_loss(model, oscillator, window=20, **SOLVER)[0] == fit_loss(physics, oscillator, window=20, **SOLVER)[0]
     y = model.join(p.theta0, torch.tensor([0.5, -1.0], dtype=torch.float64))
     theta, z = model.split(y)
     assert torch.equal(theta, p.theta0) and z.tolist() == [0.5, -1.0]
@@ -127,8 +133,9 @@ def test_a_latent_correction_rides_on_a_flow_with_its_own_extra_state():
     kick = LR * lat.force @ z + (lat.readout @ z) * LR * g
     torch.testing.assert_close(moved[: p.dim] - flow(t0, head)[: p.dim], kick, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(moved[p.dim : flow.state_dim], flow(t0, head)[p.dim :], rtol=1e-12, atol=0)
-    states, extras = nf.simulate(model, p.theta0, torch.arange(4.0, dtype=torch.float64), method="rk4",
-                                 step_size=0.5, return_extra=True)
+    states, extras = nf.simulate(
+        model, p.theta0, torch.arange(4.0, dtype=torch.float64), method="rk4", step_size=0.5, return_extra=True
+    )
     assert states.shape == (4, 2) and extras.shape == (4, own + 3)
     assert extras[:, own:].abs().max() == 0  # z stays at 0 (its equation starts at 0)
 
@@ -136,8 +143,18 @@ def test_a_latent_correction_rides_on_a_flow_with_its_own_extra_state():
 def test_checkpoint_with_a_latent_correction_round_trips_bit_for_bit(oscillator, tmp_path):
     p = oscillator_problem()
     model = latent_model(p, fields=("g",), hidden=4, seed=3)
-    res = fit(model, oscillator, window=20, method="direct", optimizer="adam", max_iters=3, extra_start="fitted",
-              val_fraction=0, progress=False, **SOLVER)
+    res = fit(
+        model,
+        oscillator,
+        window=20,
+        method="direct",
+        optimizer="adam",
+        max_iters=3,
+        extra_start="fitted",
+        val_fraction=0,
+        progress=False,
+        **SOLVER,
+    )
     assert CORRECTIONS["latent"] is LatentCorrection
     back = checkpoint.load(checkpoint.save(res, tmp_path / "latent.nff", report=False))
     assert isinstance(back.model.correction, LatentCorrection)

@@ -182,8 +182,12 @@ def defined_names(tree: ast.AST) -> set[str]:
             names.add(node.name)
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             names.add(node.id)
-        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name)
-              and node.value.id in ("self", "cls")):
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in ("self", "cls")
+        ):
             names.add(node.attr)
     return names
 
@@ -227,8 +231,10 @@ def test_no_module_uses_another_modules_private_names(module):
 
 def test_the_private_name_check_catches_a_leak():
     path = MODULES["neuralflow.fit.shooting"]
-    leak = ast.parse("from ..corrections import TermLibrary\n\ndef f(lib):\n    return lib._context\n"
-                     "from ..report.notation import _percent\n")
+    leak = ast.parse(
+        "from ..corrections import TermLibrary\n\ndef f(lib):\n    return lib._context\n"
+        "from ..report.notation import _percent\n"
+    )
     found = private_violations("neuralflow.fit.shooting", path, leak)
     assert any("lib._context" in v for v in found) and any("_percent" in v for v in found), found
 
@@ -244,8 +250,11 @@ def code_lines(source: str) -> int:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
-                    first.value.value, str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 docstrings += (first.end_lineno or first.lineno) - first.lineno + 1
     return len(source.splitlines()) - docstrings
 

@@ -137,17 +137,24 @@ def test_a_keyword_without_a_command_line_form_is_refused():
 
 def test_flow_specs_carry_each_flows_constructor_options():
     specs = options.parse_flows("gradient,central:above_edge=hold,relaxation=2:gram-every=1,modified2", FLOWS)
-    assert specs == [("gradient", {}), ("central", {"above_edge": "hold", "relaxation": 2.0, "gram_every": 1}),
-                     ("modified2", {})]
+    assert specs == [
+        ("gradient", {}),
+        ("central", {"above_edge": "hold", "relaxation": 2.0, "gram_every": 1}),
+        ("modified2", {}),
+    ]
     assert options.parse_flows(options.format_flows(specs, FLOWS), FLOWS) == specs
     assert options.parse_flows("principal:k=none", FLOWS) == [("principal", {"k": None})]
     for name, builder in FLOWS.items():  # every option of every flow, at its default, round-trips
         defaults = {k: o.default for k, o in options.flow_options(builder).items()}
         text = options.format_flows([(name, defaults)], FLOWS)
         assert options.parse_flows(text, FLOWS) == [(name, defaults)]
-    for bad, match in (("centrl", "unknown flow"), ("central:abov=hold", "no option"),
-                       ("central:above_edge=maybe", "choose from"), ("relaxation=2", "before any flow"),
-                       ("central:relaxation=fast", "central:relaxation=fast")):
+    for bad, match in (
+        ("centrl", "unknown flow"),
+        ("central:abov=hold", "no option"),
+        ("central:above_edge=maybe", "choose from"),
+        ("relaxation=2", "before any flow"),
+        ("central:relaxation=fast", "central:relaxation=fast"),
+    ):
         with pytest.raises(nf.InputError, match=match):
             options.parse_flows(bad, FLOWS)
 
@@ -156,8 +163,9 @@ def test_flow_specs_carry_each_flows_constructor_options():
 def eos_run(tmp_path_factory):
     """GD on the quartic at the edge of stability from the start (sharpness above 2/lr)."""
     run = tmp_path_factory.mktemp("eos") / "run.nft"
-    assert main(["run-gd", "--problem", "zhu-quartic", "--lr", "0.2", "--steps", "40", "--quiet", "--out",
-                 str(run)]) == 0
+    assert (
+        main(["run-gd", "--problem", "zhu-quartic", "--lr", "0.2", "--steps", "40", "--quiet", "--out", str(run)]) == 0
+    )
     return run
 
 
@@ -165,15 +173,46 @@ def eos_run(tmp_path_factory):
 def gentle_run(tmp_path_factory):
     """GD on a scalar factorisation well below the edge (the modified equation holds)."""
     run = tmp_path_factory.mktemp("gentle") / "run.nft"
-    assert main(["run-gd", "--problem", "scalar-factorization", "--lr", "0.02", "--steps", "100", "--quiet", "--out",
-                 str(run)]) == 0
+    assert (
+        main(
+            [
+                "run-gd",
+                "--problem",
+                "scalar-factorization",
+                "--lr",
+                "0.02",
+                "--steps",
+                "100",
+                "--quiet",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     return run
 
 
 def test_physics_options_reach_the_flow_at_the_edge_of_stability(eos_run, tmp_path, capsys):
     out = tmp_path / "fit.nff"
-    common = [str(eos_run), "--terms", "Hg", "--target", "smoothed", "--method", "regression", "--window", "5",
-              "--solver", "euler", "--step-size", "0.5", "--quiet", "--out", str(out)]
+    common = [
+        str(eos_run),
+        "--terms",
+        "Hg",
+        "--target",
+        "smoothed",
+        "--method",
+        "regression",
+        "--window",
+        "5",
+        "--solver",
+        "euler",
+        "--step-size",
+        "0.5",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(["fit", *common, "--physics", "central"]) == 2
     assert "above_edge='hold'" in capsys.readouterr().err
     assert main(["fit", *common, "--physics", "central:above_edge=hold"]) == 0
@@ -183,8 +222,25 @@ def test_physics_options_reach_the_flow_at_the_edge_of_stability(eos_run, tmp_pa
 
 def test_several_physics_fit_a_ladder_with_one_file_each(gentle_run, tmp_path, capsys):
     out = tmp_path / "fit.nff"
-    assert main(["fit", str(gentle_run), "--physics", "gradient,modified1", "--terms", "Hg", "--method", "regression",
-                 "--window", "10", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(gentle_run),
+                "--physics",
+                "gradient,modified1",
+                "--terms",
+                "Hg",
+                "--method",
+                "regression",
+                "--window",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "neuralflow ladder" in capsys.readouterr().out
     assert nf.load(tmp_path / "fit.gradient.nff").model.flow.name == "gradient"
     assert nf.load(tmp_path / "fit.modified1.nff").model.flow.name == "modified1"
@@ -192,8 +248,20 @@ def test_several_physics_fit_a_ladder_with_one_file_each(gentle_run, tmp_path, c
 
 def test_the_config_written_back_reruns_the_same_command_and_the_command_line_wins(gentle_run, tmp_path):
     out = tmp_path / "fit.nff"
-    args = [str(gentle_run), "--terms", "Hg", "--method", "regression", "--window", "10", "--exclude", "0:20",
-            "--quiet", "--out", str(out)]
+    args = [
+        str(gentle_run),
+        "--terms",
+        "Hg",
+        "--method",
+        "regression",
+        "--window",
+        "10",
+        "--exclude",
+        "0:20",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(["fit", *args]) == 0
     config = tmp_path / "fit.nff.toml"
     first = nf.load(out)
@@ -210,7 +278,7 @@ def test_the_config_written_back_reruns_the_same_command_and_the_command_line_wi
 
 def test_a_config_file_with_a_stray_key_or_a_missing_argument_is_refused(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
-    bad.write_text('[run-gd]\nlr = 0.1\nlearning_rate = 3\n')
+    bad.write_text("[run-gd]\nlr = 0.1\nlearning_rate = 3\n")
     assert main(["run-gd", "--config", str(bad)]) == 2
     assert "no option 'learning_rate'" in capsys.readouterr().err
     assert main(["fit"]) == 2
@@ -227,8 +295,24 @@ def test_version_and_problem_options_that_do_not_apply(capsys):
 
 def test_report_writes_every_rendering(gentle_run, tmp_path):
     fit_file = tmp_path / "fit.nff"
-    assert main(["fit", str(gentle_run), "--terms", "Hg", "--method", "regression", "--window", "10", "--quiet",
-                 "--out", str(fit_file)]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(gentle_run),
+                "--terms",
+                "Hg",
+                "--method",
+                "regression",
+                "--window",
+                "10",
+                "--quiet",
+                "--out",
+                str(fit_file),
+            ]
+        )
+        == 0
+    )
     paths = {k: tmp_path / f"r.{k}" for k in ("json", "latex", "html", "markdown")}
     argv = ["report", str(fit_file), "--quiet", *[w for k, p in paths.items() for w in (f"--{k}", str(p))]]
     assert main(argv) == 0
@@ -253,12 +337,38 @@ def test_a_users_module_from_a_file_runs_and_is_rebuilt_for_the_fit(tmp_path, ca
         "    return 3\n"
     )
     run = tmp_path / "run.nft"
-    assert main(["run-gd", "--problem", f"module:{model}:build", "--lr", "0.05", "--steps", "40", "--quiet",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "run-gd",
+                "--problem",
+                f"module:{model}:build",
+                "--lr",
+                "0.05",
+                "--steps",
+                "40",
+                "--quiet",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     traj = nf.Trajectory.load(run)
     assert traj.problem["name"] == "module" and traj.problem["function"] == "build"
-    fit = ["fit", str(run), "--terms", "Hg", "--method", "regression", "--window", "5", "--quiet",
-           "--out", str(tmp_path / "f.nff")]
+    fit = [
+        "fit",
+        str(run),
+        "--terms",
+        "Hg",
+        "--method",
+        "regression",
+        "--window",
+        "5",
+        "--quiet",
+        "--out",
+        str(tmp_path / "f.nff"),
+    ]
     assert main(fit) == 2  # a file does not decide which code runs
     assert "runs that file. Pass allow_code=True (command line: --allow-code)" in capsys.readouterr().err
     assert main([*fit, "--allow-code"]) == 0

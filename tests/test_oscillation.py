@@ -130,8 +130,9 @@ def test_oscillation_measurement_demodulates_the_period_two_part():
     smooth = torch.stack([torch.sin(0.02 * k), 0.3 * torch.cos(0.03 * k)], dim=1)
     x = smooth + torch.stack([torch.zeros_like(k), (-1.0) ** k * amp], dim=1)
     nan = torch.full((60,), math.nan, dtype=torch.float64)
-    traj = nf.Trajectory(lr=0.1, steps=k.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=nan[:, None],
-                         update_u=nan)
+    traj = nf.Trajectory(
+        lr=0.1, steps=k.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=nan[:, None], update_u=nan
+    )
     osc = traj.oscillation
     inner = slice(2, -2)
     # the demodulated variance follows amp^2 well below the curvature floor of ||theta - m||^2
@@ -229,6 +230,20 @@ def test_every_flow_is_built_for_a_recorded_run_with_its_noise_as_the_injected_v
 
     run = noisy.save(tmp_path / "noisy.nft")
     out = tmp_path / "c.json"
-    assert main(["compare", str(run), "--flows", "oscillation:n_track=1", "--json", str(out), "--quiet",
-                 "--out", str(tmp_path / "c.png")]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(run),
+                "--flows",
+                "oscillation:n_track=1",
+                "--json",
+                str(out),
+                "--quiet",
+                "--out",
+                str(tmp_path / "c.png"),
+            ]
+        )
+        == 0
+    )
     assert out.exists()

@@ -88,8 +88,10 @@ def central_differences(model: Hybrid, trajectory: nf.Trajectory, h: float = 1e-
 
 
 def model_at(problem: nf.Problem, lr: float, **flow_options) -> Hybrid:
-    return Hybrid(OscillationFlow(problem, lr, **flow_options),
-                  library(problem, lr, {"floquet": 0.03, "drift": 0.05, "floor": 0.2}))
+    return Hybrid(
+        OscillationFlow(problem, lr, **flow_options),
+        library(problem, lr, {"floquet": 0.03, "drift": 0.05, "floor": 0.2}),
+    )
 
 
 def test_adjoint_gradient_through_the_covariance_is_exact_where_eigenvectors_are_constant():
@@ -160,8 +162,9 @@ def test_measured_variance_enters_the_loss_in_log_scale_with_its_weight(cycling)
         with torch.no_grad():
             x0 = cycling.iterates[start]
             y0 = model.flow.join(x0, model.flow.initial_extra(x0, cycling, start))
-            sol = odeint(model, y0, torch.arange(window + 1, dtype=torch.float64), method="rk4",
-                         options={"step_size": 0.5})
+            sol = odeint(
+                model, y0, torch.arange(window + 1, dtype=torch.float64), method="rk4", options={"step_size": 0.5}
+            )
         s_model = model.flow.predicted_variance(model.flow.split(sol[1:])[1])
         gaps.append(torch.log(s_model) - torch.log(hidden.oscillation.variance[start + 1 : start + window + 1]))
     gap = torch.cat(gaps)
@@ -177,10 +180,20 @@ def test_validation_loss_is_the_fit_loss_with_its_variance_part(cycling):
     settings = {**OPTIONS, "window": 10, "val_fraction": 0.25}
     val = []
     for w in (0.0, 1.0, 2.0):
-        model = Hybrid(OscillationFlow(p, LR, n_track=1, q=1e-6, eig_tol=1e-10),
-                       library(p, LR, {"floquet": -0.5, "drift": 1.0}))
-        res = fit(model, cycling, method="adjoint", optimizer="gauss-newton", max_iters=1, min_norm=0.0,
-                  variance_weight=w, progress=False, **settings)
+        model = Hybrid(
+            OscillationFlow(p, LR, n_track=1, q=1e-6, eig_tol=1e-10), library(p, LR, {"floquet": -0.5, "drift": 1.0})
+        )
+        res = fit(
+            model,
+            cycling,
+            method="adjoint",
+            optimizer="gauss-newton",
+            max_iters=1,
+            min_norm=0.0,
+            variance_weight=w,
+            progress=False,
+            **settings,
+        )
         val.append(res.history[0]["val_loss"])  # at the start, the same parameters for every weight
     assert val[1] - val[0] > 1e-4 * val[0]
     assert val[2] - val[0] == pytest.approx(2 * (val[1] - val[0]), rel=1e-9)
@@ -194,8 +207,9 @@ def test_variance_weight_is_checked():
         fit_loss(model, traj, variance_weight=-1.0, **OPTIONS)
     with pytest.raises(nf.InputError, match="predicts none"):
         fit(Hybrid(nf.flows.GradientFlow(p, LR), None), traj, window=20, variance_weight=1.0, progress=False)
-    unmeasured = nf.Trajectory(**{**traj.__dict__, "history": {**traj.history,
-                                                               "oscillation": traj.history["oscillation"] * 0}})
+    unmeasured = nf.Trajectory(
+        **{**traj.__dict__, "history": {**traj.history, "oscillation": traj.history["oscillation"] * 0}}
+    )
     with pytest.raises(nf.InputError, match="no measured oscillation variance above its floor"):
         fit_loss(model, unmeasured, variance_weight=1.0, **OPTIONS)
     with pytest.raises(nf.InputError, match="init must give finite coefficients"):

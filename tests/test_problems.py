@@ -9,8 +9,10 @@ def test_mlp_digits_matches_the_documented_construction():
     p = nf.problems.mlp_digits(n=100, widths=(16, 8), seed=3)
     torch.manual_seed(3)
     net = torch.nn.Sequential(
-        torch.nn.Linear(64, 16, dtype=torch.float64), torch.nn.Tanh(),
-        torch.nn.Linear(16, 8, dtype=torch.float64), torch.nn.Tanh(),
+        torch.nn.Linear(64, 16, dtype=torch.float64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 8, dtype=torch.float64),
+        torch.nn.Tanh(),
         torch.nn.Linear(8, 10, dtype=torch.float64),
     )
     flat = torch.cat([q.detach().reshape(-1) for _, q in net.named_parameters()])
@@ -79,8 +81,12 @@ def test_make_rebuilds_from_the_description():
         (lambda: nf.problems.from_function(lambda th: th.sum(), torch.ones(2, 2)), "1-D"),
         (lambda: nf.problems.from_function(lambda th: th.sum(), torch.ones(3, dtype=torch.long)), "floating"),
         (lambda: nf.problems.from_function(lambda th: th.sum(), torch.tensor([1.0, float("nan")])), "NaN"),
-        (lambda: nf.problems.from_module(torch.nn.Linear(2, 1), torch.tensor([[1.0, float("nan")]]),
-                                         torch.ones(1, 1)), "NaN"),
+        (
+            lambda: nf.problems.from_module(
+                torch.nn.Linear(2, 1), torch.tensor([[1.0, float("nan")]]), torch.ones(1, 1)
+            ),
+            "NaN",
+        ),
         (lambda: nf.problems.from_module(torch.nn.Linear(2, 1), torch.ones(3, 2), torch.ones(2, 1)), "same"),
         (lambda: nf.problems.quadratic([[1.0, 2.0], [0.0, 1.0]]), "symmetric"),
         (lambda: nf.problems.mlp_digits(n=10, activation="swish"), "activation"),

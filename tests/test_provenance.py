@@ -13,8 +13,20 @@ import neuralflow as nf
 from neuralflow import _io, provenance
 from neuralflow.cli import main
 
-KEYS = {"command", "caller", "neuralflow", "commit", "python", "torch", "numpy", "torchdiffeq", "scikit-learn",
-        "device", "dtype", "threads"}
+KEYS = {
+    "command",
+    "caller",
+    "neuralflow",
+    "commit",
+    "python",
+    "torch",
+    "numpy",
+    "torchdiffeq",
+    "scikit-learn",
+    "device",
+    "dtype",
+    "threads",
+}
 
 
 def test_provenance_is_flat_and_names_this_function_and_the_checkout():
@@ -39,8 +51,27 @@ def test_outside_a_git_checkout_the_commit_is_unknown_not_an_error(tmp_path, mon
 
 def test_a_command_line_file_records_the_command_device_and_dtype(tmp_path):
     out = tmp_path / "run.nft"
-    assert main(["run-gd", "--problem", "scalar-factorization", "--lr", "0.02", "--steps", "5", "--dtype", "float32",
-                 "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run-gd",
+                "--problem",
+                "scalar-factorization",
+                "--lr",
+                "0.02",
+                "--steps",
+                "5",
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     _, header = _io.read(out, "trajectory")
     prov = header["provenance"]
     assert prov["command"].startswith("neuralflow run-gd --problem scalar-factorization") and prov["caller"] == "cli"
@@ -70,16 +101,27 @@ def test_json_results_carry_provenance(tmp_path):
 
 def _unstamped_json_writes(source: str) -> list[int]:
     """Lines that write JSON past :func:`provenance.write_json`: ``json.dump``, ``.write_text(json.dumps(...))``."""
+
     def is_json(node: ast.AST, name: str) -> bool:
-        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "json")
+        return (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == name
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "json"
+        )
 
     lines = []
     for node in ast.walk(ast.parse(source)):
         if is_json(node, "dump"):
             lines.append(node.lineno)
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "write_text"
-              and node.args and is_json(node.args[0], "dumps")):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "write_text"
+            and node.args
+            and is_json(node.args[0], "dumps")
+        ):
             lines.append(node.lineno)
     return lines
 

@@ -125,7 +125,7 @@ def test_fit_options_are_keyword_only_after_the_data(function):
     params = list(inspect.signature(function).parameters.values())
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     assert positional in (["model", "trajectory"], ["model", "trajectories"])
-    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params[len(positional):])
+    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params[len(positional) :])
 
 
 def test_the_shooting_options_are_one_dataclass_with_fits_defaults():

@@ -118,12 +118,20 @@ def _recovery_report() -> Report:
             TermSummary("D3gg", 0.0025, -0.0841, 0.004, -1 / 12, CONTINUOUS_TIME_2),
         ],
         curves={
-            "loss": {"step": [10, 20, 30], "observed": [0.5, 0.25, 0.125], "physics": [0.51, 0.26, 0.13],
-                     "hybrid": [0.5, 0.25, 0.125]},
+            "loss": {
+                "step": [10, 20, 30],
+                "observed": [0.5, 0.25, 0.125],
+                "physics": [0.51, 0.26, 0.13],
+                "hybrid": [0.5, 0.25, 0.125],
+            },
             "distance": {"step": [0, 10, 20], "physics": [1e-3, 2e-3, 3e-3], "hybrid": [1e-7, 2e-7, 3e-7]},
         },
-        contributions={"step": [0, 10, 20, 30], "Hg": [1e-3, 8e-4, 6e-4, 5e-4], "H2g": [1e-5, 8e-6, 6e-6, 5e-6],
-                       "D3gg": [2e-6, 1e-6, 1e-6, 1e-6]},
+        contributions={
+            "step": [0, 10, 20, 30],
+            "Hg": [1e-3, 8e-4, 6e-4, 5e-4],
+            "H2g": [1e-5, 8e-6, 6e-6, 5e-6],
+            "D3gg": [2e-6, 1e-6, 1e-6, 1e-6],
+        },
     )
 
 
@@ -145,8 +153,14 @@ def _eos_report() -> Report:
             TermSummary("Hg", 0.13, -0.47, 0.05, -0.5, CONTINUOUS_TIME_1),
             TermSummary("u_ug", -0.0141, 0.02, 0.01, None, None),
         ],
-        curves={"sharpness": {"step": [0, 50, 100], "observed": [7.0, 19.8, 20.1], "physics": [7.0, 22.0, 30.0],
-                              "hybrid": [7.0, 19.9, 20.0]}},
+        curves={
+            "sharpness": {
+                "step": [0, 50, 100],
+                "observed": [7.0, 19.8, 20.1],
+                "physics": [7.0, 22.0, 30.0],
+                "hybrid": [7.0, 19.9, 20.0],
+            }
+        },
     )
 
 
@@ -161,14 +175,17 @@ def _distilled_report() -> Report:
         terms=[TermSummary("Hg", 0.31, -0.12, None, None, CONTINUOUS_TIME_1)],
         residual=0.1662,
         source="neural",
-        notes=["network correction distilled onto ['g', 'Hg'] by sparse regression (terms chosen by 5-fold "
-               "cross-validation); the library expresses 65.1% of the network's squared output"],
+        notes=[
+            "network correction distilled onto ['g', 'Hg'] by sparse regression (terms chosen by 5-fold "
+            "cross-validation); the library expresses 65.1% of the network's squared output"
+        ],
     )
 
 
 def _outside_report() -> Report:
-    return Report("quadratic", 0.1, "gradient", 0.02, 0.0197, [TermSummary("Hg", 0.015, -0.02, 0.01, -0.5,
-                                                                           CONTINUOUS_TIME_1)])
+    return Report(
+        "quadratic", 0.1, "gradient", 0.02, 0.0197, [TermSummary("Hg", 0.015, -0.02, 0.01, -0.5, CONTINUOUS_TIME_1)]
+    )
 
 
 REPORTS = {"recovery": _recovery_report, "eos": _eos_report, "distilled": _distilled_report}
@@ -234,10 +251,11 @@ def test_recovery_report_ranks_hg_first_next_to_minus_one_half():
     report = _recovery_report()
     assert report.terms[0].name == "Hg"
     assert report.verdict == "revise"
-    assert repr(report) == ("Report(physics='gradient', problem='tanh-net', verdict='revise', closed=100.0%, "
-                            "top='Hg 98.5%')")
+    assert repr(report) == (
+        "Report(physics='gradient', problem='tanh-net', verdict='revise', closed=100.0%, top='Hg 98.5%')"
+    )
     top = report.suggestions()[0]
-    assert top.startswith('revise "GD\'s discrete steps are replaced by their continuous-time limit')
+    assert top.startswith("revise \"GD's discrete steps are replaced by their continuous-time limit")
     assert "[continuous-time-order-1]" in top and "-0.49991 +- 0.00031 (theory -1/2)" in top
     row = next(line for line in str(report).splitlines() if line.startswith("1 "))
     assert re.search(r"Hg\s+98\.5%\s+-0\.49991 \+- 0\.00031\s+-1/2\s+continuous-time-order-1", row)
@@ -264,13 +282,15 @@ def test_verdicts_outside_the_library_and_negligible():
     assert distilled.verdict == "outside"
     # the revisions come first, ranked; then what they leave outside the library
     assert "adding Hg with coefficient -0.12 closes 31.0 percent" in distilled.suggestions()[0]
-    assert distilled.suggestions()[1].startswith("The library explains only 31.0 percent of the gap; the rest of the "
-                                                 "missing physics is outside the library")
+    assert distilled.suggestions()[1].startswith(
+        "The library explains only 31.0 percent of the gap; the rest of the missing physics is outside the library"
+    )
     negligible = Report("quadratic", 0.1, "principal", 1e-9, 1e-9, [TermSummary("Hg", 0.0, 1e-6)])
     assert len(negligible.suggestions()) == 1
     assert negligible.verdict == "negligible"
-    assert negligible.suggestions()[0].startswith("The correction is negligible: the physics (principal) already "
-                                                  "explains the data to 0.0032 percent")
+    assert negligible.suggestions()[0].startswith(
+        "The correction is negligible: the physics (principal) already explains the data to 0.0032 percent"
+    )
     # A correction that closed most of the gap but leaves a quarter: suggestion plus a warning.
     partial = Report("q", 0.1, "gradient", 1.0, 0.25, [TermSummary("Hg", 0.75, -0.5, None, -0.5, CONTINUOUS_TIME_1)])
     assert partial.verdict == "revise" and "25.0 percent of the gap remains unexplained" in partial.suggestions()[-1]
@@ -327,8 +347,11 @@ def test_report_of_the_modified_equation_recovery_names_the_first_order_approxim
     assert hg.approximation == CONTINUOUS_TIME_1
     assert hg.share > 0.8 and report.closed > 0.99 and report.verdict == "revise"
     top = report.suggestions()[0]
-    assert re.search(r"\[continuous-time-order-1\]: adding Hg with coefficient -0\.(49|50)\d* \+- \S+ "
-                     r"\(theory -1/2\)", top)
+    assert re.search(
+        r"\[continuous-time-order-1\]: adding Hg with coefficient -0\.(49|50)\d* \+- \S+ "
+        r"\(theory -1/2\)",
+        top,
+    )
     assert re.search(r"^1\s+Hg\s+\S+%\s+-0\.(49|50)\d* \+- \S+\s+-1/2\s+continuous-time-order-1", str(report), re.M)
     assert sum(t.share for t in report.terms) + report.unexplained == pytest.approx(1.0, abs=1e-9)
     _render_math(report.equation())
@@ -336,7 +359,8 @@ def test_report_of_the_modified_equation_recovery_names_the_first_order_approxim
     back = Report.from_dict(json.loads(json.dumps(report.to_dict())))
     assert str(back) == str(report)
     assert {"loss", "distance"} <= set(report.curves) and len(report.curves["distance"]["step"]) == len(
-        result.window_errors)
+        result.window_errors
+    )
     figs = back.figures()
     assert {"dynamics", "contributions"} <= set(figs)
     plt.close("all")
@@ -357,8 +381,16 @@ def _planted_trajectory(problem, lr: float, rotation: float, steps: int):
     xs = torch.stack([torch.linalg.matrix_exp(k * M) @ problem.theta0 for k in ks.tolist()])
     loss = problem.batched_loss(xs)
     nan = torch.full((steps + 1,), math.nan, dtype=torch.float64)
-    return Trajectory(lr=lr, steps=ks, iterates=xs, loss=loss, grad_norm=(xs @ A).norm(dim=1),
-                      sharpness=nan[:, None].clone(), update_u=nan.clone(), problem=problem.description)
+    return Trajectory(
+        lr=lr,
+        steps=ks,
+        iterates=xs,
+        loss=loss,
+        grad_norm=(xs @ A).norm(dim=1),
+        sharpness=nan[:, None].clone(),
+        update_u=nan.clone(),
+        problem=problem.description,
+    )
 
 
 @pytest.mark.parametrize("rotation, verdict", [(0.5, "outside"), (0.0, "negligible")])
@@ -372,8 +404,14 @@ def test_report_says_when_the_missing_physics_is_outside_the_library(rotation, v
     p = nf.problems.quadratic([[1.0, 0.0], [0.0, 1.5]])
     traj = _planted_trajectory(p, 0.1, rotation, 60)
     method = "adjoint" if verdict == "outside" else "regression"
-    result = fit(Hybrid(GradientFlow(p, 0.1), TermLibrary(p, 0.1, terms=["Hg"])), traj, window=10, method=method,
-                 max_iters=5, progress=False)
+    result = fit(
+        Hybrid(GradientFlow(p, 0.1), TermLibrary(p, 0.1, terms=["Hg"])),
+        traj,
+        window=10,
+        method=method,
+        max_iters=5,
+        progress=False,
+    )
     report = build_report(result)
     assert report.verdict == verdict
     first = report.suggestions()[0]
@@ -410,9 +448,18 @@ def test_distillation_of_a_network_correction():
         net.net[4].bias.copy_(w[-1])
         assert float((lr * net.net(states) - target).pow(2).sum() / target.pow(2).sum()) < 1e-4
     result = FitResult(
-        model=Hybrid(GradientFlow(p, lr), net), coefficients={}, uncertainty={}, history=[],
-        window_errors=torch.zeros(0), physics_window_errors=torch.zeros(0), physics_error=1e-3, hybrid_error=1e-5,
-        timing={}, settings={"window": 10, "solver": "rk4", "step_size": 0.5}, trajectory=traj, n_function_evals=0,
+        model=Hybrid(GradientFlow(p, lr), net),
+        coefficients={},
+        uncertainty={},
+        history=[],
+        window_errors=torch.zeros(0),
+        physics_window_errors=torch.zeros(0),
+        physics_error=1e-3,
+        hybrid_error=1e-5,
+        timing={},
+        settings={"window": 10, "solver": "rk4", "step_size": 0.5},
+        trajectory=traj,
+        n_function_evals=0,
     )
     report = build_report(result)
     assert report.source == "neural" and [t.name for t in report.terms] == ["Hg"]
@@ -431,15 +478,22 @@ def test_ladder_shows_the_gap_shrink_as_the_physics_improves(recovery):
 
     traj, result = recovery
     p = result.model.problem
-    lad = nf.report.ladder(traj, [GradientFlow(p, LR), ModifiedFlow(p, LR, order=1)], terms=["Hg"], window=10,
-                           progress=False, report_options={"max_windows": 0})
+    lad = nf.report.ladder(
+        traj,
+        [GradientFlow(p, LR), ModifiedFlow(p, LR, order=1)],
+        terms=["Hg"],
+        window=10,
+        progress=False,
+        report_options={"max_windows": 0},
+    )
     grad, mod = lad.reports
     assert mod.physics_error < 0.05 * grad.physics_error
     assert grad.terms[0].coefficient == pytest.approx(-0.5, rel=0.05)
     assert abs(mod.terms[0].coefficient) < 0.05
     text = str(lad)
-    assert re.search(r"^gradient\s+\S+\s+100\.0%", text, re.M) and re.search(r"^modified1\s+\S+\s+[0-4]\.\d%", text,
-                                                                              re.M)
+    assert re.search(r"^gradient\s+\S+\s+100\.0%", text, re.M) and re.search(
+        r"^modified1\s+\S+\s+[0-4]\.\d%", text, re.M
+    )
     assert Report.from_dict(lad.to_dict()["reports"][1]).physics == "modified1"
     assert "| gradient |" in lad.to_markdown()
 
@@ -475,13 +529,24 @@ def test_gated_coefficient_of_a_real_library_is_summarised_by_a_switch_at_the_ed
 
     lr = 0.5
     # L = (1 + x^2) y^2 / 2 + x^2 / 2: at y ~ 0 the sharpness is 1 + x^2, so lr S crosses 2 at x = sqrt(3).
-    p = nf.problems.from_function(lambda th: 0.5 * (1 + th[0] ** 2) * th[1] ** 2 + 0.5 * th[0] ** 2,
-                                  torch.tensor([0.0, 0.05], dtype=torch.float64))
-    xs = torch.stack([torch.linspace(0.0, 2.2, 60, dtype=torch.float64), torch.full((60,), 0.05,
-                                                                                   dtype=torch.float64)], dim=1)
+    p = nf.problems.from_function(
+        lambda th: 0.5 * (1 + th[0] ** 2) * th[1] ** 2 + 0.5 * th[0] ** 2,
+        torch.tensor([0.0, 0.05], dtype=torch.float64),
+    )
+    xs = torch.stack(
+        [torch.linspace(0.0, 2.2, 60, dtype=torch.float64), torch.full((60,), 0.05, dtype=torch.float64)], dim=1
+    )
     nan = torch.full((60,), math.nan, dtype=torch.float64)
-    traj = Trajectory(lr=lr, steps=torch.arange(60), iterates=xs, loss=p.batched_loss(xs), grad_norm=nan.clone(),
-                      sharpness=nan[:, None].clone(), update_u=nan.clone(), problem=p.description)
+    traj = Trajectory(
+        lr=lr,
+        steps=torch.arange(60),
+        iterates=xs,
+        loss=p.batched_loss(xs),
+        grad_norm=nan.clone(),
+        sharpness=nan[:, None].clone(),
+        update_u=nan.clone(),
+        problem=p.description,
+    )
     lib = TermLibrary(p, lr, terms=["Hg", "gradS"], gated=["gradS"])
     with torch.no_grad():
         lib.constants["Hg"].fill_(-0.5)
@@ -489,9 +554,18 @@ def test_gated_coefficient_of_a_real_library_is_summarised_by_a_switch_at_the_ed
         lib.gates["gradS"].gain.fill_(50.0)
         lib.gates["gradS"].margin.fill_(0.0)
     result = FitResult(
-        model=Hybrid(GradientFlow(p, lr), lib), coefficients={"Hg": -0.5}, uncertainty={"Hg": 0.01}, history=[],
-        window_errors=torch.zeros(0), physics_window_errors=torch.zeros(0), physics_error=1e-2, hybrid_error=1e-3,
-        timing={}, settings={"window": 0}, trajectory=traj, n_function_evals=0,
+        model=Hybrid(GradientFlow(p, lr), lib),
+        coefficients={"Hg": -0.5},
+        uncertainty={"Hg": 0.01},
+        history=[],
+        window_errors=torch.zeros(0),
+        physics_window_errors=torch.zeros(0),
+        physics_error=1e-2,
+        hybrid_error=1e-3,
+        timing={},
+        settings={"window": 0},
+        trajectory=traj,
+        n_function_evals=0,
     )
     report = build_report(result)
     gate = next(t for t in report.terms if t.name == "gradS")
@@ -517,9 +591,18 @@ def test_bad_input_gets_a_clear_error():
     p = nf.problems.quadratic([[1.0]])
     traj = nf.run_gd(p, 0.1, 5, eig_every=0, progress=False)
     physics_only = FitResult(
-        model=Hybrid(GradientFlow(p, 0.1), None), coefficients={}, uncertainty={}, history=[],
-        window_errors=torch.zeros(0), physics_window_errors=torch.zeros(0), physics_error=1.0, hybrid_error=1.0,
-        timing={}, settings={}, trajectory=traj, n_function_evals=0,
+        model=Hybrid(GradientFlow(p, 0.1), None),
+        coefficients={},
+        uncertainty={},
+        history=[],
+        window_errors=torch.zeros(0),
+        physics_window_errors=torch.zeros(0),
+        physics_error=1.0,
+        hybrid_error=1.0,
+        timing={},
+        settings={},
+        trajectory=traj,
+        n_function_evals=0,
     )
     with pytest.raises(nf.InputError, match="no correction"):
         build_report(physics_only)
@@ -555,8 +638,16 @@ def test_shares_credit_the_windows_where_the_correction_closed_the_gap():
     import neuralflow as nf
 
     nan = torch.full((31,), math.nan, dtype=torch.float64)
-    targets = nf.Trajectory(lr=0.1, steps=torch.arange(31), iterates=torch.zeros(31, 2, dtype=torch.float64),
-                            loss=nan, grad_norm=nan, sharpness=nan[:, None], update_u=nan, problem={"name": "test"})
+    targets = nf.Trajectory(
+        lr=0.1,
+        steps=torch.arange(31),
+        iterates=torch.zeros(31, 2, dtype=torch.float64),
+        loss=nan,
+        grad_norm=nan,
+        sharpness=nan[:, None],
+        update_u=nan,
+        problem={"name": "test"},
+    )
     result = SimpleNamespace(
         windows={"step": torch.tensor([0, 10, 20]), "validation": torch.tensor([True, False, False])},
         settings={"window": 10},
@@ -583,9 +674,16 @@ def test_shares_credit_the_windows_where_the_correction_closed_the_gap():
 
     # every other step recorded: each window's first, middle and last recorded state
     kept = torch.arange(0, 31, 2)
-    every_other = nf.Trajectory(lr=0.1, steps=kept, iterates=kept[:, None].to(torch.float64).repeat(1, 2),
-                                loss=nan[kept], grad_norm=nan[kept], sharpness=nan[kept, None], update_u=nan[kept],
-                                problem={"name": "test"})
+    every_other = nf.Trajectory(
+        lr=0.1,
+        steps=kept,
+        iterates=kept[:, None].to(torch.float64).repeat(1, 2),
+        loss=nan[kept],
+        grad_norm=nan[kept],
+        sharpness=nan[kept, None],
+        update_u=nan[kept],
+        problem={"name": "test"},
+    )
     result.windows["step"] = torch.tensor([0, 10, 20])
     result.window_errors = torch.tensor([0.1, 0.9, 3.0], dtype=torch.float64)
     seen.clear()
@@ -604,8 +702,10 @@ def test_suggestions_come_one_per_approximation():
     report.min_share = 0.01
     first, second = report.suggestions()
     assert "[continuous-time-order-1]: adding Hg with coefficient" in first
-    assert "[continuous-time-order-2]: adding H2g with coefficient -0.3321 +- 0.0021 (theory -1/3) and adding D3gg " \
-           "with coefficient -0.0841 +- 0.0040 (theory -1/12) closes 1.5 percent of the gap" in second
+    assert (
+        "[continuous-time-order-2]: adding H2g with coefficient -0.3321 +- 0.0021 (theory -1/3) and adding D3gg "
+        "with coefficient -0.0841 +- 0.0040 (theory -1/12) closes 1.5 percent of the gap" in second
+    )
 
 
 # ------------------------------------------------------------------------- a golden report from a real fit
@@ -620,11 +720,14 @@ def _close_to(actual, expected, path: str = "report") -> list[str]:
     if isinstance(expected, list):
         if not isinstance(actual, list) or len(actual) != len(expected):
             return [f"{path}: {actual!r} != {expected!r}"]
-        return [d for i, (a, e) in enumerate(zip(actual, expected, strict=True))
-                for d in _close_to(a, e, f"{path}[{i}]")]
+        return [
+            d for i, (a, e) in enumerate(zip(actual, expected, strict=True)) for d in _close_to(a, e, f"{path}[{i}]")
+        ]
     if isinstance(expected, float) or isinstance(actual, float):
-        if isinstance(actual, bool) or not isinstance(actual, int | float) or not math.isclose(
-            actual, expected, rel_tol=1e-6, abs_tol=1e-12
+        if (
+            isinstance(actual, bool)
+            or not isinstance(actual, int | float)
+            or not math.isclose(actual, expected, rel_tol=1e-6, abs_tol=1e-12)
         ):
             return [f"{path}: {actual!r} != {expected!r}"]
         return []

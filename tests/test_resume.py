@@ -33,9 +33,15 @@ def _identical(a: nf.Trajectory, b: nf.Trajectory) -> bool:
     """Bit for bit (NaN where NaN)."""
     pairs = [(a.iterates, b.iterates), (a.steps, b.steps)]
     pairs += [(a.history[k], b.history[k]) for k in a.history]
-    return a.history.keys() == b.history.keys() and a.meta == b.meta and all(
-        x.dtype == y.dtype and x.shape == y.shape and bool((x == y).logical_or(x != x).logical_and(
-            (x != x) == (y != y)).all()) for x, y in pairs
+    return (
+        a.history.keys() == b.history.keys()
+        and a.meta == b.meta
+        and all(
+            x.dtype == y.dtype
+            and x.shape == y.shape
+            and bool((x == y).logical_or(x != x).logical_and((x != x) == (y != y)).all())
+            for x, y in pairs
+        )
     )
 
 
@@ -133,8 +139,26 @@ def test_stale_temporary_files_of_our_own_writes_are_removed_and_nothing_else(tm
 def test_sigterm_makes_run_gd_save_the_trajectory_so_far_and_say_where(tmp_path):
     out, ckpt = tmp_path / "run.nft", tmp_path / "run.ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    args = [sys.executable, "-m", "neuralflow", "run-gd", "--n", "40", "--widths", "6", "--lr", "0.3", "--steps",
-            "100000", "--out", str(out), "--resume", str(ckpt), "--checkpoint-every", "5"]
+    args = [
+        sys.executable,
+        "-m",
+        "neuralflow",
+        "run-gd",
+        "--n",
+        "40",
+        "--widths",
+        "6",
+        "--lr",
+        "0.3",
+        "--steps",
+        "100000",
+        "--out",
+        str(out),
+        "--resume",
+        str(ckpt),
+        "--checkpoint-every",
+        "5",
+    ]
     child = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
     while not ckpt.exists() and child.poll() is None:
         time.sleep(0.02)
@@ -151,8 +175,9 @@ def test_sigterm_makes_run_gd_save_the_trajectory_so_far_and_say_where(tmp_path)
 def test_ctrl_c_in_a_fit_keeps_the_best_fit_so_far(tmp_path, monkeypatch, capsys):
     fit_module = importlib.import_module("neuralflow.fit.optimisers")
     run = tmp_path / "run.nft"
-    assert main(["run-gd", "--problem", "scalar-factorization", "--lr", "0.02", "--steps", "60", "--out",
-                 str(run)]) == 0
+    assert (
+        main(["run-gd", "--problem", "scalar-factorization", "--lr", "0.02", "--steps", "60", "--out", str(run)]) == 0
+    )
     real = fit_module.gauss_newton
 
     def two_iterations_then_ctrl_c(obj, optimizer, iters, tol, learning_rate, record, **kw):
@@ -168,32 +193,41 @@ def test_ctrl_c_in_a_fit_keeps_the_best_fit_so_far(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(fit_module, "gauss_newton", two_iterations_then_ctrl_c)
     out = tmp_path / "fit.nff"
-    code = main(["fit", str(run), "--terms", "Hg", "--window", "5", "--method", "direct", "--max-iters", "5",
-                 "--out", str(out)])
+    code = main(
+        ["fit", str(run), "--terms", "Hg", "--window", "5", "--method", "direct", "--max-iters", "5", "--out", str(out)]
+    )
     assert code == 130
     assert f"saved the best fit so far (1 iterations) to {out}" in capsys.readouterr().err
     saved = nf.load(out)
     assert saved.settings["interrupted_after"] == 1 and len(saved.history) == 1
 
 
-@pytest.mark.parametrize("command", [
-    ["run-gd", "--problem", "zhu-quartic", "--steps", "5", "--out", "{file}/run.nft"],
-    ["run-gd", "--problem", "zhu-quartic", "--steps", "5", "--out", "{dir}"],
-    ["run-gd", "--problem", "zhu-quartic", "--steps", "5", "--resume", "{file}/x.ckpt", "--out", "{dir}/ok.nft"],
-    ["compare", "{run}", "--out", "{file}/x.png"],
-    ["compare", "{run}", "--json", "{file}/x.json", "--out", "{dir}/ok.png"],
-    ["fit", "{run}", "--out", "{file}/fit.nff"],
-    ["report", "{fit}", "--figures", "{file}"],
-    ["report", "{fit}", "--markdown", "{file}/r.md", "--figures", "{dir}/figs"],
-    ["demo", "--out", "{file}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run-gd", "--problem", "zhu-quartic", "--steps", "5", "--out", "{file}/run.nft"],
+        ["run-gd", "--problem", "zhu-quartic", "--steps", "5", "--out", "{dir}"],
+        ["run-gd", "--problem", "zhu-quartic", "--steps", "5", "--resume", "{file}/x.ckpt", "--out", "{dir}/ok.nft"],
+        ["compare", "{run}", "--out", "{file}/x.png"],
+        ["compare", "{run}", "--json", "{file}/x.json", "--out", "{dir}/ok.png"],
+        ["fit", "{run}", "--out", "{file}/fit.nff"],
+        ["report", "{fit}", "--figures", "{file}"],
+        ["report", "{fit}", "--markdown", "{file}/r.md", "--figures", "{dir}/figs"],
+        ["demo", "--out", "{file}"],
+    ],
+)
 def test_unwritable_outputs_are_refused_before_any_computation(tmp_path, monkeypatch, capsys, command):
     (tmp_path / "a-file").write_text("not a folder")
     run = nf.run_gd(nf.problems.zhu_quartic(), 0.1, 10, progress=False).save(tmp_path / "run.nft")
     fit_path = tmp_path / "fit.nff"
     # the command line's own references (it imports these at the top), and the checkpoint's reader
-    for module, name in (("cli.runs", "run_gd"), ("cli.fits", "fit"), ("cli.runs", "compare"),
-                         ("checkpoint", "stored_report"), ("cli.batch", "run_demo")):
+    for module, name in (
+        ("cli.runs", "run_gd"),
+        ("cli.fits", "fit"),
+        ("cli.runs", "compare"),
+        ("checkpoint", "stored_report"),
+        ("cli.batch", "run_demo"),
+    ):
         where = importlib.import_module(f"neuralflow.{module}")
         monkeypatch.setattr(where, name, _refusing(getattr(where, name)))
     words = [w.format(file=tmp_path / "a-file", dir=tmp_path, run=run, fit=fit_path) for w in command]
@@ -223,16 +257,31 @@ def test_a_demo_rerun_does_not_mix_files_of_two_runs(tmp_path):
 def _gn_fit(resume=None):
     problem = nf.problems.scalar_factorization(3)
     traj = nf.run_gd(problem, 0.02, 60, eig_every=0, progress=False)
-    model = nf.Hybrid(nf.flows.GradientFlow(problem, 0.02), nf.corrections.TermLibrary(problem, 0.02,
-                                                                                       terms=["Hg", "H2g"]))
-    return nf.fit(model, traj, window=5, method="direct", init="current", max_iters=4, patience=10, tol=0.0,
-                  progress=False, resume=resume)
+    model = nf.Hybrid(
+        nf.flows.GradientFlow(problem, 0.02), nf.corrections.TermLibrary(problem, 0.02, terms=["Hg", "H2g"])
+    )
+    return nf.fit(
+        model,
+        traj,
+        window=5,
+        method="direct",
+        init="current",
+        max_iters=4,
+        patience=10,
+        tol=0.0,
+        progress=False,
+        resume=resume,
+    )
 
 
 def _same_fit(a, b) -> bool:
     strip = lambda h: [{k: v for k, v in row.items() if k not in ("time", "n_function_evals")} for row in h]
-    return (a.coefficients == b.coefficients and a.uncertainty == b.uncertainty
-            and strip(a.history) == strip(b.history) and torch.equal(a.window_errors, b.window_errors))
+    return (
+        a.coefficients == b.coefficients
+        and a.uncertainty == b.uncertainty
+        and strip(a.history) == strip(b.history)
+        and torch.equal(a.window_errors, b.window_errors)
+    )
 
 
 @pytest.mark.parametrize("stop_after", [0, 2])
@@ -261,6 +310,7 @@ def test_an_interrupted_gauss_newton_fit_resumes_bit_for_bit(tmp_path, monkeypat
     with pytest.raises(InputError, match="another fit"):
         problem = nf.problems.scalar_factorization(3)
         traj = nf.run_gd(problem, 0.02, 60, eig_every=0, progress=False)
-        model = nf.Hybrid(nf.flows.GradientFlow(problem, 0.02), nf.corrections.TermLibrary(problem, 0.02,
-                                                                                           terms=["Hg", "H2g"]))
+        model = nf.Hybrid(
+            nf.flows.GradientFlow(problem, 0.02), nf.corrections.TermLibrary(problem, 0.02, terms=["Hg", "H2g"])
+        )
         nf.fit(model, traj, window=10, method="direct", init="current", max_iters=4, progress=False, resume=state)

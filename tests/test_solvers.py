@@ -14,9 +14,16 @@ from neuralflow.flows import CentralFlow, GradientFlow
 from neuralflow.solvers import Solver
 
 
-@pytest.mark.parametrize("bad", [{"method": "rk5"}, {"method": "rk4", "step_size": 0.0},
-                                 {"method": "dopri5", "rtol": -1e-7}, {"method": "dopri5", "atol": math.nan},
-                                 {"method": "euler", "step_size": True}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"method": "rk5"},
+        {"method": "rk4", "step_size": 0.0},
+        {"method": "dopri5", "rtol": -1e-7},
+        {"method": "dopri5", "atol": math.nan},
+        {"method": "euler", "step_size": True},
+    ],
+)
 def test_a_bad_solver_is_refused_when_it_is_made(bad):
     with pytest.raises(InputError, match="solver"):
         Solver(**bad)
@@ -48,8 +55,10 @@ def test_simulate_integrates_with_the_flows_preferred_solver():
     lr, grad = 0.1, GradientFlow(p, 0.1)
     exact = torch.exp(-lr * torch.tensor([1.0, 3.0], dtype=torch.float64) * 5) * p.theta0
     err = (nf.simulate(grad, p.theta0, torch.tensor([0.0, 5.0], dtype=torch.float64))[-1] - exact).norm()
-    euler = (nf.simulate(grad, p.theta0, torch.tensor([0.0, 5.0], dtype=torch.float64), solver="euler",
-                         step_size=0.5)[-1] - exact).norm()
+    euler = (
+        nf.simulate(grad, p.theta0, torch.tensor([0.0, 5.0], dtype=torch.float64), solver="euler", step_size=0.5)[-1]
+        - exact
+    ).norm()
     assert err < 1e-6 * euler
 
 

@@ -29,11 +29,14 @@ def test_a_clear_conclusion_comes_out_on_top_in_every_refit_with_a_real_spread(r
     assert "continuous-time-order-1 (the report's)" in text and "100.0 percent" in text and "Hg" in text
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"replicates": 0}, "replicates must be a positive int"),
-    ({"blocks": 1}, "blocks must be at least 2"),
-    ({"blocks": 2.5}, "blocks must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"replicates": 0}, "replicates must be a positive int"),
+        ({"blocks": 1}, "blocks must be at least 2"),
+        ({"blocks": 2.5}, "blocks must be a positive int"),
+    ],
+)
 def test_bad_arguments(recovery, kwargs, match):
     result, traj = recovery
     with pytest.raises(InputError, match=match):

@@ -108,8 +108,10 @@ def test_killed_sweep_resumes_with_only_the_rest_and_the_same_table(reference, t
         "if __name__ == '__main__':\n"
         "    sweep(json.loads(sys.argv[1]), out=sys.argv[2], workers=1, progress=False)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(configs()), str(out)],
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(configs()), str(out)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 120
     while not list(out.glob("runs/*/row.nfr")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -206,13 +208,30 @@ def ray_head():
         port = s.getsockname()[1]
     # a private head on the loopback address: without token authentication, which a head started after any
     # ray.init() on this machine would otherwise require of drivers that do not set RAY_AUTH_MODE themselves
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
     ray_cli = Path(sys.executable).with_name("ray")
     head = subprocess.Popen(
-        [str(ray_cli), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", "--block"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(ray_cli),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            "--block",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 90
@@ -315,8 +334,14 @@ def test_noise_is_part_of_a_configuration_its_key_and_its_table(tmp_path):
     assert len(set(table["key"])) == 3
     runs = [nf.Trajectory.load(tmp_path / "s" / f) for f in table["file.trajectory"]]
     for config, traj in zip([plain, *noisy], runs, strict=True):
-        again = nf.run_gd(make(config["problem"]), 0.1, 30, noise=config.get("noise", 0.0),
-                          noise_seed=config.get("noise_seed", 0), progress=False)
+        again = nf.run_gd(
+            make(config["problem"]),
+            0.1,
+            30,
+            noise=config.get("noise", 0.0),
+            noise_seed=config.get("noise_seed", 0),
+            progress=False,
+        )
         assert torch.equal(traj.iterates, again.iterates)
     assert not torch.equal(runs[1].iterates, runs[2].iterates)
     assert not torch.equal(runs[0].iterates, runs[1].iterates)
@@ -325,10 +350,12 @@ def test_noise_is_part_of_a_configuration_its_key_and_its_table(tmp_path):
     assert config_key(normalise(quiet_seed)) == config_key(normalise(plain)) == table["key"][0]
     before = {k: v for k, v in normalise(plain).items() if k not in ("noise", "noise_seed")}
     assert config_key(normalise(plain)) == config_key(before)  # the key it had before noise was an option
-    for bad, match in (({"noise": -1e-3}, "noise must be a finite non-negative"),
-                       ({"noise": True}, "noise must be a finite non-negative"),
-                       ({"noise_seed": -1}, "noise_seed must be a non-negative int"),
-                       ({"noise": 0.0, "noise_seed": "one"}, "noise_seed must be a non-negative int")):
+    for bad, match in (
+        ({"noise": -1e-3}, "noise must be a finite non-negative"),
+        ({"noise": True}, "noise must be a finite non-negative"),
+        ({"noise_seed": -1}, "noise_seed must be a non-negative int"),
+        ({"noise": 0.0, "noise_seed": "one"}, "noise_seed must be a non-negative int"),
+    ):
         with pytest.raises(InputError, match=f"run 0 .*{match}"):
             sweep([{**plain, **bad}], out=tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()

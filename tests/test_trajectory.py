@@ -91,16 +91,16 @@ def test_eos_transients_are_the_quiet_stretches_past_two_over_lr():
     x = torch.stack([0.01 * k, sign * amplitude], dim=1)
     sharp = torch.where(k < 20, 15.0, 25.0)[:, None]
     nan = torch.full((T,), float("nan"), dtype=torch.float64)
-    traj = nf.Trajectory(lr=lr, steps=k.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=sharp,
-                         update_u=nan)
-    (start, stop), = traj.eos_transients()
+    traj = nf.Trajectory(lr=lr, steps=k.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=sharp, update_u=nan)
+    ((start, stop),) = traj.eos_transients()
     assert start == 20
     assert 38 <= stop <= 40  # the midpoint's neighbours see the established oscillation one step early
     quiet = traj.eos_transients(ratio=1e-9)  # the round-off oscillation is not "quiet" at this ratio
     assert quiet == []
     with pytest.raises(InputError, match="eig_every=1"):
-        nf.Trajectory(lr=lr, steps=k.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=nan[:, None],
-                      update_u=nan).eos_transients()
+        nf.Trajectory(
+            lr=lr, steps=k.long(), iterates=x, loss=nan, grad_norm=nan, sharpness=nan[:, None], update_u=nan
+        ).eos_transients()
 
 
 def test_a_last_step_off_the_store_every_grid_is_handled_everywhere():
@@ -117,8 +117,14 @@ def test_a_last_step_off_the_store_every_grid_is_handled_everywhere():
     model = nf.Hybrid(nf.flows.GradientFlow(p, 0.1), nf.corrections.TermLibrary(p, 0.1, terms=["Hg"]))
     result = nf.fit(model, longer, window=3, method="regression", progress=False)
     assert result.settings["window"] == 3 and result.physics_error > 0
-    uneven = nf.Trajectory(lr=0.1, steps=torch.tensor([0, 2, 3, 5]), iterates=torch.zeros(4, 2),
-                           loss=torch.zeros(4), grad_norm=torch.zeros(4), sharpness=torch.zeros(4, 1),
-                           update_u=torch.zeros(4))
+    uneven = nf.Trajectory(
+        lr=0.1,
+        steps=torch.tensor([0, 2, 3, 5]),
+        iterates=torch.zeros(4, 2),
+        loss=torch.zeros(4),
+        grad_norm=torch.zeros(4),
+        sharpness=torch.zeros(4, 1),
+        update_u=torch.zeros(4),
+    )
     with pytest.raises(nf.InputError, match="not evenly spaced"):
         _ = uneven.store_every

@@ -1,5 +1,4 @@
-"""The subcommands ``demo`` (the whole loop in one folder) and ``sweep`` (a grid of runs, one table).
-"""
+"""The subcommands ``demo`` (the whole loop in one folder) and ``sweep`` (a grid of runs, one table)."""
 
 from __future__ import annotations
 
@@ -21,17 +20,24 @@ def _add_demo(cmd: Command) -> None:
 
 def cmd_demo(cmd: Command, args: argparse.Namespace) -> int:
     if args.dtype is not None or args.device is not None:
-        raise InputError("the demo runs its built-in default in float64 on the CPU; run-gd, compare and fit take "
-                         "--dtype and --device.")
+        raise InputError(
+            "the demo runs its built-in default in float64 on the CPU; run-gd, compare and fit take "
+            "--dtype and --device."
+        )
     check_writable(args.out, folder=True)
     run_demo(**cmd.kwargs("run_demo", args), progress=not args.quiet, quiet=args.quiet)
     return 0
 
 
 def _add_sweep(cmd: Command) -> None:
-    cmd.parser.add_argument("spec", nargs="?", default=None, metavar="SPEC",
-                            help='JSON file: a list of run configurations, {"runs": [...]}, or {"base": {...}, '
-                                 '"grid": {"lr": [...], "problem.seed": [...]}} (see neuralflow.sweep)')
+    cmd.parser.add_argument(
+        "spec",
+        nargs="?",
+        default=None,
+        metavar="SPEC",
+        help='JSON file: a list of run configurations, {"runs": [...]}, or {"base": {...}, '
+        '"grid": {"lr": [...], "problem.seed": [...]}} (see neuralflow.sweep)',
+    )
     cmd.positional = ("spec",)
     _add(cmd.parser, "--out", "sweep", "results folder (created; a finished run in it is not run again)")
     _add(cmd.parser, "--engine", "local", "where the runs go: local (process pool) or ray")
@@ -42,8 +48,10 @@ def _add_sweep(cmd: Command) -> None:
 
 def cmd_sweep(cmd: Command, args: argparse.Namespace) -> int:
     if args.dtype is not None or args.device is not None:
-        raise InputError("a sweep's runs take their dtype and device from the configurations (keys 'device' and "
-                         "'problem.dtype'); --dtype and --device do not apply.")
+        raise InputError(
+            "a sweep's runs take their dtype and device from the configurations (keys 'device' and "
+            "'problem.dtype'); --dtype and --device do not apply."
+        )
     check_writable(args.out, folder=True)
     try:
         spec = json.loads(Path(args.spec).read_text())
@@ -54,11 +62,19 @@ def cmd_sweep(cmd: Command, args: argparse.Namespace) -> int:
         configs = grid(spec.get("base", {}), spec["grid"])
     else:
         configs = spec.get("runs") if isinstance(spec, dict) else spec
-    table = sweep(configs, out=args.out, engine=args.engine, workers=args.workers, address=args.address,
-                  threads=args.threads, progress=not args.quiet)
+    table = sweep(
+        configs,
+        out=args.out,
+        engine=args.engine,
+        workers=args.workers,
+        address=args.address,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
     say = _say(args)
-    shown = [c for c in ("lr", "problem.seed", "status", "eos_onset", "plateau_ratio", "quiet_steps", "wall_s")
-             if c in table]
+    shown = [
+        c for c in ("lr", "problem.seed", "status", "eos_onset", "plateau_ratio", "quiet_steps", "wall_s") if c in table
+    ]
     shown += [c for c in table.columns if c.startswith(("coef.", "distance."))]
     say(table[shown].to_string(index=False))
     out = Path(args.out)

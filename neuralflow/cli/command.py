@@ -71,8 +71,10 @@ class Command:
         names = []
         for opt in options_of(fn, owner, skip=skip + COMMON):
             if opt.name in self.generated:
-                raise InputError(f"{self.name}: keyword {opt.name!r} of {owner} clashes with the one of "
-                                 f"{self.generated[opt.name].owner}; route one of them in options.ROUTED.")
+                raise InputError(
+                    f"{self.name}: keyword {opt.name!r} of {owner} clashes with the one of "
+                    f"{self.generated[opt.name].owner}; route one of them in options.ROUTED."
+                )
             key = f"{owner}.{opt.name}"
             default = CLI_DEFAULTS.get(key, opt.default)
             opt.add_to(self.parser, default)
@@ -98,14 +100,26 @@ def _add(parser: argparse.ArgumentParser, flag: str, default: Any, help_: str, *
 
 def _add_common(cmd: Command) -> None:
     p = cmd.parser
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help=f"TOML file with this command's options in a [{cmd.name}] table (the command line wins)")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help=f"TOML file with this command's options in a [{cmd.name}] table (the command line wins)",
+    )
     p.add_argument("--quiet", action="store_true", default=False, help="no progress bars and no summary")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the problem's initialisation in run-gd, "
-                   "the fit's validation split and gates in fit, torch's generator everywhere (default: 0)")
-    p.add_argument("--dtype", default=None, choices=("float64", "float32"),
-                   help="floating dtype (default: the problem builder's float64 in run-gd, the trajectory's "
-                        "elsewhere)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed: the problem's initialisation in run-gd, "
+        "the fit's validation split and gates in fit, torch's generator everywhere (default: 0)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float64", "float32"),
+        help="floating dtype (default: the problem builder's float64 in run-gd, the trajectory's elsewhere)",
+    )
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
@@ -125,9 +139,12 @@ def _problem_options(cmd: Command) -> None:
         cmd.generated[name] = opt
     cmd.owners["problem"] = list(seen)
     cmd.parser.add_argument(
-        "--problem", default="mlp-digits", metavar="NAME|module:FILE.py:FUNCTION",
+        "--problem",
+        default="mlp-digits",
+        metavar="NAME|module:FILE.py:FUNCTION",
         help=f"problem by name ({', '.join(CLI_PROBLEMS)}) or your own: module:path/to/file.py:build, a function "
-             "returning (module, (inputs, targets)), checked like problems.from_module (default: mlp-digits)")
+        "returning (module, (inputs, targets)), checked like problems.from_module (default: mlp-digits)",
+    )
 
 
 def _problem_from_args(cmd: Command, args: argparse.Namespace):
@@ -141,8 +158,9 @@ def _problem_from_args(cmd: Command, args: argparse.Namespace):
     elif spec in builders and spec != "module":
         builder, base = builders[spec], {}
     else:
-        raise InputError(f"unknown problem {spec!r}; choose from {', '.join(CLI_PROBLEMS)} or pass "
-                         "module:path/to/file.py:build.")
+        raise InputError(
+            f"unknown problem {spec!r}; choose from {', '.join(CLI_PROBLEMS)} or pass module:path/to/file.py:build."
+        )
     accepted = inspect.signature(builder).parameters
     kwargs = dict(base)
     for name in cmd.owners["problem"]:
@@ -150,8 +168,10 @@ def _problem_from_args(cmd: Command, args: argparse.Namespace):
         if value is None:
             continue
         if name not in accepted:
-            raise InputError(f"--{name.replace('_', '-')} does not apply to problem {spec!r}; its options are "
-                             f"{', '.join(k for k in accepted if k not in base)}.")
+            raise InputError(
+                f"--{name.replace('_', '-')} does not apply to problem {spec!r}; its options are "
+                f"{', '.join(k for k in accepted if k not in base)}."
+            )
         kwargs[name] = value
     kwargs.update({k: getattr(args, k) for k in COMMON if k in accepted and getattr(args, k) is not None})
     if "dtype" in kwargs:
@@ -168,10 +188,21 @@ def _add_trajectory(cmd: Command) -> None:
 
 def _add_max_params(cmd: Command) -> None:
     """Limits on what a trajectory file may make the loader build (its size, running the user's own code)."""
-    _add(cmd.parser, "--max-params", MAX_PARAMS, "refuse to rebuild a problem of more parameters than this from a "
-         "file (0: no limit)", type=int)
-    _add(cmd.parser, "--allow-code", False, "rebuild a problem from your own Python file (module:FILE.py:FUNCTION) "
-         "by running it; without it such a trajectory is refused (default: off)", action="store_true")
+    _add(
+        cmd.parser,
+        "--max-params",
+        MAX_PARAMS,
+        "refuse to rebuild a problem of more parameters than this from a file (0: no limit)",
+        type=int,
+    )
+    _add(
+        cmd.parser,
+        "--allow-code",
+        False,
+        "rebuild a problem from your own Python file (module:FILE.py:FUNCTION) "
+        "by running it; without it such a trajectory is refused (default: off)",
+        action="store_true",
+    )
 
 
 def _load_trajectory(args: argparse.Namespace):
@@ -179,8 +210,13 @@ def _load_trajectory(args: argparse.Namespace):
     traj = Trajectory.load(args.trajectory, device=args.device)
     if args.dtype is not None:
         traj = traj.to(traj.iterates.device, dtype=getattr(torch, args.dtype))
-    problem = make(traj.problem, max_params=args.max_params or None, allow_code=args.allow_code, device=args.device,
-                   dtype=args.dtype)
+    problem = make(
+        traj.problem,
+        max_params=args.max_params or None,
+        allow_code=args.allow_code,
+        device=args.device,
+        dtype=args.dtype,
+    )
     return traj, problem
 
 

@@ -1,5 +1,4 @@
-"""The subcommands ``fit`` (a physics flow plus correction terms, one or a ladder) and ``report``.
-"""
+"""The subcommands ``fit`` (a physics flow plus correction terms, one or a ladder) and ``report``."""
 
 from __future__ import annotations
 
@@ -32,15 +31,25 @@ from .command import (
 
 def _add_fit(cmd: Command) -> None:
     _add_trajectory(cmd)
-    _add(cmd.parser, "--physics", "gradient",
-         "physics flow with its options after a colon (several, comma-separated, fit one library on each: a "
-         f"ladder): {flows_help(FLOWS)}")
+    _add(
+        cmd.parser,
+        "--physics",
+        "gradient",
+        "physics flow with its options after a colon (several, comma-separated, fit one library on each: a "
+        f"ladder): {flows_help(FLOWS)}",
+    )
     functions = public_functions("fit")
     cmd.add_generated("fit", functions["fit"])
     cmd.add_generated("TermLibrary", functions["TermLibrary"])
     cmd.add_generated("build_report", functions["build_report"])
-    _add(cmd.parser, "--exclude-transients", False, "leave out the stretches past 2/lr where GD does not oscillate "
-         "yet (Trajectory.eos_transients), besides --exclude", action="store_true")
+    _add(
+        cmd.parser,
+        "--exclude-transients",
+        False,
+        "leave out the stretches past 2/lr where GD does not oscillate "
+        "yet (Trajectory.eos_transients), besides --exclude",
+        action="store_true",
+    )
     _add(cmd.parser, "--out", "fit.nff", "fit file to write (.nff); a ladder writes one per physics, NAME.PHYSICS.nff")
 
 
@@ -68,15 +77,21 @@ def cmd_fit(cmd: Command, args: argparse.Namespace) -> int:
         except Interrupted as err:
             assert isinstance(err.partial, FitResult)  # fit's Interrupted carries the best fit so far
             checkpoint.save(err.partial, path)
-            print(f"saved the best fit so far ({err.partial.settings['interrupted_after']} iterations) to {path}",
-                  file=sys.stderr)
+            print(
+                f"saved the best fit so far ({err.partial.settings['interrupted_after']} iterations) to {path}",
+                file=sys.stderr,
+            )
             raise
-        say(f"fit          {name} + [{', '.join(library_kw['terms'])}] on {problem.name} ({problem.dim} parameters), "
-            f"lr = {traj.lr:g}, window {fit_kw['window']} steps, {fit_kw['method']}")
+        say(
+            f"fit          {name} + [{', '.join(library_kw['terms'])}] on {problem.name} ({problem.dim} parameters), "
+            f"lr = {traj.lr:g}, window {fit_kw['window']} steps, {fit_kw['method']}"
+        )
         for term, value in result.coefficients.items():
             say(f"  {term:<10} {value:+.6g} +- {result.uncertainty[term]:.2g}")
-        say(f"error        physics {result.physics_error:.4g} -> hybrid {result.hybrid_error:.4g} "
-            f"(validation windows, normalised by the mean squared displacement)")
+        say(
+            f"error        physics {result.physics_error:.4g} -> hybrid {result.hybrid_error:.4g} "
+            f"(validation windows, normalised by the mean squared displacement)"
+        )
         say(f"time         {result.timing['total']:.3g} s, {result.n_function_evals} right-hand-side evaluations")
         report = result.report(**report_kw)
         result.save(path, report=report)
@@ -104,19 +119,22 @@ def _add_report(cmd: Command) -> None:
 def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
     if args.dtype is not None:
         raise InputError("report renders a saved fit in the precision it was fitted in; --dtype does not apply.")
-    directory = check_writable(Path(args.figures) if args.figures else Path(args.fit).with_suffix(".report"),
-                               folder=True)
+    directory = check_writable(
+        Path(args.figures) if args.figures else Path(args.fit).with_suffix(".report"), folder=True
+    )
     for what in ("markdown", "latex", "html", "json"):
         if getattr(args, what):
             check_writable(getattr(args, what))
     options = cmd.kwargs("build_report", args)
-    changed = [k for k, v in options.items() if cmd.generated[k].text(v) != cmd.generated[k].text(
-        cmd.generated[k].default)]
+    changed = [
+        k for k, v in options.items() if cmd.generated[k].text(v) != cmd.generated[k].text(cmd.generated[k].default)
+    ]
     # The numbers saved with the fit render at once; other options, or a fit saved without them, rebuild it.
     stored = None if changed else checkpoint.stored_report(args.fit)
     if stored is None:
-        fitted = checkpoint.load(args.fit, device=args.device, max_params=args.max_params or None,
-                                 allow_code=args.allow_code)
+        fitted = checkpoint.load(
+            args.fit, device=args.device, max_params=args.max_params or None, allow_code=args.allow_code
+        )
         report = fitted.report(**{k: options[k] for k in changed})
     else:
         report = stored
@@ -127,10 +145,11 @@ def cmd_report(cmd: Command, args: argparse.Namespace) -> int:
     renders = {
         "markdown": report.to_markdown,
         "latex": report.to_latex,
-        "html": lambda: f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(report.title())}"
-                        f"</title></head><body>{report._repr_html_()}</body></html>\n",
-        "json": lambda: json.dumps({**report.to_dict(), "provenance": provenance(args.device, args.dtype)},
-                                   indent=2),
+        "html": lambda: (
+            f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(report.title())}'
+            f"</title></head><body>{report._repr_html_()}</body></html>\n"
+        ),
+        "json": lambda: json.dumps({**report.to_dict(), "provenance": provenance(args.device, args.dtype)}, indent=2),
     }
     for what, render in renders.items():
         target = getattr(args, what)

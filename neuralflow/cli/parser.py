@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"neuralflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"neuralflow {args.command}: interrupted. {err if isinstance(err, Interrupted) else ''}".rstrip(),
-              file=sys.stderr)
+        print(
+            f"neuralflow {args.command}: interrupted. {err if isinstance(err, Interrupted) else ''}".rstrip(),
+            file=sys.stderr,
+        )
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

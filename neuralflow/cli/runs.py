@@ -1,5 +1,4 @@
-"""The subcommands ``run-gd`` (run GD, save the trajectory) and ``compare`` (physics flows against it).
-"""
+"""The subcommands ``run-gd`` (run GD, save the trajectory) and ``compare`` (physics flows against it)."""
 
 from __future__ import annotations
 
@@ -58,8 +57,9 @@ def cmd_run_gd(cmd: Command, args: argparse.Namespace) -> int:
     say(f"problem      {problem.name} ({problem.dim} parameters), lr = {lr:g}, {kwargs['steps']} steps")
     say(f"final loss   {traj.history['loss'][-1].item():.6g}")
     if len(s):
-        say(f"sharpness    {s.min().item():.4g} .. {s.max().item():.4g} (2/lr = {2 / lr:.4g}); "
-            f"final {s[-1].item():.4g}")
+        say(
+            f"sharpness    {s.min().item():.4g} .. {s.max().item():.4g} (2/lr = {2 / lr:.4g}); final {s[-1].item():.4g}"
+        )
     say(f"EoS onset    {'step ' + str(onset) if onset is not None else 'not reached'}")
     say(f"trajectory   {out}")
     say(f"figure       {png}")
@@ -68,8 +68,12 @@ def cmd_run_gd(cmd: Command, args: argparse.Namespace) -> int:
 
 def _add_compare(cmd: Command) -> None:
     _add_trajectory(cmd)
-    _add(cmd.parser, "--flows", "gradient,modified1,modified2,central",
-         f"comma-separated flows, each with its options after a colon: {flows_help(FLOWS)}")
+    _add(
+        cmd.parser,
+        "--flows",
+        "gradient,modified1,modified2,central",
+        f"comma-separated flows, each with its options after a colon: {flows_help(FLOWS)}",
+    )
     cmd.add_generated("compare", public_functions("compare")["compare"])
     _add(cmd.parser, "--out", None, "figure to write (default: the trajectory's name + .compare.png)")
     _add(cmd.parser, "--json", None, "also write the table as JSON here")
@@ -82,8 +86,7 @@ def cmd_compare(cmd: Command, args: argparse.Namespace) -> int:
         check_writable(args.json)
     traj, problem = _load_trajectory(args)
     flows = [for_run(name, problem, traj, **kw) for name, kw in specs]
-    result = compare(traj, *flows, problem=problem, **cmd.kwargs("compare", args),
-                                               progress=not args.quiet)
+    result = compare(traj, *flows, problem=problem, **cmd.kwargs("compare", args), progress=not args.quiet)
     say = _say(args)
     say(str(result))
     result.figure().savefig(out, dpi=120)

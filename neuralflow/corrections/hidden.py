@@ -60,8 +60,13 @@ HIDDEN_TERMS: dict[str, HiddenTermSpec] = {
     spec.name: spec
     for spec in (
         HiddenTermSpec("floquet", 2.0, LINEAR_FLOQUET_GROWTH, "s log|1 - lr lambda|  (X: (R X + X R) / 2)", "extra"),
-        HiddenTermSpec("floquet_linear", 0.0, LINEAR_FLOQUET_GROWTH,
-                       "s (lr lambda - 2)  (X: (L X + X L) / 2, L = diag(lr lambda - 2))", "extra"),
+        HiddenTermSpec(
+            "floquet_linear",
+            0.0,
+            LINEAR_FLOQUET_GROWTH,
+            "s (lr lambda - 2)  (X: (L X + X L) / 2, L = diag(lr lambda - 2))",
+            "extra",
+        ),
         HiddenTermSpec("amplitude", 0.0, LINEAR_FLOQUET_GROWTH, "s^2  (X: X X)", "extra"),
         HiddenTermSpec("floor", None, ISOTROPIC_INJECTION, "1  (X: I)", "extra", log_scale=True),
         HiddenTermSpec("drift", 0.5, SECOND_ORDER_OSCILLATION, "-lr grad <H, Sigma>", "theta"),
@@ -105,19 +110,22 @@ class HiddenStateLibrary(Correction):
 
     name = "hidden-state"
 
-    def __init__(self, problem: Problem, lr: float, terms: Sequence[str] = ("floquet",),
-                 init: dict[str, float] | None = None) -> None:
+    def __init__(
+        self, problem: Problem, lr: float, terms: Sequence[str] = ("floquet",), init: dict[str, float] | None = None
+    ) -> None:
         super().__init__(problem, lr)
         self.terms = _check_names(terms, HIDDEN_TERMS, "hidden-state term")
         if not self.terms:
             raise InputError(f"a HiddenStateLibrary needs at least one term; known terms are {sorted(HIDDEN_TERMS)}.")
         init = dict(init or {})
         unknown = [n for n in init if n not in self.terms]
-        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                     for v in init.values())
+        finite = all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in init.values()
+        )
         if unknown or not finite:
-            raise InputError(f"HiddenStateLibrary: init must give finite coefficients of its own terms {self.terms}; "
-                             f"got {init!r}.")
+            raise InputError(
+                f"HiddenStateLibrary: init must give finite coefficients of its own terms {self.terms}; got {init!r}."
+            )
         self.init = {n: float(v) for n, v in init.items()}
         self._init_pending = bool(self.init)
         kw: _Factory = {"dtype": problem.dtype, "device": problem.device}
@@ -135,8 +143,10 @@ class HiddenStateLibrary(Correction):
                     self.deltas[name].fill_(value)
                 elif HIDDEN_TERMS[name].log_scale:
                     if not value / own[name] > 0:
-                        raise InputError(f"HiddenStateLibrary: init[{name!r}] = {value:g} must have the sign of the "
-                                         f"physics' {own[name]:g}; the {name} is revised by a positive factor.")
+                        raise InputError(
+                            f"HiddenStateLibrary: init[{name!r}] = {value:g} must have the sign of the "
+                            f"physics' {own[name]:g}; the {name} is revised by a positive factor."
+                        )
                     self.deltas[name].fill_(math.log(value / own[name]))
                 else:
                     self.deltas[name].fill_(value / own[name] - 1)

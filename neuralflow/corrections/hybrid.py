@@ -22,7 +22,9 @@ from .neural import LatentCorrection, NeuralCorrection
 from .terms import Correction
 
 CORRECTIONS: dict[str, type[Correction]] = {
-    "term-library": TermLibrary, "neural": NeuralCorrection, "hidden-state": HiddenStateLibrary,
+    "term-library": TermLibrary,
+    "neural": NeuralCorrection,
+    "hidden-state": HiddenStateLibrary,
     "latent": LatentCorrection,
 }
 
@@ -68,8 +70,12 @@ class Hybrid(Flow):
             if missing:
                 raise InputError(
                     f"Hybrid: the {flow.name} flow cannot evaluate the hidden-state terms {missing}"
-                    + (f"; it supports {sorted(supported)}." if supported else
-                       " (it carries no state beyond theta); use a flow with extra state, e.g. the oscillation flow.")
+                    + (
+                        f"; it supports {sorted(supported)}."
+                        if supported
+                        else " (it carries no state beyond theta); use a flow with extra state, e.g. the "
+                        "oscillation flow."
+                    )
                 )
             correction.start_from(flow)
         super().__init__(flow.problem, flow.lr)
@@ -79,9 +85,15 @@ class Hybrid(Flow):
         if isinstance(correction, LatentCorrection):
             own = flow.extra_state
             latent = correction.latent
-            self.extra_state = latent if own is None else ExtraState(
-                f"{own.name}+{latent.name}", f"[{own.symbol}, {latent.symbol}]", (own.size + latent.size,),
-                f"{own.statement}, flattened, then {latent.statement}",
+            self.extra_state = (
+                latent
+                if own is None
+                else ExtraState(
+                    f"{own.name}+{latent.name}",
+                    f"[{own.symbol}, {latent.symbol}]",
+                    (own.size + latent.size,),
+                    f"{own.statement}, flattened, then {latent.statement}",
+                )
             )
 
     @property

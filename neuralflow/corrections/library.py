@@ -38,8 +38,15 @@ class _GatedCoefficient(torch.nn.Module):
     weights: torch.nn.Parameter
     net: torch.nn.Sequential
 
-    def __init__(self, n_features: int, hidden: int, dtype: torch.dtype, device: torch.device,
-                 n_amplitude: int = 0, baseline: bool = False) -> None:
+    def __init__(
+        self,
+        n_features: int,
+        hidden: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        n_amplitude: int = 0,
+        baseline: bool = False,
+    ) -> None:
         super().__init__()
         kw: _Factory = {"dtype": dtype, "device": device}
         if baseline:
@@ -187,8 +194,10 @@ class TermLibrary(Correction):
         baseline_names = _check_names(baseline, TERMS, "term")
         stray = [n for n in baseline_names if n not in self.gated]
         if stray:
-            raise InputError(f"baseline terms {stray} are not gated; a baseline is the coefficient below the edge of "
-                             f"a gated term, so list them in gated=[...] too (gated: {self.gated}).")
+            raise InputError(
+                f"baseline terms {stray} are not gated; a baseline is the coefficient below the edge of "
+                f"a gated term, so list them in gated=[...] too (gated: {self.gated})."
+            )
         self.baseline = [n for n in self.gated if n in baseline_names]
         self.feature_names = _check_names(features, FEATURES, "feature")
         self.amplitude_names = _check_names(amplitude, FEATURES, "feature")
@@ -205,9 +214,16 @@ class TermLibrary(Correction):
         # finite-difference sensitivities run several coefficient vectors in one solve.
         self._row_constants: Tensor | None = None
         self.gates = torch.nn.ModuleDict(
-            {n: _GatedCoefficient(len(self.feature_names), hidden, **kw, n_amplitude=len(self.amplitude_names),
-                                  baseline=n in self.baseline)
-             for n in self.gated}
+            {
+                n: _GatedCoefficient(
+                    len(self.feature_names),
+                    hidden,
+                    **kw,
+                    n_amplitude=len(self.amplitude_names),
+                    baseline=n in self.baseline,
+                )
+                for n in self.gated
+            }
         )
 
     @property
@@ -281,8 +297,12 @@ class TermLibrary(Correction):
         if not self.gated:
             return RegressionInputs(fields)
         amplitude = self._amplitude(ctx)
-        return RegressionInputs(fields, FEATURES["lr_S_minus_2"](ctx).detach(), self._features(ctx).detach(),
-                                None if amplitude is None else amplitude.detach())
+        return RegressionInputs(
+            fields,
+            FEATURES["lr_S_minus_2"](ctx).detach(),
+            self._features(ctx).detach(),
+            None if amplitude is None else amplitude.detach(),
+        )
 
     @contextmanager
     def row_constants(self, rows: Tensor) -> Iterator[None]:

@@ -167,8 +167,10 @@ class LatentCorrection(Correction):
             raise InputError(f"LatentCorrection: direct must be True or False, got {direct!r}.")
         self.fields = _check_names(fields, TERMS, "term")
         if not self.fields and not direct:
-            raise InputError("LatentCorrection: the latent states must reach dtheta/dt; name fields=[...] (e.g. "
-                             "['g']) or pass direct=True.")
+            raise InputError(
+                "LatentCorrection: the latent states must reach dtheta/dt; name fields=[...] (e.g. "
+                "['g']) or pass direct=True."
+            )
         self.m, self.hidden, self.inputs, self.direct, self.seed = m, hidden, features, direct, seed
         self.feature_names = _check_names(feature_names, FEATURES, "feature")
         n_in = problem.dim if features == "state" else len(self.feature_names)
@@ -190,8 +192,12 @@ class LatentCorrection(Correction):
     @property
     def latent(self) -> ExtraState:
         """What the latent states are: ``z``, shape ``(m,)``."""
-        return ExtraState("latent", "z", (self.m,), f"{self.m} latent state(s) of the neural correction, "
-                          "with learned dynamics and no measurement")
+        return ExtraState(
+            "latent",
+            "z",
+            (self.m,),
+            f"{self.m} latent state(s) of the neural correction, with learned dynamics and no measurement",
+        )
 
     @property
     def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]
@@ -200,8 +206,10 @@ class LatentCorrection(Correction):
     def latent_field(self, t: Tensor, state: StateDerivatives, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(F_a, dz/dt)`` on states ``state.thetas`` ``(B, d)`` with latent states ``z`` ``(B, m)``."""
         if z.dim() != 2 or z.shape != (state.thetas.shape[0], self.m):
-            raise InputError(f"LatentCorrection: expected latent states of shape ({state.thetas.shape[0]}, {self.m}), "
-                             f"got {tuple(z.shape)}.")
+            raise InputError(
+                f"LatentCorrection: expected latent states of shape ({state.thetas.shape[0]}, {self.m}), "
+                f"got {tuple(z.shape)}."
+            )
         ctx = _Context(self, state)
         x = state.out(state.thetas if self.inputs == "state" else _feature_matrix(ctx, self.feature_names))
         dz = self.lr * self.net(torch.cat([x, z], dim=1))
@@ -213,8 +221,10 @@ class LatentCorrection(Correction):
         return out, dz
 
     def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
-        raise InputError("a LatentCorrection carries latent states of its own; use it inside "
-                         "nf.Hybrid(flow, correction), whose ODE state is [theta, flow extra state (if any), z].")
+        raise InputError(
+            "a LatentCorrection carries latent states of its own; use it inside "
+            "nf.Hybrid(flow, correction), whose ODE state is [theta, flow extra state (if any), z]."
+        )
 
     def config(self) -> dict[str, Any]:
         return {

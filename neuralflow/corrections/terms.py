@@ -171,13 +171,19 @@ TERMS: dict[str, TermSpec] = {
         TermSpec("D3gg", 3, -1 / 12, CONTINUOUS_TIME_2, "lr^3 D3L[g, g]", r"\eta^{3}\,D^{3}L[g,g]", lambda c: c.D3gg),
         TermSpec("gradS", 1, None, NO_OSCILLATION, "lr grad S", r"\eta\,\nabla S", lambda c: c.gradS),
         TermSpec(
-            "gradScrit", 1, None, NO_OSCILLATION_CRITICAL, "lr grad sum_{lambda_i >= 1.95/lr} lambda_i",
-            r"\eta\,\nabla\sum_{\lambda_i\geq 1.95/\eta}\lambda_i", lambda c: c.gradScrit,
+            "gradScrit",
+            1,
+            None,
+            NO_OSCILLATION_CRITICAL,
+            "lr grad sum_{lambda_i >= 1.95/lr} lambda_i",
+            r"\eta\,\nabla\sum_{\lambda_i\geq 1.95/\eta}\lambda_i",
+            lambda c: c.gradScrit,
         ),
         TermSpec("u_ug", 1, None, SLAVED_TOP_DIRECTION, "lr (u . g) u", r"\eta\,(u\cdot g)\,u", lambda c: c.u_ug),
     )
 }
 """Candidate correction terms by name. Add a :class:`TermSpec` here to make a term available."""
+
 
 @dataclass(frozen=True)
 class FeatureSpec:

@@ -51,7 +51,6 @@ networks by full-batch LBFGS over those precomputed tensors (no ODE solve and no
 loop): the cheap route at the edge of stability, where every right-hand side needs eigen-solves.
 """
 
-
 from .api import fit, fit_loss, fit_runs
 from .options import ShootingOptions
 from .regression import CoefficientProfile, coefficient_profile  # noqa: F401

@@ -64,8 +64,21 @@ def fit_loss(
     """
     if method not in ("adjoint", "direct"):
         raise InputError(f"fit_loss: method must be 'adjoint' or 'direct', got {method!r}.")
-    options = ShootingOptions(window, target, method, min_norm, val_fraction, stride, seed, solver, step_size, rtol,
-                              atol, exclude, variance_weight=variance_weight)
+    options = ShootingOptions(
+        window,
+        target,
+        method,
+        min_norm,
+        val_fraction,
+        stride,
+        seed,
+        solver,
+        step_size,
+        rtol,
+        atol,
+        exclude,
+        variance_weight=variance_weight,
+    )
     obj, _ = _objective(model, trajectory, options, {})
     if not obj.params:
         raise InputError("fit_loss: the model has no trainable parameters.")
@@ -194,14 +207,31 @@ def fit(
         options = {k: v for k, v in locals().items() if k not in ("model", "trajectory")}
         return fit_runs(model, trajectory, **options)
     if not isinstance(trajectory, Trajectory):
-        raise InputError(f"fit: trajectory must be an nf.Trajectory (from run_gd) or a list of them, got "
-                         f"{type(trajectory).__name__}.")
+        raise InputError(
+            f"fit: trajectory must be an nf.Trajectory (from run_gd) or a list of them, got "
+            f"{type(trajectory).__name__}."
+        )
     t_begin = time.perf_counter()
     settings = {
-        "window": window, "target": target, "method": method, "optimizer": optimizer, "min_norm": min_norm,
-        "max_iters": max_iters, "val_fraction": val_fraction, "stride": stride, "patience": patience, "tol": tol,
-        "init": init, "learning_rate": learning_rate, "seed": seed, "solver": solver, "step_size": step_size,
-        "rtol": rtol, "atol": atol, "balance": bool(balance), "extra_start": extra_start,
+        "window": window,
+        "target": target,
+        "method": method,
+        "optimizer": optimizer,
+        "min_norm": min_norm,
+        "max_iters": max_iters,
+        "val_fraction": val_fraction,
+        "stride": stride,
+        "patience": patience,
+        "tol": tol,
+        "init": init,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "solver": solver,
+        "step_size": step_size,
+        "rtol": rtol,
+        "atol": atol,
+        "balance": bool(balance),
+        "extra_start": extra_start,
         "variance_weight": variance_weight,
         "model": model.config() if isinstance(model, Hybrid) else None,
     }
@@ -210,8 +240,22 @@ def fit(
         raise InputError(f"fit: unknown optimizer {optimizer!r}; choose from {list(_OPTIMIZERS)}.")
     if init not in ("auto", "regression", "current"):
         raise InputError(f"fit: init must be 'auto', 'regression' or 'current', got {init!r}.")
-    shooting = ShootingOptions(window, target, method, min_norm, val_fraction, stride, seed, solver, step_size,
-                               rtol, atol, exclude, extra_start, variance_weight)
+    shooting = ShootingOptions(
+        window,
+        target,
+        method,
+        min_norm,
+        val_fraction,
+        stride,
+        seed,
+        solver,
+        step_size,
+        rtol,
+        atol,
+        exclude,
+        extra_start,
+        variance_weight,
+    )
     obj, targets = _objective(model, trajectory, shooting, settings)
     win, problem, lib = obj.win, model.problem, model.correction
     regressed = lib if isinstance(lib, TermLibrary) and model.extra_state is None else None  # what a regression fits
@@ -224,8 +268,9 @@ def fit(
         wanted = regressed is not None and (method == "regression" or not regressed.gated)
         init = "regression" if wanted and len(targets) >= 5 else "current"
     if init == "regression" and regressed is None:
-        raise InputError("fit: init='regression' needs a TermLibrary on a flow without extra state; use "
-                         "init='current'.")
+        raise InputError(
+            "fit: init='regression' needs a TermLibrary on a flow without extra state; use init='current'."
+        )
     timing: dict[str, float] = {}
     history: list[dict[str, float]] = []
     regression_se = None
@@ -246,8 +291,9 @@ def fit(
     t0 = time.perf_counter()
     interrupted = False
     if method != "regression" and obj.params:
-        optimizer, interrupted = _optimise(obj, optimizer, max_iters, patience, tol, learning_rate, history, progress,
-                                           resume, settings)
+        optimizer, interrupted = _optimise(
+            obj, optimizer, max_iters, patience, tol, learning_rate, history, progress, resume, settings
+        )
     timing["optimise"] = time.perf_counter() - t0
     n_evals = obj.counted.n
 
@@ -258,10 +304,13 @@ def fit(
         hybrid_errors, physics_errors = obj.last_errors, obj.physics_errors
         assert hybrid_errors is not None  # residuals() sets them
         if not history:  # regression, or nothing to fit
-            history.append({
-                "iteration": 0, "train_loss": float(hybrid_errors[win.train].mean()),
-                "val_loss": float(hybrid_errors[win.val].mean()) if len(win.val) else math.nan,
-            })
+            history.append(
+                {
+                    "iteration": 0,
+                    "train_loss": float(hybrid_errors[win.train].mean()),
+                    "val_loss": float(hybrid_errors[win.val].mean()) if len(win.val) else math.nan,
+                }
+            )
         coefficients, coefficient_grads = _coefficient_map(model, win.targets[0])
         uncertainty = _uncertainty(obj, final_residuals, method, coefficient_grads, regression_se, lib)
     except _SolverFailure as exc:
@@ -303,7 +352,11 @@ def fit(
 
 
 def fit_runs(
-    model: Hybrid, trajectories: Sequence[Trajectory], *, universal_z: float = _UNIVERSAL_Z, per_run: bool = True,
+    model: Hybrid,
+    trajectories: Sequence[Trajectory],
+    *,
+    universal_z: float = _UNIVERSAL_Z,
+    per_run: bool = True,
     **options: Any,
 ) -> JointFitResult:
     """Fit one set of constant coefficients to several runs; say which terms are universal across them.
@@ -370,8 +423,10 @@ def fit_runs(
         raise InputError(f"fit: unknown options {unknown}.")
     options = {**defaults, **options}
     if options["extra_start"] != "measured":
-        raise InputError("fit: a fit to several runs starts the extra state from the measurement only; pass "
-                         "extra_start='measured' or fit the runs one by one.")
+        raise InputError(
+            "fit: a fit to several runs starts the extra state from the measurement only; pass "
+            "extra_start='measured' or fit the runs one by one."
+        )
     settings = {k: v for k, v in options.items() if k != "progress"}
     progress, method, init = options["progress"], options["method"], options["init"]
     setup = ShootingOptions.pick(options)
@@ -393,13 +448,22 @@ def fit_runs(
     regression_se = None
     if method == "regression" or init in ("auto", "regression"):
         t0 = time.perf_counter()
-        systems = [_regression_system(m, tg, o.win, balance=options["balance"])
-                   for m, tg, o in zip(models, targets, objectives, strict=True)]
+        systems = [
+            _regression_system(m, tg, o.win, balance=options["balance"])
+            for m, tg, o in zip(models, targets, objectives, strict=True)
+        ]
+
         def weighted(name: str) -> Tensor:
             return torch.cat([w * getattr(s, name) for s, w in zip(systems, weights, strict=True)])
 
-        stacked = replace(systems[0], G=weighted("G"), h=weighted("h"), q=weighted("q"), f=weighted("f"),
-                          steps=torch.cat([s.steps for s in systems]))
+        stacked = replace(
+            systems[0],
+            G=weighted("G"),
+            h=weighted("h"),
+            q=weighted("q"),
+            f=weighted("f"),
+            steps=torch.cat([s.steps for s in systems]),
+        )
         coef, regression_se, _ = _least_squares(stacked)
         with torch.no_grad():
             for name, c in zip(lib.terms, coef, strict=True):
@@ -408,14 +472,23 @@ def fit_runs(
     optimizer = options["optimizer"]
     t0 = time.perf_counter()
     if method != "regression":
-        optimizer = _optimise(joint, optimizer, options["max_iters"], options["patience"], options["tol"],
-                              options["learning_rate"], history, progress)
+        optimizer = _optimise(
+            joint,
+            optimizer,
+            options["max_iters"],
+            options["patience"],
+            options["tol"],
+            options["learning_rate"],
+            history,
+            progress,
+        )
     timing["optimise"] = time.perf_counter() - t0
     try:
         final = joint.split(joint.residuals(grad=False))
     except _SolverFailure as exc:
-        raise DivergenceError(f"fit: {exc} in the final window solves of the joint fit.",
-                              partial={"model": model, "history": history}) from None
+        raise DivergenceError(
+            f"fit: {exc} in the final window solves of the joint fit.", partial={"model": model, "history": history}
+        ) from None
     coefficients, grads = _coefficient_map(models[0], objectives[0].win.targets[0])
     if method == "regression":
         assert regression_se is not None  # the regression computed it
@@ -424,27 +497,40 @@ def fit_runs(
         J = joint.last_jacobian if joint.last_jacobian is not None else joint.jacobian(joint.get(), torch.cat(final))
         Js = torch.split(J, [len(r) for r in final])
         A = sum(Ji.T @ Ji for Ji in Js)
-        meat = sum(_cluster_meat(Ji, ri, (o.win.targets.shape[0] - 1, len(o.win.train), model.problem.dim))
-                   for Ji, ri, o in zip(Js, final, objectives, strict=True))
+        meat = sum(
+            _cluster_meat(Ji, ri, (o.win.targets.shape[0] - 1, len(o.win.train), model.problem.dim))
+            for Ji, ri, o in zip(Js, final, objectives, strict=True)
+        )
         Ainv = torch.linalg.pinv(A, hermitian=True, rtol=1e-13)
         cov = Ainv @ meat @ Ainv
         uncertainty = {n: float((g @ cov @ g).clamp_min(0).sqrt()) for n, g in grads.items()}
     if not history:
-        history.append({"iteration": 0, "train_loss": float(torch.cat(final).square().sum()),
-                        "val_loss": joint.val_loss})
+        history.append(
+            {"iteration": 0, "train_loss": float(torch.cat(final).square().sum()), "val_loss": joint.val_loss}
+        )
     views = []
     for m, o, tg in zip(models, objectives, targets, strict=True):
         shown = o.win.val if len(o.win.val) else o.win.train
         everything = torch.arange(o.win.targets.shape[1], device=model.problem.device)
         assert o.last_errors is not None  # the final joint.residuals() set them
-        views.append(FitResult(
-            model=m, coefficients=dict(coefficients), uncertainty=dict(uncertainty), history=history,
-            window_errors=o.last_errors, physics_window_errors=o.physics_errors,
-            physics_error=float(o.physics_errors[shown].mean()), hybrid_error=float(o.last_errors[shown].mean()),
-            timing=timing, settings={**settings, "joint_runs": len(models)}, trajectory=tg,
-            n_function_evals=o.counted.n, normaliser=o.win.normaliser,
-            windows={"step": o.win.steps, "validation": torch.isin(everything, o.win.val)},
-        ))
+        views.append(
+            FitResult(
+                model=m,
+                coefficients=dict(coefficients),
+                uncertainty=dict(uncertainty),
+                history=history,
+                window_errors=o.last_errors,
+                physics_window_errors=o.physics_errors,
+                physics_error=float(o.physics_errors[shown].mean()),
+                hybrid_error=float(o.last_errors[shown].mean()),
+                timing=timing,
+                settings={**settings, "joint_runs": len(models)},
+                trajectory=tg,
+                n_function_evals=o.counted.n,
+                normaliser=o.win.normaliser,
+                windows={"step": o.win.steps, "validation": torch.isin(everything, o.win.val)},
+            )
+        )
     universality = {}
     allowance = [_truncation_allowance(model, t) for t in trajectories]
     for name in lib.terms:
@@ -452,23 +538,45 @@ def fit_runs(
         errors = [s.uncertainty[name] for s in singles]
         # without per-run fits (per_run=False) values and errors are empty: no spread, and no verdict below
         spread = [(e**2 + (a * v) ** 2) for v, e, a in zip(values, errors, allowance, strict=False)]
-        z = max((abs(values[r] - values[q]) / math.sqrt(spread[r] + spread[q])
-                 for r, q in itertools.combinations(range(len(values)), 2)), default=0.0 if singles else math.nan)
+        z = max(
+            (
+                abs(values[r] - values[q]) / math.sqrt(spread[r] + spread[q])
+                for r, q in itertools.combinations(range(len(values)), 2)
+            ),
+            default=0.0 if singles else math.nan,
+        )
         # past lr S = 1 the series in lr does not converge (GD at the edge of stability has lr S ~ 2): no verdict
         judged = bool(singles) and max(allowance) < 1
-        universality[name] = {"universal": bool(z <= universal_z) if judged else None, "z": z, "values": values,
-                              "se": errors, "lr": [t.lr for t in trajectories], "allowance": allowance}
+        universality[name] = {
+            "universal": bool(z <= universal_z) if judged else None,
+            "z": z,
+            "values": values,
+            "se": errors,
+            "lr": [t.lr for t in trajectories],
+            "allowance": allowance,
+        }
     timing["total"] = time.perf_counter() - t_begin
-    settings.update(optimizer_used=optimizer if method != "regression" else None, universal_z=universal_z,
-                    run_weights=weights)
+    settings.update(
+        optimizer_used=optimizer if method != "regression" else None, universal_z=universal_z, run_weights=weights
+    )
     ref = next((i for i, t in enumerate(trajectories) if abs(t.lr - model.lr) <= 1e-9 * model.lr), 0)
     r = views[ref]
     return JointFitResult(
         model=model if abs(r.trajectory.lr - model.lr) <= 1e-9 * model.lr else r.model,
-        coefficients=coefficients, uncertainty=uncertainty, history=history, window_errors=r.window_errors,
+        coefficients=coefficients,
+        uncertainty=uncertainty,
+        history=history,
+        window_errors=r.window_errors,
         physics_window_errors=r.physics_window_errors,
         physics_error=sum(v.physics_error for v in views) / len(views),
-        hybrid_error=sum(v.hybrid_error for v in views) / len(views), timing=timing, settings=settings,
-        trajectory=r.trajectory, n_function_evals=sum(v.n_function_evals for v in views), windows=r.windows,
-        normaliser=r.normaliser, runs=views, per_run=singles, universality=universality,
+        hybrid_error=sum(v.hybrid_error for v in views) / len(views),
+        timing=timing,
+        settings=settings,
+        trajectory=r.trajectory,
+        n_function_evals=sum(v.n_function_evals for v in views),
+        windows=r.windows,
+        normaliser=r.normaliser,
+        runs=views,
+        per_run=singles,
+        universality=universality,
     )

@@ -60,8 +60,9 @@ class _JointObjective:
         return list(torch.split(r, self._sizes))
 
     def jacobian(self, base: Tensor, r0: Tensor) -> Tensor:
-        parts = [a * o.jacobian(base, r / a)
-                 for o, a, r in zip(self.objectives, self.scales, self.split(r0), strict=True)]
+        parts = [
+            a * o.jacobian(base, r / a) for o, a, r in zip(self.objectives, self.scales, self.split(r0), strict=True)
+        ]
         self.last_jacobian = torch.cat(parts)
         return self.last_jacobian
 
@@ -73,6 +74,7 @@ class _JointObjective:
 
 def _at_lr(model: Hybrid, lr: float, share: bool) -> Hybrid:
     """``model``'s physics and library rebuilt at ``lr``; ``share=True`` ties the coefficients to ``model``'s."""
+
     def rebuild(registry: dict[str, Any], part: Any) -> Any:
         cfg = dict(part.config())
         name = cfg.pop("name")

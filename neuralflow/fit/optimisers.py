@@ -22,8 +22,15 @@ from .shooting import _Objective, _Optimisable, _SolverFailure
 
 
 def _optimise(
-    obj: _Optimisable, optimizer: str, max_iters: int | None, patience: int, tol: float, learning_rate: float,
-    history: list[dict[str, float]], progress: bool, resume: str | os.PathLike | None = None,
+    obj: _Optimisable,
+    optimizer: str,
+    max_iters: int | None,
+    patience: int,
+    tol: float,
+    learning_rate: float,
+    history: list[dict[str, float]],
+    progress: bool,
+    resume: str | os.PathLike | None = None,
     settings: dict[str, Any] | None = None,
 ) -> tuple[str, bool]:
     """Run the optimiser; on return the model holds the best parameters (by validation loss).
@@ -47,10 +54,15 @@ def _optimise(
     def record(it: int, train_loss: float, params: Tensor) -> bool:
         """Log one iteration; ``train_loss`` and the validation loss were evaluated at ``params``."""
         val = obj.val_loss
-        history.append({
-            "iteration": it, "train_loss": train_loss, "val_loss": val, "time": time.perf_counter() - t_start,
-            "n_function_evals": obj.counted.n,
-        })
+        history.append(
+            {
+                "iteration": it,
+                "train_loss": train_loss,
+                "val_loss": val,
+                "time": time.perf_counter() - t_start,
+                "n_function_evals": obj.counted.n,
+            }
+        )
         score = val if math.isfinite(val) else train_loss
         if score < best["score"]:
             best.update(score=score, params=params.clone(), iteration=it, stale=0)
@@ -90,8 +102,17 @@ def _optimise(
     return optimizer, interrupted
 
 
-def gauss_newton(obj: _Optimisable, optimizer: str, iters: int, tol: float, learning_rate: float, record,
-                  xtol: float = 1e-5, start: dict[str, Any] | None = None, after=None) -> None:
+def gauss_newton(
+    obj: _Optimisable,
+    optimizer: str,
+    iters: int,
+    tol: float,
+    learning_rate: float,
+    record,
+    xtol: float = 1e-5,
+    start: dict[str, Any] | None = None,
+    after=None,
+) -> None:
     """Levenberg-Marquardt on the residual vector with finite-difference sensitivities ``J``.
 
     Each iteration costs ``P + 1`` forward solves (no backward pass): ``J`` by one-sided
@@ -149,8 +170,14 @@ class _GaussNewtonCheckpoint:
     targets (a SHA-256 of the window tensors).
     """
 
-    def __init__(self, path: str | os.PathLike, obj: _Objective, settings: dict[str, Any], best: dict[str, Any],
-                 history: list[dict[str, float]]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        obj: _Objective,
+        settings: dict[str, Any],
+        best: dict[str, Any],
+        history: list[dict[str, float]],
+    ) -> None:
         self.path, self.obj, self.best, self.history = Path(path), obj, best, history
         digest = hashlib.sha256(obj.win.targets.detach().cpu().contiguous().numpy().tobytes())
         digest.update(obj.win.steps.cpu().numpy().tobytes())
@@ -174,24 +201,49 @@ class _GaussNewtonCheckpoint:
                 f"{self.path}: the checkpoint's parameters do not fit this model ({len(current)} parameters)."
             )
         self.history[:] = meta["history"]
-        self.best.update(score=meta["best_score"], params=tensors["best"].to(current.device),
-                         iteration=meta["best_iteration"], stale=meta["stale"])
-        return {"iteration": meta["iteration"], "params": tensors["params"].to(current.device), "mu": meta["mu"],
-                "finished": meta["finished"]}
+        self.best.update(
+            score=meta["best_score"],
+            params=tensors["best"].to(current.device),
+            iteration=meta["best_iteration"],
+            stale=meta["stale"],
+        )
+        return {
+            "iteration": meta["iteration"],
+            "params": tensors["params"].to(current.device),
+            "mu": meta["mu"],
+            "finished": meta["finished"],
+        }
 
     def save(self, iteration: int, params: Tensor, mu: float, finished: bool = False) -> None:
-        meta = {**self.identity, "iteration": iteration, "mu": mu, "finished": finished, "history": self.history,
-                "best_score": self.best["score"], "best_iteration": self.best["iteration"],
-                "stale": self.best["stale"]}
+        meta = {
+            **self.identity,
+            "iteration": iteration,
+            "mu": mu,
+            "finished": finished,
+            "history": self.history,
+            "best_score": self.best["score"],
+            "best_iteration": self.best["iteration"],
+            "stale": self.best["stale"],
+        }
         _io.write(self.path, _FIT_CHECKPOINT, {"params": params, "best": self.best["params"]}, meta)
 
     def wrap(self, step):
         """``step`` (Gauss-Newton) started from the saved state, saving after every iteration."""
+
         def resumed(obj, optimizer, iters, tol, learning_rate, record) -> None:
             if self.state is not None and self.state["finished"]:
                 return
-            step(obj, optimizer, iters, tol, learning_rate, record, start=self.state,
-                 after=lambda it, p, mu: self.save(it, p, mu))
+            step(
+                obj,
+                optimizer,
+                iters,
+                tol,
+                learning_rate,
+                record,
+                start=self.state,
+                after=lambda it, p, mu: self.save(it, p, mu),
+            )
+
         return resumed
 
     def finish(self) -> None:

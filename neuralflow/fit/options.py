@@ -89,9 +89,7 @@ def _check_inputs(model: Hybrid, trajectory: object, target: str, method: str) -
         )
     name = trajectory.problem.get("name")
     if name is not None and name != problem.name:
-        raise InputError(
-            f"fit: the trajectory comes from problem {name!r} but the model is built on {problem.name!r}."
-        )
+        raise InputError(f"fit: the trajectory comes from problem {name!r} but the model is built on {problem.name!r}.")
     _check_first_loss(problem, trajectory)
     if target not in ("iterates", "smoothed"):
         raise InputError(f"fit: target must be 'iterates' or 'smoothed', got {target!r}.")

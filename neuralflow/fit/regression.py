@@ -53,12 +53,21 @@ class _RegressionSystem:
 
     def subset(self, mask: Tensor) -> _RegressionSystem:
         """The same regression restricted to the points ``mask`` selects."""
+
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[mask]
 
-        return replace(self, G=self.G[mask], h=self.h[mask], q=self.q[mask], f=self.f[mask], steps=self.steps[mask],
-                       lr_S_minus_2=pick(self.lr_S_minus_2), features=pick(self.features),
-                       amplitude=pick(self.amplitude))
+        return replace(
+            self,
+            G=self.G[mask],
+            h=self.h[mask],
+            q=self.q[mask],
+            f=self.f[mask],
+            steps=self.steps[mask],
+            lr_S_minus_2=pick(self.lr_S_minus_2),
+            features=pick(self.features),
+            amplitude=pick(self.amplitude),
+        )
 
 
 def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, balance: bool = False) -> _RegressionSystem:
@@ -102,8 +111,14 @@ def _regression_system(model: Hybrid, targets: Trajectory, win: _Windows, balanc
         if inputs.amplitude is not None:
             amps.append(inputs.amplitude)
     system = _RegressionSystem(
-        torch.cat(G), torch.cat(hs), torch.cat(q), torch.cat(f), x.shape[1], steps,
-        torch.cat(gate_in) if lib.gated else None, torch.cat(feats) if lib.gated else None,
+        torch.cat(G),
+        torch.cat(hs),
+        torch.cat(q),
+        torch.cat(f),
+        x.shape[1],
+        steps,
+        torch.cat(gate_in) if lib.gated else None,
+        torch.cat(feats) if lib.gated else None,
         torch.cat(amps) if amps else None,
     )
     return _balanced(system, int(window) + 1) if balance else system
@@ -156,13 +171,20 @@ class CoefficientProfile(dict):
 
     def to_frame(self) -> Any:
         """One row per bin (indexed by its first step): each term's coefficient, ``se_<term>``, ``unexplained``."""
-        cols = {"step": self["step"], **self["coefficients"], **{f"se_{k}": v for k, v in self["se"].items()},
-                "unexplained": self["unexplained"]}
+        cols = {
+            "step": self["step"],
+            **self["coefficients"],
+            **{f"se_{k}": v for k, v in self["se"].items()},
+            "unexplained": self["unexplained"],
+        }
         return data_frame(columns(cols)).set_index("step")
 
 
 def coefficient_profile(
-    model: Hybrid, trajectory: Trajectory, bin: int = 20, target: str = "smoothed",
+    model: Hybrid,
+    trajectory: Trajectory,
+    bin: int = 20,
+    target: str = "smoothed",
     exclude: Sequence[tuple[int, int]] = (),
 ) -> CoefficientProfile:
     """Each term's coefficient fitted as a constant bin by bin along the trajectory: ``c(t)`` free of any gate model.
@@ -198,12 +220,14 @@ def coefficient_profile(
         q = part.q.sum()
         rows.append((win.steps[k], coef, se, rss / q.clamp_min(torch.finfo(q.dtype).tiny)))
     coefs, ses = torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
-    return CoefficientProfile({
-        "step": torch.stack([r[0] for r in rows]),
-        "coefficients": {n: coefs[:, j] for j, n in enumerate(lib.terms)},
-        "se": {n: ses[:, j] for j, n in enumerate(lib.terms)},
-        "unexplained": torch.stack([r[3] for r in rows]),
-    })
+    return CoefficientProfile(
+        {
+            "step": torch.stack([r[0] for r in rows]),
+            "coefficients": {n: coefs[:, j] for j, n in enumerate(lib.terms)},
+            "se": {n: ses[:, j] for j, n in enumerate(lib.terms)},
+            "unexplained": torch.stack([r[3] for r in rows]),
+        }
+    )
 
 
 def _reset_gates(lib: TermLibrary, seed: int) -> None:
@@ -228,8 +252,14 @@ def _reset_gates(lib: TermLibrary, seed: int) -> None:
 
 
 def _gated_regression(
-    lib: TermLibrary, system: _RegressionSystem, min_norm: float, max_iters: int, init: str, seed: int,
-    settings: dict[str, Any], progress: bool,
+    lib: TermLibrary,
+    system: _RegressionSystem,
+    min_norm: float,
+    max_iters: int,
+    init: str,
+    seed: int,
+    settings: dict[str, Any],
+    progress: bool,
 ) -> Tensor:
     """Fit a gated library to the derivative regression by full-batch LBFGS over precomputed tensors.
 
@@ -298,8 +328,16 @@ def _gated_regression(
         return (total - 2 * (c * h).sum() + (1 + w) * quad.sum()) / total
 
     params = [p for g in gates for p in g.switch_parameters()]
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iters, max_eval=2 * max_iters, history_size=50,
-                            tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iters,
+        max_eval=2 * max_iters,
+        history_size=50,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
     curve: list[float] = []
     bar = tqdm(total=max_iters, desc="gated regression", disable=not progress, unit="eval")
 

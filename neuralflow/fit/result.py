@@ -68,12 +68,16 @@ class FitResult:
 
     def _repr_html_(self) -> str:
         settings = self.settings
-        rows = [(name, f"{value:+.6g}", f"{self.uncertainty.get(name, math.nan):.2g}")
-                for name, value in self.coefficients.items()]
-        caption = (f"fit of {settings.get('model', {}).get('flow', {}).get('name', 'physics')} + correction, "
-                   f"window {settings.get('window')}, {settings.get('method')}: error physics "
-                   f"{self.physics_error:.4g} -> hybrid {self.hybrid_error:.4g}, "
-                   f"{self.timing.get('total', math.nan):.3g} s")
+        rows = [
+            (name, f"{value:+.6g}", f"{self.uncertainty.get(name, math.nan):.2g}")
+            for name, value in self.coefficients.items()
+        ]
+        caption = (
+            f"fit of {settings.get('model', {}).get('flow', {}).get('name', 'physics')} + correction, "
+            f"window {settings.get('window')}, {settings.get('method')}: error physics "
+            f"{self.physics_error:.4g} -> hybrid {self.hybrid_error:.4g}, "
+            f"{self.timing.get('total', math.nan):.3g} s"
+        )
         return html_table(("term", "coefficient", "standard error"), rows, caption)
 
     def __repr__(self) -> str:
@@ -114,17 +118,23 @@ class JointFitResult(FitResult):
         notes = []
         for name, u in self.universality.items():
             per_run = ", ".join(f"{v:.4g}" for v in u["values"])
-            base = (f"{name} across {len(self.runs)} runs (lr {lrs}): joint {self.coefficients[name]:.4g} +- "
-                    f"{self.uncertainty[name]:.2g}, per run {per_run}; two runs disagree by at most {u['z']:.2g} "
-                    f"combined errors (per-run error and truncation allowance lr S, up to {max(u['allowance']):.2%})")
+            base = (
+                f"{name} across {len(self.runs)} runs (lr {lrs}): joint {self.coefficients[name]:.4g} +- "
+                f"{self.uncertainty[name]:.2g}, per run {per_run}; two runs disagree by at most {u['z']:.2g} "
+                f"combined errors (per-run error and truncation allowance lr S, up to {max(u['allowance']):.2%})"
+            )
             if u["universal"] is None:
-                notes.append(f"{base}: no verdict (no per-run fits, or lr S >= 1 in a run, where the series in lr "
-                             "does not converge).")
+                notes.append(
+                    f"{base}: no verdict (no per-run fits, or lr S >= 1 in a run, where the series in lr "
+                    "does not converge)."
+                )
             elif u["universal"]:
                 notes.append(f"{base}: universal.")
             else:
-                notes.append(f"{base}: NOT universal. Its per-run values depend on lr beyond the truncation of the "
-                             "series: the term carries another power of lr, or a term the library lacks leaks into it.")
+                notes.append(
+                    f"{base}: NOT universal. Its per-run values depend on lr beyond the truncation of the "
+                    "series: the term carries another power of lr, or a term the library lacks leaks into it."
+                )
         return notes
 
     def report(self, **options: Any) -> Report:

@@ -70,7 +70,13 @@ class _Objective:
     """
 
     def __init__(
-        self, model: Hybrid, win: _Windows, method: str, solver: Solver, min_norm: float, start: Tensor,
+        self,
+        model: Hybrid,
+        win: _Windows,
+        method: str,
+        solver: Solver,
+        min_norm: float,
+        start: Tensor,
         fitted_start: bool = False,
         variance: tuple[float, Tensor, Tensor] | None = None,
     ) -> None:
@@ -93,7 +99,7 @@ class _Objective:
         self.val_loss = math.nan
         self.last_errors: Tensor | None = None
         physics = Hybrid(model.flow, None)  # on the flow's own state (a latent correction's z left out)
-        self.physics_errors = self.errors(self.solve(self.start[:, :physics.state_dim], grad=False, model=physics))
+        self.physics_errors = self.errors(self.solve(self.start[:, : physics.state_dim], grad=False, model=physics))
         self.penalty_weight = 0.0
         if model.extra_state is None:
             with torch.no_grad():
@@ -103,8 +109,7 @@ class _Objective:
             self.penalty_weight = min_norm * float(self.physics_errors[win.train].mean()) / max(size, 1e-300)
         lib = model.correction
         self.batched_sensitivities = (
-            isinstance(lib, TermLibrary) and not lib.gated and solver.fixed_grid
-            and len(self.params) == len(lib.terms)
+            isinstance(lib, TermLibrary) and not lib.gated and solver.fixed_grid and len(self.params) == len(lib.terms)
         )
 
     @property
@@ -112,7 +117,7 @@ class _Objective:
         """The windows' initial ODE states ``(W, state_dim)`` (differentiable in the fitted extra-state starts)."""
         if self.start_extra is None:
             return self._start
-        return torch.cat([self._start[:, :self.win.targets.shape[-1]], self.start_extra], dim=1)
+        return torch.cat([self._start[:, : self.win.targets.shape[-1]], self.start_extra], dim=1)
 
     def solve(self, y0: Tensor, grad: bool, model: torch.nn.Module | None = None) -> Tensor:
         """Integrate from the rows of ``y0`` over the window's output times, ``(n_out + 1, B, d)``."""
@@ -121,8 +126,12 @@ class _Objective:
         try:
             if grad and self.method == "adjoint":
                 sol = odeint_adjoint(
-                    func, y0, self.win.t, adjoint_params=tuple(self.model_params),
-                    adjoint_options={**kw["options"], "norm": "seminorm"}, **kw,
+                    func,
+                    y0,
+                    self.win.t,
+                    adjoint_params=tuple(self.model_params),
+                    adjoint_options={**kw["options"], "norm": "seminorm"},
+                    **kw,
                 )
             elif grad:
                 sol = odeint(func, y0, self.win.t, **kw)
@@ -187,8 +196,9 @@ class _Objective:
     def loss_and_grad(self) -> tuple[float, Tensor]:
         loss = self.residuals(grad=True).square().sum()
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                          for p, g in zip(self.params, grads, strict=True)])
+        flat = torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads, strict=True)]
+        )
         return float(loss.detach()), flat
 
     def get(self) -> Tensor:
@@ -237,7 +247,10 @@ class _Objective:
 
 
 def _objective(
-    model: Hybrid, trajectory: Trajectory, options: ShootingOptions, settings: dict[str, Any],
+    model: Hybrid,
+    trajectory: Trajectory,
+    options: ShootingOptions,
+    settings: dict[str, Any],
 ) -> tuple[_Objective, Trajectory]:
     """Validate the inputs and set up the windows and the loss; records resolved settings."""
     window, target, method, min_norm = options.window, options.target, options.method, options.min_norm
@@ -268,11 +281,15 @@ def _objective(
     if extra_start not in ("measured", "fitted"):
         raise InputError(f"fit: extra_start must be 'measured' or 'fitted', got {extra_start!r}.")
     if extra_start == "fitted" and model.extra_state is None:
-        raise InputError(f"fit: extra_start='fitted' fits the start of a flow's extra state, but the {model.flow.name} "
-                         "flow carries none; leave extra_start='measured'.")
+        raise InputError(
+            f"fit: extra_start='fitted' fits the start of a flow's extra state, but the {model.flow.name} "
+            "flow carries none; leave extra_start='measured'."
+        )
     if extra_start == "fitted" and val_fraction:
-        raise InputError("fit: with extra_start='fitted' a validation window's start would have to be fitted on the "
-                         "window itself, so it cannot validate; pass val_fraction=0.")
+        raise InputError(
+            "fit: with extra_start='fitted' a validation window's start would have to be fitted on the "
+            "window itself, so it cannot validate; pass val_fraction=0."
+        )
     start = win.targets[0]
     if model.extra_state is not None:  # the measured extra state at each window's first iterate
         extras = []

@@ -28,8 +28,9 @@ def _coefficient_map(model: Hybrid, states: Tensor) -> tuple[dict[str, float], d
         m = c.mean()
         values[name] = float(m.detach())
         g = torch.autograd.grad(m, params, retain_graph=True, allow_unused=True)
-        grads[name] = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
-                                 for p, gi in zip(params, g, strict=True)])
+        grads[name] = torch.cat(
+            [(torch.zeros_like(p) if gi is None else gi).reshape(-1) for p, gi in zip(params, g, strict=True)]
+        )
     return values, grads
 
 
@@ -64,5 +65,8 @@ def _uncertainty(
     n_out, B = obj.win.targets.shape[0] - 1, len(obj.win.train)
     cov = _sandwich(J, r, (n_out, B, obj.model.problem.dim))
     pad = len(cov) - len(next(iter(grads.values())))  # fitted extra-state starts: no coefficient depends on them
-    return {n: float((g2 @ cov @ g2).clamp_min(0).sqrt()) for n, g in grads.items()
-            for g2 in [torch.cat([g, g.new_zeros(pad)])]}
+    return {
+        n: float((g2 @ cov @ g2).clamp_min(0).sqrt())
+        for n, g in grads.items()
+        for g2 in [torch.cat([g, g.new_zeros(pad)])]
+    }

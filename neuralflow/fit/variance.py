@@ -22,20 +22,25 @@ from .windows import _Windows
 _VARIANCE_FLOOR_RATIO = 1e-8
 
 
-def _variance_term(model: Hybrid, trajectory: Trajectory, win: _Windows,
-                   weight: float) -> tuple[float, Tensor, Tensor] | None:
+def _variance_term(
+    model: Hybrid, trajectory: Trajectory, win: _Windows, weight: float
+) -> tuple[float, Tensor, Tensor] | None:
     """The loss's variance part: ``(weight, log s_measured, mask)`` at every window output, or None for weight 0."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
         raise InputError(f"fit: variance_weight must be a non-negative number, got {weight!r}.")
     if weight == 0:
         return None
     if not hasattr(model.flow, "predicted_variance"):
-        raise InputError(f"fit: variance_weight compares a flow's predicted oscillation variance with GD's, but the "
-                         f"{model.flow.name} flow predicts none; use the oscillation flow or variance_weight=0.")
+        raise InputError(
+            f"fit: variance_weight compares a flow's predicted oscillation variance with GD's, but the "
+            f"{model.flow.name} flow predicts none; use the oscillation flow or variance_weight=0."
+        )
     log_s, mask = _measured_log_variance(trajectory, win)
     if not bool(mask.any()):
-        raise InputError("fit: the trajectory has no measured oscillation variance above its floor in the windows; "
-                         "record it with run_gd (n_eigs >= 1) or pass variance_weight=0.")
+        raise InputError(
+            "fit: the trajectory has no measured oscillation variance above its floor in the windows; "
+            "record it with run_gd (n_eigs >= 1) or pass variance_weight=0."
+        )
     return float(weight), log_s, mask
 
 

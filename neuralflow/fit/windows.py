@@ -23,8 +23,14 @@ class _Windows:
 
 
 def _make_windows(
-    targets: Trajectory, window: int, stride: int, val_fraction: float, seed: int, dtype: torch.dtype,
-    device: torch.device, exclude: Sequence[Sequence[int]] = (),
+    targets: Trajectory,
+    window: int,
+    stride: int,
+    val_fraction: float,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    exclude: Sequence[Sequence[int]] = (),
 ) -> _Windows:
     every = targets.store_every
     if window % every:

@@ -111,7 +111,7 @@ class Flow(torch.nn.Module):
                 raise InputError(f"{type(self).__name__} carries no state beyond theta; pass no extra state.")
             return theta
         shape = self.extra_state.shape
-        if extra is None or tuple(extra.shape[-len(shape):]) != shape:
+        if extra is None or tuple(extra.shape[-len(shape) :]) != shape:
             raise InputError(
                 f"{type(self).__name__}: the extra state {self.extra_state.name!r} must have shape {shape}, got "
                 f"{None if extra is None else tuple(extra.shape)}."

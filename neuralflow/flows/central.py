@@ -136,8 +136,7 @@ def covariance_drift(curv: Curvature, U: Tensor, X: Tensor, hu: list[Tensor] | N
         if hu is not None:
             parts = [(XU[b] * hu[b]).sum() for b in range(k)]
             return torch.autograd.grad(sum(parts[1:], parts[0]), curv.theta)[0]
-        grads = [torch.autograd.grad((XU[b] * curv.hvp_graphs(U[b : b + 1])[0]).sum(), curv.theta)[0]
-                 for b in range(k)]
+        grads = [torch.autograd.grad((XU[b] * curv.hvp_graphs(U[b : b + 1])[0]).sum(), curv.theta)[0] for b in range(k)]
         return sum(grads[1:], grads[0])
 
 
@@ -212,8 +211,14 @@ class WarmStart:
         ``(R x R) B (R x R)^T``, since ``D_kl`` is bilinear in ``(u_k, u_l)``.
         """
         k = U.shape[0]
-        if (k == 0 or self.gram is None or self.U is None or self.theta_gram is None or self.U.shape[0] != k
-                or self.age + 1 >= gram_every):
+        if (
+            k == 0
+            or self.gram is None
+            or self.U is None
+            or self.theta_gram is None
+            or self.U.shape[0] != k
+            or self.age + 1 >= gram_every
+        ):
             return None
         if not self.move > 0 or float((theta - self.theta_gram).norm()) > gram_every * self.move:
             return None
@@ -400,9 +405,9 @@ class CentralFlow(Flow):
         else:
             warm.age += 1
             with torch.enable_grad():  # <D_kl, g> = u_k . D3L[g, u_l]: k passes instead of k(k+1)/2
-                W = torch.stack([
-                    torch.autograd.grad(graph(b) @ curv.grad, curv.theta, retain_graph=True)[0] for b in range(crit)
-                ])
+                W = torch.stack(
+                    [torch.autograd.grad(graph(b) @ curv.grad, curv.theta, retain_graph=True)[0] for b in range(crit)]
+                )
             Dg = U @ W.T
             Dg = 0.5 * (Dg + Dg.T)
         margin = self.threshold * torch.eye(crit, dtype=M.dtype, device=M.device) - M

@@ -207,12 +207,18 @@ class OscillationFlow(Flow):
         self.max_decay = float(max_decay)
         self.eig_tol = float(eig_tol)
         self.extra_state = ExtraState(
-            OSCILLATION_COVARIANCE.name, OSCILLATION_COVARIANCE.symbol, (self.n_track + 1, self.n_track),
+            OSCILLATION_COVARIANCE.name,
+            OSCILLATION_COVARIANCE.symbol,
+            (self.n_track + 1, self.n_track),
             OSCILLATION_COVARIANCE.statement,
         )
         self.approximations = (
-            CONTINUOUS_TIME_1, LINEAR_FLOQUET_GROWTH, TRACKED_SUBSPACE, ADIABATIC_EIGENVECTORS,
-            ISOTROPIC_INJECTION, SECOND_ORDER_OSCILLATION,
+            CONTINUOUS_TIME_1,
+            LINEAR_FLOQUET_GROWTH,
+            TRACKED_SUBSPACE,
+            ADIABATIC_EIGENVECTORS,
+            ISOTROPIC_INJECTION,
+            SECOND_ORDER_OSCILLATION,
         )
         self.last: OscillationState | None = None
         self.reset()
@@ -242,8 +248,9 @@ class OscillationFlow(Flow):
         """Per-direction floor ``q / (2 |r_i|)`` where the oscillation decays; ``q`` (one step's worth) elsewhere."""
         return torch.where(rates < 0, self.q / (2 * rates.abs().clamp_min(torch.finfo(rates.dtype).tiny)), self.q)
 
-    def eigen(self, theta: Tensor, index: int = 0, curv: Curvature | None = None,
-              track: _Track | None = None) -> tuple[Tensor, Tensor]:
+    def eigen(
+        self, theta: Tensor, index: int = 0, curv: Curvature | None = None, track: _Track | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The tracked top-k eigenpairs at ``theta``, warm-started from the last solve of batch index ``index`` (or of
         ``track``)."""
         track = self._tracks.setdefault(index, _Track()) if track is None else track
@@ -265,8 +272,9 @@ class OscillationFlow(Flow):
         rates = self.rates(values)
         var = self.equilibrium(rates)
         if trajectory is not None and not isinstance(trajectory, Trajectory):
-            raise InputError(f"OscillationFlow.initial_extra: trajectory must be an nf.Trajectory, got "
-                             f"{type(trajectory).__name__}.")
+            raise InputError(
+                f"OscillationFlow.initial_extra: trajectory must be an nf.Trajectory, got {type(trajectory).__name__}."
+            )
         if trajectory is not None:
             osc = trajectory.oscillation
             if osc.amplitude is not None:
@@ -294,7 +302,12 @@ class OscillationFlow(Flow):
         return dm[0], dextra[0]
 
     def _evaluate(
-        self, t: Tensor, thetas: Tensor, extras: Tensor, indices: list[int], names: tuple[str, ...] | list[str],
+        self,
+        t: Tensor,
+        thetas: Tensor,
+        extras: Tensor,
+        indices: list[int],
+        names: tuple[str, ...] | list[str],
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(dm/dt, d extra/dt)`` on a batch ``thetas`` (B, d), ``extras`` (B, k + 1, k) (track ``indices[b]`` for
         row ``b``) plus the unit-coefficient fields of the named hidden-state terms, each ``(B, state_dim)`` (the extra
@@ -335,8 +348,9 @@ class OscillationFlow(Flow):
         dm = -self.lr * (state.g + 0.5 * drift)
         for track, u, rates in zip(tracks, U, r.detach(), strict=True):
             track.U_last, track.rates_last = u, rates
-        self.last = OscillationState(values[-1].detach(), U[-1], X_U[-1].detach(), r[-1].detach(),
-                                     state.losses[-1].detach())
+        self.last = OscillationState(
+            values[-1].detach(), U[-1], X_U[-1].detach(), r[-1].detach(), state.losses[-1].detach()
+        )
         fields = {}
         zero_m, zero_rho = torch.zeros_like(dm), torch.zeros_like(d)[:, None]
         for name in names:
@@ -359,7 +373,11 @@ class OscillationFlow(Flow):
         return dm, dextra, fields
 
     def _eigenvectors(
-        self, t: Tensor, thetas: Tensor, state: StateDerivatives, tracks: list[_Track],
+        self,
+        t: Tensor,
+        thetas: Tensor,
+        state: StateDerivatives,
+        tracks: list[_Track],
     ) -> tuple[Tensor, Tensor]:
         """The tracked eigenvectors ``U`` (B, k, d), detached, and ``H u_i`` (B, k, d) from ``state``'s graph.
 
@@ -374,7 +392,11 @@ class OscillationFlow(Flow):
             return self._refined_eigenvectors(t, thetas, state, tracks)
 
     def _refined_eigenvectors(
-        self, t: Tensor, thetas: Tensor, state: StateDerivatives, tracks: list[_Track],
+        self,
+        t: Tensor,
+        thetas: Tensor,
+        state: StateDerivatives,
+        tracks: list[_Track],
     ) -> tuple[Tensor, Tensor]:
         k = self.n_track
         time = float(t.detach())
@@ -398,8 +420,12 @@ class OscillationFlow(Flow):
         if bool(fresh.any()):
             warm: list[Tensor | None] = [None] * len(tracks) if U is None else list(U)
             fields = zip(thetas.detach(), tracks, fresh.tolist(), warm, strict=True)
-            U = torch.stack([u if u is not None and not bad else self.eigen(theta, track=track)[1]
-                             for theta, track, bad, u in fields])
+            U = torch.stack(
+                [
+                    u if u is not None and not bad else self.eigen(theta, track=track)[1]
+                    for theta, track, bad, u in fields
+                ]
+            )
             hu = torch.stack([state.hvp(U[:, i]) for i in range(k)], dim=1)
         for track, u in zip(tracks, U, strict=True):
             track.block = u
@@ -448,8 +474,9 @@ class OscillationFlow(Flow):
             if track is None or track.U_last is None or track.U_ref is None or track.rates_last is None:
                 out.append(batch[b])
                 continue
-            X = carry_covariance(self.covariance(extras[b]), track.U_ref, track.U_last,
-                                 self.equilibrium(track.rates_last))
+            X = carry_covariance(
+                self.covariance(extras[b]), track.U_ref, track.U_last, self.equilibrium(track.rates_last)
+            )
             track.U_ref = track.U_last
             out.append(self.join(thetas[b], self.extra_from_covariance(project_psd(X))))
         res = torch.stack(out)

@@ -265,9 +265,7 @@ def from_module(
     theta0 = torch.cat([p.detach().reshape(-1) for p in params])
     if inputs.is_floating_point():
         inputs = inputs.to(dtype=theta0.dtype, device=theta0.device)
-    targets = targets.to(
-        dtype=theta0.dtype if targets.is_floating_point() else targets.dtype, device=theta0.device
-    )
+    targets = targets.to(dtype=theta0.dtype if targets.is_floating_point() else targets.dtype, device=theta0.device)
     buffers = dict(module.named_buffers())
     n = inputs.shape[0]
     criterion = _LOSSES[loss]

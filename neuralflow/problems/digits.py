@@ -1,5 +1,4 @@
-"""Networks on scikit-learn's bundled digits: a fully connected net and a small convolutional one.
-"""
+"""Networks on scikit-learn's bundled digits: a fully connected net and a small convolutional one."""
 
 from __future__ import annotations
 
@@ -21,8 +20,9 @@ _ACTIVATIONS: dict[str, tuple[type[torch.nn.Module], bool]] = {
 }
 
 
-def _digits(n: int, dtype: torch.dtype, device: torch.device | str | None, who: str = "mlp_digits",
-            images: bool = False) -> tuple[Tensor, Tensor]:
+def _digits(
+    n: int, dtype: torch.dtype, device: torch.device | str | None, who: str = "mlp_digits", images: bool = False
+) -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -173,15 +173,23 @@ def cnn_digits(
     torch.manual_seed(seed)
     f64 = torch.float64
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, channels[0], 3, padding=1, dtype=f64), act(),
-        torch.nn.Conv2d(channels[0], channels[1], 3, stride=2, padding=1, dtype=f64), act(),
-        torch.nn.Flatten(), torch.nn.Linear(16 * channels[1], 10, dtype=f64),
+        torch.nn.Conv2d(1, channels[0], 3, padding=1, dtype=f64),
+        act(),
+        torch.nn.Conv2d(channels[0], channels[1], 3, stride=2, padding=1, dtype=f64),
+        act(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * channels[1], 10, dtype=f64),
     ).to(dtype=dtype, device=device)
     problem = from_module(net, x, y, loss="mse", batch_size=batch_size)
     problem.name = "cnn-digits"
     problem.description = {
-        "name": "cnn-digits", "n": n, "channels": list(channels), "activation": activation, "seed": seed,
-        "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size,
+        "name": "cnn-digits",
+        "n": n,
+        "channels": list(channels),
+        "activation": activation,
+        "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": batch_size,
     }
     problem.thrice_differentiable = problem.twice_differentiable = smooth
     return problem

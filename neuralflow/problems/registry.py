@@ -46,20 +46,28 @@ def from_file(
     spec.loader.exec_module(mod)
     build = getattr(mod, function, None)
     if not callable(build):
-        raise InputError(f"from_file: {file} defines no function {function!r}; define {function}() returning "
-                         "(module, (inputs, targets)).")
+        raise InputError(
+            f"from_file: {file} defines no function {function!r}; define {function}() returning "
+            "(module, (inputs, targets))."
+        )
     built = build()
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[1], (tuple, list)) and len(built[1]) == 2:
         built = (built[0], *built[1])
     if not (isinstance(built, tuple) and len(built) == 3 and isinstance(built[0], torch.nn.Module)):
-        raise InputError(f"from_file: {file}:{function}() must return (module, (inputs, targets)) with a "
-                         f"torch.nn.Module, got {type(built).__name__}.")
+        raise InputError(
+            f"from_file: {file}:{function}() must return (module, (inputs, targets)) with a "
+            f"torch.nn.Module, got {type(built).__name__}."
+        )
     module, inputs, targets = built
     module = module.to(device=device, dtype=dtype)
     problem = from_module(module, inputs, targets, loss=loss, batch_size=batch_size)
     problem.name = "module"
     problem.description = {
-        "name": "module", "path": str(file), "function": function, "loss": loss, "batch_size": batch_size,
+        "name": "module",
+        "path": str(file),
+        "function": function,
+        "loss": loss,
+        "batch_size": batch_size,
         "dtype": str(problem.dtype).removeprefix("torch."),
     }
     return problem

@@ -136,8 +136,9 @@ def lstm_recall(
     """
     for name, value, most in (("n", n, 100_000), ("length", length, 1000), ("hidden", hidden, 4096)):
         if check_positive_int(value, f"lstm_recall: {name}") > most:
-            raise InputError(f"lstm_recall: {name} must be at most {most} (the limits a saved run is checked "
-                             f"against), got {value}.")
+            raise InputError(
+                f"lstm_recall: {name} must be at most {most} (the limits a saved run is checked against), got {value}."
+            )
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, length, 1, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
     torch.manual_seed(seed)
@@ -145,7 +146,11 @@ def lstm_recall(
     problem = from_module(net, x, x[:, 0].clone(), loss="mse")
     problem.name = "lstm-recall"
     problem.description = {
-        "name": "lstm-recall", "n": n, "length": length, "hidden": hidden, "seed": seed,
+        "name": "lstm-recall",
+        "n": n,
+        "length": length,
+        "hidden": hidden,
+        "seed": seed,
         "dtype": str(dtype).removeprefix("torch."),
     }
     return problem

@@ -44,7 +44,6 @@ The core (:class:`Report`) holds plain numbers only, so a report round-trips thr
 library on several physics models and tabulates how the gap shrinks.
 """
 
-
 from ..sparse import SparseSolution, sparse_regression
 from .build import build_report, distill, shares  # noqa: F401 (importable from here as before)
 from .formula import SparseFormula, gate_formula
@@ -62,7 +61,6 @@ __all__ = [
     "gate_formula",
     "build_report",
 ]
-
 
 
 def __getattr__(name: str) -> object:

@@ -145,8 +145,10 @@ def window_shares(
     gain = torch.where(norm2 > 0, gain, torch.zeros_like(gain))
     if not float(gain.sum()) > 0:
         return None
-    return {k: closed * float((gain * per_window(c * total) / norm2.clamp_min(1e-300)).sum() / gain.sum())
-            for k, c in contribs.items()}
+    return {
+        k: closed * float((gain * per_window(c * total) / norm2.clamp_min(1e-300)).sum() / gain.sum())
+        for k, c in contribs.items()
+    }
 
 
 def _window_curves(
@@ -261,8 +263,10 @@ def build_report(
     model = result.model
     flow, corr = model.flow, model.correction
     if corr is None:
-        raise InputError("build_report: this fit has no correction (physics alone); fit a Hybrid with a TermLibrary "
-                         "or a NeuralCorrection to get a report.")
+        raise InputError(
+            "build_report: this fit has no correction (physics alone); fit a Hybrid with a TermLibrary "
+            "or a NeuralCorrection to get a report."
+        )
     problem = model.problem
     targets = result.trajectory  # the fit's targets: GD's iterates or their midpoint process
     verdict: _Verdict = {"negligible": negligible, "outside": outside, "min_share": min_share}
@@ -349,8 +353,10 @@ def build_report(
             "network's squared output"
         )
     else:
-        raise InputError(f"build_report: cannot read a correction of type {type(corr).__name__}; expected a "
-                         "TermLibrary, a NeuralCorrection or a HiddenStateLibrary.")
+        raise InputError(
+            f"build_report: cannot read a correction of type {type(corr).__name__}; expected a "
+            "TermLibrary, a NeuralCorrection or a HiddenStateLibrary."
+        )
     share = window_shares(result, targets, parts, closed, max_states, problem)
     if share is None:  # no windows recorded, or none where the correction helped: the states, unweighted
         share = shares(contribs, closed)
@@ -363,8 +369,18 @@ def build_report(
         rows.append(TermSummary(name, share.get(name, 0.0), coef, unc, theory, approx, gates.get(name)))
         if name in edge:
             key = _edge_label(name)
-            rows.append(TermSummary(name, share.get(key, 0.0), float(values[key].mean()), None, None,
-                                    edge_approximation(flow), gates[key], regime="edge"))
+            rows.append(
+                TermSummary(
+                    name,
+                    share.get(key, 0.0),
+                    float(values[key].mean()),
+                    None,
+                    None,
+                    edge_approximation(flow),
+                    gates[key],
+                    regime="edge",
+                )
+            )
     has_sharpness = bool(torch.isfinite(result.trajectory.sharpness).any())
     evidence = None
     if source == "library" and hidden_state and physics_error > negligible:
@@ -398,11 +414,22 @@ def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, 
         notes.append("shares are measured on windows started from the measured extra state, not the fitted starts")
     theory = {**{n: s.theory for n, s in HIDDEN_TERMS.items()}, "floor": flow.hidden_coefficients().get("floor")}
     uncertainty = dict(getattr(result, "uncertainty", {}) or {})
-    rows = [TermSummary(n, (share or {}).get(n, 0.0), c, uncertainty.get(n), theory[n], HIDDEN_TERMS[n].approximation,
-                        regime="hidden") for n, c in coefficients.items()]
+    rows = [
+        TermSummary(
+            n,
+            (share or {}).get(n, 0.0),
+            c,
+            uncertainty.get(n),
+            theory[n],
+            HIDDEN_TERMS[n].approximation,
+            regime="hidden",
+        )
+        for n, c in coefficients.items()
+    ]
     has_sharpness = bool(torch.isfinite(result.trajectory.sharpness).any())
-    curves = _window_curves(result, result.trajectory, max_windows,
-                            has_sharpness if sharpness is None else sharpness, notes)
+    curves = _window_curves(
+        result, result.trajectory, max_windows, has_sharpness if sharpness is None else sharpness, notes
+    )
     return Report(
         problem=str(result.trajectory.problem.get("name", model.problem.name)),
         lr=float(model.lr),

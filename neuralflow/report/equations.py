@@ -16,14 +16,16 @@ __all__ = ["HIDDEN_NOTATION", "equation_text", "equation_latex", "extra_equation
 #: Each hidden-state term's unit field, ``(matrix text, matrix LaTeX, per-direction text, per-direction LaTeX)``;
 #: ``{x}`` is the extra state's symbol. The drift is written without its sign: its field is ``-lr grad <H, Sigma>``.
 HIDDEN_NOTATION: dict[str, tuple[str, str, str, str]] = {
-    "floquet": ("(R {x} + {x} R)/2", r"\frac{{R{x}+{x}R}}{{2}}", "{x} log|1 - lr lambda|",
-                r"{x}\log|1-\eta\lambda|"),
-    "floquet_linear": ("(L {x} + {x} L)/2", r"\frac{{L{x}+{x}L}}{{2}}", "{x} (lr lambda - 2)",
-                       r"{x}\,(\eta\lambda-2)"),
+    "floquet": ("(R {x} + {x} R)/2", r"\frac{{R{x}+{x}R}}{{2}}", "{x} log|1 - lr lambda|", r"{x}\log|1-\eta\lambda|"),
+    "floquet_linear": ("(L {x} + {x} L)/2", r"\frac{{L{x}+{x}L}}{{2}}", "{x} (lr lambda - 2)", r"{x}\,(\eta\lambda-2)"),
     "amplitude": ("{x} {x}", "{x}^{{2}}", "{x}^2", "{x}^{{2}}"),
     "floor": ("I", "I", "1", "1"),
-    "drift": ("lr grad <H, Sigma>", r"\eta\,\nabla\langle H,\Sigma\rangle", "lr grad <H, Sigma>",
-              r"\eta\,\nabla\langle H,\Sigma\rangle"),
+    "drift": (
+        "lr grad <H, Sigma>",
+        r"\eta\,\nabla\langle H,\Sigma\rangle",
+        "lr grad <H, Sigma>",
+        r"\eta\,\nabla\langle H,\Sigma\rangle",
+    ),
 }
 
 #: What each matrix symbol stands for, printed under the equations when a term uses it.
@@ -64,7 +66,8 @@ def _lines(eq: dict[str, Any], latex: bool) -> tuple[str, str]:
     col = (1 if latex else 0) + (0 if matrix else 2)
     physics = eq["physics"]
     theta_text, theta_latex = _THETA_PHYSICS.get(
-        physics, (f"F_{physics}(theta)", r"F_{\mathrm{" + _latex_escape(physics) + r"}}(\theta)"))
+        physics, (f"F_{physics}(theta)", r"F_{\mathrm{" + _latex_escape(physics) + r"}}(\theta)")
+    )
     theta = [(-c, HIDDEN_NOTATION[n][col]) for n, c in eq["terms"] if n == "drift"]
     extra = [(c, HIDDEN_NOTATION[n][col].format(x=symbol)) for n, c in eq["terms"] if n != "drift"]
     rhs = (theta_latex if latex else theta_text) + (_sum(theta, latex, after=True) if theta else "")
@@ -77,8 +80,11 @@ def equation_text(eq: dict[str, Any]) -> list[str]:
     """The fitted equations in plain text: ``dtheta/dt``, the extra state's, and what the symbols stand for."""
     theta, extra = _lines(eq, latex=False)
     symbol = eq["symbol"]
-    where = [_WHERE[n] if eq["matrix"] else f"Sigma = {symbol} u u^T along the top Hessian eigenvector u"
-             for n, _ in eq["terms"] if n in _WHERE and (eq["matrix"] or n == "drift")]
+    where = [
+        _WHERE[n] if eq["matrix"] else f"Sigma = {symbol} u u^T along the top Hessian eigenvector u"
+        for n, _ in eq["terms"]
+        if n in _WHERE and (eq["matrix"] or n == "drift")
+    ]
     return [theta, extra, "where " + "; ".join([*where, f"{symbol}: {eq['statement']}"])]
 
 
@@ -93,5 +99,10 @@ def extra_equation(flow: Any, fitted: dict[str, float]) -> dict[str, Any]:
     (the fitted coefficient, else the physics' own), the extra state's symbol and what it is (JSON-able)."""
     own = flow.hidden_coefficients()
     terms = [[n, fitted.get(n, own[n])] for n in HIDDEN_NOTATION if n in fitted or own.get(n, 0) != 0]
-    return {"physics": flow.name, "symbol": flow.extra_state.symbol, "statement": flow.extra_state.statement,
-            "matrix": flow.extra_state.size > 1, "terms": terms}
+    return {
+        "physics": flow.name,
+        "symbol": flow.extra_state.symbol,
+        "statement": flow.extra_state.statement,
+        "matrix": flow.extra_state.size > 1,
+        "terms": terms,
+    }

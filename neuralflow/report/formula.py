@@ -14,7 +14,12 @@ from .notation import _feature_knot, _feature_latex, _feature_text, _sig_latex, 
 # ---------------------------------------------------------------------------------------- gated formula
 
 _BASIS_TEXT = {
-    "1": "1", "x": "({x})", "x2": "({x})^2", "relu": "relu({x})", "step": "step({x})", "xon": "({x}) step(lr S - 2)",
+    "1": "1",
+    "x": "({x})",
+    "x2": "({x})^2",
+    "relu": "relu({x})",
+    "step": "step({x})",
+    "xon": "({x}) step(lr S - 2)",
 }
 _BASIS_LATEX = {
     "1": "1",
@@ -60,7 +65,7 @@ class SparseFormula:
         if not pieces:
             return "0"
         joined = gap.join(pieces)
-        return joined[1 + len(gap):] if joined.startswith("+") else "-" + joined[1 + len(gap):]
+        return joined[1 + len(gap) :] if joined.startswith("+") else "-" + joined[1 + len(gap) :]
 
     def text(self, digits: int = 3) -> str:
         """The formula in plain text, e.g. ``-0.4 relu(lr S - 2)``."""

@@ -53,7 +53,6 @@ def default_hidden_terms(flow: Any) -> list[str]:
     return [n for n in _DEFAULT_HIDDEN_TERMS if n in supported]
 
 
-
 def edge_approximation(flow: Any) -> Approximation:
     """The approximation a coefficient's change at ``lr S = 2`` is attributed to.
 
@@ -62,8 +61,7 @@ def edge_approximation(flow: Any) -> Approximation:
     approximation that the oscillation terms (``gradS``, ``gradScrit``) revise, for gradient flow
     "no oscillation"; or, for physics that lists none, "no oscillation in the critical subspace".
     """
-    own = next((a for a in getattr(flow, "approximations", ())
-                if {"gradS", "gradScrit"} & set(a.revised_by)), None)
+    own = next((a for a in getattr(flow, "approximations", ()) if {"gradS", "gradScrit"} & set(a.revised_by)), None)
     return own or TERMS["gradScrit"].approximation
 
 
@@ -101,8 +99,9 @@ def _window_rows(result: Any) -> tuple[Tensor, Tensor] | None:
     n_out = window // targets.store_every
     first = torch.searchsorted(targets.steps.cpu(), steps.cpu())
     rows = first[:, None] + torch.arange(n_out + 1)[None, :]
-    t = torch.arange(0, window + 1, targets.store_every, dtype=result.model.problem.dtype,
-                     device=result.model.problem.device)
+    t = torch.arange(
+        0, window + 1, targets.store_every, dtype=result.model.problem.dtype, device=result.model.problem.device
+    )
     return rows, t
 
 
@@ -208,8 +207,9 @@ class HiddenStateEvidence:
         """The plain-word statement (for a report whose evidence fired)."""
         ex = self.example
         where = [", ".join(f"{_feature_text(f)} = {sig(v[i])}" for f, v in ex["features"].items()) for i in (0, 1)]
-        need = [f"{'+' if a > 0 else ''}{sig(a)} (+- {sig(d, 2)})"
-                for a, d in zip(ex["needed"], ex["within"], strict=True)]
+        need = [
+            f"{'+' if a > 0 else ''}{sig(a)} (+- {sig(d, 2)})" for a, d in zip(ex["needed"], ex["within"], strict=True)
+        ]
         names = " and ".join(ex.get("compared") or ["every feature"])
         kind = "opposite" if ex["needed"][0] * ex["needed"][1] < 0 else "incompatible"
         return (
@@ -224,14 +224,28 @@ class HiddenStateEvidence:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fired": self.fired, "term": self.term, "pairs": self.pairs, "windows": self.windows,
-                "radius": self.radius, "example": self.example, "approximation": self.approximation.to_dict()}
+        return {
+            "fired": self.fired,
+            "term": self.term,
+            "pairs": self.pairs,
+            "windows": self.windows,
+            "radius": self.radius,
+            "example": self.example,
+            "approximation": self.approximation.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HiddenStateEvidence:
         approx = d["approximation"]
-        return cls(bool(d["fired"]), d.get("term"), int(d["pairs"]), int(d["windows"]), float(d["radius"]),
-                   dict(d.get("example", {})), Approximation(**{**approx, "revised_by": tuple(approx["revised_by"])}))
+        return cls(
+            bool(d["fired"]),
+            d.get("term"),
+            int(d["pairs"]),
+            int(d["windows"]),
+            float(d["radius"]),
+            dict(d.get("example", {})),
+            Approximation(**{**approx, "revised_by": tuple(approx["revised_by"])}),
+        )
 
 
 def _start_features(result: Any, rows: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
@@ -350,9 +364,15 @@ def hidden_state_evidence(
             continue
         scale = float(amp[needs].abs().max())
         diff = (amp[:, None] - amp[None, :]).abs()
-        pair = (near & valid[:, None] & valid[None, :] & (needs[:, None] | needs[None, :])
-                & (diff > spread[:, None] + spread[None, :]) & (diff >= min_change * scale)
-                & (diff > RESOLUTION * scale))
+        pair = (
+            near
+            & valid[:, None]
+            & valid[None, :]
+            & (needs[:, None] | needs[None, :])
+            & (diff > spread[:, None] + spread[None, :])
+            & (diff >= min_change * scale)
+            & (diff > RESOLUTION * scale)
+        )
         pair = torch.triu(pair, diagonal=1)
         count = int(pair.sum())
         if count > best[0]:
@@ -366,5 +386,6 @@ def hidden_state_evidence(
             }
             best = (count, name, example)
     count, term, example = best
-    return HiddenStateEvidence(count >= min_pairs, term, count, n_windows, float(radius), example,
-                               history_approximation(result.model.flow))
+    return HiddenStateEvidence(
+        count >= min_pairs, term, count, n_windows, float(radius), example, history_approximation(result.model.flow)
+    )

@@ -162,25 +162,38 @@ class Report:
         level mean nothing.
         """
         if self.verdict == "negligible":
-            return [f"The correction is negligible: the physics ({self.physics}) already explains the data to "
-                    f"{sig(100 * math.sqrt(max(self.physics_error, 0.0)), 2)} percent (root-mean-square distance to "
-                    "the targets relative to their displacement over a window)."]
+            return [
+                f"The correction is negligible: the physics ({self.physics}) already explains the data to "
+                f"{sig(100 * math.sqrt(max(self.physics_error, 0.0)), 2)} percent (root-mean-square distance to "
+                "the targets relative to their displacement over a window)."
+            ]
         out = self._term_suggestions()
         if self._history_dependent:
             out.insert(0, self.hidden_state.text())
         if self.verdict == "outside":
             if out:
-                head = (f"The library explains only {100 * max(self.explained, 0.0):.1f} percent of the gap; the "
-                        "rest of the missing physics is outside the library")
+                head = (
+                    f"The library explains only {100 * max(self.explained, 0.0):.1f} percent of the gap; the "
+                    "rest of the missing physics is outside the library"
+                )
             else:
                 head = "No candidate term explains the gap; the missing physics is outside the library"
-            worse = "" if self.hybrid_error < self.physics_error else (
-                f"; the fitted terms do not help on the evaluated windows (hybrid error {sig(self.hybrid_error, 2)})")
-            out.append(f"{head} (physics error {sig(self.physics_error, 2)}, "
-                       f"{percent(self.unexplained)} unexplained{worse}).")
+            worse = (
+                ""
+                if self.hybrid_error < self.physics_error
+                else (
+                    "; the fitted terms do not help on the evaluated windows "
+                    f"(hybrid error {sig(self.hybrid_error, 2)})"
+                )
+            )
+            out.append(
+                f"{head} (physics error {sig(self.physics_error, 2)}, {percent(self.unexplained)} unexplained{worse})."
+            )
         if self.residual is not None and self.residual >= self.min_share:
-            out.append(f"{100 * self.residual:.1f} percent of the gap is closed by the network but cannot be "
-                       "expressed by the library")
+            out.append(
+                f"{100 * self.residual:.1f} percent of the gap is closed by the network but cannot be "
+                "expressed by the library"
+            )
         if self.verdict == "revise" and self.unexplained >= 0.2:
             out.append(f"{100 * self.unexplained:.1f} percent of the gap remains unexplained by the correction")
         return out
@@ -199,17 +212,23 @@ class Report:
     _HEADER = ("rank", "term", "share", "coefficient", "theory", "approximation to revise")
 
     def title(self) -> str:
-        return (f"neuralflow report: {self.physics} physics + {self.source} correction on {self.problem}, "
-                f"lr = {sig(self.lr, 4)}")
+        return (
+            f"neuralflow report: {self.physics} physics + {self.source} correction on {self.problem}, "
+            f"lr = {sig(self.lr, 4)}"
+        )
 
     def _error_line(self) -> str:
-        return (f"physics error {sig(self.physics_error)}, hybrid error {sig(self.hybrid_error)}: "
-                f"the correction closed {percent(self.closed)} of the gap")
+        return (
+            f"physics error {sig(self.physics_error)}, hybrid error {sig(self.hybrid_error)}: "
+            f"the correction closed {percent(self.closed)} of the gap"
+        )
 
     def __repr__(self) -> str:
         top = f"{self.terms[0].label} {percent(self.terms[0].share)}" if self.terms else "-"
-        return (f"Report(physics={self.physics!r}, problem={self.problem!r}, verdict={self.verdict!r}, "
-                f"closed={percent(self.closed)}, top={top!r})")
+        return (
+            f"Report(physics={self.physics!r}, problem={self.problem!r}, verdict={self.verdict!r}, "
+            f"closed={percent(self.closed)}, top={top!r})"
+        )
 
     def __str__(self) -> str:
         out = [self.title(), self._error_line(), "", *fixed_width(self._HEADER, self._rows())]
@@ -280,9 +299,11 @@ class Report:
         e = html.escape
         sugg = "".join(f"<li>{e(s)}</li>" for s in self.suggestions())
         notes = "".join(f"<p><em>note: {e(n)}</em></p>" for n in self.notes)
-        return (f"<div><h4>{e(self.title())}</h4><p>{e(self._error_line())}</p>"
-                f"{html_table(self._HEADER, self._rows())}"
-                f"<p><b>Suggestions</b></p><ol>{sugg}</ol><p>${e(self.equation())}$</p>{notes}</div>")
+        return (
+            f"<div><h4>{e(self.title())}</h4><p>{e(self._error_line())}</p>"
+            f"{html_table(self._HEADER, self._rows())}"
+            f"<p><b>Suggestions</b></p><ol>{sugg}</ol><p>${e(self.equation())}$</p>{notes}</div>"
+        )
 
     def to_frame(self) -> Any:
         """One row per term, in rank order, as a pandas DataFrame (needs pandas).
@@ -291,14 +312,22 @@ class Report:
         ``share``, ``coefficient`` (mean for a gated one), ``uncertainty``, ``theory``, ``approximation``
         (the slug to revise) and ``formula`` (a gate's sparse formula, else empty).
         """
-        rows = [{
-            "term": t.label, "name": t.name, "share": t.share, "coefficient": t.coefficient,
-            "uncertainty": t.uncertainty, "theory": t.theory,
-            "approximation": None if t.approximation is None else t.approximation.name,
-            "formula": "" if t.gate is None or t.gate.formula is None else t.gate.formula.text(),
-        } for t in self.terms]
-        return data_frame(rows, columns=["term", "name", "share", "coefficient", "uncertainty", "theory",
-                                         "approximation", "formula"]).set_index("term")
+        rows = [
+            {
+                "term": t.label,
+                "name": t.name,
+                "share": t.share,
+                "coefficient": t.coefficient,
+                "uncertainty": t.uncertainty,
+                "theory": t.theory,
+                "approximation": None if t.approximation is None else t.approximation.name,
+                "formula": "" if t.gate is None or t.gate.formula is None else t.gate.formula.text(),
+            }
+            for t in self.terms
+        ]
+        return data_frame(
+            rows, columns=["term", "name", "share", "coefficient", "uncertainty", "theory", "approximation", "formula"]
+        ).set_index("term")
 
     def to_dict(self) -> dict[str, Any]:
         """Every number of the report, JSON-able (what checkpoints store).
@@ -354,8 +383,10 @@ class Report:
             terms=[TermSummary.from_dict(t) for t in d["terms"]],
             residual=None if d.get("residual") is None else float(d["residual"]),
             source=d.get("source", "library"),
-            curves={panel: {k: [float(x) for x in v] for k, v in series.items()}
-                    for panel, series in d.get("curves", {}).items()},
+            curves={
+                panel: {k: [float(x) for x in v] for k, v in series.items()}
+                for panel, series in d.get("curves", {}).items()
+            },
             contributions={k: [float(x) for x in v] for k, v in d.get("contributions", {}).items()},
             notes=list(d.get("notes", [])),
             extra_equation=d.get("extra_equation"),
@@ -436,7 +467,7 @@ class Report:
                     ax.set_xlabel(_feature_text(fname))
                     ax.set_ylabel(f"c_{t.label}")
                     ax.legend(fontsize="x-small", loc="upper right")
-                for ax in row[len(gate.features):]:
+                for ax in row[len(gate.features) :]:
                     ax.axis("off")
             fig.set_layout_engine("constrained")
             figs["gates"] = fig
@@ -451,8 +482,14 @@ class Report:
         for (kind, fname, knot), a in zip(gate.formula.basis, gate.formula.coefficients, strict=True):
             x = np.asarray(gate.features.get(fname, np.zeros(n)), dtype=float)
             on = np.asarray(gate.features.get("lr_S_minus_2", np.zeros(n)), dtype=float) > 0
-            phi = {"1": np.ones(n), "x": x, "x2": x * x, "relu": np.maximum(x - knot, 0),
-                   "step": (x > knot).astype(float), "xon": x * on}[kind]
+            phi = {
+                "1": np.ones(n),
+                "x": x,
+                "x2": x * x,
+                "relu": np.maximum(x - knot, 0),
+                "step": (x > knot).astype(float),
+                "xon": x * on,
+            }[kind]
             total += a * phi
         return total
 

@@ -87,5 +87,8 @@ def fixed_width(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[st
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     esc = lambda c: c.replace("|", r"\|")
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows),
+    ]

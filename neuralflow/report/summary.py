@@ -111,9 +111,9 @@ class TermSummary:
             coefficient=float(d["coefficient"]),
             uncertainty=None if d.get("uncertainty") is None else float(d["uncertainty"]),
             theory=None if d.get("theory") is None else float(d["theory"]),
-            approximation=None if approx is None else Approximation(
-                **{**approx, "revised_by": tuple(approx["revised_by"])}
-            ),
+            approximation=None
+            if approx is None
+            else Approximation(**{**approx, "revised_by": tuple(approx["revised_by"])}),
             gate=None if d.get("gate") is None else Gate.from_dict(d["gate"]),
             regime=d.get("regime"),
         )

@@ -60,5 +60,17 @@ from .figures import coefficient_figure, law_figure
 from .folder import SWEEP_FORMAT as SWEEP_FORMAT
 from .task import TIMING_COLUMNS, run_task
 
-__all__ = ["sweep", "grid", "normalise", "config_key", "run_task", "law_figure", "coefficient_figure", "Engine",
-           "LocalEngine", "RayEngine", "ENGINES", "TIMING_COLUMNS"]
+__all__ = [
+    "sweep",
+    "grid",
+    "normalise",
+    "config_key",
+    "run_task",
+    "law_figure",
+    "coefficient_figure",
+    "Engine",
+    "LocalEngine",
+    "RayEngine",
+    "ENGINES",
+    "TIMING_COLUMNS",
+]

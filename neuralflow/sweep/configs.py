@@ -20,13 +20,25 @@ from ..gd import check_noise
 from ..problems import PROBLEMS, check_lr, check_nonnegative_int, check_positive_int
 
 _RUN_DEFAULTS: dict[str, Any] = {
-    "steps": 1000, "eig_every": 1, "n_eigs": 1, "store_every": 1, "device": "cpu", "compare": [], "fit": None,
-    "quiet_ratio": 0.1, "noise": 0.0, "noise_seed": 0,
+    "steps": 1000,
+    "eig_every": 1,
+    "n_eigs": 1,
+    "store_every": 1,
+    "device": "cpu",
+    "compare": [],
+    "fit": None,
+    "quiet_ratio": 0.1,
+    "noise": 0.0,
+    "noise_seed": 0,
 }
 
 
 _FIT_DEFAULTS: dict[str, Any] = {
-    "physics": "gradient", "terms": ["Hg"], "window": 20, "method": "regression", "exclude_transients": False,
+    "physics": "gradient",
+    "terms": ["Hg"],
+    "window": 20,
+    "method": "regression",
+    "exclude_transients": False,
 }
 
 
@@ -61,6 +73,7 @@ def grid(base: dict[str, Any], axes: dict[str, Sequence[Any]]) -> list[dict[str,
 
 def normalise(config: dict[str, Any], where: str = "run") -> dict[str, Any]:
     """``config`` with defaults filled in and every value checked; raise :class:`InputError` naming ``where``."""
+
     def bad(why: str) -> InputError:
         return InputError(f"sweep: {where} ({json.dumps(config, default=str)[:200]}): {why}")
 

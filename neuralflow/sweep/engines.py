@@ -63,8 +63,9 @@ class LocalEngine(Engine):
             ctx.set_forkserver_preload(["neuralflow", "neuralflow.sweep", "sklearn.datasets"])
         else:
             ctx = mp.get_context("spawn")
-        return ProcessPoolExecutor(min(self.workers, n), mp_context=ctx, initializer=_init_worker,
-                                   initargs=(self.threads,))
+        return ProcessPoolExecutor(
+            min(self.workers, n), mp_context=ctx, initializer=_init_worker, initargs=(self.threads,)
+        )
 
     def map_unordered(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         if self.workers == 1:
@@ -115,8 +116,13 @@ class RayEngine(Engine):
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, cpus_per_task: int = 1, retries: int = 3,
-                 gpu: Callable[[Any], bool] = lambda item: False) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        cpus_per_task: int = 1,
+        retries: int = 3,
+        gpu: Callable[[Any], bool] = lambda item: False,
+    ) -> None:
         try:
             import ray
         except ImportError:
@@ -136,17 +142,25 @@ class RayEngine(Engine):
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as err:
-                hint = (" ray.init() joins the cluster named by RAY_ADDRESS or left behind by an earlier Ray; if that "
-                        "one is gone, `ray stop` clears it, or pass address='local' to start a fresh local Ray."
-                        if address is None else "")
-                raise EngineError(f"sweep: could not connect to Ray at {address!r} ({err}).{hint} Nothing was run.") \
-                    from None
+                hint = (
+                    " ray.init() joins the cluster named by RAY_ADDRESS or left behind by an earlier Ray; if that "
+                    "one is gone, `ray stop` clears it, or pass address='local' to start a fresh local Ray."
+                    if address is None
+                    else ""
+                )
+                raise EngineError(
+                    f"sweep: could not connect to Ray at {address!r} ({err}).{hint} Nothing was run."
+                ) from None
 
     def map_unordered(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         remote = self.ray.remote(fn)
         refs = {
-            remote.options(num_cpus=self.cpus, num_gpus=1 if self.gpu(item) else 0, max_retries=self.retries,
-                           retry_exceptions=False).remote(item): i
+            remote.options(
+                num_cpus=self.cpus,
+                num_gpus=1 if self.gpu(item) else 0,
+                max_retries=self.retries,
+                retry_exceptions=False,
+            ).remote(item): i
             for i, item in enumerate(items)
         }
         pending = list(refs)
@@ -158,8 +172,10 @@ class RayEngine(Engine):
                 except self.ray.exceptions.RayTaskError as err:  # the task's own exception, re-raised as itself
                     raise err.as_instanceof_cause() from None
                 except self.ray.exceptions.RayError as err:
-                    raise EngineError(f"sweep: a Ray task failed beyond its {self.retries} retries ({err}); the "
-                                      "finished runs are saved, run the sweep again to resume.") from None
+                    raise EngineError(
+                        f"sweep: a Ray task failed beyond its {self.retries} retries ({err}); the "
+                        "finished runs are saved, run the sweep again to resume."
+                    ) from None
                 yield refs[ref], result
 
     def close(self) -> None:

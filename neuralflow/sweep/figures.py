@@ -1,5 +1,4 @@
-"""The laws a sweep tests, drawn from its table: :func:`law_figure` and :func:`coefficient_figure`.
-"""
+"""The laws a sweep tests, drawn from its table: :func:`law_figure` and :func:`coefficient_figure`."""
 
 from __future__ import annotations
 

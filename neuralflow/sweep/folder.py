@@ -51,8 +51,10 @@ def _read_row(out: Path, key: str) -> dict[str, Any] | None:
     _, header = _io.read(path, _ROW_KIND)
     version = _versions()["neuralflow_version"]
     if header.get("neuralflow_version") != version:
-        raise FileFormatError(f"{path}: written by neuralflow {header.get('neuralflow_version')!r}, this is {version}; "
-                              "pass another output folder.")
+        raise FileFormatError(
+            f"{path}: written by neuralflow {header.get('neuralflow_version')!r}, this is {version}; "
+            "pass another output folder."
+        )
     return header["meta"]["row"]
 
 

@@ -32,8 +32,11 @@ TIMING_COLUMNS = ("wall_s", "gd_s", "compare_s", "fit_s")
 
 
 def _versions() -> dict[str, str]:
-    return {"neuralflow_version": __version__, "torch_version": torch.__version__,
-            "python_version": platform.python_version()}
+    return {
+        "neuralflow_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
 
 
 def _flatten(prefix: str, value: Any, row: dict[str, Any]) -> None:
@@ -123,9 +126,17 @@ def run_task(config: dict[str, Any], threads: int = 1) -> dict[str, Any]:
         files: dict[str, bytes] = {}
         traj: Trajectory | None
         try:
-            traj = run_gd(problem, config["lr"], config["steps"], eig_every=config["eig_every"],
-                          n_eigs=config["n_eigs"], store_every=config["store_every"], noise=config["noise"],
-                          noise_seed=config["noise_seed"], progress=False)
+            traj = run_gd(
+                problem,
+                config["lr"],
+                config["steps"],
+                eig_every=config["eig_every"],
+                n_eigs=config["n_eigs"],
+                store_every=config["store_every"],
+                noise=config["noise"],
+                noise_seed=config["noise_seed"],
+                progress=False,
+            )
             row["status"], row["error"] = "ok", None
         except DivergenceError as err:
             traj = err.partial if isinstance(err.partial, Trajectory) else None  # None: diverged at once
