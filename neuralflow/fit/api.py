@@ -64,21 +64,7 @@ def fit_loss(
     """
     if method not in ("adjoint", "direct"):
         raise InputError(f"fit_loss: method must be 'adjoint' or 'direct', got {method!r}.")
-    options = ShootingOptions(
-        window,
-        target,
-        method,
-        min_norm,
-        val_fraction,
-        stride,
-        seed,
-        solver,
-        step_size,
-        rtol,
-        atol,
-        exclude,
-        variance_weight=variance_weight,
-    )
+    options = ShootingOptions.pick(locals())
     obj, _ = _objective(model, trajectory, options, {})
     if not obj.params:
         raise InputError("fit_loss: the model has no trainable parameters.")
@@ -240,22 +226,7 @@ def fit(
         raise InputError(f"fit: unknown optimizer {optimizer!r}; choose from {list(_OPTIMIZERS)}.")
     if init not in ("auto", "regression", "current"):
         raise InputError(f"fit: init must be 'auto', 'regression' or 'current', got {init!r}.")
-    shooting = ShootingOptions(
-        window,
-        target,
-        method,
-        min_norm,
-        val_fraction,
-        stride,
-        seed,
-        solver,
-        step_size,
-        rtol,
-        atol,
-        exclude,
-        extra_start,
-        variance_weight,
-    )
+    shooting = ShootingOptions.pick(locals())
     obj, targets = _objective(model, trajectory, shooting, settings)
     win, problem, lib = obj.win, model.problem, model.correction
     regressed = lib if isinstance(lib, TermLibrary) and model.extra_state is None else None  # what a regression fits
