@@ -13,10 +13,11 @@ import matplotlib.mathtext  # noqa: E402
 import pytest  # noqa: E402
 
 from neuralflow import corrections, flows, problems  # noqa: E402
-from neuralflow.corrections import FEATURES, TERMS, FeatureSpec, TermSpec  # noqa: E402
-from neuralflow.flows import APPROXIMATIONS, FLOWS, flow_latex  # noqa: E402
+from neuralflow.corrections import FEATURES, HIDDEN_TERMS, TERMS, FeatureSpec, TermSpec  # noqa: E402
+from neuralflow.flows import APPROXIMATIONS, FLOWS, OscillationFlow, flow_latex  # noqa: E402
 from neuralflow.flows.approximations import Approximation  # noqa: E402
 from neuralflow.report import Gate, Report, TermSummary  # noqa: E402
+from neuralflow.report.equations import equation_text, extra_equation  # noqa: E402
 
 
 def parses(latex: str) -> None:
@@ -35,6 +36,16 @@ def test_every_feature_has_text_and_latex_that_parses(name):
     spec = FEATURES[name]
     assert spec.name == name and spec.text and spec.latex
     parses(spec.latex)
+
+
+@pytest.mark.parametrize("name", sorted(HIDDEN_TERMS))
+def test_every_hidden_state_term_has_its_notation_in_its_registry_entry(name):
+    spec = HIDDEN_TERMS[name]
+    assert spec.name == name and spec.text and spec.direction_text
+    for latex in (spec.latex, spec.direction_latex):
+        parses(latex.format(x="X"))
+    equation = equation_text(extra_equation(OscillationFlow(problems.zhu_quartic(), 0.1, n_track=1), {name: 0.25}))
+    assert any(spec.text.format(x="X") in line for line in equation), equation
 
 
 @pytest.mark.parametrize("name", sorted(FLOWS))

@@ -35,7 +35,10 @@ class HiddenTermSpec:
     ``equation`` ``"extra"`` or ``"theta"``. The flow evaluates the unit-coefficient field
     (:meth:`~neuralflow.flows.Flow.hidden_fields`), since only it knows how its extra state is stored.
     ``log_scale``: the coefficient is a positive scale known only to a factor (the floor), revised by a factor
-    (:class:`HiddenStateLibrary`).
+    (:class:`HiddenStateLibrary`). Its notation, as the report writes the unit field: ``text`` and ``latex`` on
+    the covariance (``{x}`` stands for the extra state's symbol), ``direction_text`` and ``direction_latex`` per
+    tracked direction, and ``where`` what a matrix symbol of it stands for (None without one). The drift is
+    written without its sign: its field is ``-lr grad <H, Sigma>``.
     """
 
     name: str
@@ -43,6 +46,11 @@ class HiddenTermSpec:
     approximation: Approximation
     formula: str
     equation: str
+    text: str
+    latex: str
+    direction_text: str
+    direction_latex: str
+    where: str | None = None
     log_scale: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,17 +67,65 @@ class HiddenTermSpec:
 HIDDEN_TERMS: dict[str, HiddenTermSpec] = {
     spec.name: spec
     for spec in (
-        HiddenTermSpec("floquet", 2.0, LINEAR_FLOQUET_GROWTH, "s log|1 - lr lambda|  (X: (R X + X R) / 2)", "extra"),
+        HiddenTermSpec(
+            "floquet",
+            2.0,
+            LINEAR_FLOQUET_GROWTH,
+            "s log|1 - lr lambda|  (X: (R X + X R) / 2)",
+            "extra",
+            "(R {x} + {x} R)/2",
+            r"\frac{{R{x}+{x}R}}{{2}}",
+            "{x} log|1 - lr lambda|",
+            r"{x}\log|1-\eta\lambda|",
+            where="R = diag(log|1 - lr lambda_i|)",
+        ),
         HiddenTermSpec(
             "floquet_linear",
             0.0,
             LINEAR_FLOQUET_GROWTH,
             "s (lr lambda - 2)  (X: (L X + X L) / 2, L = diag(lr lambda - 2))",
             "extra",
+            "(L {x} + {x} L)/2",
+            r"\frac{{L{x}+{x}L}}{{2}}",
+            "{x} (lr lambda - 2)",
+            r"{x}\,(\eta\lambda-2)",
+            where="L = diag(lr lambda_i - 2)",
         ),
-        HiddenTermSpec("amplitude", 0.0, LINEAR_FLOQUET_GROWTH, "s^2  (X: X X)", "extra"),
-        HiddenTermSpec("floor", None, ISOTROPIC_INJECTION, "1  (X: I)", "extra", log_scale=True),
-        HiddenTermSpec("drift", 0.5, SECOND_ORDER_OSCILLATION, "-lr grad <H, Sigma>", "theta"),
+        HiddenTermSpec(
+            "amplitude",
+            0.0,
+            LINEAR_FLOQUET_GROWTH,
+            "s^2  (X: X X)",
+            "extra",
+            "{x} {x}",
+            "{x}^{{2}}",
+            "{x}^2",
+            "{x}^{{2}}",
+        ),
+        HiddenTermSpec(
+            "floor",
+            None,
+            ISOTROPIC_INJECTION,
+            "1  (X: I)",
+            "extra",
+            "I",
+            "I",
+            "1",
+            "1",
+            log_scale=True,
+        ),
+        HiddenTermSpec(
+            "drift",
+            0.5,
+            SECOND_ORDER_OSCILLATION,
+            "-lr grad <H, Sigma>",
+            "theta",
+            "lr grad <H, Sigma>",
+            r"\eta\,\nabla\langle H,\Sigma\rangle",
+            "lr grad <H, Sigma>",
+            r"\eta\,\nabla\langle H,\Sigma\rangle",
+            where="Sigma = U^T X U over the tracked Hessian eigenvectors U",
+        ),
     )
 }
 """Terms of the extra state's equation by name (science notes section 7). ``floquet_linear`` is the near-edge

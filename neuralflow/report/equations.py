@@ -9,31 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..corrections import HIDDEN_TERMS
 from .notation import _latex_escape, _sig_latex, sig
 
-__all__ = ["HIDDEN_NOTATION", "equation_text", "equation_latex", "extra_equation"]
-
-#: Each hidden-state term's unit field, ``(matrix text, matrix LaTeX, per-direction text, per-direction LaTeX)``;
-#: ``{x}`` is the extra state's symbol. The drift is written without its sign: its field is ``-lr grad <H, Sigma>``.
-HIDDEN_NOTATION: dict[str, tuple[str, str, str, str]] = {
-    "floquet": ("(R {x} + {x} R)/2", r"\frac{{R{x}+{x}R}}{{2}}", "{x} log|1 - lr lambda|", r"{x}\log|1-\eta\lambda|"),
-    "floquet_linear": ("(L {x} + {x} L)/2", r"\frac{{L{x}+{x}L}}{{2}}", "{x} (lr lambda - 2)", r"{x}\,(\eta\lambda-2)"),
-    "amplitude": ("{x} {x}", "{x}^{{2}}", "{x}^2", "{x}^{{2}}"),
-    "floor": ("I", "I", "1", "1"),
-    "drift": (
-        "lr grad <H, Sigma>",
-        r"\eta\,\nabla\langle H,\Sigma\rangle",
-        "lr grad <H, Sigma>",
-        r"\eta\,\nabla\langle H,\Sigma\rangle",
-    ),
-}
-
-#: What each matrix symbol stands for, printed under the equations when a term uses it.
-_WHERE = {
-    "floquet": "R = diag(log|1 - lr lambda_i|)",
-    "floquet_linear": "L = diag(lr lambda_i - 2)",
-    "drift": "Sigma = U^T X U over the tracked Hessian eigenvectors U",
-}
+__all__ = ["equation_text", "equation_latex", "extra_equation"]
 
 #: The theta equation of a flow with extra state, without its hidden-state terms (text, LaTeX), by flow name.
 _THETA_PHYSICS = {"oscillation": ("-lr g", r"-\eta\,g")}
@@ -60,6 +39,13 @@ def _sum(pieces: list[tuple[float, str]], latex: bool, after: bool = False) -> s
     return "".join(out) or "0"
 
 
+def _notation(name: str, col: int) -> str:
+    """Term ``name``'s unit field as its registry entry writes it: on the covariance (``col`` 0 text, 1 LaTeX) or per
+    direction (2 text, 3 LaTeX)."""
+    spec = HIDDEN_TERMS[name]
+    return (spec.text, spec.latex, spec.direction_text, spec.direction_latex)[col]
+
+
 def _lines(eq: dict[str, Any], latex: bool) -> tuple[str, str]:
     """The theta equation and the extra state's equation of a report's ``extra_equation``."""
     symbol, matrix = eq["symbol"], eq["matrix"]
@@ -68,8 +54,8 @@ def _lines(eq: dict[str, Any], latex: bool) -> tuple[str, str]:
     theta_text, theta_latex = _THETA_PHYSICS.get(
         physics, (f"F_{physics}(theta)", r"F_{\mathrm{" + _latex_escape(physics) + r"}}(\theta)")
     )
-    theta = [(-c, HIDDEN_NOTATION[n][col]) for n, c in eq["terms"] if n == "drift"]
-    extra = [(c, HIDDEN_NOTATION[n][col].format(x=symbol)) for n, c in eq["terms"] if n != "drift"]
+    theta = [(-c, _notation(n, col)) for n, c in eq["terms"] if n == "drift"]
+    extra = [(c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if n != "drift"]
     rhs = (theta_latex if latex else theta_text) + (_sum(theta, latex, after=True) if theta else "")
     if latex:
         return r"\frac{d\theta}{dt}=" + rhs, rf"\frac{{d{symbol}}}{{dt}}=" + _sum(extra, True)
@@ -80,11 +66,11 @@ def equation_text(eq: dict[str, Any]) -> list[str]:
     """The fitted equations in plain text: ``dtheta/dt``, the extra state's, and what the symbols stand for."""
     theta, extra = _lines(eq, latex=False)
     symbol = eq["symbol"]
-    where = [
-        _WHERE[n] if eq["matrix"] else f"Sigma = {symbol} u u^T along the top Hessian eigenvector u"
-        for n, _ in eq["terms"]
-        if n in _WHERE and (eq["matrix"] or n == "drift")
-    ]
+    where = []
+    for n, _ in eq["terms"]:
+        stands_for = HIDDEN_TERMS[n].where
+        if stands_for is not None and (eq["matrix"] or n == "drift"):
+            where.append(stands_for if eq["matrix"] else f"Sigma = {symbol} u u^T along the top Hessian eigenvector u")
     return [theta, extra, "where " + "; ".join([*where, f"{symbol}: {eq['statement']}"])]
 
 
@@ -98,7 +84,7 @@ def extra_equation(flow: Any, fitted: dict[str, float]) -> dict[str, Any]:
     """The data of the fitted equations: every hidden-state term the flow has or the library fitted, with its value
     (the fitted coefficient, else the physics' own), the extra state's symbol and what it is (JSON-able)."""
     own = flow.hidden_coefficients()
-    terms = [[n, fitted.get(n, own[n])] for n in HIDDEN_NOTATION if n in fitted or own.get(n, 0) != 0]
+    terms = [[n, fitted.get(n, own[n])] for n in HIDDEN_TERMS if n in fitted or own.get(n, 0) != 0]
     return {
         "physics": flow.name,
         "symbol": flow.extra_state.symbol,
