@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..flows.approximations import (
     Approximation,
 )
-from ..problems import Problem
+from ..problems import Problem, check_positive_int
 from .terms import FEATURES, TERMS, Correction, TermSpec, _check_names, _Context, _Factory, _feature_matrix
 
 
@@ -203,8 +203,7 @@ class TermLibrary(Correction):
         self.amplitude_names = _check_names(amplitude, FEATURES, "feature")
         if self.amplitude_names and not self.gated:
             raise InputError("amplitude features only act on gated terms; pass gated=[...] or drop amplitude.")
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise InputError(f"hidden must be a positive int, got {hidden!r}.")
+        check_positive_int(hidden, "hidden")
         self.hidden = hidden
         kw: _Factory = {"dtype": problem.dtype, "device": problem.device}
         self.constants = torch.nn.ParameterDict(

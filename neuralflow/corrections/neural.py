@@ -16,7 +16,7 @@ from ..flows.approximations import (
     Approximation,
 )
 from ..flows.base import ExtraState
-from ..problems import Problem
+from ..problems import Problem, check_positive_int
 from .terms import FEATURES, TERMS, Correction, _check_names, _Context, _Factory, _feature_matrix
 
 
@@ -72,8 +72,7 @@ class NeuralCorrection(Correction):
         super().__init__(problem, lr, max_critical=max_critical, eig_tol=eig_tol)
         if features not in ("state", "features"):
             raise InputError(f"NeuralCorrection: features must be 'state' or 'features', got {features!r}.")
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise InputError(f"hidden must be a positive int, got {hidden!r}.")
+        check_positive_int(hidden, "hidden")
         self.inputs = features
         self.feature_names = _check_names(feature_names, FEATURES, "feature")
         self.hidden = hidden
@@ -157,10 +156,8 @@ class LatentCorrection(Correction):
         eig_tol: float = 1e-6,
     ) -> None:
         super().__init__(problem, lr, max_critical=max_critical, eig_tol=eig_tol)
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise InputError(f"LatentCorrection: m (the number of latent states) must be a positive int, got {m!r}.")
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise InputError(f"LatentCorrection: hidden must be a positive int, got {hidden!r}.")
+        check_positive_int(m, "LatentCorrection: m (the number of latent states)")
+        check_positive_int(hidden, "LatentCorrection: hidden")
         if features not in ("state", "features"):
             raise InputError(f"LatentCorrection: features must be 'state' or 'features', got {features!r}.")
         if not isinstance(direct, bool):

@@ -23,7 +23,7 @@ from ..flows.approximations import (
     Approximation,
 )
 from ..flows.base import Flow
-from ..problems import Problem
+from ..problems import Problem, check_positive_int
 
 
 class _Factory(TypedDict):
@@ -248,8 +248,7 @@ class Correction(Flow):
 
     def __init__(self, problem: Problem, lr: float, max_critical: int = 4, eig_tol: float = 1e-6) -> None:
         super().__init__(problem, lr)
-        if isinstance(max_critical, bool) or not isinstance(max_critical, int) or max_critical < 1:
-            raise InputError(f"max_critical must be a positive int, got {max_critical!r}.")
+        check_positive_int(max_critical, "max_critical")
         self.max_critical = max_critical
         self.eig_tol = float(eig_tol)
         self._eig_blocks: dict[tuple[int, int], list[Tensor | None]] = {}

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..autodiff import Curvature, StateDerivatives, top_eigenpairs
 from ..errors import InputError, NeuralflowError
-from ..problems import Problem
+from ..problems import Problem, check_positive_int
 from .approximations import (
     CONTINUOUS_TIME_1,
     CRITICAL_SUBSPACE,
@@ -333,10 +333,8 @@ class CentralFlow(Flow):
         if isinstance(relaxation, bool) or not (isinstance(relaxation, (int, float)) and 0 < relaxation < math.inf):
             # 0 would divide by zero, inf would switch the oscillation's restoring force off without a word
             raise InputError(f"CentralFlow: relaxation must be a positive finite time in steps, got {relaxation!r}.")
-        if isinstance(max_critical, bool) or not isinstance(max_critical, int) or max_critical < 1:
-            raise InputError(f"CentralFlow: max_critical must be a positive int, got {max_critical!r}.")
-        if isinstance(gram_every, bool) or not isinstance(gram_every, int) or gram_every < 1:
-            raise InputError(f"CentralFlow: gram_every must be a positive int, got {gram_every!r}.")
+        check_positive_int(max_critical, "CentralFlow: max_critical")
+        check_positive_int(gram_every, "CentralFlow: gram_every")
         if above_edge not in ("error", "hold"):
             raise InputError(f"CentralFlow: above_edge must be 'error' or 'hold', got {above_edge!r}.")
         self.above_edge = above_edge

@@ -57,7 +57,7 @@ from torch import Tensor
 from ..autodiff import Curvature, StateDerivatives, top_eigenpairs
 from ..errors import InputError
 from ..oscillation import roundoff_variance
-from ..problems import Problem
+from ..problems import Problem, check_positive_int
 from ..trajectory import Trajectory
 from .approximations import (
     ADIABATIC_EIGENVECTORS,
@@ -196,8 +196,7 @@ class OscillationFlow(Flow):
             q = roundoff_variance(problem.theta0)
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0:
             raise InputError(f"OscillationFlow: q must be a non-negative variance per step, got {q!r}.")
-        if isinstance(n_track, bool) or not isinstance(n_track, int) or n_track < 1:
-            raise InputError(f"OscillationFlow: n_track must be a positive int, got {n_track!r}.")
+        check_positive_int(n_track, "OscillationFlow: n_track")
         for what, v in (("stiffness", stiffness), ("max_decay", max_decay), ("eig_tol", eig_tol)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise InputError(f"OscillationFlow: {what} must be a positive number, got {v!r}.")

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..errors import EngineError, InputError
+from ..errors import EngineError
+from ..problems import check_positive_int
 
 
 class Engine:
@@ -51,8 +52,7 @@ class LocalEngine(Engine):
 
     def __init__(self, workers: int | None = None, threads: int = 1, retries: int = 2) -> None:
         workers = (os.cpu_count() or 1) if workers is None else workers
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise InputError(f"sweep: workers must be a positive int, got {workers!r}.")
+        check_positive_int(workers, "sweep: workers")
         self.workers, self.threads, self.retries = workers, threads, retries
 
     def _pool(self, n: int) -> ProcessPoolExecutor:
