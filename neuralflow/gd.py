@@ -177,15 +177,7 @@ def run_gd(
             **{k: h[k][keep] for k in ("loss", "grad_norm", "sharpness", "update_u")},
             problem=problem.description,
             history=h,
-            meta={
-                "eig_every": eig_every,
-                "n_eigs": n_eigs,
-                "store_every": store_every,
-                "eig_tol": eig_tol,
-                "eig_retries": eig_retries,
-                "noise": float(noise),
-                "noise_seed": noise_seed,
-            },
+            meta={k: v for k, v in settings.items() if k not in ("lr", "problem", "steps")},
         )
 
     bar = tqdm(range(run.step, n), desc=f"GD lr={lr:g}", disable=not progress, unit="step", initial=run.step, total=n)
