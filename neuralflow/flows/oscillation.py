@@ -371,6 +371,7 @@ class OscillationFlow(Flow):
             return dm.detach(), dextra.detach(), {n: f.detach() for n, f in fields.items()}
         return dm, dextra, fields
 
+    @torch.enable_grad()  # the drift differentiates the products again
     def _eigenvectors(
         self,
         t: Tensor,
@@ -387,16 +388,6 @@ class OscillationFlow(Flow):
         replaces it (and the products are recomputed). Along a solve the eigenvectors turn little per half
         step, so most evaluations skip the eigen-solver.
         """
-        with torch.enable_grad():  # the drift differentiates the products again
-            return self._refined_eigenvectors(t, thetas, state, tracks)
-
-    def _refined_eigenvectors(
-        self,
-        t: Tensor,
-        thetas: Tensor,
-        state: StateDerivatives,
-        tracks: list[_Track],
-    ) -> tuple[Tensor, Tensor]:
         k = self.n_track
         time = float(t.detach())
         for track in tracks:
