@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import neuralflow as nf
@@ -27,8 +28,9 @@ def test_divergence_saves_the_partial_trajectory(tmp_path, capsys):
     assert torch.isfinite(partial.iterates).all()
 
 
-def test_python_dash_m_entry_point():
-    res = subprocess.run([sys.executable, "-m", "neuralflow", "--help"], capture_output=True, text=True)
+@pytest.mark.parametrize("module", ["neuralflow", "neuralflow.cli"])
+def test_python_dash_m_entry_point(module):
+    res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "run-gd" in res.stdout
 
 

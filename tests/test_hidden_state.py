@@ -257,7 +257,7 @@ def test_oscillation_flow_takes_hidden_state_and_theta_corrections():
 def test_bad_input_gets_clear_errors(planted):
     p = planted_problem()
     with pytest.raises(nf.InputError, match="unknown hidden-state term"):
-        HiddenStateLibrary(p, LR, terms=["Hg"])
+        HiddenStateLibrary(p, LR, terms=["gradS"])
     with pytest.raises(nf.InputError, match="cannot evaluate the hidden-state terms"):
         Hybrid(nf.flows.GradientFlow(p, LR), HiddenStateLibrary(p, LR))
     with pytest.raises(nf.InputError, match=r"supports \['drift', 'floor', 'floquet'\]"):

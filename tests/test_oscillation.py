@@ -167,12 +167,13 @@ def test_flow_starts_above_the_edge_with_the_measured_variance():
     assert bool(torch.isfinite(theta).all())
 
 
-def test_a_saved_simulation_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("order", [0, 1])
+def test_a_saved_simulation_resumes_exactly(tmp_path, order):
     p = nf.problems.zhu_quartic()
-    flow = FLOWS["oscillation"](p, 0.2, q=1e-10, n_track=2)
+    flow = FLOWS["oscillation"](p, 0.2, q=1e-10, n_track=2, order=order)
     t = torch.arange(0, 9, dtype=torch.float64)
     full, X = simulate(flow, p.theta0, t, return_extra=True)
-    flow2 = OscillationFlow(p, 0.2, q=1e-10, n_track=2)
+    flow2 = OscillationFlow(p, 0.2, q=1e-10, n_track=2, order=order)
     head, Xh = simulate(flow2, p.theta0, t[:5], return_extra=True)
     path = save_simulation(tmp_path / "run.nfs", flow2, float(t[4]), flow2.join(head[-1], Xh[-1]))
     back, t0, theta, extra = load_simulation(path)

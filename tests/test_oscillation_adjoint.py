@@ -11,7 +11,7 @@ import torch
 from torchdiffeq import odeint
 
 import neuralflow as nf
-from neuralflow.autodiff import top_eigenpairs
+from neuralflow.autodiff import dense_hessian, gradient, top_eigenpairs
 from neuralflow.corrections import HiddenStateLibrary, Hybrid
 from neuralflow.fit import fit, fit_loss
 from neuralflow.flows import OscillationFlow
@@ -53,11 +53,13 @@ def library(problem: nf.Problem, lr: float, deltas: dict[str, float], **options)
     return lib
 
 
-def flow_trajectory(problem: nf.Problem, lr: float, steps: int = 40, X0: float = 1e-3, **flow_options) -> nf.Trajectory:
-    """The oscillation flow with the PLANTED coefficients from ``theta0`` and ``X = X0 I``, recorded as GD would be
-    (the measured oscillation amplitude along each tracked direction is ``sqrt(X_ii)``)."""
+def flow_trajectory(
+    problem: nf.Problem, lr: float, steps: int = 40, X0: float = 1e-3, planted: dict | None = None, **flow_options
+) -> nf.Trajectory:
+    """The oscillation flow with the ``planted`` revisions (default PLANTED) from ``theta0`` and ``X = X0 I``,
+    recorded as GD would be (the measured oscillation amplitude along each tracked direction is ``sqrt(X_ii)``)."""
     flow = OscillationFlow(problem, lr, **flow_options)
-    truth = Hybrid(flow, library(problem, lr, PLANTED))
+    truth = Hybrid(flow, library(problem, lr, PLANTED if planted is None else planted))
     y0 = flow.join(problem.theta0, flow.extra_from_covariance(X0 * torch.eye(flow.n_track, dtype=torch.float64)))
     t = torch.arange(steps + 1, dtype=torch.float64)
     with torch.no_grad():
@@ -122,6 +124,48 @@ def test_frozen_eigenvector_gradient_on_a_tanh_net_is_within_its_approximation()
     # loss is of relative size |dtheta| |D3L| / (eigenvalue gap) over a window: measured 0.6 to 0.9 percent here
     rel = ((grad_d - exact).abs() / exact.abs()).max()
     assert rel < 0.02, (grad_d, exact)
+
+
+def test_backward_error_term_is_the_modified_equations_off_the_tracked_directions():
+    """``Hg``'s unit field is ``-lr^2 (I - U U^T) H g`` with ``U`` the tracked eigenvectors: dense algebra."""
+    p = tanh_net()
+    lr = 2.05 / float(top_eigenpairs(p, p.theta0, k=1, tol=1e-10).values[0])
+    flow = OscillationFlow(p, lr, n_track=2, q=1e-6, eig_tol=1e-10)
+    y = flow.join(p.theta0, flow.extra_from_covariance(1e-3 * torch.eye(2, dtype=torch.float64)))
+    base, fields = flow.hidden_fields(torch.zeros((), dtype=torch.float64), y, ["Hg"])
+    H = dense_hessian(p, p.theta0)
+    U = torch.linalg.eigh(H).eigenvectors[:, -2:]
+    expected = -(lr**2) * (torch.eye(p.dim, dtype=torch.float64) - U @ U.T) @ H @ gradient(p, p.theta0)
+    field = fields["Hg"][0]
+    torch.testing.assert_close(field[: p.dim], expected, rtol=1e-7, atol=1e-12)
+    assert bool((field[p.dim :] == 0).all())  # a theta term: the covariance's equation is the physics'
+    # along the tracked directions the series in lr lambda ~ 2 does not converge: the term leaves them alone
+    assert float((U.T @ field[: p.dim]).abs().max()) < 1e-9 * float(expected.norm())
+    assert float(expected.norm()) > 1e-3 * float(base[0, : p.dim].norm())
+    # order=1 is that physics: the same right-hand side plus the term at GD's coefficient 1/2, in dm/dt only
+    discrete = OscillationFlow(p, lr, n_track=2, q=1e-6, eig_tol=1e-10, order=1)
+    assert discrete.hidden_coefficients()["Hg"] == 0.5 and flow.hidden_coefficients()["Hg"] == 0.0
+    assert "continuous-time-order-2" in [a.name for a in discrete.approximations]
+    base_1 = discrete.hidden_fields(torch.zeros((), dtype=torch.float64), y, [])[0]
+    torch.testing.assert_close(base_1[0, : p.dim] - base[0, : p.dim], 0.5 * expected, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(base_1[0, p.dim :], base[0, p.dim :], rtol=1e-10, atol=0)
+    with pytest.raises(nf.InputError, match="order must be 0"):
+        OscillationFlow(p, lr, order=2)
+
+
+@pytest.mark.slow  # tight eigen-solves along 40 steps of a turning eigenbasis: about 30 s
+def test_fit_recovers_a_planted_backward_error_coefficient_beside_the_oscillation_terms():
+    """GD's discrete steps planted as ``Hg`` at 0.4 (theory 1/2) on the turning eigenvectors of a tanh net past the
+    edge, with the growth and drift revised too: the adjoint fit from the continuous-time physics finds all three."""
+    p = tanh_net()
+    lr = 2.05 / float(top_eigenpairs(p, p.theta0, k=1, tol=1e-10).values[0])
+    options = {"n_track": 2, "q": 1e-6, "eig_tol": 1e-10}
+    planted = {**PLANTED, "Hg": 0.4}
+    traj = flow_trajectory(p, lr, steps=40, X0=1e-2, planted=planted, **options)
+    model = Hybrid(OscillationFlow(p, lr, **options), HiddenStateLibrary(p, lr, terms=list(planted)))
+    res = fit(model, traj, method="adjoint", optimizer="gauss-newton", progress=False, **OPTIONS)
+    assert res.coefficients == pytest.approx({"floquet": 2.2, "drift": 0.45, "Hg": 0.4}, rel=0.02), res.coefficients
+    assert res.hybrid_error < 1e-4 * res.physics_error
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..autodiff import StateDerivatives
 from ..errors import InputError
 from ..flows.approximations import (
+    CONTINUOUS_TIME_1,
     ISOTROPIC_INJECTION,
     LINEAR_FLOQUET_GROWTH,
     SECOND_ORDER_OSCILLATION,
@@ -27,7 +28,7 @@ from .terms import Correction, _check_names, _Factory
 
 @dataclass(frozen=True)
 class HiddenTermSpec:
-    """One term of the equation of a flow's extra state, or of its coupling into ``dtheta/dt`` (:data:`HIDDEN_TERMS`).
+    """One term of the equation of a flow's extra state, or of ``dtheta/dt`` beside it (:data:`HIDDEN_TERMS`).
 
     Written per tracked direction ``i`` with ``s = s_i`` the oscillation variance along it (on the covariance
     ``X`` the flow evaluates the matrix form). ``theory`` is GD's coefficient (None where it depends on the run:
@@ -37,8 +38,8 @@ class HiddenTermSpec:
     ``log_scale``: the coefficient is a positive scale known only to a factor (the floor), revised by a factor
     (:class:`HiddenStateLibrary`). Its notation, as the report writes the unit field: ``text`` and ``latex`` on
     the covariance (``{x}`` stands for the extra state's symbol), ``direction_text`` and ``direction_latex`` per
-    tracked direction, and ``where`` what a matrix symbol of it stands for (None without one). The drift is
-    written without its sign: its field is ``-lr grad <H, Sigma>``.
+    tracked direction, and ``where`` what a matrix symbol of it stands for (None without one). The ``theta``
+    terms are written without their sign: the drift's field is ``-lr grad <H, Sigma>``.
     """
 
     name: str
@@ -126,11 +127,26 @@ HIDDEN_TERMS: dict[str, HiddenTermSpec] = {
             r"\eta\,\nabla\langle H,\Sigma\rangle",
             where="Sigma = U^T X U over the tracked Hessian eigenvectors U",
         ),
+        HiddenTermSpec(
+            "Hg",
+            0.5,
+            CONTINUOUS_TIME_1,
+            "-lr^2 P H g,  P = I - U U^T",
+            "theta",
+            "lr^2 P H g",
+            r"\eta^{{2}}\,PHg",
+            "lr^2 P H g",
+            r"\eta^{{2}}\,PHg",
+            where="P = I - U U^T projects off the tracked Hessian eigenvectors U",
+        ),
     )
 }
 """Terms of the extra state's equation by name (science notes section 7). ``floquet_linear`` is the near-edge
 linearisation of ``floquet`` (theory 2 when it replaces it; 0 beside it); ``amplitude`` is the nonlinearity that
-linear Floquet growth neglects. Add a :class:`HiddenTermSpec` here, and its field to the flows that support it."""
+linear Floquet growth neglects. ``Hg`` is GD's first-order backward-error term (science notes section 2) off the
+tracked directions, where ``lr lambda`` is small and the modified equation holds; along them ``lr lambda ~ 2`` and
+the series in ``lr lambda`` does not converge (there the oscillation's own terms act). Add a
+:class:`HiddenTermSpec` here, and its field to the flows that support it."""
 
 
 class HiddenStateLibrary(Correction):

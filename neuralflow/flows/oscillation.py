@@ -62,6 +62,7 @@ from ..trajectory import Trajectory
 from .approximations import (
     ADIABATIC_EIGENVECTORS,
     CONTINUOUS_TIME_1,
+    CONTINUOUS_TIME_2,
     ISOTROPIC_INJECTION,
     LINEAR_FLOQUET_GROWTH,
     SECOND_ORDER_OSCILLATION,
@@ -148,7 +149,10 @@ class OscillationFlow(Flow):
     ``q`` the variance injected per step per direction (default: the float round-off floor at the problem's
     ``theta0``; :meth:`from_trajectory` adds the trajectory's noise ``nu^2``), ``n_track`` the number ``k`` of
     tracked top eigenvectors (``X`` is k x k), ``stiffness`` a factor on ``R`` (1 is the physics; large values
-    approach the central flow), ``max_decay`` the clamp on ``-r``, ``eig_tol`` the LOBPCG relative residual.
+    approach the central flow), ``max_decay`` the clamp on ``-r``, ``eig_tol`` the LOBPCG relative residual,
+    ``order`` the backward-error order of ``dm/dt`` off the tracked directions: 0 the continuous-time drift above,
+    1 adds GD's first-order term ``-(lr^2/2) P H g`` with ``P = I - U U^T`` (science notes section 2; along the
+    tracked directions ``lr lambda ~ 2``, where the series does not converge and the oscillation terms act).
 
     The ODE state is ``[m, Z.flatten(), rho]`` (:attr:`extra_state`, shape ``(k + 1, k)``; :meth:`covariance`
     gives ``X``, :meth:`extra_from_covariance` the reverse); :func:`~neuralflow.flows.simulate` starts it from
@@ -173,7 +177,11 @@ class OscillationFlow(Flow):
     """
 
     name = "oscillation"
-    latex = r"-\eta\left(g+\frac{1}{2}\nabla\langle H,\Sigma\rangle\right)"
+    LATEX = (
+        r"-\eta\left(g+\frac{1}{2}\nabla\langle H,\Sigma\rangle\right)",
+        r"-\eta\left(g+\frac{1}{2}\nabla\langle H,\Sigma\rangle\right)-\frac{\eta^{2}}{2}PHg",
+    )
+    latex = LATEX[0]
     solver = {"method": "euler", "options": {"step_size": 0.5}}
 
     def __init__(
@@ -185,6 +193,7 @@ class OscillationFlow(Flow):
         stiffness: float = 1.0,
         max_decay: float = 1.0,
         eig_tol: float = 1e-3,
+        order: int = 0,
     ) -> None:
         super().__init__(problem, lr)
         if not problem.thrice_differentiable:
@@ -205,6 +214,12 @@ class OscillationFlow(Flow):
         self.stiffness = float(stiffness)
         self.max_decay = float(max_decay)
         self.eig_tol = float(eig_tol)
+        if order not in (0, 1):
+            raise InputError(
+                f"OscillationFlow: order must be 0 (continuous time) or 1 (with -(lr^2/2) P H g), got {order!r}."
+            )
+        self.order = int(order)
+        self.latex = self.LATEX[self.order]
         self.extra_state = ExtraState(
             OSCILLATION_COVARIANCE.name,
             OSCILLATION_COVARIANCE.symbol,
@@ -212,7 +227,7 @@ class OscillationFlow(Flow):
             OSCILLATION_COVARIANCE.statement,
         )
         self.approximations = (
-            CONTINUOUS_TIME_1,
+            CONTINUOUS_TIME_2 if self.order else CONTINUOUS_TIME_1,
             LINEAR_FLOQUET_GROWTH,
             TRACKED_SUBSPACE,
             ADIABATIC_EIGENVECTORS,
@@ -221,6 +236,10 @@ class OscillationFlow(Flow):
         )
         self.last: OscillationState | None = None
         self.reset()
+
+    @classmethod
+    def latex_of(cls, order: int = 0, **options: object) -> str:
+        return cls.LATEX[order]
 
     @classmethod
     def from_trajectory(cls, problem: Problem, trajectory: Trajectory, **options: object) -> OscillationFlow:
@@ -341,10 +360,16 @@ class OscillationFlow(Flow):
         EE = E[:, :, None] * E[:, None, :]
         inject = C.transpose(1, 2) @ C
         dZ = (N @ X + X @ N + self.q * inject) / EE
+        on_theta = {}  # theta fields that need g's graph, before the drift's backward pass frees it
+        if "Hg" in names or self.order:
+            Hg = state.hvp(state.g)
+            on_theta["Hg"] = -(self.lr**2) * (Hg - ((U @ Hg[..., None]).mT @ U)[:, 0])  # off the tracked U
         XU = X_U @ U  # grad <H, U^T X_U U> = sum_b D3L[(X_U U)_b, u_b]: the vector-Jacobian product of the H u_b
         with torch.enable_grad():
             drift = torch.autograd.grad(hu, state.thetas, XU, create_graph=graph)[0]
         dm = -self.lr * (state.g + 0.5 * drift)
+        if self.order:
+            dm = dm + 0.5 * on_theta["Hg"]
         for track, u, rates in zip(tracks, U, r.detach(), strict=True):
             track.U_last, track.rates_last = u, rates
         self.last = OscillationState(
@@ -355,6 +380,9 @@ class OscillationFlow(Flow):
         for name in names:
             if name == "drift":
                 fields[name] = self.join(-self.lr * drift, torch.zeros_like(extras))
+                continue
+            if name in on_theta:
+                fields[name] = self.join(on_theta[name], torch.zeros_like(extras))
                 continue
             if name == "floquet":
                 A = 0.5 * (R_ref @ X + X @ R_ref)
@@ -426,8 +454,10 @@ class OscillationFlow(Flow):
 
     def hidden_coefficients(self) -> dict[str, float]:
         """The physics' coefficients of the hidden-state terms (per tracked direction ``ds/dt = 2 s r + q``, the drift
-        ``-lr/2 grad <H, Sigma>``); the linearised growth and the amplitude-dependent rate are absent (0)."""
-        return {"floquet": 2.0, "floquet_linear": 0.0, "amplitude": 0.0, "floor": self.q, "drift": 0.5}
+        ``-lr/2 grad <H, Sigma>``); the linearised growth, the amplitude-dependent rate and the backward-error term
+        ``Hg`` (1/2 with ``order=1``, GD's; else continuous time) are absent (0)."""
+        own = {"floquet": 2.0, "floquet_linear": 0.0, "amplitude": 0.0, "floor": self.q, "drift": 0.5}
+        return {**own, "Hg": 0.5 * self.order}
 
     def hidden_fields(self, t: Tensor, y: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         batch = self._check_state(y)
@@ -516,4 +546,5 @@ class OscillationFlow(Flow):
             "stiffness": self.stiffness,
             "max_decay": self.max_decay,
             "eig_tol": self.eig_tol,
+            "order": self.order,
         }

@@ -92,7 +92,8 @@ HELP: dict[str, str] = {
     "sdcp_tol": "Tolerance of the complementarity problem's solver.",
     "gram_every": "Recompute the Gram matrix every this many evaluations.",
     "above_edge": "error: refuse a start above 2/lr; hold: hold those eigenvalues where they are.",
-    "order": "Order of the modified equation.",
+    "order": "Order of the modified equation (the oscillation flow: 1 adds -(lr^2/2) P H g off the tracked "
+    "directions, 0 is continuous time).",
     "k": "Number of eigen-directions (default: all).",
     "q": "Oscillation flow: variance injected per step along each direction (default: the float round-off floor).",
     "n_track": "Oscillation flow: number of top eigenvectors whose oscillation covariance is carried.",

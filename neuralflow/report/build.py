@@ -17,6 +17,7 @@ from ..flows import Approximation, GradientFlow
 from ..sparse import SparseSolution, sparse_regression
 from .formula import gate_formula
 from .hidden import (
+    all_window_errors,
     edge_approximation,
     hidden_contributions,
     hidden_rows,
@@ -25,7 +26,7 @@ from .hidden import (
     sharpness_at,
 )
 from .model import Report
-from .notation import percent
+from .notation import percent, sig
 from .summary import RESIDUAL, Gate, TermSummary, _edge_label
 
 
@@ -412,6 +413,13 @@ def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, 
         notes.append("no term's revision lowers the windows' error on its own; the shares are left at 0")
     if result.settings.get("extra_start") == "fitted":
         notes.append("shares are measured on windows started from the measured extra state, not the fitted starts")
+    physics_error, hybrid_error = all_window_errors(result)
+    held_out = result.windows.get("validation") if getattr(result, "windows", None) else None
+    if held_out is not None and bool(held_out.any()) and not bool(held_out.all()):
+        notes.append(
+            f"gap and shares over all {len(held_out)} windows; on the {int(held_out.sum())} held-out one(s): "
+            f"physics {sig(result.physics_error)} -> hybrid {sig(result.hybrid_error)}"
+        )
     theory = {**{n: s.theory for n, s in HIDDEN_TERMS.items()}, "floor": flow.hidden_coefficients().get("floor")}
     uncertainty = dict(getattr(result, "uncertainty", {}) or {})
     rows = [
@@ -434,8 +442,8 @@ def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, 
         problem=str(result.trajectory.problem.get("name", model.problem.name)),
         lr=float(model.lr),
         physics=getattr(flow, "name", type(flow).__name__),
-        physics_error=float(result.physics_error),
-        hybrid_error=float(result.hybrid_error),
+        physics_error=physics_error,
+        hybrid_error=hybrid_error,
         terms=rows,
         source="hidden-state",
         curves=curves,

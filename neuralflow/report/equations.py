@@ -54,8 +54,9 @@ def _lines(eq: dict[str, Any], latex: bool) -> tuple[str, str]:
     theta_text, theta_latex = _THETA_PHYSICS.get(
         physics, (f"F_{physics}(theta)", r"F_{\mathrm{" + _latex_escape(physics) + r"}}(\theta)")
     )
-    theta = [(-c, _notation(n, col)) for n, c in eq["terms"] if n == "drift"]
-    extra = [(c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if n != "drift"]
+    on_theta = {n for n, _ in eq["terms"] if HIDDEN_TERMS[n].equation == "theta"}
+    theta = [(-c, _notation(n, col)) for n, c in eq["terms"] if n in on_theta]
+    extra = [(c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if n not in on_theta]
     rhs = (theta_latex if latex else theta_text) + (_sum(theta, latex, after=True) if theta else "")
     if latex:
         return r"\frac{d\theta}{dt}=" + rhs, rf"\frac{{d{symbol}}}{{dt}}=" + _sum(extra, True)
@@ -69,8 +70,14 @@ def equation_text(eq: dict[str, Any]) -> list[str]:
     where = []
     for n, _ in eq["terms"]:
         stands_for = HIDDEN_TERMS[n].where
-        if stands_for is not None and (eq["matrix"] or n == "drift"):
-            where.append(stands_for if eq["matrix"] else f"Sigma = {symbol} u u^T along the top Hessian eigenvector u")
+        if stands_for is None or not (eq["matrix"] or HIDDEN_TERMS[n].equation == "theta"):
+            continue
+        if eq["matrix"]:
+            where.append(stands_for)
+        elif n == "drift":
+            where.append(f"Sigma = {symbol} u u^T along the top Hessian eigenvector u")
+        else:
+            where.append(stands_for.replace("U U^T", "u u^T").replace("eigenvectors U", "eigenvector u"))
     return [theta, extra, "where " + "; ".join([*where, f"{symbol}: {eq['statement']}"])]
 
 
