@@ -54,6 +54,13 @@ def test_report_of_a_hidden_state_fit_puts_each_coefficient_beside_its_theory(pl
     # leave-one-out shares: both revisions matter, the floor (fitted ~0, as planted) does not; they add to closed
     assert rows["drift"].share > 0.1 and rows["floquet"].share > 0.1 and abs(rows["floor"].share) < 1e-3
     assert sum(t.share for t in report.terms) == pytest.approx(report.closed, rel=1e-9)
+    # gap and shares over all windows, training and held out; the held-out figures are a note
+    held_out = planted_fit.windows["validation"]
+    assert 0 < int(held_out.sum()) < len(held_out)
+    assert report.physics_error == pytest.approx(float(planted_fit.physics_window_errors.mean()), rel=1e-12)
+    assert report.hybrid_error == pytest.approx(float(planted_fit.window_errors.mean()), rel=1e-12)
+    assert report.physics_error != pytest.approx(planted_fit.physics_error, rel=1e-3)
+    assert any(f"over all {len(held_out)} windows" in n and "held-out" in n for n in report.notes)
     assert [t.name for t in report.terms][:2] == sorted(["drift", "floquet"], key=lambda n: -rows[n].share)
     text = str(report)
     assert re.search(r"^1\s+(drift|floquet)\s+\S+%\s+(0\.45|2\.2)\d* \+- \S+\s+(1/2|2)\s+", text, re.M)
@@ -85,6 +92,14 @@ def test_oscillation_flow_equations_print_in_matrix_form():
         r"\frac{d\theta}{dt}=-\eta\,g-0.49\,\eta\,\nabla\langle H,\Sigma\rangle,\quad "
         r"\frac{dX}{dt}=2.03\,\frac{RX+XR}{2}-0.5\,X^{2}+1\times 10^{-20}\,I"
     )
+    _render_math(latex)
+    # with GD's backward-error term (order=1) the theta equation carries it, written as the term library writes Hg
+    discrete = OscillationFlow(damian(), LR, q=1e-20, n_track=2, order=1)
+    theta, extra, where = equation_text(extra_equation(discrete, {"Hg": 0.6}))
+    assert theta == "dtheta/dt = -lr g - 0.5 lr grad <H, Sigma> - 0.6 lr^2 P H g"
+    assert extra == "dX/dt = 2 (R X + X R)/2 + 1e-20 I" and "P = I - U U^T" in where
+    latex = equation_latex(extra_equation(discrete, {}))
+    assert r"-0.5\,\eta^{2}\,PHg" in latex
     _render_math(latex)
 
 

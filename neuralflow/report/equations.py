@@ -55,7 +55,7 @@ def _lines(eq: dict[str, Any], latex: bool) -> tuple[str, str]:
         physics, (f"F_{physics}(theta)", r"F_{\mathrm{" + _latex_escape(physics) + r"}}(\theta)")
     )
     on_theta = {n for n, _ in eq["terms"] if HIDDEN_TERMS[n].equation == "theta"}
-    theta = [(-c, _notation(n, col)) for n, c in eq["terms"] if n in on_theta]
+    theta = [(-c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if n in on_theta]
     extra = [(c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if n not in on_theta]
     rhs = (theta_latex if latex else theta_text) + (_sum(theta, latex, after=True) if theta else "")
     if latex:
