@@ -109,7 +109,9 @@ def ladder(
 
     A rung whose flow carries state beyond ``theta`` (the oscillation flow) gets a
     :class:`~neuralflow.corrections.HiddenStateLibrary` instead. So gradient flow, central flow and oscillation
-    flow give one table: each rung's gap, what its correction closed, its top revision.
+    flow give one table: each rung's gap, what its correction closed, its top revision. The report of such a rung
+    measures its gap over all the fit's windows (:mod:`neuralflow.report.hidden`), so a ladder with one fits every
+    rung without held-out windows (``val_fraction=0``): every rung is then measured on the same windows.
 
     Parameters
     ----------
@@ -145,17 +147,27 @@ def ladder(
     Raises
     ------
     InputError
-        Without physics, or with an unknown flow name.
+        Without physics, with an unknown flow name, or with ``val_fraction > 0`` and a rung with extra state.
     """
     if not physics:
         raise InputError("ladder: pass at least one physics flow, e.g. [GradientFlow(p, lr), CentralFlow(p, lr)].")
-    reports, results = [], []
+    flows = []
     for flow in physics:
         if isinstance(flow, str):
             if flow not in FLOWS:
                 raise InputError(f"ladder: unknown physics {flow!r}; known flows are {sorted(FLOWS)}.")
             problem = make(trajectory.problem) if problem is None else problem
             flow = for_run(flow, problem, trajectory)
+        flows.append(flow)
+    if any(flow.extra_state is not None for flow in flows):
+        if fit_kwargs.setdefault("val_fraction", 0.0) != 0:
+            raise InputError(
+                f"ladder: a rung with extra state ({', '.join(f.name for f in flows if f.extra_state is not None)}) "
+                "is measured over all its windows, so every rung is fitted without held-out windows; drop "
+                f"val_fraction={fit_kwargs['val_fraction']!r} (or pass val_fraction=0)."
+            )
+    reports, results = [], []
+    for flow in flows:
         if flow.extra_state is not None:
             chosen = default_hidden_terms(flow) if hidden_terms is None else list(hidden_terms)
             model = Hybrid(flow, HiddenStateLibrary(flow.problem, flow.lr, terms=chosen))

@@ -93,9 +93,9 @@ def test_oscillation_flow_equations_print_in_matrix_form():
         r"\frac{dX}{dt}=2.03\,\frac{RX+XR}{2}-0.5\,X^{2}+1\times 10^{-20}\,I"
     )
     _render_math(latex)
-    # with GD's backward-error term (order=1) the theta equation carries it, written as the term library writes Hg
+    # with GD's backward-error term (order=1) the theta equation carries it, as the term library writes Hg
     discrete = OscillationFlow(damian(), LR, q=1e-20, n_track=2, order=1)
-    theta, extra, where = equation_text(extra_equation(discrete, {"Hg": 0.6}))
+    theta, extra, where = equation_text(extra_equation(discrete, {"PHg": 0.6}))
     assert theta == "dtheta/dt = -lr g - 0.5 lr grad <H, Sigma> - 0.6 lr^2 P H g"
     assert extra == "dX/dt = 2 (R X + X R)/2 + 1e-20 I" and "P = I - U U^T" in where
     latex = equation_latex(extra_equation(discrete, {}))
@@ -254,8 +254,11 @@ def test_ladder_fits_a_hidden_state_library_on_a_rung_with_extra_state():
     assert hidden.model.correction.terms == ["floquet", "floor", "drift"]  # the defaults the planted flow supports
     assert hidden.coefficients["floquet"] == pytest.approx(2.2, rel=0.02)
     assert hidden.coefficients["drift"] == pytest.approx(0.45, rel=0.02)
+    assert all(bool((~r.windows["validation"]).all()) for r in lad.results)  # every rung on the same windows
     first, second = lad.reports
     assert second.source == "hidden-state" and second.closed > 0.99 and second.physics_error < first.physics_error
+    with pytest.raises(nf.InputError, match="without held-out windows"):
+        nf.report.ladder(traj, [GradientFlow(p, LR), PlantedHidden(p, LR)], window=20, val_fraction=0.2, **SOLVER)
     text = str(lad)
     assert re.search(
         r"^planted-hidden\s+\S+\s+\d\.\d%\s+\S+\s+100\.0%\s+(second-order-oscillation|"

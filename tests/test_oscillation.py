@@ -167,17 +167,18 @@ def test_flow_starts_above_the_edge_with_the_measured_variance():
     assert bool(torch.isfinite(theta).all())
 
 
-@pytest.mark.parametrize("order", [0, 1])
-def test_a_saved_simulation_resumes_exactly(tmp_path, order):
+@pytest.mark.parametrize("order, k", [(0, 2), (1, 1)])  # order 1 tracks one of two directions: P H g is not 0
+def test_a_saved_simulation_resumes_exactly(tmp_path, order, k):
     p = nf.problems.zhu_quartic()
-    flow = FLOWS["oscillation"](p, 0.2, q=1e-10, n_track=2, order=order)
+    flow = FLOWS["oscillation"](p, 0.2, q=1e-10, n_track=k, order=order)
     t = torch.arange(0, 9, dtype=torch.float64)
     full, X = simulate(flow, p.theta0, t, return_extra=True)
-    flow2 = OscillationFlow(p, 0.2, q=1e-10, n_track=2, order=order)
+    flow2 = OscillationFlow(p, 0.2, q=1e-10, n_track=k, order=order)
     head, Xh = simulate(flow2, p.theta0, t[:5], return_extra=True)
     path = save_simulation(tmp_path / "run.nfs", flow2, float(t[4]), flow2.join(head[-1], Xh[-1]))
     back, t0, theta, extra = load_simulation(path)
-    assert t0 == 4.0 and back.config() == flow.config() and back.extra_state.shape == (3, 2)
+    assert t0 == 4.0 and back.config() == flow.config() and back.extra_state.shape == (k + 1, k)
+    assert back.name == ("oscillation1" if order else "oscillation")
     tail, Xt = simulate(back, theta, t[4:], extra0=extra, reset=False, return_extra=True)
     assert torch.equal(tail, full[4:]) and torch.equal(Xt, X[4:])
 

@@ -127,16 +127,16 @@ def test_frozen_eigenvector_gradient_on_a_tanh_net_is_within_its_approximation()
 
 
 def test_backward_error_term_is_the_modified_equations_off_the_tracked_directions():
-    """``Hg``'s unit field is ``-lr^2 (I - U U^T) H g`` with ``U`` the tracked eigenvectors: dense algebra."""
+    """``PHg``'s unit field is ``-lr^2 (I - U U^T) H g`` with ``U`` the tracked eigenvectors: dense algebra."""
     p = tanh_net()
     lr = 2.05 / float(top_eigenpairs(p, p.theta0, k=1, tol=1e-10).values[0])
     flow = OscillationFlow(p, lr, n_track=2, q=1e-6, eig_tol=1e-10)
     y = flow.join(p.theta0, flow.extra_from_covariance(1e-3 * torch.eye(2, dtype=torch.float64)))
-    base, fields = flow.hidden_fields(torch.zeros((), dtype=torch.float64), y, ["Hg"])
+    base, fields = flow.hidden_fields(torch.zeros((), dtype=torch.float64), y, ["PHg"])
     H = dense_hessian(p, p.theta0)
     U = torch.linalg.eigh(H).eigenvectors[:, -2:]
     expected = -(lr**2) * (torch.eye(p.dim, dtype=torch.float64) - U @ U.T) @ H @ gradient(p, p.theta0)
-    field = fields["Hg"][0]
+    field = fields["PHg"][0]
     torch.testing.assert_close(field[: p.dim], expected, rtol=1e-7, atol=1e-12)
     assert bool((field[p.dim :] == 0).all())  # a theta term: the covariance's equation is the physics'
     # along the tracked directions the series in lr lambda ~ 2 does not converge: the term leaves them alone
@@ -144,8 +144,8 @@ def test_backward_error_term_is_the_modified_equations_off_the_tracked_direction
     assert float(expected.norm()) > 1e-3 * float(base[0, : p.dim].norm())
     # order=1 is that physics: the same right-hand side plus the term at GD's coefficient 1/2, in dm/dt only
     discrete = OscillationFlow(p, lr, n_track=2, q=1e-6, eig_tol=1e-10, order=1)
-    assert discrete.hidden_coefficients()["Hg"] == 0.5 and flow.hidden_coefficients()["Hg"] == 0.0
-    assert "continuous-time-order-2" in [a.name for a in discrete.approximations]
+    assert discrete.hidden_coefficients()["PHg"] == 0.5 and flow.hidden_coefficients()["PHg"] == 0.0
+    assert "modified-equation-off-tracked" in [a.name for a in discrete.approximations]
     base_1 = discrete.hidden_fields(torch.zeros((), dtype=torch.float64), y, [])[0]
     torch.testing.assert_close(base_1[0, : p.dim] - base[0, : p.dim], 0.5 * expected, rtol=1e-7, atol=1e-12)
     torch.testing.assert_close(base_1[0, p.dim :], base[0, p.dim :], rtol=1e-10, atol=0)
@@ -153,18 +153,45 @@ def test_backward_error_term_is_the_modified_equations_off_the_tracked_direction
         OscillationFlow(p, lr, order=2)
 
 
+def test_backward_error_field_is_differentiable_for_the_adjoint():
+    """With the state requiring grad, the ``PHg`` field's Jacobian is that of ``-lr^2 P H(theta) g(theta)`` with
+    ``P`` held fixed (the adiabatic eigenvectors), D3L and H^2 parts included."""
+    p = tanh_net()
+    lr = 2.05 / float(top_eigenpairs(p, p.theta0, k=1, tol=1e-10).values[0])
+    flow = OscillationFlow(p, lr, n_track=2, q=1e-6, eig_tol=1e-10)
+    X = flow.extra_from_covariance(1e-3 * torch.eye(2, dtype=torch.float64))
+    t = torch.zeros((), dtype=torch.float64)
+
+    def field(theta: torch.Tensor) -> torch.Tensor:
+        return flow.hidden_fields(t, flow.join(theta, X), ["PHg"])[1]["PHg"][0, : p.dim]
+
+    jac = torch.autograd.functional.jacobian(field, p.theta0.clone())
+    assert flow.last is not None
+    U = flow.last.vectors
+    P = torch.eye(p.dim, dtype=torch.float64) - U.T @ U
+
+    def reference(theta: torch.Tensor) -> torch.Tensor:
+        (g,) = torch.autograd.grad(p.loss(theta), theta, create_graph=True)
+        (Hg,) = torch.autograd.grad(g, theta, g, create_graph=True)
+        return -(lr**2) * P @ Hg
+
+    expected = torch.autograd.functional.jacobian(reference, p.theta0.clone(), create_graph=False)
+    assert float(expected.abs().max()) > 0
+    torch.testing.assert_close(jac, expected, rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.slow  # tight eigen-solves along 40 steps of a turning eigenbasis: about 30 s
 def test_fit_recovers_a_planted_backward_error_coefficient_beside_the_oscillation_terms():
-    """GD's discrete steps planted as ``Hg`` at 0.4 (theory 1/2) on the turning eigenvectors of a tanh net past the
+    """GD's discrete steps planted as ``PHg`` at 0.4 (theory 1/2) on the turning eigenvectors of a tanh net past the
     edge, with the growth and drift revised too: the adjoint fit from the continuous-time physics finds all three."""
     p = tanh_net()
     lr = 2.05 / float(top_eigenpairs(p, p.theta0, k=1, tol=1e-10).values[0])
     options = {"n_track": 2, "q": 1e-6, "eig_tol": 1e-10}
-    planted = {**PLANTED, "Hg": 0.4}
+    planted = {**PLANTED, "PHg": 0.4}
     traj = flow_trajectory(p, lr, steps=40, X0=1e-2, planted=planted, **options)
     model = Hybrid(OscillationFlow(p, lr, **options), HiddenStateLibrary(p, lr, terms=list(planted)))
     res = fit(model, traj, method="adjoint", optimizer="gauss-newton", progress=False, **OPTIONS)
-    assert res.coefficients == pytest.approx({"floquet": 2.2, "drift": 0.45, "Hg": 0.4}, rel=0.02), res.coefficients
+    assert res.coefficients == pytest.approx({"floquet": 2.2, "drift": 0.45, "PHg": 0.4}, rel=0.02), res.coefficients
     assert res.hybrid_error < 1e-4 * res.physics_error
 
 

@@ -28,6 +28,7 @@ FLOWS: dict[str, Callable[..., Flow]] = {
     "principal": PrincipalFlow,
     "central": CentralFlow,
     "oscillation": OscillationFlow,
+    "oscillation1": partial(OscillationFlow, order=1),
 }
 
 

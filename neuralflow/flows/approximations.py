@@ -28,6 +28,8 @@ __all__ = [
     "LINEAR_FLOQUET_GROWTH",
     "TRACKED_SUBSPACE",
     "ADIABATIC_EIGENVECTORS",
+    "CONTINUOUS_TIME_OFF_TRACKED",
+    "MODIFIED_OFF_TRACKED",
     "ISOTROPIC_INJECTION",
     "EFFECTIVE_STEP_SIZE",
     "NO_OSCILLATION_CRITICAL",
@@ -217,6 +219,26 @@ ADIABATIC_EIGENVECTORS = Approximation(
     reference=_SCIENCE,
 )
 
+CONTINUOUS_TIME_OFF_TRACKED = Approximation(
+    name="continuous-time-off-tracked",
+    statement="Off the tracked eigenvectors GD's discrete steps are replaced by their continuous-time limit, "
+    "dropping the first-order backward-error term -(1/2) lr^2 P H g (P = I - U U^T); along them the Floquet rate "
+    "log|1 - lr lambda| is already GD's per-step factor.",
+    exact_when="lr lambda -> 0 for the untracked eigenvalues, to O(lr^2) per step",
+    revised_by=("PHg", "Hg"),
+    reference=_HLW + "; " + _SCIENCE,
+)
+
+MODIFIED_OFF_TRACKED = Approximation(
+    name="modified-equation-off-tracked",
+    statement="Off the tracked eigenvectors GD's discrete steps are replaced by their modified equation truncated "
+    "after the first-order term -(1/2) lr^2 P H g, dropping the second-order terms; the modified equation is not "
+    "applied along the tracked eigenvectors, where lr lambda ~ 2 and its series does not converge.",
+    exact_when="lr lambda -> 0 for the untracked eigenvalues, to O(lr^3) per step",
+    revised_by=("PHg", "H2g", "D3gg"),
+    reference=_HLW + "; " + _SCIENCE,
+)
+
 ISOTROPIC_INJECTION = Approximation(
     name="isotropic-constant-injection",
     statement="The variance that seeds the oscillation (injected noise, float round-off) is the same constant q "
@@ -271,6 +293,8 @@ APPROXIMATIONS: dict[str, Approximation] = {
         LINEAR_FLOQUET_GROWTH,
         TRACKED_SUBSPACE,
         ADIABATIC_EIGENVECTORS,
+        CONTINUOUS_TIME_OFF_TRACKED,
+        MODIFIED_OFF_TRACKED,
         ISOTROPIC_INJECTION,
         EFFECTIVE_STEP_SIZE,
         NO_OSCILLATION_CRITICAL,

@@ -12,6 +12,10 @@ In step time:
 
 with ``q`` the variance injected per step along every direction (``nu^2`` for Gaussian noise of standard
 deviation ``nu`` per coordinate, plus the float round-off floor, :func:`neuralflow.oscillation.roundoff_variance`).
+With ``order=1`` (registry name ``"oscillation1"``) ``dm/dt`` also carries GD's first-order backward-error term off
+the tracked directions, ``-(lr^2/2) P H g`` with ``P = I - U^T U`` (science.md section 2): there ``lr lambda`` is
+small and the modified equation holds; along ``U``, ``lr lambda ~ 2``, its series does not converge and the Floquet
+rate is already GD's per-step factor.
 Past ``2/lr`` (``r > 0``) the oscillation grows from that floor, which makes the *quiet stretch* of GD
 past the edge; once large it bends the sharpness below ``2/lr`` through the drift (the *catapult*), then
 decays. Damian, Nichani, Lee (ICLR 2023, section 4) is its one-direction reduction: near the edge
@@ -61,10 +65,10 @@ from ..problems import Problem, check_positive_int
 from ..trajectory import Trajectory
 from .approximations import (
     ADIABATIC_EIGENVECTORS,
-    CONTINUOUS_TIME_1,
-    CONTINUOUS_TIME_2,
+    CONTINUOUS_TIME_OFF_TRACKED,
     ISOTROPIC_INJECTION,
     LINEAR_FLOQUET_GROWTH,
+    MODIFIED_OFF_TRACKED,
     SECOND_ORDER_OSCILLATION,
     TRACKED_SUBSPACE,
 )
@@ -107,6 +111,15 @@ def carry_covariance(X: Tensor, U_old: Tensor, U_new: Tensor, floor: Tensor) -> 
     return 0.5 * (carried + carried.mT) + torch.diag_embed(outside * floor)
 
 
+def _check_order(order: object) -> int:
+    """``order`` of :class:`OscillationFlow`: 0 (continuous time) or 1 (GD's backward-error term off ``U``)."""
+    if isinstance(order, bool) or order not in (0, 1):
+        raise InputError(
+            f"OscillationFlow: order must be 0 (continuous time) or 1 (with -(lr^2/2) P H g), got {order!r}."
+        )
+    return int(order)  # type: ignore[call-overload]
+
+
 @dataclass
 class OscillationState:
     """What one evaluation of the oscillation flow saw (detached): ``values`` (k,) the tracked eigenvalues,
@@ -143,7 +156,8 @@ class _Track:
 
 
 class OscillationFlow(Flow):
-    """``dm/dt = -lr [g + 1/2 grad <H, Sigma>]``, ``dX/dt = R X + X R + q I``: the oscillation as a state.
+    """``dm/dt = -lr [g + 1/2 grad <H, Sigma>] (- (lr^2/2) P H g)``, ``dX/dt = R X + X R + q I``: the oscillation as
+    a state (the bracketed term with ``order=1``).
 
     See the module docstring for the equations, the basis of ``X`` and the discretisation. Parameters:
     ``q`` the variance injected per step per direction (default: the float round-off floor at the problem's
@@ -160,7 +174,8 @@ class OscillationFlow(Flow):
     Each evaluation stores an :class:`OscillationState` in ``self.last``. Cost per evaluation (a batch of states
     at once): one gradient graph, k Hessian-vector products that refine the warm eigenvectors by Rayleigh-Ritz
     (a warm LOBPCG only where they fail the residual test) and one backward pass for the drift; no
-    complementarity solve and no Gram matrix of ``D3L`` pairs. A hybrid with a
+    complementarity solve and no Gram matrix of ``D3L`` pairs; ``order=1`` (or a fitted ``PHg``) adds one
+    Hessian-vector product. A hybrid with a
     :class:`~neuralflow.corrections.HiddenStateLibrary` evaluates the terms of :meth:`hidden_fields`.
 
     **Derivatives (the adjoint fit).** Where the state requires grad the right-hand side is differentiable in
@@ -214,11 +229,8 @@ class OscillationFlow(Flow):
         self.stiffness = float(stiffness)
         self.max_decay = float(max_decay)
         self.eig_tol = float(eig_tol)
-        if order not in (0, 1):
-            raise InputError(
-                f"OscillationFlow: order must be 0 (continuous time) or 1 (with -(lr^2/2) P H g), got {order!r}."
-            )
-        self.order = int(order)
+        self.order = _check_order(order)
+        self.name = "oscillation1" if self.order else "oscillation"
         self.latex = self.LATEX[self.order]
         self.extra_state = ExtraState(
             OSCILLATION_COVARIANCE.name,
@@ -227,7 +239,7 @@ class OscillationFlow(Flow):
             OSCILLATION_COVARIANCE.statement,
         )
         self.approximations = (
-            CONTINUOUS_TIME_2 if self.order else CONTINUOUS_TIME_1,
+            MODIFIED_OFF_TRACKED if self.order else CONTINUOUS_TIME_OFF_TRACKED,
             LINEAR_FLOQUET_GROWTH,
             TRACKED_SUBSPACE,
             ADIABATIC_EIGENVECTORS,
@@ -239,7 +251,8 @@ class OscillationFlow(Flow):
 
     @classmethod
     def latex_of(cls, order: int = 0, **options: object) -> str:
-        return cls.LATEX[order]
+        """The right-hand side of ``dm/dt`` of the flow of this ``order`` in LaTeX."""
+        return cls.LATEX[_check_order(order)]
 
     @classmethod
     def from_trajectory(cls, problem: Problem, trajectory: Trajectory, **options: object) -> OscillationFlow:
@@ -360,16 +373,17 @@ class OscillationFlow(Flow):
         EE = E[:, :, None] * E[:, None, :]
         inject = C.transpose(1, 2) @ C
         dZ = (N @ X + X @ N + self.q * inject) / EE
-        on_theta = {}  # theta fields that need g's graph, before the drift's backward pass frees it
-        if "Hg" in names or self.order:
+        on_theta = {}  # unit fields of the theta terms; P H g needs g's graph before the drift's backward pass
+        if "PHg" in names or self.order:
             Hg = state.hvp(state.g)
-            on_theta["Hg"] = -(self.lr**2) * (Hg - ((U @ Hg[..., None]).mT @ U)[:, 0])  # off the tracked U
+            on_theta["PHg"] = -(self.lr**2) * (Hg - ((U @ Hg[..., None]).mT @ U)[:, 0])  # off the tracked U
         XU = X_U @ U  # grad <H, U^T X_U U> = sum_b D3L[(X_U U)_b, u_b]: the vector-Jacobian product of the H u_b
         with torch.enable_grad():
             drift = torch.autograd.grad(hu, state.thetas, XU, create_graph=graph)[0]
+        on_theta["drift"] = -self.lr * drift
         dm = -self.lr * (state.g + 0.5 * drift)
         if self.order:
-            dm = dm + 0.5 * on_theta["Hg"]
+            dm = dm + 0.5 * on_theta["PHg"]
         for track, u, rates in zip(tracks, U, r.detach(), strict=True):
             track.U_last, track.rates_last = u, rates
         self.last = OscillationState(
@@ -378,9 +392,6 @@ class OscillationFlow(Flow):
         fields = {}
         zero_m, zero_rho = torch.zeros_like(dm), torch.zeros_like(d)[:, None]
         for name in names:
-            if name == "drift":
-                fields[name] = self.join(-self.lr * drift, torch.zeros_like(extras))
-                continue
             if name in on_theta:
                 fields[name] = self.join(on_theta[name], torch.zeros_like(extras))
                 continue
@@ -454,10 +465,10 @@ class OscillationFlow(Flow):
 
     def hidden_coefficients(self) -> dict[str, float]:
         """The physics' coefficients of the hidden-state terms (per tracked direction ``ds/dt = 2 s r + q``, the drift
-        ``-lr/2 grad <H, Sigma>``); the linearised growth, the amplitude-dependent rate and the backward-error term
-        ``Hg`` (1/2 with ``order=1``, GD's; else continuous time) are absent (0)."""
+        ``-lr/2 grad <H, Sigma>``, the backward-error term ``-(lr^2/2) P H g`` at GD's 1/2 with ``order=1``, else 0:
+        continuous time); the linearised growth and the amplitude-dependent rate are absent (0)."""
         own = {"floquet": 2.0, "floquet_linear": 0.0, "amplitude": 0.0, "floor": self.q, "drift": 0.5}
-        return {**own, "Hg": 0.5 * self.order}
+        return {**own, "PHg": 0.5 * self.order}
 
     def hidden_fields(self, t: Tensor, y: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         batch = self._check_state(y)

@@ -15,7 +15,7 @@ from .notation import _latex_escape, _sig_latex, sig
 __all__ = ["equation_text", "equation_latex", "extra_equation"]
 
 #: The theta equation of a flow with extra state, without its hidden-state terms (text, LaTeX), by flow name.
-_THETA_PHYSICS = {"oscillation": ("-lr g", r"-\eta\,g")}
+_THETA_PHYSICS = {"oscillation": ("-lr g", r"-\eta\,g"), "oscillation1": ("-lr g", r"-\eta\,g")}  # order 1: PHg
 
 # ------------------------------------------------------------------------------------------ the equations
 
@@ -69,15 +69,10 @@ def equation_text(eq: dict[str, Any]) -> list[str]:
     symbol = eq["symbol"]
     where = []
     for n, _ in eq["terms"]:
-        stands_for = HIDDEN_TERMS[n].where
-        if stands_for is None or not (eq["matrix"] or HIDDEN_TERMS[n].equation == "theta"):
-            continue
-        if eq["matrix"]:
-            where.append(stands_for)
-        elif n == "drift":
-            where.append(f"Sigma = {symbol} u u^T along the top Hessian eigenvector u")
-        else:
-            where.append(stands_for.replace("U U^T", "u u^T").replace("eigenvectors U", "eigenvector u"))
+        spec = HIDDEN_TERMS[n]
+        stands_for = spec.where if eq["matrix"] else spec.direction_where
+        if stands_for is not None:
+            where.append(stands_for.format(x=symbol))
     return [theta, extra, "where " + "; ".join([*where, f"{symbol}: {eq['statement']}"])]
 
 
