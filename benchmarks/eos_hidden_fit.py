@@ -1,18 +1,18 @@
 """The hidden-state fit at the edge of stability: the oscillation flow's coefficients recovered by the adjoint.
 
 GD on the digits MLP (``mlp_digits``, seed 0, tanh) with injected Gaussian noise ``nu = 1e-10`` per coordinate per
-step (``run_gd(..., noise=1e-10, noise_seed=0)``, its oscillation measured along 4 tracked eigenvectors). The
-model is ``Hybrid(OscillationFlow.from_trajectory(..., order=1), HiddenStateLibrary(floquet, drift, floor,
-amplitude))`` (``--order``: the flow with GD's first-order backward-error term off the tracked directions; 0 is
-the continuous-time flow; ``--terms`` chooses the library) started away from the physics (floquet 1 against 2, drift 1 against 1/2, floor 10 q against q = nu^2 + round-off,
-amplitude 0), fitted by multiple shooting on the smoothed iterates (midpoint process) from the EoS onset on
-(``--first``), each window starting from GD's measured oscillation, solved by explicit Euler with half-step
-substeps, Gauss-Newton with finite differences, the loss with the measured variance in log scale
-(``--variance-weight``). Reported: the fitted coefficients against theory (growth 2, drift coupling 1/2, floor
-nu^2), the wall time with the thread count and the machine's load average, the fit's report (each term's share of
-the gap over all windows, the fitted equations), and rollouts from step 0 to the end (``--rollouts``: no
-divergence; mean distance to smoothed GD) of the fitted hybrid beside the unfitted oscillation flows of order 0
-and 1 and the central flow.
+step (``run_gd(..., noise=1e-10, noise_seed=0)``, its oscillation measured along 4 tracked eigenvectors). The model
+is ``Hybrid(OscillationFlow.from_trajectory(..., order=1), HiddenStateLibrary(floquet, drift, floor, amplitude))``
+(``--order``: the flow with GD's first-order backward-error term off the tracked directions; 0 is the
+continuous-time flow; ``--terms`` chooses the library) started away from the physics (floquet 1 against 2, drift 1
+against 1/2, floor 10 q against q = nu^2 + round-off, amplitude 0), fitted by multiple shooting on the smoothed
+iterates (midpoint process) from the EoS onset on (``--first``), each window starting from GD's measured
+oscillation, solved by explicit Euler with half-step substeps, Gauss-Newton with finite differences, the loss with
+the measured variance in log scale (``--variance-weight``). Reported: the fitted coefficients against theory (growth
+2, drift coupling 1/2, floor nu^2), the wall time with the thread count and the machine's load average, the fit's
+report (each term's share of the gap over all windows, the fitted equations), and rollouts from step 0 to the end
+(``--rollouts``: no divergence; mean distance to smoothed GD) of the fitted hybrid beside the unfitted oscillation
+flows of order 0 and 1 and the central flow.
 
 Why this set-up (measured, README "The digits fit at the edge of stability"): the growth and the floor act on
 ``theta`` only through the oscillation's size, which is negligible in the quiet stretch, so ``theta`` alone

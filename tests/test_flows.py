@@ -10,6 +10,7 @@ import torch
 
 import neuralflow as nf
 from neuralflow.autodiff import Curvature, d3, dense_hessian, gradient
+from neuralflow.corrections import HIDDEN_TERMS
 from neuralflow.flows import (
     FLOWS,
     CentralFlow,
@@ -319,7 +320,7 @@ def test_blow_up_and_non_finite_states_name_the_time():
 
 def test_registry_and_approximations():
     p = smooth_2d()
-    terms = {"g", "Hg", "H2g", "D3gg", "gradS", "gradScrit", "u_ug"}
+    terms = {"g", "Hg", "H2g", "D3gg", "gradS", "gradScrit", "u_ug"} | set(HIDDEN_TERMS)  # theta and hidden-state
     for name, make in FLOWS.items():
         flow = make(p, 0.1)
         assert flow.config()["name"] == name

@@ -117,7 +117,7 @@ def _check_order(order: object) -> int:
         raise InputError(
             f"OscillationFlow: order must be 0 (continuous time) or 1 (with -(lr^2/2) P H g), got {order!r}."
         )
-    return int(order)  # type: ignore[call-overload]
+    return int(order)
 
 
 @dataclass

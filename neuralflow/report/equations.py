@@ -1,8 +1,8 @@
 """The fitted equations of a hidden-state correction, in text and LaTeX (a report's ``extra_equation``).
 
-``dtheta/dt`` with the drift coupling and the extra state's equation, each coefficient the fitted one (else the
-physics' own), e.g. ``dX/dt = 2.03 (R X + X R)/2 + 1.1e-20 I``; :mod:`neuralflow.report.hidden` reads them from a
-fit.
+``dtheta/dt`` with its hidden-state terms (the drift coupling, ``PHg``) and the extra state's equation, each
+coefficient the fitted one (else the physics' own), e.g. ``dX/dt = 2.03 (R X + X R)/2 + 1.1e-20 I``;
+:mod:`neuralflow.report.hidden` reads them from a fit.
 """
 
 from __future__ import annotations

@@ -2,20 +2,20 @@
 
 Two things a state-only report cannot say (issue "corrections with a hidden state", science notes section 7):
 
-* **A fitted hidden-state correction** (:class:`~neuralflow.corrections.HiddenStateLibrary`): each term of the
-  extra state's equation (and the drift coupling into ``dtheta/dt``) is a row of the report beside its theory
-  value (:data:`~neuralflow.corrections.HIDDEN_TERMS`; the floor's theory is the flow's ``q``) and the
+* **A fitted hidden-state correction** (:class:`~neuralflow.corrections.HiddenStateLibrary`): each term of the extra
+  state's equation (and the ``dtheta/dt`` terms beside it: the drift coupling, ``PHg``) is a row of the report beside
+  its theory value (:data:`~neuralflow.corrections.HIDDEN_TERMS`; the floor's theory is the flow's ``q``) and the
   approximation it revises, and the fitted equations are printed as equations (:func:`equation_text`,
-  :func:`equation_latex`), e.g. ``dX/dt = 2.03 (R X + X R)/2 + 1.1e-20 I``. A term's **share** is what its
-  revision prevents: on the fit's windows, ``Delta E_j`` is the increase of the windows' error when term ``j``
-  alone is put back to the physics' coefficient; the shares are ``closed * Delta E_j / sum_k Delta E_k`` (a
-  term whose revision hurts gets a negative share). This is a leave-one-out attribution: the revisions'
-  fields live in different parts of the state (the extra state's equation, ``dtheta/dt``), so the
-  ``<C_i, C>`` split of the theta terms has no common space to work in; it costs one batched window solve
-  per term. The gap, what the fit closed and the shares are measured on **all** the fit's windows, training and
-  validation (the held-out windows' figures are a note): at the edge of stability the windows differ in kind
-  (quiet stretch, catapult, decay), so one or two held-out windows say little about what the correction does,
-  and a handful of coefficients fitted to thousands of residuals gains little from fitting in sample.
+  :func:`equation_latex`), e.g. ``dX/dt = 2.03 (R X + X R)/2 + 1.1e-20 I``. A term's **share** is what its revision
+  prevents: on the fit's windows, ``Delta E_j`` is the increase of the windows' error when term ``j`` alone is put
+  back to the physics' coefficient; the shares are ``closed * Delta E_j / sum_k Delta E_k`` (a term whose revision
+  hurts gets a negative share). This is a leave-one-out attribution: the revisions' fields live in different parts of
+  the state (the extra state's equation, ``dtheta/dt``), so the ``<C_i, C>`` split of the theta terms has no common
+  space to work in; it costs one batched window solve per term. The gap, what the fit closed and the shares are
+  measured on **all** the fit's windows, training and validation (the held-out windows' figures are a note): at the
+  edge of stability the windows differ in kind (quiet stretch, catapult, decay), so one or two held-out windows say
+  little about what the correction does, and a handful of coefficients fitted to thousands of residuals gains little
+  from fitting in sample.
 * **The hidden-state diagnostic** (:func:`hidden_state_evidence`), for a state-only correction
   (:class:`~neuralflow.corrections.TermLibrary`, see its docstring for the statistic).
 """

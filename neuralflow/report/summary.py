@@ -49,7 +49,8 @@ class TermSummary:
     significant figure); ``theory`` the value theory predicts for this physics (None if unknown).
     ``regime`` is ``"edge"`` for the change of a baseline-gated term's coefficient at ``lr S = 2``
     (the term itself, with its baseline coefficient, is a row of its own), ``"hidden"`` for a term of a flow's
-    extra-state equation or its drift coupling (the physics has the term; the row is its fitted coefficient);
+    extra-state equation or of ``dtheta/dt`` beside it (the drift coupling, ``PHg``; the row is its fitted
+    coefficient, the physics' own may be 0);
     None otherwise.
     """
 
