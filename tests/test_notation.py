@@ -108,9 +108,10 @@ def test_every_approximation_lives_in_one_home():
 
 
 def test_every_term_an_approximation_names_exists():
-    """``revised_by`` names terms of :data:`TERMS` only (a typo would point a reader at nothing)."""
+    """``revised_by`` names terms of :data:`TERMS` or :data:`HIDDEN_TERMS` only (a typo would point a reader at
+    nothing)."""
     for approximation in APPROXIMATIONS.values():
-        assert set(approximation.revised_by) <= set(TERMS), approximation.name
+        assert set(approximation.revised_by) <= set(TERMS) | set(HIDDEN_TERMS), approximation.name
 
 
 def test_term_specs_are_registered_under_their_own_names():
