@@ -134,7 +134,7 @@ def test_a_latent_correction_rides_on_a_flow_with_its_own_extra_state():
     torch.testing.assert_close(moved[: p.dim] - flow(t0, head)[: p.dim], kick, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(moved[p.dim : flow.state_dim], flow(t0, head)[p.dim :], rtol=1e-12, atol=0)
     states, extras = nf.simulate(
-        model, p.theta0, torch.arange(4.0, dtype=torch.float64), method="rk4", step_size=0.5, return_extra=True
+        model, p.theta0, torch.arange(4.0, dtype=torch.float64), solver="rk4", step_size=0.5, return_extra=True
     )
     assert states.shape == (4, 2) and extras.shape == (4, own + 3)
     assert extras[:, own:].abs().max() == 0  # z stays at 0 (its equation starts at 0)
