@@ -20,6 +20,22 @@ from ..problems import Problem, check_positive_int
 from .terms import FEATURES, TERMS, Correction, _check_names, _Context, _Factory, _feature_matrix
 
 
+def _check_inputs(who: str, problem: Problem, features: str, feature_names: Sequence[str]) -> tuple[list[str], int]:
+    """A network's input: ``theta`` (``features="state"``) or the named scalar :data:`FEATURES`; the checked names
+    and the input width."""
+    if features not in ("state", "features"):
+        raise InputError(f"{who}: features must be 'state' or 'features', got {features!r}.")
+    names = _check_names(feature_names, FEATURES, "feature")
+    return names, problem.dim if features == "state" else len(names)
+
+
+def _network_input(correction: NeuralCorrection | LatentCorrection, state: StateDerivatives, ctx: _Context) -> Tensor:
+    """The network's input on ``state``: ``theta`` or the feature matrix, with or without its graph as asked."""
+    if correction.inputs == "state":
+        return state.out(state.thetas)
+    return state.out(_feature_matrix(ctx, correction.feature_names))
+
+
 class NeuralCorrection(Correction):
     """Free-form correction ``F_a(theta) = lr * MLP(x)`` for low-dimensional problems.
 
@@ -70,14 +86,11 @@ class NeuralCorrection(Correction):
         eig_tol: float = 1e-6,
     ) -> None:
         super().__init__(problem, lr, max_critical=max_critical, eig_tol=eig_tol)
-        if features not in ("state", "features"):
-            raise InputError(f"NeuralCorrection: features must be 'state' or 'features', got {features!r}.")
+        self.feature_names, n_in = _check_inputs("NeuralCorrection", problem, features, feature_names)
         check_positive_int(hidden, "hidden")
         self.inputs = features
-        self.feature_names = _check_names(feature_names, FEATURES, "feature")
         self.hidden = hidden
         self.seed = seed
-        n_in = problem.dim if features == "state" else len(self.feature_names)
         kw: _Factory = {"dtype": problem.dtype, "device": problem.device}
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -92,12 +105,7 @@ class NeuralCorrection(Correction):
         self.net = torch.nn.Sequential(first, torch.nn.Tanh(), middle, torch.nn.Tanh(), last)
 
     def vector_field(self, t: Tensor, state: StateDerivatives) -> Tensor:
-        if self.inputs == "state":
-            x = state.thetas
-        else:
-            ctx = _Context(self, state)
-            x = _feature_matrix(ctx, self.feature_names)
-        return self.lr * self.net(x if state.create_graph else x.detach())
+        return self.lr * self.net(_network_input(self, state, _Context(self, state)))
 
     def config(self) -> dict[str, Any]:
         return {
@@ -158,8 +166,7 @@ class LatentCorrection(Correction):
         super().__init__(problem, lr, max_critical=max_critical, eig_tol=eig_tol)
         check_positive_int(m, "LatentCorrection: m (the number of latent states)")
         check_positive_int(hidden, "LatentCorrection: hidden")
-        if features not in ("state", "features"):
-            raise InputError(f"LatentCorrection: features must be 'state' or 'features', got {features!r}.")
+        self.feature_names, n_in = _check_inputs("LatentCorrection", problem, features, feature_names)
         if not isinstance(direct, bool):
             raise InputError(f"LatentCorrection: direct must be True or False, got {direct!r}.")
         self.fields = _check_names(fields, TERMS, "term")
@@ -169,8 +176,6 @@ class LatentCorrection(Correction):
                 "['g']) or pass direct=True."
             )
         self.m, self.hidden, self.inputs, self.direct, self.seed = m, hidden, features, direct, seed
-        self.feature_names = _check_names(feature_names, FEATURES, "feature")
-        n_in = problem.dim if features == "state" else len(self.feature_names)
         kw: _Factory = {"dtype": problem.dtype, "device": problem.device}
         # drawn in float64 on the CPU from the seed alone, then cast and moved: the same start on every device
         with torch.random.fork_rng(devices=[]):
@@ -208,8 +213,7 @@ class LatentCorrection(Correction):
                 f"got {tuple(z.shape)}."
             )
         ctx = _Context(self, state)
-        x = state.out(state.thetas if self.inputs == "state" else _feature_matrix(ctx, self.feature_names))
-        dz = self.lr * self.net(torch.cat([x, z], dim=1))
+        dz = self.lr * self.net(torch.cat([_network_input(self, state, ctx), z], dim=1))
         out = torch.zeros_like(state.thetas) if not self.direct else self.lr * z @ self.force.T
         if self.fields:
             coeffs = z @ self.readout.T  # (B, K): each field's coefficient (W z)_j

@@ -192,11 +192,9 @@ class OscillationFlow(Flow):
     """
 
     name = "oscillation"
-    LATEX = (
-        r"-\eta\left(g+\frac{1}{2}\nabla\langle H,\Sigma\rangle\right)",
-        r"-\eta\left(g+\frac{1}{2}\nabla\langle H,\Sigma\rangle\right)-\frac{\eta^{2}}{2}PHg",
-    )
-    latex = LATEX[0]
+    latex = r"-\eta\left(g+\frac{1}{2}\nabla\langle H,\Sigma\rangle\right)"
+    #: The right-hand side of ``dm/dt`` by ``order``.
+    LATEX = (latex, latex + r"-\frac{\eta^{2}}{2}PHg")
     solver = {"method": "euler", "options": {"step_size": 0.5}}
 
     def __init__(

@@ -15,7 +15,7 @@ from .notation import _latex_escape, _sig_latex, sig
 __all__ = ["equation_text", "equation_latex", "extra_equation"]
 
 #: The theta equation of a flow with extra state, without its hidden-state terms (text, LaTeX), by flow name.
-_THETA_PHYSICS = {"oscillation": ("-lr g", r"-\eta\,g"), "oscillation1": ("-lr g", r"-\eta\,g")}  # order 1: PHg
+_THETA_PHYSICS = {name: ("-lr g", r"-\eta\,g") for name in ("oscillation", "oscillation1")}  # order 1: with PHg
 
 # ------------------------------------------------------------------------------------------ the equations
 
