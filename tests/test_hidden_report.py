@@ -267,3 +267,68 @@ def test_ladder_fits_a_hidden_state_library_on_a_rung_with_extra_state():
         re.M,
     )
     assert str(nf.report.Ladder.from_dict(json.loads(json.dumps(lad.to_dict())))) == text
+
+
+# ------------------------------------------------------------------------------------ a latent correction
+
+
+@pytest.fixture(scope="module")
+def latent_fit():
+    """The planted damped oscillator whose velocity is hidden (tests/test_latent.py), fitted with a latent correction
+    that may act through a coefficient of ``g`` and through its direct force, from fitted window starts."""
+    from test_latent import LR as LATENT_LR
+    from test_latent import SOLVER as LATENT_SOLVER
+    from test_latent import oscillator_problem, oscillator_trajectory
+
+    from neuralflow.corrections import LatentCorrection
+
+    p = oscillator_problem()
+    model = Hybrid(GradientFlow(p, LATENT_LR), LatentCorrection(p, LATENT_LR, m=2, fields=("g",), hidden=16))
+    adam = {"method": "direct", "optimizer": "adam", "learning_rate": 3e-2, "patience": 50, "val_fraction": 0}
+    return fit(
+        model,
+        oscillator_trajectory(),
+        window=20,
+        extra_start="fitted",
+        max_iters=100,
+        progress=False,
+        **adam,
+        **LATENT_SOLVER,
+    )
+
+
+def test_the_report_integrates_a_fit_s_windows_from_their_fitted_starts(latent_fit):
+    from neuralflow.report.hidden import _window_errors, solve_windows, window_rows
+
+    starts = latent_fit.windows["extra_start"]
+    assert starts.shape == (len(latent_fit.windows["step"]), 2) and starts.abs().max() > 0
+    rows, t = window_rows(latent_fit)
+    again = _window_errors(latent_fit, solve_windows(latent_fit, latent_fit.model, rows, t), rows)
+    torch.testing.assert_close(again, latent_fit.window_errors.cpu(), rtol=1e-6, atol=1e-12)
+
+
+def test_the_report_reads_a_latent_correction_and_says_a_hidden_state_is_missing(latent_fit, tmp_path):
+    report = latent_fit.report()
+    assert report.source == "latent" and report.closed > 0.99  # measured: 99.9 percent, Pz 99.5 of it
+    rows = {t.name: t for t in report.terms}
+    assert set(rows) == {"g", "Pz"} and all(t.regime == "latent" for t in rows.values())
+    # what is missing is a velocity, which only the direct force can carry: the planted system has no g-coefficient
+    assert rows["Pz"].share > 0.9 and report.terms[0].name == "Pz"
+    assert sum(t.share for t in report.terms) == pytest.approx(report.closed, rel=1e-9)
+    assert rows["g"].gate is not None and rows["g"].gate.formula.explained < 0.5
+    assert any("(W z)_g, is not a function of the state" in n for n in report.notes)
+    assert report.suggestions()[0].startswith("A hidden state is missing: latent states")
+    assert all(t.approximation == history_approximation(latent_fit.model.flow) for t in report.terms)
+    eq = report.equation()
+    assert r"\frac{dz}{dt}=\eta\,f_{\phi}(\theta,z)" in eq and r"\eta\,Pz" in eq and "c_{\\mathrm{g}}(z)" in eq
+    _render_math(eq)
+    assert str(Report.from_dict(json.loads(json.dumps(report.to_dict())))) == str(report)
+    # the loss curve's hybrid follows GD's loss where the physics cannot (its windows from the fitted starts)
+    loss = report.curves["loss"]
+    hybrid = [abs(h - o) for h, o in zip(loss["hybrid"], loss["observed"], strict=True)]
+    physics = [abs(h - o) for h, o in zip(loss["physics"], loss["observed"], strict=True)]
+    assert sum(hybrid) < 0.1 * sum(physics)
+    plt.close("all")
+    path = nf.checkpoint.save(latent_fit, tmp_path / "latent.nff")  # with its report, which it could not hold before
+    assert str(nf.checkpoint.stored_report(path)) == str(report)
+    assert str(nf.checkpoint.load(path).report()) == str(report)  # rebuilt from the loaded fit's fitted starts

@@ -71,6 +71,15 @@ def fit_loss(
     return obj.loss_and_grad()
 
 
+def _window_record(win: Any, everything: Tensor, start_extra: Tensor | None) -> dict[str, Tensor]:
+    """``FitResult.windows``: each window's start ``step``, whether it is a ``validation`` window and, with
+    ``extra_start="fitted"``, its fitted extra-state start ``extra_start`` ``(W, extra size)``."""
+    record = {"step": win.steps, "validation": torch.isin(everything, win.val)}
+    if start_extra is not None:
+        record["extra_start"] = start_extra.detach().clone()
+    return record
+
+
 def fit(
     model: Hybrid,
     trajectory: Trajectory | Sequence[Trajectory],
@@ -167,7 +176,8 @@ def fit(
     extra_start : {"measured", "fitted"}, default "measured"
         For a flow with extra state: each window's extra state starts from the flow's ``initial_extra`` at its
         first step (the trajectory's measurement where it has one), or is fitted per window from there (with
-        ``val_fraction=0``; these nuisance starts are not returned).
+        ``val_fraction=0``; these nuisance starts are returned in ``FitResult.windows["extra_start"]``, and the
+        report integrates the windows from them).
     variance_weight : float, default 0.0
         Weight of the measured oscillation variance in the loss, in log scale (:mod:`neuralflow.fit`); 0 leaves
         it out.
@@ -310,7 +320,7 @@ def fit(
         settings=settings,
         trajectory=targets,
         n_function_evals=n_evals,
-        windows={"step": win.steps, "validation": torch.isin(everything, win.val)},
+        windows=_window_record(win, everything, obj.start_extra),
         normaliser=win.normaliser,
     )
     if interrupted:
@@ -499,7 +509,7 @@ def fit_runs(
                 trajectory=tg,
                 n_function_evals=o.counted.n,
                 normaliser=o.win.normaliser,
-                windows={"step": o.win.steps, "validation": torch.isin(everything, o.win.val)},
+                windows=_window_record(o.win, everything, None),
             )
         )
     universality = {}

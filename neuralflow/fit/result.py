@@ -30,8 +30,9 @@ class FitResult:
     the coefficients by the delta method; for ``method="regression"`` the ordinary least-squares
     error. Errors are normalised by the mean squared displacement (see :mod:`neuralflow.fit`);
     ``physics_error`` and ``hybrid_error`` are means over the validation windows (over the
-    training windows when there are none). ``windows`` holds each window's start ``step`` and
-    whether it is a ``validation`` window.
+    training windows when there are none). ``windows`` holds each window's start ``step``,
+    whether it is a ``validation`` window and, for a fit with ``extra_start="fitted"``, each window's fitted
+    start of the extra state (``extra_start``, ``(W, extra size)``).
     """
 
     model: Hybrid

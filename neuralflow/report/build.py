@@ -10,7 +10,17 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..corrections import HIDDEN_TERMS, TERMS, HiddenStateLibrary, Inspection, NeuralCorrection, TermLibrary
+from ..autodiff import StateDerivatives
+from ..corrections import (
+    HIDDEN_TERMS,
+    TERMS,
+    HiddenStateLibrary,
+    Inspection,
+    LatentCorrection,
+    NeuralCorrection,
+    TermLibrary,
+)
+from ..corrections.terms import _Context, _feature_matrix
 from ..errors import InputError, NeuralflowError
 from ..fit.options import resolved_solver
 from ..flows import Approximation, GradientFlow
@@ -22,8 +32,13 @@ from .hidden import (
     hidden_contributions,
     hidden_rows,
     hidden_state_evidence,
+    history_approximation,
+    leave_one_out_shares,
     ode_starts,
     sharpness_at,
+    solve_windows,
+    window_rows,
+    window_starts,
 )
 from .model import Report
 from .notation import percent, sig
@@ -157,9 +172,10 @@ def _window_curves(
 ) -> dict[str, dict[str, list]]:
     """Loss (and sharpness) at the ends of up to ``max_windows`` windows: targets, physics, hybrid.
 
-    Each window starts at a target state (with the flow's measured extra state, for a flow that carries one) and
-    is integrated over the fit's window with the fit's solver settings, as the fit itself does; the per-window
-    errors come from the fit. A rollout that fails is left out, with a line in ``notes``.
+    Each window starts at a target state (with the flow's measured extra state, for a flow that carries one; the
+    fit's own windows from their fitted starts where the fit fitted them) and is integrated over the fit's window
+    with the fit's solver settings, as the fit itself does; the per-window errors come from the fit. A rollout
+    that fails is left out, with a line in ``notes``.
     """
     curves: dict[str, dict[str, list]] = {}
     windows = getattr(result, "windows", {}) or {}
@@ -175,20 +191,25 @@ def _window_curves(
     if window <= 0 or max_windows <= 0:
         return curves
     steps = targets.steps.to(problem.device)
-    start_ok = torch.nonzero(steps + window <= steps[-1]).flatten()
-    if len(start_ok) == 0:
-        return curves
-    starts = start_ok[_spread(len(start_ok), max_windows, steps.device)]
+    fitted = window_rows(result) if "extra_start" in windows else None
+    if fitted is not None:  # fitted starts exist for the fit's own windows only
+        pick = _spread(len(fitted[0]), max_windows, torch.device("cpu"))
+        starts = fitted[0][pick, 0].to(steps.device)
+    else:
+        start_ok = torch.nonzero(steps + window <= steps[-1]).flatten()
+        if len(start_ok) == 0:
+            return curves
+        starts = start_ok[_spread(len(start_ok), max_windows, steps.device)]
     ends = torch.searchsorted(steps, steps[starts] + window)
     x = targets.iterates.to(device=problem.device, dtype=problem.dtype)
     t = torch.tensor([0.0, float(window)], dtype=problem.dtype, device=problem.device)
     kw = resolved_solver(result.settings).odeint_options()
     states = {"observed": x[ends]}
     with torch.no_grad():
-        y0 = ode_starts(model, targets, starts)
-        for who, rhs in (("physics", model.flow), ("hybrid", model)):
+        y0 = ode_starts(model, targets, starts) if fitted is None else window_starts(result, model, fitted[0])[pick]
+        for who, rhs, start in (("physics", model.flow, model.flow_part(y0)[0]), ("hybrid", model, y0)):
             try:
-                states[who] = odeint(rhs, y0, t, **kw)[-1][:, : problem.dim]
+                states[who] = odeint(rhs, start, t, **kw)[-1][:, : problem.dim]
             except NeuralflowError as err:  # e.g. a central flow started above 2/lr: leave that curve out
                 notes.append(f"no {who} curve in the figures: {err}")
         end_steps = [int(s) for s in steps[ends]]
@@ -273,6 +294,8 @@ def build_report(
     verdict: _Verdict = {"negligible": negligible, "outside": outside, "min_share": min_share}
     if isinstance(corr, HiddenStateLibrary):
         return _hidden_state_report(result, max_windows, sharpness, verdict)
+    if isinstance(corr, LatentCorrection):
+        return _latent_report(result, max_states, max_windows, sharpness, n_folds, batch, verdict)
     idx = _spread(len(targets), max_states, targets.iterates.device)
     states = targets.iterates[idx].to(device=problem.device, dtype=problem.dtype)
     state_steps = [int(s) for s in targets.steps[idx]]
@@ -356,7 +379,7 @@ def build_report(
     else:
         raise InputError(
             f"build_report: cannot read a correction of type {type(corr).__name__}; expected a "
-            "TermLibrary, a NeuralCorrection or a HiddenStateLibrary."
+            "TermLibrary, a NeuralCorrection, a HiddenStateLibrary or a LatentCorrection."
         )
     share = window_shares(result, targets, parts, closed, max_states, problem)
     if share is None:  # no windows recorded, or none where the correction helped: the states, unweighted
@@ -412,7 +435,7 @@ def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, 
     if share is None:
         notes.append("no term's revision lowers the windows' error on its own; the shares are left at 0")
     if result.settings.get("extra_start") == "fitted":
-        notes.append("shares are measured on windows started from the measured extra state, not the fitted starts")
+        notes.append("the windows start from their fitted extra-state starts")
     physics_error, hybrid_error = all_window_errors(result)
     held_out = result.windows.get("validation") if getattr(result, "windows", None) else None
     if held_out is not None and bool(held_out.any()) and not bool(held_out.all()):
@@ -450,6 +473,104 @@ def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, 
         contributions=hidden_contributions(result),
         notes=notes,
         extra_equation=equation,
+        **verdict,
+    )
+
+
+#: The name of a latent correction's direct force ``lr P z`` among the report's rows.
+LATENT_FORCE = "Pz"
+
+
+def _latent_report(
+    result: Any, max_states: int, max_windows: int, sharpness: bool | None, n_folds: int, batch: int, verdict: _Verdict
+) -> Report:
+    """The report of a fit whose correction is a :class:`~neuralflow.corrections.LatentCorrection`.
+
+    The latent states ``z`` exist only along the fit's windows, so the correction is read there: every window is
+    integrated from its start (the fitted start with ``extra_start="fitted"``) and up to ``max_states`` of its
+    states are sampled. A read-out field ``j`` is a row whose coefficient is ``(W z)_j`` along those states, with
+    its best sparse formula in the correction's state features (:func:`~neuralflow.report.formula.gate_formula`):
+    where the formula explains little, the coefficient is not a function of the state but of history. The direct
+    force is the row ``Pz``, its coefficient the mean of ``|P z| / |g|`` (its size against the gradient step's).
+    Shares are leave-one-out on all windows (:func:`~neuralflow.report.hidden.leave_one_out_shares`: a read-out row
+    or ``P`` zeroed in turn). Every row revises the physics' account of a missing state
+    (:func:`~neuralflow.report.hidden.history_approximation`).
+    """
+    model = result.model
+    flow, corr = model.flow, model.correction
+    problem = model.problem
+    windows = window_rows(result)
+    if windows is None:
+        raise InputError(
+            "build_report: a latent correction is read along the fit's windows, and this result records none; "
+            "build the report from the FitResult that nf.fit returned."
+        )
+    rows, t = windows
+    sol = solve_windows(result, model, rows, t, full=True)
+    states = sol.reshape(-1, sol.shape[-1])
+    states = states[_spread(len(states), max_states, states.device)]
+    theta, z = states[:, : problem.dim], model.flow_part(states)[1]
+    assert z is not None  # a latent correction's states follow the flow's
+
+    def features_and_gradient(at: Tensor) -> Tensor:
+        state = StateDerivatives(problem, at, create_graph=False)
+        return torch.cat([_feature_matrix(_Context(corr, state), corr.feature_names), state.g], dim=1).detach()
+
+    both = _in_batches(features_and_gradient, theta, batch)
+    columns = {name: both[:, j] for j, name in enumerate(corr.feature_names)}
+    g = both[:, len(corr.feature_names) :]
+    knobs = {n: corr.readout[j] for j, n in enumerate(corr.fields)}
+    if corr.direct:
+        knobs[LATENT_FORCE] = corr.force
+    share = leave_one_out_shares(result, rows, t, knobs)
+    approximation = history_approximation(flow)
+    notes = [f"the latent states (m = {corr.m}) are read at {len(states)} states along the fit's {len(rows)} windows"]
+    if share is None:
+        notes.append("taking out any one latent path does not raise the windows' error; the shares are left at 0")
+    terms = []
+    with torch.no_grad():
+        for j, name in enumerate(corr.fields):
+            values = z @ corr.readout[j]
+            formula = gate_formula(columns, values, n_folds=n_folds)
+            if formula.explained < 0.5:
+                notes.append(
+                    f"the coefficient of {name}, (W z)_{name}, is not a function of the state: its best formula in "
+                    f"{list(columns)} explains {percent(max(formula.explained, 0.0))} of it (it carries history)"
+                )
+            gate = Gate({k: tuple(v.tolist()) for k, v in columns.items()}, tuple(values.tolist()), formula)
+            terms.append(
+                TermSummary(
+                    name, (share or {}).get(name, 0.0), float(values.mean()), None, 0.0, approximation, gate, "latent"
+                )
+            )
+        if corr.direct:
+            size = (z @ corr.force.T).norm(dim=1) / g.norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
+            terms.append(
+                TermSummary(
+                    LATENT_FORCE,
+                    (share or {}).get(LATENT_FORCE, 0.0),
+                    float(size.mean()),
+                    None,
+                    None,
+                    approximation,
+                    regime="latent",
+                )
+            )
+    physics_error, hybrid_error = all_window_errors(result)
+    has_sharpness = bool(torch.isfinite(result.trajectory.sharpness).any())
+    curves = _window_curves(
+        result, result.trajectory, max_windows, has_sharpness if sharpness is None else sharpness, notes
+    )
+    return Report(
+        problem=str(result.trajectory.problem.get("name", problem.name)),
+        lr=float(model.lr),
+        physics=getattr(flow, "name", type(flow).__name__),
+        physics_error=physics_error,
+        hybrid_error=hybrid_error,
+        terms=terms,
+        source="latent",
+        curves=curves,
+        notes=notes,
         **verdict,
     )
 

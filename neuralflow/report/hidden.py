@@ -93,7 +93,7 @@ def ode_starts(model: Any, targets: Any, rows: Tensor) -> Tensor:
     return model.join(x, torch.stack(extra))
 
 
-def _window_rows(result: Any) -> tuple[Tensor, Tensor] | None:
+def window_rows(result: Any) -> tuple[Tensor, Tensor] | None:
     """Each fitted window's target rows ``(W, n_out + 1)`` and its output times, or None without windows."""
     targets = result.trajectory
     window = int(result.settings.get("window", 0))
@@ -109,12 +109,24 @@ def _window_rows(result: Any) -> tuple[Tensor, Tensor] | None:
     return rows, t
 
 
-def _solve_windows(result: Any, model: Any, rows: Tensor, t: Tensor) -> Tensor:
-    """``theta`` along every window from its start, ``(n_out + 1, W, d)``, with the fit's solver."""
+def window_starts(result: Any, model: Any, rows: Tensor) -> Tensor:
+    """The ODE states the fit's windows start from: ``theta`` at each window's first target joined with the measured
+    extra state there, or with the window's fitted start (``extra_start="fitted"``: ``result.windows``)."""
     y0 = ode_starts(model, result.trajectory, rows[:, 0])
+    fitted = (getattr(result, "windows", {}) or {}).get("extra_start")
+    if fitted is None:
+        return y0
+    return torch.cat([y0[:, : model.problem.dim], fitted.to(y0)], dim=1)
+
+
+def solve_windows(result: Any, model: Any, rows: Tensor, t: Tensor, full: bool = False) -> Tensor:
+    """``theta`` (``full``: the whole ODE state) along every window from its start, ``(n_out + 1, W, d)``, with the
+    fit's solver. A window starts from the measured extra state, or from its fitted start where the fit fitted
+    them (``extra_start="fitted"``: ``result.windows["extra_start"]``)."""
+    y0 = window_starts(result, model, rows)
     with torch.no_grad():
         sol = odeint(model, y0, t, **resolved_solver(result.settings).odeint_options())
-    return sol[..., : model.problem.dim]
+    return sol if full else sol[..., : model.problem.dim]
 
 
 def _window_errors(result: Any, sol: Tensor, rows: Tensor) -> Tensor:
@@ -143,40 +155,48 @@ def hidden_rows(result: Any) -> tuple[dict[str, float], dict[str, float] | None,
     with torch.no_grad():
         fitted = {n: float(c) for n, c in lib.coefficients(flow).items()}
     eq = extra_equation(flow, fitted)
-    windows = _window_rows(result)
+    windows = window_rows(result)
     if windows is None:
         return fitted, None, eq
     rows, t = windows
+    return fitted, leave_one_out_shares(result, rows, t, {n: lib.deltas[n] for n in lib.terms}), eq
+
+
+def leave_one_out_shares(result: Any, rows: Tensor, t: Tensor, knobs: dict[str, Tensor]) -> dict[str, float] | None:
+    """Each named part's share of the gap the fit closed, by leave-one-out (the module docstring): ``knobs`` maps a
+    name to the parameters (or a view of them) that zeroing takes out of the model; None when taking every part
+    out in turn does not raise the windows' error (nothing to share)."""
+    model = result.model
     physics, hybrid = all_window_errors(result)
     closed = min(max(1.0 - hybrid / physics, 0.0), 1.0) if physics > 0 else 0.0  # as Report.closed
-    full = _window_errors(result, _solve_windows(result, model, rows, t), rows).mean()
+    full = _window_errors(result, solve_windows(result, model, rows, t), rows).mean()
     gains = {}
-    for name in lib.terms:
-        kept = lib.deltas[name].detach().clone()
+    for name, knob in knobs.items():
+        kept = knob.detach().clone()
         with torch.no_grad():
-            lib.deltas[name].zero_()
+            knob.zero_()
         try:
-            gains[name] = float(_window_errors(result, _solve_windows(result, model, rows, t), rows).mean() - full)
+            gains[name] = float(_window_errors(result, solve_windows(result, model, rows, t), rows).mean() - full)
         finally:
             with torch.no_grad():
-                lib.deltas[name].copy_(kept)
+                knob.copy_(kept)
     total = sum(gains.values())
     if not total > 0:
-        return fitted, None, eq
-    return fitted, {n: closed * g / total for n, g in gains.items()}, eq
+        return None
+    return {n: closed * g / total for n, g in gains.items()}
 
 
 def hidden_contributions(result: Any) -> dict[str, list[float]]:
     """``|(c_j - p_j) F_j|`` of each term's revision at the window starts (the report's contributions figure)."""
     model = result.model
     flow, lib = model.flow, model.correction
-    windows = _window_rows(result)
+    windows = window_rows(result)
     if windows is None:
         return {}
     rows, t = windows
     own = flow.hidden_coefficients()
     with torch.no_grad():
-        _, fields = flow.hidden_fields(t[0], ode_starts(model, result.trajectory, rows[:, 0]), lib.terms)
+        _, fields = flow.hidden_fields(t[0], window_starts(result, model, rows), lib.terms)
         coef = {n: float(c) for n, c in lib.coefficients(flow).items()}
     steps = [int(s) for s in result.trajectory.steps[rows[:, 0]]]
     return {"step": steps, **{n: ((coef[n] - own[n]) * fields[n]).norm(dim=1).tolist() for n in lib.terms}}
@@ -329,11 +349,11 @@ def hidden_state_evidence(
     mean a missing feature, which the report does not claim to rule out.
     """
     lib = result.model.correction
-    windows = _window_rows(result)
+    windows = window_rows(result)
     if not isinstance(lib, TermLibrary) or windows is None:
         return None
     rows, t = windows
-    sol = _solve_windows(result, result.model, rows, t).cpu()
+    sol = solve_windows(result, result.model, rows, t).cpu()
     x = result.trajectory.iterates.cpu().to(sol.dtype)
     target = x[rows.T]
     residual = (target - sol)[1:]  # (n, W, d)

@@ -19,6 +19,7 @@ from .hidden import HiddenStateEvidence
 from .notation import (
     _feature_knot,
     _feature_text,
+    _latex_escape,
     _physics_latex,
     _term_latex,
     fixed_width,
@@ -153,6 +154,10 @@ class Report:
             return f"changing the coefficient of {term.name} at lr S = 2 by {coef}"
         if term.regime == "hidden":
             return f"giving {term.name} the coefficient {coef}"
+        if term.regime == "latent" and term.gate is None:  # the latent force lr P z
+            return f"the latent force P z (its size {sig(term.coefficient)} of the gradient step's)"
+        if term.regime == "latent":
+            return f"a latent coefficient of {term.name} ({coef})"
         return f"adding {term.name} with coefficient {coef}"
 
     def suggestions(self) -> list[str]:
@@ -170,6 +175,13 @@ class Report:
         out = self._term_suggestions()
         if self._history_dependent:
             out.insert(0, self.hidden_state.text())
+        if self.source == "latent" and self.closed >= self.min_share:
+            out.insert(
+                0,
+                f"A hidden state is missing: latent states with dynamics of their own close {percent(self.closed)} "
+                "of the gap (the rows say where they act; a coefficient that no formula of the state explains "
+                "carries history).",
+            )
         if self.verdict == "outside":
             if out:
                 head = (
@@ -269,6 +281,13 @@ class Report:
         if self.extra_equation is not None:
             return equation_latex(self.extra_equation)
         rhs = _physics_latex(self.physics)
+        if self.source == "latent":
+            for t in self.terms:
+                if t.gate is None:
+                    rhs += r"+\eta\,Pz"
+                else:
+                    rhs += r"+c_{\mathrm{" + _latex_escape(t.name) + r"}}(z)\," + _term_latex(t.name)
+            return r"\frac{d\theta}{dt}=" + rhs + r",\quad\frac{dz}{dt}=\eta\,f_{\phi}(\theta,z)"
         changes = {t.name: t.coefficient_latex(digits) for t in self.terms if t.regime == "edge"}
         for t in self.terms:
             if t.regime == "edge":

@@ -50,7 +50,8 @@ class TermSummary:
     ``regime`` is ``"edge"`` for the change of a baseline-gated term's coefficient at ``lr S = 2``
     (the term itself, with its baseline coefficient, is a row of its own), ``"hidden"`` for a term of a flow's
     extra-state equation or of ``dtheta/dt`` beside it (the drift coupling, ``PHg``; the row is its fitted
-    coefficient, the physics' own may be 0);
+    coefficient, the physics' own may be 0), ``"latent"`` for a path of a latent correction's states into
+    ``dtheta/dt`` (a read-out field, whose ``gate`` holds ``(W z)_j`` along the windows, or the force ``Pz``);
     None otherwise.
     """
 
