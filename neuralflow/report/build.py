@@ -436,7 +436,6 @@ def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, 
         notes.append("no term's revision lowers the windows' error on its own; the shares are left at 0")
     if result.settings.get("extra_start") == "fitted":
         notes.append("the windows start from their fitted extra-state starts")
-    physics_error, hybrid_error = all_window_errors(result)
     held_out = result.windows.get("validation") if getattr(result, "windows", None) else None
     if held_out is not None and bool(held_out.any()) and not bool(held_out.all()):
         notes.append(
@@ -457,6 +456,33 @@ def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, 
         )
         for n, c in coefficients.items()
     ]
+    return _windowed_report(
+        result,
+        rows,
+        "hidden-state",
+        notes,
+        max_windows,
+        sharpness,
+        verdict,
+        contributions=hidden_contributions(result),
+        extra_equation=equation,
+    )
+
+
+def _windowed_report(
+    result: Any,
+    terms: list[TermSummary],
+    source: str,
+    notes: list[str],
+    max_windows: int,
+    sharpness: bool | None,
+    verdict: _Verdict,
+    **fields: Any,
+) -> Report:
+    """The :class:`Report` of a correction read along the fit's windows (a hidden-state library, a latent
+    correction): the gap over all windows (:func:`~neuralflow.report.hidden.all_window_errors`) and the curves."""
+    model = result.model
+    physics_error, hybrid_error = all_window_errors(result)
     has_sharpness = bool(torch.isfinite(result.trajectory.sharpness).any())
     curves = _window_curves(
         result, result.trajectory, max_windows, has_sharpness if sharpness is None else sharpness, notes
@@ -464,15 +490,14 @@ def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, 
     return Report(
         problem=str(result.trajectory.problem.get("name", model.problem.name)),
         lr=float(model.lr),
-        physics=getattr(flow, "name", type(flow).__name__),
+        physics=getattr(model.flow, "name", type(model.flow).__name__),
         physics_error=physics_error,
         hybrid_error=hybrid_error,
-        terms=rows,
-        source="hidden-state",
+        terms=terms,
+        source=source,
         curves=curves,
-        contributions=hidden_contributions(result),
         notes=notes,
-        extra_equation=equation,
+        **fields,
         **verdict,
     )
 
@@ -556,23 +581,7 @@ def _latent_report(
                     regime="latent",
                 )
             )
-    physics_error, hybrid_error = all_window_errors(result)
-    has_sharpness = bool(torch.isfinite(result.trajectory.sharpness).any())
-    curves = _window_curves(
-        result, result.trajectory, max_windows, has_sharpness if sharpness is None else sharpness, notes
-    )
-    return Report(
-        problem=str(result.trajectory.problem.get("name", problem.name)),
-        lr=float(model.lr),
-        physics=getattr(flow, "name", type(flow).__name__),
-        physics_error=physics_error,
-        hybrid_error=hybrid_error,
-        terms=terms,
-        source="latent",
-        curves=curves,
-        notes=notes,
-        **verdict,
-    )
+    return _windowed_report(result, terms, "latent", notes, max_windows, sharpness, verdict)
 
 
 # ------------------------------------------------------------------------------------------ the ladder
