@@ -12,8 +12,9 @@ substeps, Gauss-Newton with finite differences, the loss with the measured varia
 (``--variance-weight``). Reported: the fitted coefficients against theory (growth
 2, drift coupling 1/2, floor nu^2), the wall time with the thread count and the machine's load average, the fit's
 report (each term's share of the gap over all windows, the fitted equations), and rollouts from step 0 to the end
-(``--rollouts``: no divergence; mean distance to smoothed GD) of the fitted hybrid beside the unfitted oscillation
-flows of order 0 and 1 and the central flow.
+(``--rollouts``: no divergence; mean distance to smoothed GD over the whole run and from step 0 to the end of each
+quarter of it) of the fitted hybrid beside the unfitted oscillation flows of order 0 and 1 and the central flow
+(``--no-fit``: the unfitted ones alone).
 
 Why this set-up (measured, README "The digits fit at the edge of stability"): the growth and the floor act on
 ``theta`` only through the oscillation's size, which is negligible in the quiet stretch, so ``theta`` alone
@@ -30,6 +31,7 @@ growth leaves out: the catapult's saturation) and the drift coupling absorbs it 
 (n 500, floquet, drift and floor fitted: 0.71 over 40 steps, 0.61 over 20, 0.53 over 10, 0.46 over 5; README).
 
     python benchmarks/eos_hidden_fit.py --setup small [--threads 1] [--cache DIR]
+    python benchmarks/eos_hidden_fit.py --setup large --no-fit --rollouts order1,central
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def gd_run(setup: dict, cache: str | None) -> tuple[nf.Problem, nf.Trajectory]:
 
 
 def rollout(flow: torch.nn.Module, problem: nf.Problem, traj: nf.Trajectory, smoothed: nf.Trajectory) -> dict:
-    """The model from GD's first iterate over the whole run; mean and final distance to smoothed GD, seconds."""
+    """The model from GD's first iterate over the whole run; mean and final distance to smoothed GD, the mean from step
+    0 to the end of each quarter of the run, seconds."""
     t = traj.steps.to(torch.float64)
     t0 = time.perf_counter()
     try:
@@ -84,10 +87,15 @@ def rollout(flow: torch.nn.Module, problem: nf.Problem, traj: nf.Trajectory, smo
     except nf.DivergenceError as exc:
         return {"diverged": str(exc), "seconds": time.perf_counter() - t0}
     dist = (states[smoothed.steps - traj.steps[0]] - smoothed.iterates).norm(dim=1)  # the midpoints lack the ends
+    last = int(traj.steps[-1])
     return {
         "diverged": None,
         "mean_distance": float(dist.mean()),
         "final_distance": float(dist[-1]),
+        # from step 0 to the end of each quarter of the run: how the distance builds up with the catapult cycles
+        "mean_distance_until": {
+            str(end): float(dist[smoothed.steps <= end].mean()) for end in (last // 4, last // 2, 3 * last // 4, last)
+        },
         "seconds": time.perf_counter() - t0,
     }
 
@@ -114,6 +122,9 @@ def main() -> None:
         help="models rolled out over the whole run, comma-separated (empty: none): the fitted hybrid, the unfitted "
         "oscillation flow of order 0 and 1, the central flow",
     )
+    ap.add_argument(
+        "--no-fit", dest="fit", action="store_false", help="skip the fit and its report: roll out the unfitted models"
+    )
     ap.add_argument("--cache", default=None, help="folder to keep the GD run in (reused when present)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -121,11 +132,34 @@ def main() -> None:
     unknown = set(chosen) - {"hybrid", "order0", "order1", "central"}
     if unknown:
         ap.error(f"--rollouts: unknown {sorted(unknown)}; choose from hybrid, order0, order1, central")
+    if "hybrid" in chosen and not args.fit:
+        ap.error("--rollouts: with --no-fit there is no fitted hybrid to roll out; drop it from --rollouts")
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = SETUPS[args.setup]
     load_start = os.getloadavg()
     problem, traj = gd_run(setup, args.cache)
+    out: dict = {}
+    model = None
+    if args.fit:
+        model, out = fit_and_report(args, setup, problem, traj, load_start)
+    if chosen:
+        out["rollout"] = rollouts(chosen, model, problem, traj)
+        central = out["rollout"].get("central", {}).get("mean_distance")
+        hybrid = out["rollout"].get("hybrid", {}).get("mean_distance")
+        if central is not None and hybrid is not None:
+            out["rollout_ratio_central_over_hybrid"] = central / hybrid
+            print(f"the fitted hybrid is {central / hybrid:.2f}x closer to smoothed GD than the central flow")
+    out["load_average_end"] = os.getloadavg()
+    path = Path(args.out or f"benchmarks/results/eos_hidden_fit_{args.setup}.json")
+    write_json(path, out)
+    print(f"wrote {path}")
+
+
+def fit_and_report(
+    args: argparse.Namespace, setup: dict, problem: nf.Problem, traj: nf.Trajectory, load_start: tuple
+) -> tuple[Hybrid, dict]:
+    """The adjoint fit of the hidden-state library and its report; the fitted hybrid and the figures."""
     lr = traj.lr
     flow = OscillationFlow.from_trajectory(problem, traj, n_track=4, order=args.order)
     q = flow.q
@@ -208,31 +242,34 @@ def main() -> None:
     out["report"] = report.to_dict()
     out["report_seconds"] = time.perf_counter() - t0
     print(report)
-    if chosen:
-        smoothed = traj.smoothed()
-        models = {
-            "hybrid": lambda: model,
-            "order0": lambda: Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=4, order=0), None),
-            "order1": lambda: Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=4, order=1), None),
-            "central": lambda: CentralFlow(problem, lr),
-        }
-        out["rollout"] = {name: rollout(models[name](), problem, traj, smoothed) for name in chosen}
-        for name, r in out["rollout"].items():
-            shown = (
-                "diverged"
-                if r["diverged"]
-                else f"mean distance {r['mean_distance']:.4g}, final {r['final_distance']:.4g}"
-            )
-            print(f"rollout {name:20s}: {shown} ({r['seconds']:.0f} s)")
-        central = out["rollout"].get("central", {}).get("mean_distance")
-        hybrid = out["rollout"].get("hybrid", {}).get("mean_distance")
-        if central is not None and hybrid is not None:
-            out["rollout_ratio_central_over_hybrid"] = central / hybrid
-            print(f"the fitted hybrid is {central / hybrid:.2f}x closer to smoothed GD than the central flow")
-    out["load_average_end"] = os.getloadavg()
-    path = Path(args.out or f"benchmarks/results/eos_hidden_fit_{args.setup}.json")
-    write_json(path, out)
-    print(f"wrote {path}")
+    return model, out
+
+
+def rollouts(chosen: list[str], model: Hybrid | None, problem: nf.Problem, traj: nf.Trajectory) -> dict:
+    """The chosen models rolled out over the whole run (:func:`rollout`), printed with their ratio to the central
+    flow's distance."""
+    smoothed = traj.smoothed()
+    models = {
+        "hybrid": lambda: model,
+        "order0": lambda: Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=4, order=0), None),
+        "order1": lambda: Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=4, order=1), None),
+        "central": lambda: CentralFlow(problem, traj.lr),
+    }
+    out = {name: rollout(models[name](), problem, traj, smoothed) for name in chosen}
+    central = out.get("central", {}).get("mean_distance_until")
+    for name, r in out.items():
+        if r["diverged"]:
+            print(f"rollout {name:8s}: diverged ({r['seconds']:.0f} s)")
+            continue
+        until = ", ".join(f"{end} {d:.4g}" for end, d in r["mean_distance_until"].items())
+        ratio = (
+            ""
+            if central is None or name == "central"
+            else "; the central flow's over it until "
+            + ", ".join(f"{end} {central[end] / d:.2f}x" for end, d in r["mean_distance_until"].items())
+        )
+        print(f"rollout {name:8s}: mean distance from step 0 until step {until}{ratio} ({r['seconds']:.0f} s)")
+    return out
 
 
 if __name__ == "__main__":

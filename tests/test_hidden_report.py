@@ -298,12 +298,12 @@ def latent_fit():
 
 
 def test_the_report_integrates_a_fit_s_windows_from_their_fitted_starts(latent_fit):
-    from neuralflow.report.hidden import _window_errors, solve_windows, window_rows
+    from neuralflow.report.hidden import solve_windows, window_errors, window_rows
 
     starts = latent_fit.windows["extra_start"]
     assert starts.shape == (len(latent_fit.windows["step"]), 2) and starts.abs().max() > 0
     rows, t = window_rows(latent_fit)
-    again = _window_errors(latent_fit, solve_windows(latent_fit, latent_fit.model, rows, t), rows)
+    again = window_errors(latent_fit, solve_windows(latent_fit, latent_fit.model, rows, t), rows)
     torch.testing.assert_close(again, latent_fit.window_errors.cpu(), rtol=1e-6, atol=1e-12)
 
 

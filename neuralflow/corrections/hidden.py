@@ -177,7 +177,11 @@ class HiddenStateLibrary(Correction):
     the growth and the floor reach ``theta`` only through the oscillation's size, so without the measured variance
     they are read from the oscillating windows alone, where linear Floquet growth has nothing to saturate it and
     the growth coefficient bends to stand in (1.2-1.6 against 2); the amplitude-dependent rate is that saturation,
-    and the variance part reads the growth from the quiet stretch and the floor from the onset (2.02-2.05). Fit
+    and the variance part reads the growth from the quiet stretch and the floor from the onset (2.02-2.05). Use
+    short windows (``window=5, stride=15`` in steps): over a window the model's variance parts from GD's where the
+    physics misses the catapult's saturation, and the drift coupling absorbs that the more, the longer the window
+    (on the digits run 0.71 over 40 steps, 0.61 over 20, 0.46 over 5, against GD's own 0.52 read step by step from
+    its iterates; ``benchmarks/eos_gd_couplings.py``). Fit
     them on ``OscillationFlow(..., order=1)``, whose ``dtheta/dt`` has GD's backward-error term off the tracked
     directions: over 20-step windows that term's effect is too small to be read (fitted as ``PHg`` it came out at
     -0.4 against GD's 1/2), while over a whole run it brings the flow 1.4x closer to GD (README). The

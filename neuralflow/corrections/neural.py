@@ -205,6 +205,11 @@ class LatentCorrection(Correction):
     def approximations(self) -> tuple[Approximation, ...]:  # type: ignore[override]
         return tuple(dict.fromkeys(TERMS[n].approximation for n in self.fields))
 
+    def state_features(self, state: StateDerivatives) -> Tensor:
+        """The scalar state features :attr:`feature_names` at ``state.thetas``, ``(B, F)`` (the report's formulas of
+        the read-out coefficients are written in them)."""
+        return _feature_matrix(_Context(self, state), self.feature_names)
+
     def latent_field(self, t: Tensor, state: StateDerivatives, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(F_a, dz/dt)`` on states ``state.thetas`` ``(B, d)`` with latent states ``z`` ``(B, m)``."""
         if z.dim() != 2 or z.shape != (state.thetas.shape[0], self.m):

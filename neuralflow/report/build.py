@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
@@ -10,7 +9,6 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..autodiff import StateDerivatives
 from ..corrections import (
     HIDDEN_TERMS,
     TERMS,
@@ -20,7 +18,6 @@ from ..corrections import (
     NeuralCorrection,
     TermLibrary,
 )
-from ..corrections.terms import _Context, _feature_matrix
 from ..errors import InputError, NeuralflowError
 from ..fit.options import resolved_solver
 from ..flows import Approximation, GradientFlow
@@ -32,16 +29,15 @@ from .hidden import (
     hidden_contributions,
     hidden_rows,
     hidden_state_evidence,
-    history_approximation,
-    leave_one_out_shares,
+    latent_rows,
     ode_starts,
     sharpness_at,
-    solve_windows,
     window_rows,
     window_starts,
 )
 from .model import Report
 from .notation import percent, sig
+from .sampling import in_batches, spread
 from .summary import RESIDUAL, Gate, TermSummary, _edge_label
 
 
@@ -89,30 +85,6 @@ def distill(outputs: Tensor, fields: dict[str, Tensor], n_folds: int = 5) -> tup
 # ------------------------------------------------------------------------------------ from a FitResult
 
 
-def _spread(n: int, k: int, device: torch.device) -> Tensor:
-    """At most ``k`` indices spread evenly over ``range(n)``, first and last included."""
-    if n <= k:
-        return torch.arange(n, device=device)
-    return torch.linspace(0, n - 1, k, device=device).round().long().unique()
-
-
-def _concat(parts: list[Any]) -> Any:
-    """Concatenate per-batch results along the states: tensors, dicts of them, dataclasses of them, None."""
-    first = parts[0]
-    if first is None:
-        return None
-    if isinstance(first, dict):
-        return {k: _concat([p[k] for p in parts]) for k in first}
-    if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return type(first)(**{f.name: _concat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)})
-    return torch.cat(parts)
-
-
-def _in_batches(fn: Any, states: Tensor, batch: int) -> Any:
-    """Apply ``fn`` to ``states`` in batches of ``batch`` and concatenate the results (:func:`_concat`)."""
-    return _concat([fn(states[i : i + batch]) for i in range(0, len(states), batch)])
-
-
 def _physics_view(flow: Any, name: str, spec: Any) -> tuple[Approximation | None, float | None]:
     """The approximation a term repairs and its theory value, relative to the physics ``flow``.
 
@@ -147,7 +119,7 @@ def window_shares(
     window = int(result.settings.get("window", 0))
     if "step" not in windows or window <= 0 or len(result.window_errors) != len(windows["step"]):
         return None
-    which = _spread(len(windows["step"]), max(1, max_states // 3), torch.device("cpu"))
+    which = spread(len(windows["step"]), max(1, max_states // 3), torch.device("cpu"))
     gain = (result.physics_window_errors.cpu() - result.window_errors.cpu()).to(torch.float64)[which]
     gain = torch.nan_to_num(gain, nan=0.0, neginf=0.0).clamp_min(0)
     n_out = window // targets.store_every
@@ -193,13 +165,13 @@ def _window_curves(
     steps = targets.steps.to(problem.device)
     fitted = window_rows(result) if "extra_start" in windows else None
     if fitted is not None:  # fitted starts exist for the fit's own windows only
-        pick = _spread(len(fitted[0]), max_windows, torch.device("cpu"))
+        pick = spread(len(fitted[0]), max_windows, torch.device("cpu"))
         starts = fitted[0][pick, 0].to(steps.device)
     else:
         start_ok = torch.nonzero(steps + window <= steps[-1]).flatten()
         if len(start_ok) == 0:
             return curves
-        starts = start_ok[_spread(len(start_ok), max_windows, steps.device)]
+        starts = start_ok[spread(len(start_ok), max_windows, steps.device)]
     ends = torch.searchsorted(steps, steps[starts] + window)
     x = targets.iterates.to(device=problem.device, dtype=problem.dtype)
     t = torch.tensor([0.0, float(window)], dtype=problem.dtype, device=problem.device)
@@ -296,7 +268,7 @@ def build_report(
         return _hidden_state_report(result, max_windows, sharpness, verdict)
     if isinstance(corr, LatentCorrection):
         return _latent_report(result, max_states, max_windows, sharpness, n_folds, batch, verdict)
-    idx = _spread(len(targets), max_states, targets.iterates.device)
+    idx = spread(len(targets), max_states, targets.iterates.device)
     states = targets.iterates[idx].to(device=problem.device, dtype=problem.dtype)
     state_steps = [int(s) for s in targets.steps[idx]]
     physics_error, hybrid_error = float(result.physics_error), float(result.hybrid_error)
@@ -331,9 +303,9 @@ def build_report(
             return coef, contrib
 
         def parts(at: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-            return rows_of(_in_batches(corr.inspect, at, batch))
+            return rows_of(in_batches(corr.inspect, at, batch))
 
-        view = _in_batches(corr.inspect, states, batch)
+        view = in_batches(corr.inspect, states, batch)
         values, contribs = rows_of(view)
         coefficients = {
             n: float(values[n].mean()) if n in corr.gated else float(result.coefficients.get(n, values[n][0]))
@@ -354,7 +326,7 @@ def build_report(
 
         def outputs_and_fields(at: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             with torch.no_grad():
-                return _in_batches(lambda s: corr(t0, s), at, batch), _in_batches(library.fields, at, batch)
+                return in_batches(lambda s: corr(t0, s), at, batch), in_batches(library.fields, at, batch)
 
         def distilled(out: Tensor, at_fields: dict[str, Tensor]) -> dict[str, Tensor]:
             """The distilled terms' contributions and the network's residual ``R = N - sum_i c_i F_i``."""
@@ -502,85 +474,12 @@ def _windowed_report(
     )
 
 
-#: The name of a latent correction's direct force ``lr P z`` among the report's rows.
-LATENT_FORCE = "Pz"
-
-
 def _latent_report(
     result: Any, max_states: int, max_windows: int, sharpness: bool | None, n_folds: int, batch: int, verdict: _Verdict
 ) -> Report:
-    """The report of a fit whose correction is a :class:`~neuralflow.corrections.LatentCorrection`.
-
-    The latent states ``z`` exist only along the fit's windows, so the correction is read there: every window is
-    integrated from its start (the fitted start with ``extra_start="fitted"``) and up to ``max_states`` of its
-    states are sampled. A read-out field ``j`` is a row whose coefficient is ``(W z)_j`` along those states, with
-    its best sparse formula in the correction's state features (:func:`~neuralflow.report.formula.gate_formula`):
-    where the formula explains little, the coefficient is not a function of the state but of history. The direct
-    force is the row ``Pz``, its coefficient the mean of ``|P z| / |g|`` (its size against the gradient step's).
-    Shares are leave-one-out on all windows (:func:`~neuralflow.report.hidden.leave_one_out_shares`: a read-out row
-    or ``P`` zeroed in turn). Every row revises the physics' account of a missing state
-    (:func:`~neuralflow.report.hidden.history_approximation`).
-    """
-    model = result.model
-    flow, corr = model.flow, model.correction
-    problem = model.problem
-    windows = window_rows(result)
-    if windows is None:
-        raise InputError(
-            "build_report: a latent correction is read along the fit's windows, and this result records none; "
-            "build the report from the FitResult that nf.fit returned."
-        )
-    rows, t = windows
-    sol = solve_windows(result, model, rows, t, full=True)
-    states = sol.reshape(-1, sol.shape[-1])
-    states = states[_spread(len(states), max_states, states.device)]
-    theta, z = states[:, : problem.dim], model.flow_part(states)[1]
-    assert z is not None  # a latent correction's states follow the flow's
-
-    def features_and_gradient(at: Tensor) -> Tensor:
-        state = StateDerivatives(problem, at, create_graph=False)
-        return torch.cat([_feature_matrix(_Context(corr, state), corr.feature_names), state.g], dim=1).detach()
-
-    both = _in_batches(features_and_gradient, theta, batch)
-    columns = {name: both[:, j] for j, name in enumerate(corr.feature_names)}
-    g = both[:, len(corr.feature_names) :]
-    knobs = {n: corr.readout[j] for j, n in enumerate(corr.fields)}
-    if corr.direct:
-        knobs[LATENT_FORCE] = corr.force
-    share = leave_one_out_shares(result, rows, t, knobs)
-    approximation = history_approximation(flow)
-    notes = [f"the latent states (m = {corr.m}) are read at {len(states)} states along the fit's {len(rows)} windows"]
-    if share is None:
-        notes.append("taking out any one latent path does not raise the windows' error; the shares are left at 0")
-    terms = []
-    with torch.no_grad():
-        for j, name in enumerate(corr.fields):
-            values = z @ corr.readout[j]
-            formula = gate_formula(columns, values, n_folds=n_folds)
-            if formula.explained < 0.5:
-                notes.append(
-                    f"the coefficient of {name}, (W z)_{name}, is not a function of the state: its best formula in "
-                    f"{list(columns)} explains {percent(max(formula.explained, 0.0))} of it (it carries history)"
-                )
-            gate = Gate({k: tuple(v.tolist()) for k, v in columns.items()}, tuple(values.tolist()), formula)
-            terms.append(
-                TermSummary(
-                    name, (share or {}).get(name, 0.0), float(values.mean()), None, 0.0, approximation, gate, "latent"
-                )
-            )
-        if corr.direct:
-            size = (z @ corr.force.T).norm(dim=1) / g.norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
-            terms.append(
-                TermSummary(
-                    LATENT_FORCE,
-                    (share or {}).get(LATENT_FORCE, 0.0),
-                    float(size.mean()),
-                    None,
-                    None,
-                    approximation,
-                    regime="latent",
-                )
-            )
+    """The report of a fit whose correction is a :class:`~neuralflow.corrections.LatentCorrection`: its rows read
+    along the fit's windows (:func:`~neuralflow.report.hidden.latent_rows`)."""
+    terms, notes = latent_rows(result, max_states, n_folds, batch)
     return _windowed_report(result, terms, "latent", notes, max_windows, sharpness, verdict)
 
 

@@ -29,13 +29,17 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..autodiff import top_eigenpairs
+from ..autodiff import StateDerivatives, top_eigenpairs
 from ..corrections import TERMS, TermLibrary
+from ..errors import InputError
 from ..fit.options import resolved_solver
 from ..flows import Approximation
 from ..sparse import RESOLUTION
 from .equations import extra_equation
-from .notation import _feature_text, sig
+from .formula import gate_formula
+from .notation import _feature_text, percent, sig
+from .sampling import in_batches, spread
+from .summary import Gate, TermSummary
 
 __all__ = [
     "HiddenStateEvidence",
@@ -129,7 +133,7 @@ def solve_windows(result: Any, model: Any, rows: Tensor, t: Tensor, full: bool =
     return sol if full else sol[..., : model.problem.dim]
 
 
-def _window_errors(result: Any, sol: Tensor, rows: Tensor) -> Tensor:
+def window_errors(result: Any, sol: Tensor, rows: Tensor) -> Tensor:
     """Each window's normalised mean squared distance to its targets (as the fit measures it), ``(W,)``."""
     x = result.trajectory.iterates.to(sol)
     target = x[rows.T.to(x.device)]
@@ -169,14 +173,14 @@ def leave_one_out_shares(result: Any, rows: Tensor, t: Tensor, knobs: dict[str, 
     model = result.model
     physics, hybrid = all_window_errors(result)
     closed = min(max(1.0 - hybrid / physics, 0.0), 1.0) if physics > 0 else 0.0  # as Report.closed
-    full = _window_errors(result, solve_windows(result, model, rows, t), rows).mean()
+    full = window_errors(result, solve_windows(result, model, rows, t), rows).mean()
     gains = {}
     for name, knob in knobs.items():
         kept = knob.detach().clone()
         with torch.no_grad():
             knob.zero_()
         try:
-            gains[name] = float(_window_errors(result, solve_windows(result, model, rows, t), rows).mean() - full)
+            gains[name] = float(window_errors(result, solve_windows(result, model, rows, t), rows).mean() - full)
         finally:
             with torch.no_grad():
                 knob.copy_(kept)
@@ -200,6 +204,73 @@ def hidden_contributions(result: Any) -> dict[str, list[float]]:
         coef = {n: float(c) for n, c in lib.coefficients(flow).items()}
     steps = [int(s) for s in result.trajectory.steps[rows[:, 0]]]
     return {"step": steps, **{n: ((coef[n] - own[n]) * fields[n]).norm(dim=1).tolist() for n in lib.terms}}
+
+
+# ------------------------------------------------------------------------------------ a latent correction
+
+#: The name of a latent correction's direct force ``lr P z`` among the report's rows.
+LATENT_FORCE = "Pz"
+
+
+def latent_rows(result: Any, max_states: int, n_folds: int, batch: int) -> tuple[list[TermSummary], list[str]]:
+    """The report's rows of a fitted :class:`~neuralflow.corrections.LatentCorrection`, and its notes.
+
+    The latent states ``z`` exist only along the fit's windows, so the correction is read there: every window is
+    integrated from its start (the fitted start with ``extra_start="fitted"``) and up to ``max_states`` of its
+    states are sampled. A read-out field ``j`` is a row whose coefficient is ``(W z)_j`` along those states, with
+    its best sparse formula in the correction's state features (:func:`~neuralflow.report.formula.gate_formula`):
+    where the formula explains little, the coefficient is not a function of the state but of history. The direct
+    force is the row ``Pz``, its coefficient the mean of ``|P z| / |g|`` (its size against the gradient step's).
+    Shares are leave-one-out on all windows (:func:`leave_one_out_shares`: a read-out row or ``P`` zeroed in turn).
+    Every row revises the physics' account of a missing state (:func:`history_approximation`).
+    """
+    model = result.model
+    corr, problem = model.correction, model.problem
+    windows = window_rows(result)
+    if windows is None:
+        raise InputError(
+            "build_report: a latent correction is read along the fit's windows, and this result records none; "
+            "build the report from the FitResult that nf.fit returned."
+        )
+    rows, t = windows
+    sol = solve_windows(result, model, rows, t, full=True)
+    states = sol.reshape(-1, sol.shape[-1])
+    states = states[spread(len(states), max_states, states.device)]
+    theta, z = states[:, : problem.dim], model.flow_part(states)[1]
+
+    def features_and_gradient(at: Tensor) -> Tensor:
+        state = StateDerivatives(problem, at, create_graph=False)
+        return torch.cat([corr.state_features(state), state.g], dim=1).detach()
+
+    both = in_batches(features_and_gradient, theta, batch)
+    columns = {name: both[:, j] for j, name in enumerate(corr.feature_names)}
+    g = both[:, len(corr.feature_names) :]
+    knobs = {n: corr.readout[j] for j, n in enumerate(corr.fields)}
+    if corr.direct:
+        knobs[LATENT_FORCE] = corr.force
+    share = leave_one_out_shares(result, rows, t, knobs) or {}
+    approximation = history_approximation(model.flow)
+    notes = [f"the latent states (m = {corr.m}) are read at {len(states)} states along the fit's {len(rows)} windows"]
+    if not share:
+        notes.append("taking out any one latent path does not raise the windows' error; the shares are left at 0")
+    terms = []
+    with torch.no_grad():
+        for j, name in enumerate(corr.fields):
+            values = z @ corr.readout[j]
+            formula = gate_formula(columns, values, n_folds=n_folds)
+            if formula.explained < 0.5:
+                notes.append(
+                    f"the coefficient of {name}, (W z)_{name}, is not a function of the state: its best formula in "
+                    f"{list(columns)} explains {percent(max(formula.explained, 0.0))} of it (it carries history)"
+                )
+            gate = Gate({k: tuple(v.tolist()) for k, v in columns.items()}, tuple(values.tolist()), formula)
+            mean = float(values.mean())
+            terms.append(TermSummary(name, share.get(name, 0.0), mean, None, 0.0, approximation, gate, "latent"))
+        if corr.direct:
+            size = float(((z @ corr.force.T).norm(dim=1) / g.norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)).mean())
+            force = share.get(LATENT_FORCE, 0.0)
+            terms.append(TermSummary(LATENT_FORCE, force, size, None, None, approximation, regime="latent"))
+    return terms, notes
 
 
 # ------------------------------------------------------------------------------- the diagnostic
