@@ -247,6 +247,22 @@ def small() -> tuple[nf.Problem, nf.Trajectory]:
     return p, simulated(Hybrid(GradientFlow(p, 0.3), None), 30)
 
 
+def test_a_fit_integrates_with_the_flow_s_own_solver_unless_told_otherwise(small):
+    p, traj = small
+
+    class EulerFlow(GradientFlow):  # a physics that, like the central and oscillation flows, names its integrator
+        solver = {"method": "euler", "options": {"step_size": 0.25}}
+
+    kw = {"window": 10, "max_iters": 1, "progress": False}
+    own = fit(Hybrid(EulerFlow(p, 0.3), TermLibrary(p, 0.3, ["Hg"])), traj, **kw)
+    assert (own.settings["solver"], own.settings["step_size_used"]) == ("euler", 0.25)
+    told = fit(Hybrid(EulerFlow(p, 0.3), TermLibrary(p, 0.3, ["Hg"])), traj, solver="rk4", step_size=0.5, **kw)
+    assert (told.settings["solver"], told.settings["step_size"]) == ("rk4", 0.5)
+    assert fit(library_model(p, 0.3, ["Hg"]), traj, **kw).settings["solver"] == "rk4"
+    # the windows were solved as recorded: Euler in quarter steps misses gradient flow's exact solution by more
+    assert own.physics_error > 10 * told.physics_error
+
+
 def test_bad_input_is_refused_with_advice(small):
     p, data = small
     model = library_model(p, 0.3, ["Hg"])

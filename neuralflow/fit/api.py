@@ -38,7 +38,7 @@ def fit_loss(
     val_fraction: float = 0.2,
     stride: int | None = None,
     seed: int = 0,
-    solver: str = "rk4",
+    solver: str | None = None,
     step_size: float | None = None,
     rtol: float = 1e-7,
     atol: float = 1e-9,
@@ -97,7 +97,7 @@ def fit(
     init: str = "auto",
     learning_rate: float = 1e-2,
     seed: int = 0,
-    solver: str = "rk4",
+    solver: str | None = None,
     step_size: float | None = None,
     rtol: float = 1e-7,
     atol: float = 1e-9,
@@ -155,11 +155,14 @@ def fit(
         Adam's learning rate.
     seed : int, default 0
         Seed of the validation split and of re-initialised gates.
-    solver : str, default "rk4"
-        A torchdiffeq method (:data:`neuralflow.solvers.FIXED_GRID` or :data:`~neuralflow.solvers.ADAPTIVE`).
+    solver : str, optional
+        A torchdiffeq method (:data:`neuralflow.solvers.FIXED_GRID` or :data:`~neuralflow.solvers.ADAPTIVE`); None:
+        the physics flow's own choice where it has one (``flow.solver``: explicit Euler in half steps for the central
+        and the oscillation flows, whose physics is calibrated on it), else ``"rk4"``.
     step_size : float, optional
-        A fixed-grid solver's step in steps; None: ``1/n`` with ``n`` the smallest integer making
-        ``lr * S * step_size <= 0.25`` for the largest sharpness the trajectory measured (``1/2`` without one).
+        A fixed-grid solver's step in steps; None: the flow's own step with its own solver, else ``1/n`` with ``n``
+        the smallest integer making ``lr * S * step_size <= 0.25`` for the largest sharpness the trajectory
+        measured (``1/2`` without one).
     rtol, atol : float, default 1e-7, 1e-9
         An adaptive solver's tolerances.
     progress : bool, default False
@@ -421,7 +424,8 @@ def fit_runs(
     inverse = [1 / max(s.hybrid_error, tiny) for s in singles] or [1.0] * len(trajectories)
     weights = [w / sum(inverse) for w in inverse]
     models = [_at_lr(model, t.lr, share=True) for t in trajectories]
-    built = [_objective(m, t, setup, {}) for m, t in zip(models, trajectories, strict=True)]
+    resolved: list[dict[str, Any]] = [{} for _ in trajectories]  # each run's solver and step, as _objective chose
+    built = [_objective(m, t, setup, r) for m, t, r in zip(models, trajectories, resolved, strict=True)]
     objectives, targets = [b[0] for b in built], [b[1] for b in built]
     joint = _JointObjective(objectives, weights)
     lib = model.correction
@@ -490,7 +494,7 @@ def fit_runs(
             {"iteration": 0, "train_loss": float(torch.cat(final).square().sum()), "val_loss": joint.val_loss}
         )
     views = []
-    for m, o, tg in zip(models, objectives, targets, strict=True):
+    for m, o, tg, chosen in zip(models, objectives, targets, resolved, strict=True):
         shown = o.win.val if len(o.win.val) else o.win.train
         everything = torch.arange(o.win.targets.shape[1], device=model.problem.device)
         assert o.last_errors is not None  # the final joint.residuals() set them
@@ -505,7 +509,7 @@ def fit_runs(
                 physics_error=float(o.physics_errors[shown].mean()),
                 hybrid_error=float(o.last_errors[shown].mean()),
                 timing=timing,
-                settings={**settings, "joint_runs": len(models)},
+                settings={**settings, **chosen, "joint_runs": len(models)},
                 trajectory=tg,
                 n_function_evals=o.counted.n,
                 normaliser=o.win.normaliser,
@@ -552,7 +556,7 @@ def fit_runs(
         physics_error=sum(v.physics_error for v in views) / len(views),
         hybrid_error=sum(v.hybrid_error for v in views) / len(views),
         timing=timing,
-        settings=settings,
+        settings={**settings, **resolved[ref]},
         trajectory=r.trajectory,
         n_function_evals=sum(v.n_function_evals for v in views),
         windows=r.windows,

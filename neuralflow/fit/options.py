@@ -35,7 +35,7 @@ class ShootingOptions:
     val_fraction: float = 0.2
     stride: int | None = None
     seed: int = 0
-    solver: str = "rk4"
+    solver: str | None = None
     step_size: float | None = None
     rtol: float = 1e-7
     atol: float = 1e-9
