@@ -2,13 +2,14 @@
 
 The digits runs of ``benchmarks/eos_hidden_fit.py`` (same set-ups, same cached GD run). With ``theta_k = m_k +
 (-1)^k x_k`` (science notes section 7), ``m`` the midpoint process ``(theta_{k-1} + 2 theta_k + theta_{k+1}) / 4``
-and ``x_k`` the period-two demodulation ``(theta_{k-2} - 4 theta_{k-1} + 6 theta_k - 4 theta_{k+1} + theta_{k+2})
-/ 16`` (all directions, not only the tracked ones), two of the flow's coefficients are read off each oscillating
-step ``k`` (``s = |x_k|^2`` at least ``--min-variance``):
+and ``(-1)^k x_k`` the period-two demodulation ``(theta_{k-2} - 4 theta_{k-1} + 6 theta_k - 4 theta_{k+1} +
+theta_{k+2}) / 16`` (all directions, not only the tracked ones; the sign drops out of what is measured), two of
+the flow's coefficients are read off each oscillating step ``k`` (``s = |x_k|^2`` at least ``--min-variance``):
 
-* **The drift coupling** (theory 1/2). The smoothed step minus the continuous-time drift and GD's first-order
-  backward-error term, ``r_k = m_{k+1} - m_k + lr g(m_k) + (lr^2/2) H g(m_k)``, against ``w_k = D3L[x_k, x_k]``:
-  ``c_k = -<r_k, w_k> / (lr |w_k|^2)``, the coefficient of ``-lr c D3L[x, x]`` that best explains the step. Also
+* **The drift coupling** (theory 1/2). The smoothed step minus GD's gradient step, ``r_k = m_{k+1} - m_k + lr
+  g(m_k)`` (a discrete step: on a quadratic the midpoint process moves by exactly ``-lr g(m_k)``, so no
+  backward-error term enters), against ``w_k = D3L[x_k, x_k]``: ``c_k = -<r_k, w_k> / (lr |w_k|^2)``, the
+  coefficient of ``-lr c D3L[x, x]`` that best explains the step. Also
   with ``x`` projected on the 4 tracked eigenvectors (what the flow's ``Sigma`` holds), and pooled over the steps
   (``-sum <r, w> / (lr sum |w|^2)``, where the large oscillations weigh most).
 * **The amplitude-dependent rate** (theory 0 in *linear Floquet growth*). Along the top eigenvector ``u`` of
@@ -38,7 +39,7 @@ from torch.func import jvp
 from tqdm import tqdm
 
 import neuralflow as nf
-from neuralflow.autodiff import d3, gradient, hvp, top_eigenpairs
+from neuralflow.autodiff import d3, gradient, top_eigenpairs
 from neuralflow.provenance import write_json
 
 N_TRACK = 4
@@ -69,8 +70,7 @@ def measure(problem: nf.Problem, traj: nf.Trajectory, k: int) -> dict[str, float
         return (it[j - 2] - 4 * it[j - 1] + 6 * it[j] - 4 * it[j + 1] + it[j + 2]) / 16
 
     m, x = mid(i), demod(i)
-    g = gradient(problem, m)
-    r = mid(i + 1) - m + lr * g + 0.5 * lr**2 * hvp(problem, m, g)
+    r = mid(i + 1) - m + lr * gradient(problem, m)
     eig = top_eigenpairs(problem, m, N_TRACK)
     U, lam = eig.vectors, float(eig.values[0])
     x_tracked = U.T @ (U @ x)

@@ -28,6 +28,8 @@ def test_planted_universal_coefficients_are_fitted_once_with_each_runs_power_of_
     assert float(model.correction.constants["Hg"].detach()) == pytest.approx(res.coefficients["Hg"])
     assert res.universal == {"Hg": True, "D3gg": True}
     assert [r.model.lr for r in res.runs] == list(LRS)
+    # each run records the solver its windows were solved with (gradient flow names none: rk4)
+    assert [r.settings["solver"] for r in res.runs] == ["rk4"] * 3 and res.settings["solver"] == "rk4"
 
 
 def test_planted_lr_dependent_coefficient_is_not_universal(small):

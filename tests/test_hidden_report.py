@@ -332,3 +332,25 @@ def test_the_report_reads_a_latent_correction_and_says_a_hidden_state_is_missing
     path = nf.checkpoint.save(latent_fit, tmp_path / "latent.nff")  # with its report, which it could not hold before
     assert str(nf.checkpoint.stored_report(path)) == str(report)
     assert str(nf.checkpoint.load(path).report()) == str(report)  # rebuilt from the loaded fit's fitted starts
+
+
+def test_a_latent_report_reads_a_force_only_correction_and_calls_no_constant_history():
+    from test_latent import LR as LATENT_LR
+    from test_latent import SOLVER as LATENT_SOLVER
+    from test_latent import oscillator_problem, oscillator_trajectory
+
+    from neuralflow.corrections import LatentCorrection
+
+    p, traj = oscillator_problem(), oscillator_trajectory()
+    adam = {"method": "direct", "optimizer": "adam", "val_fraction": 0, "progress": False, **LATENT_SOLVER}
+    force_only = Hybrid(GradientFlow(p, LATENT_LR), LatentCorrection(p, LATENT_LR, m=2, fields=(), hidden=16))
+    res = fit(force_only, traj, window=20, extra_start="fitted", max_iters=40, learning_rate=3e-2, **adam)
+    report = res.report()
+    assert [t.name for t in report.terms] == ["Pz"] and report.terms[0].share == pytest.approx(report.closed)
+    assert report.closed > 0.5 and report.suggestions()[0].startswith("A hidden state is missing")
+    # nothing fitted (a zero learning rate): z stays 0, (W z)_g is the constant 0, which is no history
+    idle = Hybrid(GradientFlow(p, LATENT_LR), LatentCorrection(p, LATENT_LR, m=2, fields=("g",), direct=False))
+    still = fit(idle, traj, window=20, max_iters=1, learning_rate=0.0, **adam).report()
+    assert still.closed == 0 and still.terms[0].coefficient == 0
+    assert not any("carries history" in n for n in still.notes)
+    assert not any(s.startswith("A hidden state is missing") for s in still.suggestions())

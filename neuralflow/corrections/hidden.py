@@ -180,7 +180,7 @@ class HiddenStateLibrary(Correction):
     and the variance part reads the growth from the quiet stretch and the floor from the onset (2.02-2.05). Use
     short windows (``window=5, stride=15`` in steps): over a window the model's variance parts from GD's where the
     physics misses the catapult's saturation, and the drift coupling absorbs that the more, the longer the window
-    (on the digits run 0.71 over 40 steps, 0.61 over 20, 0.46 over 5, against GD's own 0.52 read step by step from
+    (on the digits run 0.67 over 40 steps, 0.61 over 20, 0.46 over 5, against GD's own 0.500 read step by step from
     its iterates; ``benchmarks/eos_gd_couplings.py``). Fit
     them on ``OscillationFlow(..., order=1)``, whose ``dtheta/dt`` has GD's backward-error term off the tracked
     directions: over 20-step windows that term's effect is too small to be read (fitted as ``PHg`` it came out at

@@ -263,10 +263,11 @@ def _objective(
     settings["stride"] = stride = window if stride is None else check_positive_int(stride, "fit: stride")
     fixed_step = None
     if solver is None:  # the flow's own integrator (Euler in half steps for the central and oscillation flows)
-        own = getattr(model.flow, "solver", None) or {}
-        settings["solver"] = solver = own.get("method", "rk4")
-        if step_size is None and "step_size" in own.get("options", {}):
-            settings["step_size_used"] = step_size = own["options"]["step_size"]
+        own = getattr(model.flow, "solver", None)
+        chosen = Solver.from_options(own) if own else Solver("rk4", 0.5)
+        settings["solver"] = solver = chosen.method
+        if own and step_size is None and chosen.step_size is not None:
+            settings["step_size_used"] = step_size = chosen.step_size
     if solver in FIXED_GRID:
         if step_size is None:
             step_size = _default_step_size(trajectory)

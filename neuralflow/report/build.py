@@ -26,6 +26,7 @@ from .formula import gate_formula
 from .hidden import (
     all_window_errors,
     edge_approximation,
+    fitted_start_notes,
     hidden_contributions,
     hidden_rows,
     hidden_state_evidence,
@@ -178,8 +179,9 @@ def _window_curves(
     kw = resolved_solver(result.settings).odeint_options()
     states = {"observed": x[ends]}
     with torch.no_grad():
-        y0 = ode_starts(model, targets, starts) if fitted is None else window_starts(result, model, fitted[0])[pick]
-        for who, rhs, start in (("physics", model.flow, model.flow_part(y0)[0]), ("hybrid", model, y0)):
+        measured = ode_starts(model, targets, starts)  # the physics from the measurement, as the fit compared it
+        y0 = measured if fitted is None else window_starts(result, model, fitted[0])[pick]
+        for who, rhs, start in (("physics", model.flow, model.flow_part(measured)[0]), ("hybrid", model, y0)):
             try:
                 states[who] = odeint(rhs, start, t, **kw)[-1][:, : problem.dim]
             except NeuralflowError as err:  # e.g. a central flow started above 2/lr: leave that curve out
@@ -406,8 +408,7 @@ def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, 
     notes = []
     if share is None:
         notes.append("no term's revision lowers the windows' error on its own; the shares are left at 0")
-    if result.settings.get("extra_start") == "fitted":
-        notes.append("the windows start from their fitted extra-state starts")
+    notes += fitted_start_notes(result)
     held_out = result.windows.get("validation") if getattr(result, "windows", None) else None
     if held_out is not None and bool(held_out.any()) and not bool(held_out.all()):
         notes.append(

@@ -123,6 +123,18 @@ def window_starts(result: Any, model: Any, rows: Tensor) -> Tensor:
     return torch.cat([y0[:, : model.problem.dim], fitted.to(y0)], dim=1)
 
 
+def fitted_start_notes(result: Any) -> list[str]:
+    """What the report says about the windows' starts of a fit with ``extra_start="fitted"`` (none otherwise)."""
+    if result.settings.get("extra_start") != "fitted":
+        return []
+    if "extra_start" in (getattr(result, "windows", {}) or {}):
+        return ["the hybrid's windows start from their fitted extra-state starts, the physics' from the measurement"]
+    return [
+        "this fit's fitted starts were not recorded (a fit from before they were): its windows are integrated from "
+        "the measured extra state, with a latent correction's states at 0; refit to read them as fitted"
+    ]
+
+
 def solve_windows(result: Any, model: Any, rows: Tensor, t: Tensor, full: bool = False) -> Tensor:
     """``theta`` (``full``: the whole ODE state) along every window from its start, ``(n_out + 1, W, d)``, with the
     fit's solver. A window starts from the measured extra state, or from its fitted start where the fit fitted
@@ -220,7 +232,7 @@ def latent_rows(result: Any, max_states: int, n_folds: int, batch: int) -> tuple
     states are sampled. A read-out field ``j`` is a row whose coefficient is ``(W z)_j`` along those states, with
     its best sparse formula in the correction's state features (:func:`~neuralflow.report.formula.gate_formula`):
     where the formula explains little, the coefficient is not a function of the state but of history. The direct
-    force is the row ``Pz``, its coefficient the mean of ``|P z| / |g|`` (its size against the gradient step's).
+    force is the row ``Pz``, its coefficient ``mean |P z| / mean |g|`` (its size against the gradient step's).
     Shares are leave-one-out on all windows (:func:`leave_one_out_shares`: a read-out row or ``P`` zeroed in turn).
     Every row revises the physics' account of a missing state (:func:`history_approximation`).
     """
@@ -251,6 +263,7 @@ def latent_rows(result: Any, max_states: int, n_folds: int, batch: int) -> tuple
     share = leave_one_out_shares(result, rows, t, knobs) or {}
     approximation = history_approximation(model.flow)
     notes = [f"the latent states (m = {corr.m}) are read at {len(states)} states along the fit's {len(rows)} windows"]
+    notes += fitted_start_notes(result)
     if not share:
         notes.append("taking out any one latent path does not raise the windows' error; the shares are left at 0")
     terms = []
@@ -258,7 +271,8 @@ def latent_rows(result: Any, max_states: int, n_folds: int, batch: int) -> tuple
         for j, name in enumerate(corr.fields):
             values = z @ corr.readout[j]
             formula = gate_formula(columns, values, n_folds=n_folds)
-            if formula.explained < 0.5:
+            varies = float(values.std()) > RESOLUTION * float(values.abs().max())  # a constant is no history
+            if varies and formula.explained < 0.5:
                 notes.append(
                     f"the coefficient of {name}, (W z)_{name}, is not a function of the state: its best formula in "
                     f"{list(columns)} explains {percent(max(formula.explained, 0.0))} of it (it carries history)"
@@ -267,7 +281,9 @@ def latent_rows(result: Any, max_states: int, n_folds: int, batch: int) -> tuple
             mean = float(values.mean())
             terms.append(TermSummary(name, share.get(name, 0.0), mean, None, 0.0, approximation, gate, "latent"))
         if corr.direct:
-            size = float(((z @ corr.force.T).norm(dim=1) / g.norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)).mean())
+            # the mean force over the mean gradient step: a ratio per state would blow up where g ~ 0
+            step = g.norm(dim=1).mean().clamp_min(torch.finfo(g.dtype).tiny)
+            size = float((z @ corr.force.T).norm(dim=1).mean() / step)
             force = share.get(LATENT_FORCE, 0.0)
             terms.append(TermSummary(LATENT_FORCE, force, size, None, None, approximation, regime="latent"))
     return terms, notes

@@ -175,12 +175,12 @@ class Report:
         out = self._term_suggestions()
         if self._history_dependent:
             out.insert(0, self.hidden_state.text())
-        if self.source == "latent" and self.closed >= self.min_share:
+        if self.source == "latent" and self.closed >= self.outside:
             out.insert(
                 0,
-                f"A hidden state is missing: latent states with dynamics of their own close {percent(self.closed)} "
-                "of the gap (the rows say where they act; a coefficient that no formula of the state explains "
-                "carries history).",
+                f"A hidden state is missing: latent states (their starts and their dynamics) close "
+                f"{percent(self.closed)} of the gap (the rows say where they act; a coefficient that no formula of "
+                "the state explains carries history).",
             )
         if self.verdict == "outside":
             if out:
