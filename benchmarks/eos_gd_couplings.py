@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import neuralflow as nf
 from neuralflow.autodiff import d3, gradient, top_eigenpairs
+from neuralflow.oscillation import period_two
 from neuralflow.provenance import write_json
 
 N_TRACK = 4
@@ -58,19 +59,17 @@ def quartic(problem: nf.Problem, theta: torch.Tensor, u: torch.Tensor) -> float:
     return float(f(theta))
 
 
-def measure(problem: nf.Problem, traj: nf.Trajectory, k: int) -> dict[str, float]:
-    """The drift coupling and the amplitude rate at step ``k`` (a step of ``traj``, two steps from its ends)."""
-    it, lr = traj.iterates, traj.lr
-    i = k - int(traj.steps[0])
+def measure(problem: nf.Problem, traj: nf.Trajectory, smoothed: nf.Trajectory, k: int) -> dict[str, float]:
+    """The drift coupling and the amplitude rate at step ``k`` (a step of ``traj``, two steps from its ends);
+    ``smoothed`` is ``traj.smoothed()``."""
+    lr = traj.lr
+    i, j = k - int(traj.steps[0]), k - int(smoothed.steps[0])
 
-    def mid(j: int) -> torch.Tensor:
-        return (it[j - 1] + 2 * it[j] + it[j + 1]) / 4
+    def demod(i: int) -> torch.Tensor:  # d at iterate row i
+        return period_two(traj.iterates[i - 2 : i + 3])[0]
 
-    def demod(j: int) -> torch.Tensor:
-        return (it[j - 2] - 4 * it[j - 1] + 6 * it[j] - 4 * it[j + 1] + it[j + 2]) / 16
-
-    m, x = mid(i), demod(i)
-    r = mid(i + 1) - m + lr * gradient(problem, m)
+    m, x = smoothed.iterates[j], demod(i)
+    r = smoothed.iterates[j + 1] - m + lr * gradient(problem, m)
     eig = top_eigenpairs(problem, m, N_TRACK)
     U, lam = eig.vectors, float(eig.values[0])
     x_tracked = U.T @ (U @ x)
@@ -123,7 +122,8 @@ def main() -> None:
         if float(osc.variance[int(torch.nonzero(osc.steps == k)[0])]) >= args.min_variance
     ]
     t0 = time.perf_counter()
-    rows = [measure(problem, traj, k) for k in tqdm(steps, desc="steps", leave=False)]
+    smoothed = traj.smoothed()
+    rows = [measure(problem, traj, smoothed, k) for k in tqdm(steps, desc="steps", leave=False)]
     seconds = time.perf_counter() - t0
     print(
         f"{args.setup}: n {setup['n']}, widths {setup['widths']}, lr {traj.lr}; {len(rows)} steps in {first}-{last} "

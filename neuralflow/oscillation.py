@@ -40,6 +40,7 @@ __all__ = [
     "OscillationRecorder",
     "established",
     "first_established",
+    "period_two",
     "roundoff_variance",
 ]
 
@@ -60,6 +61,13 @@ def first_established(
     ok = established(variance, smoothed_step, ratio) & (steps >= after)
     hit = torch.nonzero(ok).flatten()
     return int(steps[hit[0]]) if len(hit) else None
+
+
+def period_two(iterates: Tensor) -> Tensor:
+    """The period-two demodulation ``d_k`` (module docstring) of consecutive iterates ``(T, d)`` at their interior
+    steps ``k = 2 .. T - 3``, shape ``(T - 4, d)``; ``d_k = (-1)^k x_k``."""
+    x = iterates
+    return (x[:-4] - 4 * x[1:-3] + 6 * x[2:-2] - 4 * x[3:-1] + x[4:]) / 16
 
 
 def roundoff_variance(theta: Tensor) -> float:
@@ -112,8 +120,7 @@ class Oscillation:
             m = (x[:-2] + 2 * x[1:-1] + x[2:]) / 4
             step[1:-2] = (m[1:] - m[:-1]).norm(dim=1)
         if len(x) >= 5:
-            d = (x[:-4] - 4 * x[1:-3] + 6 * x[2:-2] - 4 * x[3:-1] + x[4:]) / 16
-            variance[2:-2] = d.pow(2).sum(dim=1)
+            variance[2:-2] = period_two(x).pow(2).sum(dim=1)
         return cls(steps, None, variance, total, step)
 
 

@@ -263,11 +263,11 @@ def _objective(
     settings["stride"] = stride = window if stride is None else check_positive_int(stride, "fit: stride")
     fixed_step = None
     if solver is None:  # the flow's own integrator (Euler in half steps for the central and oscillation flows)
-        own = getattr(model.flow, "solver", None)
-        chosen = Solver.from_options(own) if own else Solver("rk4", 0.5)
-        settings["solver"] = solver = chosen.method
-        if own and step_size is None and chosen.step_size is not None:
-            settings["step_size_used"] = step_size = chosen.step_size
+        preferred = getattr(model.flow, "solver", None)
+        own = Solver.from_options(preferred) if preferred else None
+        settings["solver"] = solver = "rk4" if own is None else own.method
+        if own is not None and step_size is None and own.step_size is not None:
+            settings["step_size_used"] = step_size = own.step_size
     if solver in FIXED_GRID:
         if step_size is None:
             step_size = _default_step_size(trajectory)

@@ -34,7 +34,7 @@ from .hidden import (
     ode_starts,
     sharpness_at,
     window_rows,
-    window_starts,
+    with_fitted_starts,
 )
 from .model import Report
 from .notation import percent, sig
@@ -180,7 +180,7 @@ def _window_curves(
     states = {"observed": x[ends]}
     with torch.no_grad():
         measured = ode_starts(model, targets, starts)  # the physics from the measurement, as the fit compared it
-        y0 = measured if fitted is None else window_starts(result, model, fitted[0])[pick]
+        y0 = measured if fitted is None else with_fitted_starts(result, measured, pick)
         for who, rhs, start in (("physics", model.flow, model.flow_part(measured)[0]), ("hybrid", model, y0)):
             try:
                 states[who] = odeint(rhs, start, t, **kw)[-1][:, : problem.dim]

@@ -116,11 +116,16 @@ def window_rows(result: Any) -> tuple[Tensor, Tensor] | None:
 def window_starts(result: Any, model: Any, rows: Tensor) -> Tensor:
     """The ODE states the fit's windows start from: ``theta`` at each window's first target joined with the measured
     extra state there, or with the window's fitted start (``extra_start="fitted"``: ``result.windows``)."""
-    y0 = ode_starts(model, result.trajectory, rows[:, 0])
+    return with_fitted_starts(result, ode_starts(model, result.trajectory, rows[:, 0]))
+
+
+def with_fitted_starts(result: Any, measured: Tensor, which: Tensor | slice = slice(None)) -> Tensor:
+    """``measured`` (the measured starts of the fit's windows ``which``) with each window's fitted extra state in
+    place of the measured one, where the fit fitted them (``result.windows["extra_start"]``)."""
     fitted = (getattr(result, "windows", {}) or {}).get("extra_start")
     if fitted is None:
-        return y0
-    return torch.cat([y0[:, : model.problem.dim], fitted.to(y0)], dim=1)
+        return measured
+    return torch.cat([measured[:, : result.model.problem.dim], fitted[which].to(measured)], dim=1)
 
 
 def fitted_start_notes(result: Any) -> list[str]:
