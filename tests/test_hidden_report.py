@@ -354,3 +354,28 @@ def test_a_latent_report_reads_a_force_only_correction_and_calls_no_constant_his
     assert still.closed == 0 and still.terms[0].coefficient == 0
     assert not any("carries history" in n for n in still.notes)
     assert not any(s.startswith("A hidden state is missing") for s in still.suggestions())
+
+
+def test_a_latent_report_on_a_flow_with_extra_state_prints_both_states_equations():
+    """A latent correction riding on a flow with its own extra state: the report's equations give the flow's extra
+    state (at the physics' own coefficients) beside the latent terms of dtheta/dt and the latent equation."""
+    from neuralflow.corrections import LatentCorrection
+
+    p = planted_problem()
+    model = Hybrid(PlantedHidden(p, LR), LatentCorrection(p, LR, m=2, fields=("g",), hidden=4))
+    adam = {"method": "direct", "optimizer": "adam", "learning_rate": 1e-2, "val_fraction": 0, "progress": False}
+    report = fit(model, planted_trajectory(), window=20, max_iters=3, **adam, **SOLVER).report()
+    assert report.source == "latent" and report.extra_equation is not None
+    text = str(report)
+    assert "equations (the physics' own coefficients, with the latent terms):" in text
+    theta = next(line for line in text.splitlines() if line.startswith("  dtheta/dt = "))
+    assert theta.startswith("  dtheta/dt = F_planted-hidden(theta) - 0.5 lr grad <H, Sigma> + ")  # rank order
+    assert sorted(theta.split(" - 0.5 lr grad <H, Sigma> + ")[1].split(" + ")) == ["c_g(z) g", "lr P z"]
+    assert re.search(r"  ds/dt = 2 s log\|1 - lr lambda\|", text) and "  dz/dt = lr f_phi(theta, z)\n" in text
+    eq = report.equation()
+    assert r"\frac{ds}{dt}=2\," in eq and r"+c_{\mathrm{g}}(z)\," in eq and r"+\eta\,Pz" in eq
+    assert eq.endswith(r",\quad \frac{dz}{dt}=\eta\,f_{\phi}(\theta,z)")
+    _render_math(eq)
+    back = Report.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert str(back) == text and back.equation() == eq
+    plt.close("all")

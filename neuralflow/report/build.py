@@ -22,6 +22,7 @@ from ..errors import InputError, NeuralflowError
 from ..fit.options import resolved_solver
 from ..flows import Approximation, GradientFlow
 from ..sparse import SparseSolution, sparse_regression
+from .equations import extra_equation
 from .formula import gate_formula
 from .hidden import (
     all_window_errors,
@@ -481,7 +482,10 @@ def _latent_report(
     """The report of a fit whose correction is a :class:`~neuralflow.corrections.LatentCorrection`: its rows read
     along the fit's windows (:func:`~neuralflow.report.hidden.latent_rows`)."""
     terms, notes = latent_rows(result, max_states, n_folds, batch)
-    return _windowed_report(result, terms, "latent", notes, max_windows, sharpness, verdict)
+    flow = result.model.flow
+    # a flow with its own extra state (the oscillation flow) prints its equations beside the latent one
+    own = extra_equation(flow, {}) if flow.hidden_coefficients() else None
+    return _windowed_report(result, terms, "latent", notes, max_windows, sharpness, verdict, extra_equation=own)
 
 
 # ------------------------------------------------------------------------------------------ the ladder

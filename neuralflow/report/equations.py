@@ -46,8 +46,9 @@ def _notation(name: str, col: int) -> str:
     return (spec.text, spec.latex, spec.direction_text, spec.direction_latex)[col]
 
 
-def _lines(eq: dict[str, Any], latex: bool) -> tuple[str, str]:
-    """The theta equation and the extra state's equation of a report's ``extra_equation``."""
+def _lines(eq: dict[str, Any], latex: bool, more: str = "") -> tuple[str, str]:
+    """The theta equation (``more`` appended to its right-hand side) and the extra state's equation of a report's
+    ``extra_equation``."""
     symbol, matrix = eq["symbol"], eq["matrix"]
     col = (1 if latex else 0) + (0 if matrix else 2)
     physics = eq["physics"]
@@ -57,15 +58,16 @@ def _lines(eq: dict[str, Any], latex: bool) -> tuple[str, str]:
     on_theta = {n for n, _ in eq["terms"] if HIDDEN_TERMS[n].equation == "theta"}
     theta = [(-c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if n in on_theta]
     extra = [(c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if n not in on_theta]
-    rhs = (theta_latex if latex else theta_text) + (_sum(theta, latex, after=True) if theta else "")
+    rhs = (theta_latex if latex else theta_text) + (_sum(theta, latex, after=True) if theta else "") + more
     if latex:
         return r"\frac{d\theta}{dt}=" + rhs, rf"\frac{{d{symbol}}}{{dt}}=" + _sum(extra, True)
     return f"dtheta/dt = {rhs}", f"d{symbol}/dt = {_sum(extra, False)}"
 
 
-def equation_text(eq: dict[str, Any]) -> list[str]:
-    """The fitted equations in plain text: ``dtheta/dt``, the extra state's, and what the symbols stand for."""
-    theta, extra = _lines(eq, latex=False)
+def equation_text(eq: dict[str, Any], more: str = "", latent: str | None = None) -> list[str]:
+    """The fitted equations in plain text: ``dtheta/dt`` (``more`` appended), the extra state's, ``latent`` (a latent
+    correction's own equation, None without one), and what the symbols stand for."""
+    theta, extra = _lines(eq, latex=False, more=more)
     symbol = eq["symbol"]
     where = []
     for n, _ in eq["terms"]:
@@ -73,13 +75,19 @@ def equation_text(eq: dict[str, Any]) -> list[str]:
         stands_for = spec.where if eq["matrix"] else spec.direction_where
         if stands_for is not None:
             where.append(stands_for.format(x=symbol))
-    return [theta, extra, "where " + "; ".join([*where, f"{symbol}: {eq['statement']}"])]
+    return [
+        theta,
+        extra,
+        *([] if latent is None else [latent]),
+        "where " + "; ".join([*where, f"{symbol}: {eq['statement']}"]),
+    ]
 
 
-def equation_latex(eq: dict[str, Any]) -> str:
-    """The fitted equations as one line of LaTeX math (parses with matplotlib's mathtext)."""
-    theta, extra = _lines(eq, latex=True)
-    return theta + r",\quad " + extra
+def equation_latex(eq: dict[str, Any], more: str = "", latent: str | None = None) -> str:
+    """The fitted equations as one line of LaTeX math (parses with matplotlib's mathtext); ``more`` and ``latent`` as
+    in :func:`equation_text`."""
+    theta, extra = _lines(eq, latex=True, more=more)
+    return theta + r",\quad " + extra + ("" if latent is None else r",\quad " + latent)
 
 
 def extra_equation(flow: Any, fitted: dict[str, float]) -> dict[str, Any]:

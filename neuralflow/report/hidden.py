@@ -140,11 +140,15 @@ def fitted_start_notes(result: Any) -> list[str]:
     ]
 
 
-def solve_windows(result: Any, model: Any, rows: Tensor, t: Tensor, full: bool = False) -> Tensor:
+def solve_windows(
+    result: Any, model: Any, rows: Tensor, t: Tensor, full: bool = False, y0: Tensor | None = None
+) -> Tensor:
     """``theta`` (``full``: the whole ODE state) along every window from its start, ``(n_out + 1, W, d)``, with the
     fit's solver. A window starts from the measured extra state, or from its fitted start where the fit fitted
-    them (``extra_start="fitted"``: ``result.windows["extra_start"]``)."""
-    y0 = window_starts(result, model, rows)
+    them (``extra_start="fitted"``: ``result.windows["extra_start"]``); ``y0``: those starts, computed already
+    (:func:`window_starts`)."""
+    if y0 is None:
+        y0 = window_starts(result, model, rows)
     with torch.no_grad():
         sol = odeint(model, y0, t, **resolved_solver(result.settings).odeint_options())
     return sol if full else sol[..., : model.problem.dim]
@@ -190,14 +194,16 @@ def leave_one_out_shares(result: Any, rows: Tensor, t: Tensor, knobs: dict[str, 
     model = result.model
     physics, hybrid = all_window_errors(result)
     closed = min(max(1.0 - hybrid / physics, 0.0), 1.0) if physics > 0 else 0.0  # as Report.closed
-    full = window_errors(result, solve_windows(result, model, rows, t), rows).mean()
+    y0 = window_starts(result, model, rows)  # the starts do not depend on the knobs (an eigen-solve per window)
+    full = window_errors(result, solve_windows(result, model, rows, t, y0=y0), rows).mean()
     gains = {}
     for name, knob in knobs.items():
         kept = knob.detach().clone()
         with torch.no_grad():
             knob.zero_()
         try:
-            gains[name] = float(window_errors(result, solve_windows(result, model, rows, t), rows).mean() - full)
+            solved = solve_windows(result, model, rows, t, y0=y0)
+            gains[name] = float(window_errors(result, solved, rows).mean() - full)
         finally:
             with torch.no_grad():
                 knob.copy_(kept)

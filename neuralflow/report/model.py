@@ -245,7 +245,14 @@ class Report:
     def __str__(self) -> str:
         out = [self.title(), self._error_line(), "", *fixed_width(self._HEADER, self._rows())]
         if self.extra_equation is not None:
-            out += ["", "fitted equations:", *(f"  {line}" for line in equation_text(self.extra_equation))]
+            if self.source == "latent":  # the physics' own coefficients, with the latent terms
+                more, latent = self._latent_pieces(latex=False)
+                lines = equation_text(self.extra_equation, more, latent)
+                out += ["", "equations (the physics' own coefficients, with the latent terms):"]
+            else:
+                lines = equation_text(self.extra_equation)
+                out += ["", "fitted equations:"]
+            out += [f"  {line}" for line in lines]
         out += ["", "suggestions:"] + [f"  {i}. {s}" for i, s in enumerate(self.suggestions(), 1)]
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out) + "\n"
@@ -264,6 +271,19 @@ class Report:
         out += [f"\n*Note: {n}*" for n in self.notes]
         return "\n".join(out) + "\n"
 
+    def _latent_pieces(self, latex: bool) -> tuple[str, str]:
+        """A latent report's terms of ``dtheta/dt`` (``+ c_j(z) F_j``, ``+ lr P z``) and the latent equation."""
+        if latex:
+            more = "".join(
+                r"+\eta\,Pz"
+                if t.gate is None
+                else r"+c_{\mathrm{" + _latex_escape(t.name) + r"}}(z)\," + _term_latex(t.name)
+                for t in self.terms
+            )
+            return more, r"\frac{dz}{dt}=\eta\,f_{\phi}(\theta,z)"
+        more = "".join(" + lr P z" if t.gate is None else f" + c_{t.name}(z) {t.name}" for t in self.terms)
+        return more, "dz/dt = lr f_phi(theta, z)"
+
     def equation(self, digits: int = 3) -> str:
         """The corrected ODE as bare LaTeX math (parses with matplotlib's mathtext).
 
@@ -278,16 +298,14 @@ class Report:
             The right-hand side of ``dtheta/dt``; for a hidden-state fit the equations of ``theta`` and of the
             extra state, side by side.
         """
+        if self.source == "latent":
+            more, latent = self._latent_pieces(latex=True)
+            if self.extra_equation is not None:  # the flow's own extra state beside the latent one
+                return equation_latex(self.extra_equation, more, latent)
+            return r"\frac{d\theta}{dt}=" + _physics_latex(self.physics) + more + r",\quad" + latent
         if self.extra_equation is not None:
             return equation_latex(self.extra_equation)
         rhs = _physics_latex(self.physics)
-        if self.source == "latent":
-            for t in self.terms:
-                if t.gate is None:
-                    rhs += r"+\eta\,Pz"
-                else:
-                    rhs += r"+c_{\mathrm{" + _latex_escape(t.name) + r"}}(z)\," + _term_latex(t.name)
-            return r"\frac{d\theta}{dt}=" + rhs + r",\quad\frac{dz}{dt}=\eta\,f_{\phi}(\theta,z)"
         changes = {t.name: t.coefficient_latex(digits) for t in self.terms if t.regime == "edge"}
         for t in self.terms:
             if t.regime == "edge":
