@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 import neuralflow as nf
 from neuralflow.corrections import HiddenStateLibrary, Hybrid
@@ -72,32 +73,40 @@ def gd_run(setup: dict, cache: str | None) -> tuple[nf.Problem, nf.Trajectory]:
     return problem, traj
 
 
-def rollout(flow: torch.nn.Module, problem: nf.Problem, traj: nf.Trajectory, smoothed: nf.Trajectory) -> dict:
-    """The model from GD's first iterate over the whole run; mean and final distance to smoothed GD, the mean from step
-    0 to the end of each quarter of the run, seconds."""
+def roll_out(flow: torch.nn.Module, traj: nf.Trajectory) -> Tensor:
+    """The model's states from GD's first iterate at every step of the run (raises :class:`nf.DivergenceError`)."""
     t = traj.steps.to(torch.float64)
-    t0 = time.perf_counter()
-    try:
-        if flow.extra_state is None:
-            states = simulate(flow, traj.iterates[0], t, solver="euler", step_size=STEP)
-        else:
-            flow.flow.reset()
-            extra0 = flow.initial_extra(traj.iterates[0], traj)
-            states = simulate(flow, traj.iterates[0], t, solver="euler", step_size=STEP, extra0=extra0, reset=False)
-    except nf.DivergenceError as exc:
-        return {"diverged": str(exc), "seconds": time.perf_counter() - t0}
-    dist = (states[smoothed.steps - traj.steps[0]] - smoothed.iterates).norm(dim=1)  # the midpoints lack the ends
-    last = int(traj.steps[-1])
+    if flow.extra_state is None:
+        return simulate(flow, traj.iterates[0], t, solver="euler", step_size=STEP)
+    flow.flow.reset()
+    extra0 = flow.initial_extra(traj.iterates[0], traj)
+    return simulate(flow, traj.iterates[0], t, solver="euler", step_size=STEP, extra0=extra0, reset=False)
+
+
+def distances(states: Tensor, steps: Tensor, reference: Tensor) -> dict:
+    """Mean and final distance of ``states`` (at ``steps``) to ``reference`` (the same steps), and the mean from step
+    0 to the end of each quarter of the run: how the distance builds up with the catapult cycles."""
+    dist = (states - reference).norm(dim=1)
+    last = int(steps[-1]) + 1  # the midpoint process lacks the run's last step
     return {
-        "diverged": None,
         "mean_distance": float(dist.mean()),
         "final_distance": float(dist[-1]),
-        # from step 0 to the end of each quarter of the run: how the distance builds up with the catapult cycles
         "mean_distance_until": {
-            str(end): float(dist[smoothed.steps <= end].mean()) for end in (last // 4, last // 2, 3 * last // 4, last)
+            str(end): float(dist[steps <= end].mean()) for end in (last // 4, last // 2, 3 * last // 4, last)
         },
-        "seconds": time.perf_counter() - t0,
     }
+
+
+def rollout(flow: torch.nn.Module, problem: nf.Problem, traj: nf.Trajectory, smoothed: nf.Trajectory) -> dict:
+    """The model from GD's first iterate over the whole run (:func:`roll_out`), its :func:`distances` to smoothed GD,
+    seconds."""
+    t0 = time.perf_counter()
+    try:
+        states = roll_out(flow, traj)
+    except nf.DivergenceError as exc:
+        return {"diverged": str(exc), "seconds": time.perf_counter() - t0}
+    near = distances(states[smoothed.steps - traj.steps[0]], smoothed.steps, smoothed.iterates)
+    return {"diverged": None, **near, "seconds": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -111,6 +120,12 @@ def main() -> None:
     ap.add_argument("--variance-weight", type=float, default=1.0)
     ap.add_argument(
         "--order", type=int, default=1, help="OscillationFlow's backward-error order off the tracked directions (0, 1)"
+    )
+    ap.add_argument(
+        "--lag",
+        type=float,
+        default=0.0,
+        help="OscillationFlow's lag of the couplings in steps (GD's is 1/2; Euler half steps carry 1/4 of it)",
     )
     ap.add_argument("--terms", default="floquet,drift,floor,amplitude", help="hidden-state terms, comma-separated")
     ap.add_argument("--optimizer", default="gauss-newton")
@@ -142,12 +157,12 @@ def main() -> None:
     setup = SETUPS[args.setup]
     load_start = os.getloadavg()
     problem, traj = gd_run(setup, args.cache)
-    out: dict = {"setup": {**setup, "noise": NOISE, "load_average_start": load_start}}
+    out: dict = {"setup": {**setup, "noise": NOISE, "lag": args.lag, "load_average_start": load_start}}
     model = None
     if args.fit:
         model, out = fit_and_report(args, setup, problem, traj, load_start)
     if chosen:
-        out["rollout"] = rollouts(chosen, model, problem, traj)
+        out["rollout"] = rollouts(chosen, model, problem, traj, args.lag)
         central = out["rollout"].get("central", {}).get("mean_distance")
         hybrid = out["rollout"].get("hybrid", {}).get("mean_distance")
         if central is not None and hybrid is not None:
@@ -164,7 +179,7 @@ def fit_and_report(
 ) -> tuple[Hybrid, dict]:
     """The adjoint fit of the hidden-state library and its report; the fitted hybrid and the figures."""
     lr = traj.lr
-    flow = OscillationFlow.from_trajectory(problem, traj, n_track=4, order=args.order)
+    flow = OscillationFlow.from_trajectory(problem, traj, n_track=4, order=args.order, lag=args.lag)
     q = flow.q
     terms = args.terms.split(",")
     starts = {"floquet": 1.0, "drift": 1.0, "floor": 10 * q}
@@ -205,6 +220,7 @@ def fit_and_report(
             "last": last,
             "variance_weight": args.variance_weight,
             "order": args.order,
+            "lag": args.lag,
             "val_fraction": args.val_fraction,
             "optimizer": args.optimizer,
             "max_iters": args.max_iters,
@@ -248,14 +264,14 @@ def fit_and_report(
     return model, out
 
 
-def rollouts(chosen: list[str], model: Hybrid | None, problem: nf.Problem, traj: nf.Trajectory) -> dict:
-    """The chosen models rolled out over the whole run (:func:`rollout`), printed with their ratio to the central
-    flow's distance."""
+def rollouts(chosen: list[str], model: Hybrid | None, problem: nf.Problem, traj: nf.Trajectory, lag: float) -> dict:
+    """The chosen models rolled out over the whole run (:func:`rollout`), the unfitted oscillation flows with the
+    couplings' ``lag``, printed with their ratio to the central flow's distance."""
     smoothed = traj.smoothed()
     models = {
         "hybrid": lambda: model,
-        "order0": lambda: Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=4, order=0), None),
-        "order1": lambda: Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=4, order=1), None),
+        "order0": lambda: Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=4, order=0, lag=lag), None),
+        "order1": lambda: Hybrid(OscillationFlow.from_trajectory(problem, traj, n_track=4, order=1, lag=lag), None),
         "central": lambda: CentralFlow(problem, traj.lr),
     }
     out = {name: rollout(models[name](), problem, traj, smoothed) for name in chosen}

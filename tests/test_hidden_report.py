@@ -86,7 +86,9 @@ def test_oscillation_flow_equations_print_in_matrix_form():
     theta, extra, where = equation_text(eq)
     assert theta == "dtheta/dt = -lr g - 0.49 lr grad <H, Sigma>"
     assert extra == "dX/dt = 2.03 (R X + X R)/2 - 0.5 X X + 1e-20 I"  # the floor is the physics' q (not fitted)
-    assert "R = diag(log|1 - lr lambda_i|)" in where and "Sigma = U^T X U" in where
+    assert "R = diag(log|1 - lr lambda_i|)" in where and "Sigma = U^T X U" in where and "lag" not in where
+    lagged = OscillationFlow(damian(), LR, q=1e-20, n_track=2, lag=0.125)
+    assert "the couplings lag 0.125 steps (X - 0.125 dX/dt in the drift" in equation_text(extra_equation(lagged, {}))[2]
     latex = equation_latex(eq)
     assert latex == (
         r"\frac{d\theta}{dt}=-\eta\,g-0.49\,\eta\,\nabla\langle H,\Sigma\rangle,\quad "

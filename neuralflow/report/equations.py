@@ -75,6 +75,12 @@ def equation_text(eq: dict[str, Any], more: str = "", latent: str | None = None)
         stands_for = spec.where if eq["matrix"] else spec.direction_where
         if stands_for is not None:
             where.append(stands_for.format(x=symbol))
+    lag = eq.get("lag", 0.0)  # absent from reports saved before the flow had a lag
+    if lag:
+        where.append(
+            f"the couplings lag {sig(lag)} steps ({symbol} - {sig(lag)} d{symbol}/dt in the drift, R at r - "
+            f"{sig(lag)} dr/dt)"
+        )
     return [
         theta,
         extra,
@@ -101,4 +107,5 @@ def extra_equation(flow: Any, fitted: dict[str, float]) -> dict[str, Any]:
         "statement": flow.extra_state.statement,
         "matrix": flow.extra_state.size > 1,
         "terms": terms,
+        "lag": float(getattr(flow, "lag", 0.0)),
     }
