@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -64,7 +65,10 @@ def linear_seed(traj: nf.Trajectory) -> tuple[int, float]:
     eigenvector the period-two component is one Gaussian, a sum of the kicks, so its square is ``chi^2`` with one
     degree of freedom times this)."""
     osc = traj.oscillation
-    probe = int(osc.steps[torch.nonzero(osc.variance > 1e-3).flatten()[0]]) - 40
+    large = torch.nonzero(osc.variance > 1e-3).flatten()
+    if len(large) == 0:
+        raise SystemExit("the reference run's oscillation never reaches a variance of 1e-3: no catapult to probe")
+    probe = int(osc.steps[large[0]]) - 40
     v = 0.0
     for lam in traj.sharpness[:probe, 0].tolist():
         v = (1 - traj.lr * lam) ** 2 * v + NOISE**2
@@ -180,7 +184,12 @@ def main() -> None:
     out["models"] = {}
     for name, build in models.items():
         t0 = time.perf_counter()
-        states = roll_out(build(), traj)[steps - traj.steps[0]]
+        try:
+            states = roll_out(build(), traj)[steps - traj.steps[0]]
+        except nf.DivergenceError as exc:
+            out["models"][name] = {"diverged": str(exc), "seconds": time.perf_counter() - t0}
+            print(f"{name:8s}: diverged ({exc})")
+            continue
         out["models"][name] = {
             "vs_reference": distances(states, steps, ref.iterates),
             "vs_average": distances(states, steps, average),
@@ -190,16 +199,20 @@ def main() -> None:
     out["models"]["hybrid"]["fit_file_mean_distance"] = fitted
     central = out["models"]["central"]
     for name, r in out["models"].items():
+        if "diverged" in r:
+            continue
         for against in ("vs_reference", "vs_average"):
-            r[against]["central_over_model"] = central[against]["mean_distance"] / r[against]["mean_distance"]
+            if "diverged" not in central:
+                r[against]["central_over_model"] = central[against]["mean_distance"] / r[against]["mean_distance"]
+        ratio = {a: r[a].get("central_over_model", math.nan) for a in ("vs_reference", "vs_average")}
         print(
             f"{name:8s}: against seed 0 {r['vs_reference']['mean_distance']:.4g} "
-            f"(central/model {r['vs_reference']['central_over_model']:.2f}x), against the noise average "
-            f"{r['vs_average']['mean_distance']:.4g} ({r['vs_average']['central_over_model']:.2f}x); "
+            f"(central/model {ratio['vs_reference']:.2f}x), against the noise average "
+            f"{r['vs_average']['mean_distance']:.4g} ({ratio['vs_average']:.2f}x); "
             f"until {', '.join(f'{q} {d:.4g}' for q, d in r['vs_average']['mean_distance_until'].items())} "
             f"({r['seconds']:.0f} s)"
         )
-    if fitted is not None:
+    if fitted is not None and "diverged" not in out["models"]["hybrid"]:
         print(
             f"the rebuilt hybrid against seed 0: {out['models']['hybrid']['vs_reference']['mean_distance']:.6g}; "
             f"its fit's own rollout: {fitted:.6g}"

@@ -171,12 +171,13 @@ class OscillationFlow(Flow):
 
     **The lag.** GD's map multiplies the oscillation by ``1 - lr lambda_k`` at the curvature of step ``k`` for the
     whole step, and its drift uses the oscillation of step ``k``: both couplings run half a step behind the
-    continuous flow. ``lag = tau > 0`` puts that in the equations to first order: the drift sees ``X - tau dX/dt``
-    and the growth the rates ``r - tau dr/dt`` (``dr_i/dt = lr / (lr lambda_i - 1) D3L[u_i, u_i, dm/dt]``, one more
-    gradient graph and ``k`` Hessian-vector products per evaluation). In Damian et al.'s two-variable cycle this
-    recovers the map's catapult (tested); the exact flow's peak is 0.66 of it. Explicit Euler in steps of ``h``
-    already lags ``h/2`` (its rates and its drift are those of the substep's start), so with the default solver
-    the remaining lag is at most ``1/4``; on the digits runs ``1/8`` puts the catapults on GD's (README).
+    continuous flow. ``lag = tau`` in ``(0, 1/2]`` (at ``stiffness`` 1) puts that in the equations to first order:
+    the drift sees ``X - tau dX/dt`` and the growth the rates ``r - tau dr/dt`` (``dr_i/dt = lr / (lr lambda_i - 1)
+    D3L[u_i, u_i, dm/dt]``, 0 where the rate is clamped; one more gradient graph and ``k`` Hessian-vector products
+    per evaluation). ``self.last`` keeps the state's own ``X`` and rates. On Damian et al.'s two-variable cycle
+    this recovers GD's catapult, whose peak the exact flow reaches to 0.71 (tested). Explicit Euler in steps of
+    ``h`` already lags ``h/2`` (its rates and its drift are those of the substep's start), so with the default
+    solver the theory's lag is ``1/4``; on the digits run at n 1000 ``1/8`` puts the catapults on GD's (README).
 
     The ODE state is ``[m, Z.flatten(), rho]`` (:attr:`extra_state`, shape ``(k + 1, k)``; :meth:`covariance`
     gives ``X``, :meth:`extra_from_covariance` the reverse); :func:`~neuralflow.flows.simulate` starts it from
@@ -239,8 +240,12 @@ class OscillationFlow(Flow):
         self.max_decay = float(max_decay)
         self.eig_tol = float(eig_tol)
         self.order = _check_order(order)
-        if isinstance(lag, bool) or not isinstance(lag, (int, float)) or not 0 <= lag <= 1:
-            raise InputError(f"OscillationFlow: lag must be a number of steps in [0, 1] (GD's is 1/2), got {lag!r}.")
+        if isinstance(lag, bool) or not isinstance(lag, (int, float)) or not 0 <= lag <= 0.5:
+            raise InputError(
+                f"OscillationFlow: lag must be a number of steps in [0, 1/2] (GD's map: 1/2), got {lag!r}."
+            )
+        if lag and stiffness != 1:
+            raise InputError("OscillationFlow: lag is GD's step lag, which has no meaning at stiffness != 1; pass one.")
         self.lag = float(lag)
         self.name = "oscillation1" if self.order else "oscillation"
         self.latex = self.LATEX[self.order]
@@ -389,10 +394,11 @@ class OscillationFlow(Flow):
         if "PHg" in names or self.order:
             Hg = state.hvp(state.g)
             on_theta["PHg"] = -(self.lr**2) * (Hg - ((U @ Hg[..., None]).mT @ U)[:, 0])  # off the tracked U
+        X_drift = X_U
         if self.lag:  # the drift sees the covariance lag steps ago: X - lag dX/dt
             eye = torch.eye(X_U.shape[-1], dtype=X_U.dtype, device=X_U.device)
-            X_U = X_U - self.lag * (r[..., :, None] * X_U + X_U * r[..., None, :] + self.q * eye)
-        XU = X_U @ U  # grad <H, U^T X_U U> = sum_b D3L[(X_U U)_b, u_b]: the vector-Jacobian product of the H u_b
+            X_drift = X_U - self.lag * (r[..., :, None] * X_U + X_U * r[..., None, :] + self.q * eye)
+        XU = X_drift @ U  # grad <H, U^T X_U U> = sum_b D3L[(X_U U)_b, u_b]: the vector-Jacobian product of the H u_b
         with torch.enable_grad():
             drift = torch.autograd.grad(hu, state.thetas, XU, create_graph=graph)[0]
         on_theta["drift"] = -self.lr * drift
@@ -400,8 +406,8 @@ class OscillationFlow(Flow):
         if self.order:
             dm = dm + 0.5 * on_theta["PHg"]
         if self.lag:  # the growth at the rates lag steps ago: r - lag dr/dt
-            r = (r - self.lag * self._rate_change(thetas, U, values, dm)).clamp_min(-self.stiffness * self.max_decay)
-            R_ref = C.transpose(1, 2) @ (r[..., None] * C)
+            lagged = (r - self.lag * self._rate_change(thetas, U, values, dm)).clamp_min(-self.max_decay)
+            R_ref = C.transpose(1, 2) @ (lagged[..., None] * C)
             d = R_ref.diagonal(dim1=1, dim2=2)
             N = R_ref - torch.diag_embed(d)
             dZ = (N @ X + X @ N + self.q * inject) / EE
@@ -432,16 +438,19 @@ class OscillationFlow(Flow):
         return dm, dextra, fields
 
     def _rate_change(self, thetas: Tensor, U: Tensor, values: Tensor, dm: Tensor) -> Tensor:
-        """``dr_i/dt = stiffness lr / (lr lambda_i - 1) dlambda_i/dt`` along ``dm/dt``, ``(B, k)``, detached:
-        ``dlambda_i/dt = D3L[u_i, u_i, dm/dt]`` as a forward difference of the Rayleigh quotients over a step of
-        1e-4 along ``dm/dt``, with ``U`` fixed (the adjoint holds it fixed too, as it holds ``U``)."""
+        """``dr_i/dt = lr / (lr lambda_i - 1) dlambda_i/dt`` along ``dm/dt``, ``(B, k)``, detached; 0 where the rate
+        is clamped at ``-max_decay`` (near ``lr lambda = 1``, where it does not move). ``dlambda_i/dt =
+        D3L[u_i, u_i, dm/dt]`` is a forward difference of the Rayleigh quotients over a step of 1e-4 (at least the
+        square root of the dtype's epsilon) along ``dm/dt``, with ``U`` fixed (the adjoint holds it fixed too)."""
         with torch.no_grad():
-            v = dm.detach()
-            eps = 1e-4 / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+            v, lam0 = dm.detach(), values.detach()
+            step = max(1e-4, torch.finfo(v.dtype).eps ** 0.5)
+            eps = step / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
             moved = StateDerivatives(self.problem, thetas.detach() + eps * v, create_graph=False)
             lam = torch.stack([(U[:, i] * moved.hvp(U[:, i])).sum(-1) for i in range(self.n_track)], dim=1)
-            lam_dot = (lam - values.detach()) / eps
-            return self.stiffness * self.lr / (self.lr * values.detach() - 1) * lam_dot
+            free = (1 - self.lr * lam0).abs() > math.exp(-self.max_decay)
+            slope = self.lr / torch.where(free, self.lr * lam0 - 1, torch.ones_like(lam0))
+            return torch.where(free, slope * (lam - lam0) / eps, torch.zeros_like(lam0))
 
     @torch.enable_grad()  # the drift differentiates the products again
     def _eigenvectors(
