@@ -99,6 +99,8 @@ HELP: dict[str, str] = {
     "n_track": "Oscillation flow: number of top eigenvectors whose oscillation covariance is carried.",
     "stiffness": "Oscillation flow: factor on the Floquet rate (1 is GD; large values approach the central flow).",
     "max_decay": "Oscillation flow: clamp on the decay rate -log|1 - lr lambda| near lr lambda = 1.",
+    "lag": "Oscillation flow: steps by which both couplings run late, to first order (GD's map: 1/2; Euler in half "
+    "steps carries 1/4 of it).",
     # demo
     "run_demo.out": "Folder for the demo's files (created if needed).",
     "run_demo.fast": "A shrunken run (seconds, for tests): fewer steps, one fit step.",
