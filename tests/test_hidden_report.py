@@ -89,6 +89,9 @@ def test_oscillation_flow_equations_print_in_matrix_form():
     assert "R = diag(log|1 - lr lambda_i|)" in where and "Sigma = U^T X U" in where and "lag" not in where
     lagged = OscillationFlow(damian(), LR, q=1e-20, n_track=2, lag=0.125)
     assert "the couplings lag 0.125 steps (X - 0.125 dX/dt in the drift" in equation_text(extra_equation(lagged, {}))[2]
+    lagged_latex = equation_latex(extra_equation(lagged, {}))
+    assert lagged_latex.endswith(r",\quad \tau_{\mathrm{lag}}=0.125") and r"\tau" not in equation_latex(eq)
+    _render_math(lagged_latex)
     latex = equation_latex(eq)
     assert latex == (
         r"\frac{d\theta}{dt}=-\eta\,g-0.49\,\eta\,\nabla\langle H,\Sigma\rangle,\quad "

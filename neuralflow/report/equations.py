@@ -93,7 +93,9 @@ def equation_latex(eq: dict[str, Any], more: str = "", latent: str | None = None
     """The fitted equations as one line of LaTeX math (parses with matplotlib's mathtext); ``more`` and ``latent`` as
     in :func:`equation_text`."""
     theta, extra = _lines(eq, latex=True, more=more)
-    return theta + r",\quad " + extra + ("" if latent is None else r",\quad " + latent)
+    lag = eq.get("lag", 0.0)  # the couplings' lag: X - tau dX/dt in the drift, r - tau dr/dt in R
+    tail = "" if not lag else r",\quad \tau_{\mathrm{lag}}=" + _number(lag, True)
+    return theta + r",\quad " + extra + ("" if latent is None else r",\quad " + latent) + tail
 
 
 def extra_equation(flow: Any, fitted: dict[str, float]) -> dict[str, Any]:
