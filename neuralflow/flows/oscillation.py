@@ -383,13 +383,6 @@ class OscillationFlow(Flow):
         X = self.covariance(extras)
         X_U = carry_covariance(X, U_ref, U, self.equilibrium(r))
         C = U @ U_ref.transpose(1, 2)
-        R_ref = C.transpose(1, 2) @ (r[..., None] * C)
-        d = R_ref.diagonal(dim1=1, dim2=2)
-        N = R_ref - torch.diag_embed(d)
-        E = torch.exp(extras[:, -1])
-        EE = E[:, :, None] * E[:, None, :]
-        inject = C.transpose(1, 2) @ C
-        dZ = (N @ X + X @ N + self.q * inject) / EE
         on_theta = {}  # unit fields of the theta terms; P H g needs g's graph before the drift's backward pass
         if "PHg" in names or self.order:
             Hg = state.hvp(state.g)
@@ -398,19 +391,23 @@ class OscillationFlow(Flow):
         if self.lag:  # the drift sees the covariance lag steps ago: X - lag dX/dt
             eye = torch.eye(X_U.shape[-1], dtype=X_U.dtype, device=X_U.device)
             X_drift = X_U - self.lag * (r[..., :, None] * X_U + X_U * r[..., None, :] + self.q * eye)
-        XU = X_drift @ U  # grad <H, U^T X_U U> = sum_b D3L[(X_U U)_b, u_b]: the vector-Jacobian product of the H u_b
+        XU = X_drift @ U  # grad <H, U^T X U> = sum_b D3L[(X U)_b, u_b]: the vector-Jacobian product of the H u_b
         with torch.enable_grad():
             drift = torch.autograd.grad(hu, state.thetas, XU, create_graph=graph)[0]
         on_theta["drift"] = -self.lr * drift
         dm = -self.lr * (state.g + 0.5 * drift)
         if self.order:
             dm = dm + 0.5 * on_theta["PHg"]
+        growth = r
         if self.lag:  # the growth at the rates lag steps ago: r - lag dr/dt
-            lagged = (r - self.lag * self._rate_change(thetas, U, values, dm)).clamp_min(-self.max_decay)
-            R_ref = C.transpose(1, 2) @ (lagged[..., None] * C)
-            d = R_ref.diagonal(dim1=1, dim2=2)
-            N = R_ref - torch.diag_embed(d)
-            dZ = (N @ X + X @ N + self.q * inject) / EE
+            growth = (r - self.lag * self._rate_change(thetas, U, values, dm)).clamp_min(-self.max_decay)
+        R_ref = C.transpose(1, 2) @ (growth[..., None] * C)
+        d = R_ref.diagonal(dim1=1, dim2=2)
+        N = R_ref - torch.diag_embed(d)
+        E = torch.exp(extras[:, -1])
+        EE = E[:, :, None] * E[:, None, :]
+        inject = C.transpose(1, 2) @ C
+        dZ = (N @ X + X @ N + self.q * inject) / EE
         for track, u, rates in zip(tracks, U, r.detach(), strict=True):
             track.U_last, track.rates_last = u, rates
         self.last = OscillationState(
