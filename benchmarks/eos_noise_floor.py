@@ -54,8 +54,13 @@ def seed_runs(problem: nf.Problem, setup: dict, seeds: list[int], probe: int) ->
     for seed in seeds:
         traj = nf.run_gd(problem, setup["lr"], setup["steps"], eig_every=setup["steps"], noise=NOISE, noise_seed=seed)
         out[seed] = traj.smoothed().iterates
-        probed[seed] = float(period_two(traj.iterates)[probe - 2].pow(2).sum())  # d_k starts at step 2
+        probed[seed] = variance_at(traj, probe)
     return out, probed
+
+
+def variance_at(traj: nf.Trajectory, step: int) -> float:
+    """GD's period-two variance ``||d_k||^2`` at ``step`` (the demodulation of the five iterates around it)."""
+    return float(period_two(traj.iterates[step - 2 : step + 3])[0].pow(2).sum())
 
 
 def linear_seed(traj: nf.Trajectory) -> tuple[int, float]:
@@ -123,14 +128,12 @@ def main() -> None:
     probe, expected = linear_seed(traj)
     runs, probed = seed_runs(problem, setup, list(range(1, args.seeds + 1)), probe)
     gd_seconds = time.perf_counter() - t0
-    reference_draw = float(period_two(traj.iterates)[probe - 2].pow(2).sum()) / expected
+    reference_draw = variance_at(traj, probe) / expected
     draws = [v / expected for v in probed.values()]
     stack = torch.stack(list(runs.values()))
-    average = stack.mean(dim=0)
+    average, total = stack.mean(dim=0), stack.sum(dim=0)
     own = {s: distances(x, steps, ref.iterates) for s, x in runs.items()}
-    others = {
-        s: distances(x, steps, (stack.sum(dim=0) - x) / (len(runs) - 1)) for s, x in runs.items()
-    }  # each seed against the mean of the others
+    others = {s: distances(x, steps, (total - x) / (len(runs) - 1)) for s, x in runs.items()}  # against the rest
     quarters = list(own[1]["mean_distance_until"])
     out: dict = {
         "setup": {
