@@ -187,14 +187,18 @@ def hidden_rows(result: Any) -> tuple[dict[str, float], dict[str, float] | None,
     return fitted, leave_one_out_shares(result, rows, t, {n: lib.deltas[n] for n in lib.terms}), eq
 
 
-def leave_one_out_shares(result: Any, rows: Tensor, t: Tensor, knobs: dict[str, Tensor]) -> dict[str, float] | None:
+def leave_one_out_shares(
+    result: Any, rows: Tensor, t: Tensor, knobs: dict[str, Tensor], y0: Tensor | None = None
+) -> dict[str, float] | None:
     """Each named part's share of the gap the fit closed, by leave-one-out (the module docstring): ``knobs`` maps a
     name to the parameters (or a view of them) that zeroing takes out of the model; None when taking every part
-    out in turn does not raise the windows' error (nothing to share)."""
+    out in turn does not raise the windows' error (nothing to share). ``y0``: the windows' starts, built already
+    (:func:`window_starts`)."""
     model = result.model
     physics, hybrid = all_window_errors(result)
     closed = min(max(1.0 - hybrid / physics, 0.0), 1.0) if physics > 0 else 0.0  # as Report.closed
-    y0 = window_starts(result, model, rows)  # the starts do not depend on the knobs (an eigen-solve per window)
+    if y0 is None:  # the starts do not depend on the knobs (an eigen-solve per window): build them once
+        y0 = window_starts(result, model, rows)
     full = window_errors(result, solve_windows(result, model, rows, t, y0=y0), rows).mean()
     gains = {}
     for name, knob in knobs.items():
@@ -256,7 +260,8 @@ def latent_rows(result: Any, max_states: int, n_folds: int, batch: int) -> tuple
             "build the report from the FitResult that nf.fit returned."
         )
     rows, t = windows
-    sol = solve_windows(result, model, rows, t, full=True)
+    y0 = window_starts(result, model, rows)
+    sol = solve_windows(result, model, rows, t, full=True, y0=y0)
     states = sol.reshape(-1, sol.shape[-1])
     states = states[spread(len(states), max_states, states.device)]
     theta, z = states[:, : problem.dim], model.flow_part(states)[1]
@@ -271,7 +276,7 @@ def latent_rows(result: Any, max_states: int, n_folds: int, batch: int) -> tuple
     knobs = {n: corr.readout[j] for j, n in enumerate(corr.fields)}
     if corr.direct:
         knobs[LATENT_FORCE] = corr.force
-    share = leave_one_out_shares(result, rows, t, knobs) or {}
+    share = leave_one_out_shares(result, rows, t, knobs, y0) or {}
     approximation = history_approximation(model.flow)
     notes = [f"the latent states (m = {corr.m}) are read at {len(states)} states along the fit's {len(rows)} windows"]
     notes += fitted_start_notes(result)
