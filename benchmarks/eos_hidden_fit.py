@@ -30,6 +30,11 @@ steps: GD's own drift coupling, read step by step from its iterates, is 0.500 on
 growth leaves out: the catapult's saturation) and the drift coupling absorbs it the more, the longer the window
 (n 500, floquet, drift and floor fitted: 0.67 over 40 steps, 0.61 over 20, 0.53 over 10, 0.46 over 5; README).
 
+The couplings' lag (the term ``lag``, GD's half step less the Euler substep's own: 1/4) sets a catapult's depth and
+shows only across one: ``--catapults BEFORE`` replaces the regular windows by one window starting ``BEFORE`` steps
+ahead of each of GD's catapults (the peaks of its measured variance) in ``[--first, --last)``, e.g. ``--catapults 20
+--window 35 --terms lag,amplitude --val-fraction 0`` on oscillation-flow physics.
+
     python benchmarks/eos_hidden_fit.py --setup small [--threads 1] [--cache DIR]
     python benchmarks/eos_hidden_fit.py --setup large --no-fit --rollouts order1,central
 """
@@ -46,9 +51,10 @@ import torch
 from torch import Tensor
 
 import neuralflow as nf
-from neuralflow.corrections import HiddenStateLibrary, Hybrid
+from neuralflow.corrections import HiddenStateLibrary, Hybrid, lag_theory
 from neuralflow.flows import CentralFlow, OscillationFlow, simulate
 from neuralflow.provenance import write_json
+from neuralflow.solvers import Solver
 
 SETUPS = {
     "small": {"n": 500, "widths": (32, 32), "lr": 0.15, "steps": 1000, "first": 200, "last": 600},
@@ -56,7 +62,7 @@ SETUPS = {
 }
 NOISE = 1e-10
 STEP = 0.5  # Euler substep (steps): explicit Euler with a unit step is GD itself, unstable past 2/lr
-THEORY = {"floquet": 2.0, "drift": 0.5}
+THEORY = {"floquet": 2.0, "drift": 0.5, "lag": lag_theory(Solver("euler", STEP))}
 
 
 def gd_run(setup: dict, cache: str | None) -> tuple[nf.Problem, nf.Trajectory]:
@@ -71,6 +77,27 @@ def gd_run(setup: dict, cache: str | None) -> tuple[nf.Problem, nf.Trajectory]:
     if path is not None:
         traj.save(path)
     return problem, traj
+
+
+def catapult_windows(traj: nf.Trajectory, before: int, window: int, first: int, last: int) -> list:
+    """``nf.fit``'s ``exclude`` that keeps, of windows at every step, exactly those starting ``before`` steps ahead of
+    GD's catapults in ``[first, last)``: the peaks of its measured oscillation variance (local maxima over 8 steps
+    either side, above a tenth of the run's largest). A catapult closer than ``window + 7`` steps to the last kept
+    window's start is skipped (their windows would overlap and let every window between them through)."""
+    var = traj.oscillation.variance
+    top = float(var[torch.isfinite(var)].max())
+    starts: list[int] = []
+    for k in range(8, len(var) - 8):
+        near = var[k - 8 : k + 9]
+        peak = float(var[k]) > 0.1 * top and float(var[k]) >= float(near[torch.isfinite(near)].max())
+        start = int(traj.steps[k]) - before
+        if peak and first <= start and int(traj.steps[k]) < last and (not starts or start - starts[-1] > window + 7):
+            starts.append(start)
+    if not starts:
+        raise SystemExit(f"no catapult of GD between steps {first} and {last}")
+    reach = 3  # the fit drops a window that comes within 3 steps of an excluded range
+    ends = [None] + [s + window + reach + 1 for s in starts]
+    return [(lo, hi) for lo, hi in zip(ends, [s - reach for s in starts] + [None], strict=True)]
 
 
 def roll_out(flow: torch.nn.Module, traj: nf.Trajectory) -> Tensor:
@@ -126,6 +153,14 @@ def main() -> None:
         type=float,
         default=0.0,
         help="OscillationFlow's lag of the couplings in steps (GD's is 1/2; Euler half steps carry 1/4 of it)",
+    )
+    ap.add_argument(
+        "--catapults",
+        type=int,
+        default=None,
+        metavar="BEFORE",
+        help="instead of windows every --stride steps: one window starting BEFORE steps ahead of each of GD's "
+        "catapults (peaks of its measured oscillation variance) from --first to --last, so that each spans one",
     )
     ap.add_argument("--terms", default="floquet,drift,floor,amplitude", help="hidden-state terms, comma-separated")
     ap.add_argument("--optimizer", default="gauss-newton")
@@ -187,19 +222,23 @@ def fit_and_report(
     model = Hybrid(flow, lib)
     first = setup["first"] if args.first is None else args.first
     last = setup["last"] if args.last is None else args.last
+    exclude = [(None, first), (last, None)]
+    if args.catapults is not None:
+        exclude = catapult_windows(traj, args.catapults, args.window, first, last)
+        print("windows start at steps", [hi + 3 for _, hi in exclude[:-1]])
     t0 = time.perf_counter()
     res = nf.fit(
         model,
         traj,
         window=args.window,
-        stride=args.stride,
+        stride=1 if args.catapults is not None else args.stride,
         target="smoothed",
         method="adjoint",
         optimizer=args.optimizer,
         max_iters=args.max_iters,
         solver="euler",
         step_size=STEP,
-        exclude=[(None, first), (last, None)],
+        exclude=exclude,
         val_fraction=args.val_fraction,
         variance_weight=args.variance_weight,
         progress=True,
@@ -216,6 +255,8 @@ def fit_and_report(
             "q": q,
             "window": args.window,
             "stride": args.stride,
+            "catapults": args.catapults,
+            "window_steps": res.windows["step"].tolist(),
             "first": first,
             "last": last,
             "variance_weight": args.variance_weight,
@@ -240,18 +281,18 @@ def fit_and_report(
     }
     print(
         f"{args.setup}: n {setup['n']}, widths {setup['widths']}, lr {lr}, nu {NOISE:g} (q = {q:.3g}), "
-        f"windows of {args.window} every {args.stride} steps from step {first}, variance weight "
+        f"windows of {args.window} steps "
+        + (f"every {args.stride} steps from step {first}" if args.catapults is None else "across GD's catapults")
+        + ", variance weight "
         f"{args.variance_weight}, {torch.get_num_threads()} thread(s), load average {load_start[0]:.2f}"
     )
     print(f"{'term':10s} {'start':>10s} {'fitted':>12s} {'theory':>10s} {'off':>10s}")
-    for name in terms:
-        if name not in checks:  # a revision the physics lacks (theory 0), e.g. the amplitude-dependent rate
-            print(f"{name:10s} {0.0:10.3g} {coefficients[name]:12.5g} {0.0:10.3g} {'-':>10s}")
-    for name, theory in (("floquet", 2.0), ("drift", 0.5), ("floor", NOISE**2)):
-        if name not in checks:  # not fitted: the physics' own coefficient
-            continue
-        off = f"{checks[name]:.1%}" if name != "floor" else f"10^{checks[name]:.2f}"
-        print(f"{name:10s} {lib.init[name]:10.3g} {coefficients[name]:12.5g} {theory:10.3g} {off:>10s}")
+    own = flow.hidden_coefficients()
+    for name in terms:  # a revision the physics lacks has theory 0 (the amplitude-dependent rate)
+        theory = NOISE**2 if name == "floor" else THEORY.get(name, 0.0)
+        off = "-" if name not in checks else f"10^{checks[name]:.2f}" if name == "floor" else f"{checks[name]:.1%}"
+        start = lib.init.get(name, own[name])
+        print(f"{name:10s} {start:10.3g} {coefficients[name]:12.5g} {theory:10.3g} {off:>10s}")
     print(
         f"fit: {fit_seconds:.1f} s, {len(res.history)} iterations, {res.n_function_evals} right-hand sides; "
         f"window error physics {res.physics_error:.4g} -> hybrid {res.hybrid_error:.4g}"

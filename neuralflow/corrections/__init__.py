@@ -24,7 +24,7 @@ share their derivatives (``g`` and ``H g`` are computed once).
 from __future__ import annotations
 
 from ..flows.approximations import EFFECTIVE_STEP_SIZE, NO_OSCILLATION_CRITICAL, SLAVED_TOP_DIRECTION
-from .hidden import HIDDEN_TERMS, HiddenStateLibrary, HiddenTermSpec
+from .hidden import HIDDEN_TERMS, HiddenStateLibrary, HiddenTermSpec, lag_theory
 from .hybrid import CORRECTIONS, Hybrid
 from .library import Inspection, RegressionInputs, TermLibrary
 from .neural import LatentCorrection, NeuralCorrection
@@ -43,6 +43,7 @@ __all__ = [
     "HiddenTermSpec",
     "HIDDEN_TERMS",
     "HiddenStateLibrary",
+    "lag_theory",
     "LatentCorrection",
     "Hybrid",
     "CORRECTIONS",

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..autodiff import StateDerivatives
 from ..errors import InputError
 from ..flows.approximations import (
+    CONTINUOUS_TIME_COUPLING,
     CONTINUOUS_TIME_OFF_TRACKED,
     ISOTROPIC_INJECTION,
     LINEAR_FLOQUET_GROWTH,
@@ -23,6 +24,7 @@ from ..flows.approximations import (
 )
 from ..flows.base import Flow
 from ..problems import Problem
+from ..solvers import Solver
 from .terms import Correction, _check_names, _Factory
 
 
@@ -32,8 +34,9 @@ class HiddenTermSpec:
 
     Written per tracked direction ``i`` with ``s = s_i`` the oscillation variance along it (on the covariance
     ``X`` the flow evaluates the matrix form). ``theory`` is GD's coefficient (None where it depends on the run:
-    the floor is ``q``); ``approximation`` what a fitted coefficient away from the physics' own says to revise;
-    ``equation`` ``"extra"`` or ``"theta"``. The flow evaluates the unit-coefficient field
+    the floor is ``q``, the lag ``1/2`` less the solver's own); ``approximation`` what a fitted coefficient away
+    from the physics' own says to revise; ``equation`` ``"extra"``, ``"theta"`` or ``"lag"`` (a time shift of the
+    couplings in both, which the equations print as a lag). The flow evaluates the unit-coefficient field
     (:meth:`~neuralflow.flows.Flow.hidden_fields`), since only it knows how its extra state is stored.
     ``log_scale``: the coefficient is a positive scale known only to a factor (the floor), revised by a factor
     (:class:`HiddenStateLibrary`). Its notation, as the report writes the unit field: ``text`` and ``latex`` on
@@ -131,6 +134,17 @@ HIDDEN_TERMS: dict[str, HiddenTermSpec] = {
             direction_where="Sigma = {x} u u^T along the top Hessian eigenvector u",
         ),
         HiddenTermSpec(
+            "lag",
+            None,
+            CONTINUOUS_TIME_COUPLING,
+            "X - tau dX/dt in the drift, r - tau dr/dt in R",
+            "lag",
+            "the couplings lag",
+            r"\tau_{{\mathrm{{lag}}}}",
+            "the couplings lag",
+            r"\tau_{{\mathrm{{lag}}}}",
+        ),
+        HiddenTermSpec(
             "PHg",
             0.5,
             CONTINUOUS_TIME_OFF_TRACKED,
@@ -149,8 +163,21 @@ HIDDEN_TERMS: dict[str, HiddenTermSpec] = {
 linearisation of ``floquet`` (theory 2 when it replaces it; 0 beside it); ``amplitude`` is the nonlinearity that
 linear Floquet growth neglects. ``PHg`` is GD's first-order backward-error term (science notes section 2) off the
 tracked directions, where ``lr lambda`` is small and the modified equation holds; along them ``lr lambda ~ 2`` and
-the series in ``lr lambda`` does not converge (there the oscillation's own terms act). Add a
+the series in ``lr lambda`` does not converge (there the oscillation's own terms act). ``lag`` is the couplings'
+discrete-time lag ``tau`` in steps (:class:`~neuralflow.flows.OscillationFlow`'s ``lag``; to first order the drift
+sees ``X - tau dX/dt`` and the growth ``r - tau dr/dt``): GD's map lags the continuous flow by 1/2, and explicit
+Euler in substeps ``h`` already lags ``h/2``, so its theory is ``1/2 - h/2`` (1/4 in the default half steps). Add a
 :class:`HiddenTermSpec` here, and its field to the flows that support it."""
+
+
+def lag_theory(solver: Solver) -> float:
+    """The theory of the ``lag`` term integrated by ``solver``: GD's half step less the solver's own lag, ``1/2 - h/2``
+    for explicit Euler in substeps ``h`` (its rates and drift are those of the substep's start), ``1/2`` for a
+    higher-order method (which follows the continuous flow). On Damian et al.'s two-variable cycle both reproduce
+    GD's catapult (``tests/test_oscillation.py``)."""
+    if solver.method == "euler":
+        return 0.5 - 0.5 * float(solver.step_size or 1.0)
+    return 0.5
 
 
 class HiddenStateLibrary(Correction):

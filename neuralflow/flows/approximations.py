@@ -30,6 +30,7 @@ __all__ = [
     "ADIABATIC_EIGENVECTORS",
     "CONTINUOUS_TIME_OFF_TRACKED",
     "MODIFIED_OFF_TRACKED",
+    "CONTINUOUS_TIME_COUPLING",
     "ISOTROPIC_INJECTION",
     "EFFECTIVE_STEP_SIZE",
     "NO_OSCILLATION_CRITICAL",
@@ -239,6 +240,17 @@ MODIFIED_OFF_TRACKED = Approximation(
     reference=_HLW + "; " + _SCIENCE,
 )
 
+CONTINUOUS_TIME_COUPLING = Approximation(
+    name="continuous-time-coupling",
+    statement="The oscillation's couplings act at the current state: its growth at the current curvature and the "
+    "drift at the current covariance. GD's map applies the curvature of step k for the whole step and its drift "
+    "sees the oscillation of step k, so both run half a step behind (an explicit Euler solve in substeps h already "
+    "lags h/2 of it).",
+    exact_when="curvature and covariance that change little per step (away from a catapult)",
+    revised_by=("lag",),
+    reference=_SCIENCE,
+)
+
 ISOTROPIC_INJECTION = Approximation(
     name="isotropic-constant-injection",
     statement="The variance that seeds the oscillation (injected noise, float round-off) is the same constant q "
@@ -295,6 +307,7 @@ APPROXIMATIONS: dict[str, Approximation] = {
         ADIABATIC_EIGENVECTORS,
         CONTINUOUS_TIME_OFF_TRACKED,
         MODIFIED_OFF_TRACKED,
+        CONTINUOUS_TIME_COUPLING,
         ISOTROPIC_INJECTION,
         EFFECTIVE_STEP_SIZE,
         NO_OSCILLATION_CRITICAL,

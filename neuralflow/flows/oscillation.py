@@ -65,6 +65,7 @@ from ..problems import Problem, check_positive_int
 from ..trajectory import Trajectory
 from .approximations import (
     ADIABATIC_EIGENVECTORS,
+    CONTINUOUS_TIME_COUPLING,
     CONTINUOUS_TIME_OFF_TRACKED,
     ISOTROPIC_INJECTION,
     LINEAR_FLOQUET_GROWTH,
@@ -177,7 +178,9 @@ class OscillationFlow(Flow):
     per evaluation). ``self.last`` keeps the state's own ``X`` and rates. On Damian et al.'s two-variable cycle
     this recovers GD's catapult, whose peak the exact flow reaches to 0.71 (tested). Explicit Euler in steps of
     ``h`` already lags ``h/2`` (its rates and its drift are those of the substep's start), so with the default
-    solver the theory's lag is ``1/4``; on the digits run at n 1000 ``1/8`` puts the catapults on GD's (README).
+    solver the theory's lag is ``1/4`` (:func:`~neuralflow.corrections.lag_theory`). A
+    :class:`~neuralflow.corrections.HiddenStateLibrary` with the term ``lag`` fits it (its unit field is the
+    derivative of this right-hand side in ``tau``, so the fitted coefficient is this lag to first order).
 
     The ODE state is ``[m, Z.flatten(), rho]`` (:attr:`extra_state`, shape ``(k + 1, k)``; :meth:`covariance`
     gives ``X``, :meth:`extra_from_covariance` the reverse); :func:`~neuralflow.flows.simulate` starts it from
@@ -262,7 +265,7 @@ class OscillationFlow(Flow):
             ADIABATIC_EIGENVECTORS,
             ISOTROPIC_INJECTION,
             SECOND_ORDER_OSCILLATION,
-        )
+        ) + (() if self.lag else (CONTINUOUS_TIME_COUPLING,))
         self.last: OscillationState | None = None
         self.reset()
 
@@ -387,20 +390,28 @@ class OscillationFlow(Flow):
         if "PHg" in names or self.order:
             Hg = state.hvp(state.g)
             on_theta["PHg"] = -(self.lr**2) * (Hg - ((U @ Hg[..., None]).mT @ U)[:, 0])  # off the tracked U
+        lagged = bool(self.lag) or "lag" in names
         X_drift = X_U
-        if self.lag:  # the drift sees the covariance lag steps ago: X - lag dX/dt
+        if lagged:  # the drift sees the covariance lag steps ago: X - lag dX/dt
             eye = torch.eye(X_U.shape[-1], dtype=X_U.dtype, device=X_U.device)
-            X_drift = X_U - self.lag * (r[..., :, None] * X_U + X_U * r[..., None, :] + self.q * eye)
+            X_dot = r[..., :, None] * X_U + X_U * r[..., None, :] + self.q * eye
+            X_drift = X_U - self.lag * X_dot
         XU = X_drift @ U  # grad <H, U^T X U> = sum_b D3L[(X U)_b, u_b]: the vector-Jacobian product of the H u_b
         with torch.enable_grad():
-            drift = torch.autograd.grad(hu, state.thetas, XU, create_graph=graph)[0]
+            keep = graph or "lag" in names
+            drift = torch.autograd.grad(hu, state.thetas, XU, create_graph=graph, retain_graph=keep)[0]
+            if "lag" in names:  # the lag's unit field in dtheta/dt: -lr/2 grad <H, -U^T (dX/dt) U>
+                lag_drift = torch.autograd.grad(hu, state.thetas, X_dot @ U, create_graph=graph)[0]
+                on_theta["lag"] = 0.5 * self.lr * lag_drift
         on_theta["drift"] = -self.lr * drift
         dm = -self.lr * (state.g + 0.5 * drift)
         if self.order:
             dm = dm + 0.5 * on_theta["PHg"]
         growth = r
-        if self.lag:  # the growth at the rates lag steps ago: r - lag dr/dt
-            growth = (r - self.lag * self._rate_change(thetas, U, values, dm)).clamp_min(-self.max_decay)
+        if lagged:  # the growth at the rates lag steps ago: r - lag dr/dt
+            r_dot = self._rate_change(thetas, U, values, dm)
+            growth = (r - self.lag * r_dot).clamp_min(-self.max_decay)
+            r_dot = torch.where(growth > -self.max_decay, r_dot, torch.zeros_like(r_dot))
         R_ref = C.transpose(1, 2) @ (growth[..., None] * C)
         d = R_ref.diagonal(dim1=1, dim2=2)
         N = R_ref - torch.diag_embed(d)
@@ -416,9 +427,7 @@ class OscillationFlow(Flow):
         fields = {}
         zero_m, zero_rho = torch.zeros_like(dm), torch.zeros_like(d)[:, None]
         for name in names:
-            if name in on_theta:
-                fields[name] = self.join(on_theta[name], torch.zeros_like(extras))
-                continue
+            theta_part, rho_part = on_theta.get(name, zero_m), zero_rho
             if name == "floquet":
                 A = 0.5 * (R_ref @ X + X @ R_ref)
             elif name == "floquet_linear":
@@ -426,9 +435,15 @@ class OscillationFlow(Flow):
                 A = 0.5 * (L_ref @ X + X @ L_ref)
             elif name == "amplitude":
                 A = X @ X
-            else:  # floor
+            elif name == "floor":
                 A = inject
-            fields[name] = self.join(zero_m, torch.cat([A / EE, zero_rho], dim=1))
+            elif name == "lag":  # the rates' change -dr/dt per unit lag, split as the growth is (diagonal in rho)
+                R_dot = C.transpose(1, 2) @ (r_dot[..., None] * C)
+                rho_part = -R_dot.diagonal(dim1=1, dim2=2)[:, None]
+                A = -(R_dot @ X + X @ R_dot) - (rho_part.mT + rho_part) * X  # the off-diagonal part of -dR/dt
+            else:  # a term of dtheta/dt alone (drift, PHg)
+                A = torch.zeros_like(X)
+            fields[name] = self.join(theta_part, torch.cat([A / EE, rho_part], dim=1))
         dextra = torch.cat([dZ, d[:, None]], dim=1)
         if not graph:
             return dm.detach(), dextra.detach(), {n: f.detach() for n, f in fields.items()}
@@ -505,9 +520,11 @@ class OscillationFlow(Flow):
     def hidden_coefficients(self) -> dict[str, float]:
         """The physics' coefficients of the hidden-state terms (per tracked direction ``ds/dt = 2 s r + q``, the drift
         ``-lr/2 grad <H, Sigma>``, the backward-error term ``-(lr^2/2) P H g`` at GD's 1/2 with ``order=1``, else 0:
-        continuous time); the linearised growth and the amplitude-dependent rate are absent (0)."""
+        continuous time, the couplings' ``lag``); the linearised growth and the amplitude-dependent rate are absent
+        (0). ``lag`` only at ``stiffness`` 1, where GD's step lag has a meaning."""
         own = {"floquet": 2.0, "floquet_linear": 0.0, "amplitude": 0.0, "floor": self.q, "drift": 0.5}
-        return {**own, "PHg": 0.5 * self.order}
+        lag = {"lag": self.lag} if self.stiffness == 1 else {}  # GD's step lag has no meaning off stiffness 1
+        return {**own, "PHg": 0.5 * self.order, **lag}
 
     def hidden_fields(self, t: Tensor, y: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         batch = self._check_state(y)

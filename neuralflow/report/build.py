@@ -17,6 +17,7 @@ from ..corrections import (
     LatentCorrection,
     NeuralCorrection,
     TermLibrary,
+    lag_theory,
 )
 from ..errors import InputError, NeuralflowError
 from ..fit.options import resolved_solver
@@ -416,7 +417,11 @@ def _hidden_state_report(result: Any, max_windows: int, sharpness: bool | None, 
             f"gap and shares over all {len(held_out)} windows; on the {int(held_out.sum())} held-out one(s): "
             f"physics {sig(result.physics_error)} -> hybrid {sig(result.hybrid_error)}"
         )
-    theory = {**{n: s.theory for n, s in HIDDEN_TERMS.items()}, "floor": flow.hidden_coefficients().get("floor")}
+    theory = {
+        **{n: s.theory for n, s in HIDDEN_TERMS.items()},
+        "floor": flow.hidden_coefficients().get("floor"),
+        "lag": lag_theory(resolved_solver(result.settings)),
+    }
     uncertainty = dict(getattr(result, "uncertainty", {}) or {})
     rows = [
         TermSummary(

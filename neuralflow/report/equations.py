@@ -102,12 +102,16 @@ def extra_equation(flow: Any, fitted: dict[str, float]) -> dict[str, Any]:
     """The data of the fitted equations: every hidden-state term the flow has or the library fitted, with its value
     (the fitted coefficient, else the physics' own), the extra state's symbol and what it is (JSON-able)."""
     own = flow.hidden_coefficients()
-    terms = [[n, fitted.get(n, own[n])] for n in HIDDEN_TERMS if n in fitted or own.get(n, 0) != 0]
+    terms = [
+        [n, fitted.get(n, own[n])]
+        for n in HIDDEN_TERMS
+        if (n in fitted or own.get(n, 0) != 0) and HIDDEN_TERMS[n].equation != "lag"
+    ]
     return {
         "physics": flow.name,
         "symbol": flow.extra_state.symbol,
         "statement": flow.extra_state.statement,
         "matrix": flow.extra_state.size > 1,
         "terms": terms,
-        "lag": float(getattr(flow, "lag", 0.0)),
+        "lag": float(fitted.get("lag", own.get("lag", 0.0))),
     }
