@@ -84,6 +84,8 @@ def catapult_windows(traj: nf.Trajectory, before: int, window: int, first: int, 
     GD's catapults in ``[first, last)``: the peaks of its measured oscillation variance (local maxima over 8 steps
     either side, above a tenth of the run's largest). A catapult closer than ``window + 7`` steps to the last kept
     window's start is skipped (their windows would overlap and let every window between them through)."""
+    if traj.store_every != 1:
+        raise SystemExit("--catapults needs a run recorded at every step")
     var = traj.oscillation.variance
     top = float(var[torch.isfinite(var)].max())
     starts: list[int] = []
@@ -225,7 +227,6 @@ def fit_and_report(
     exclude = [(None, first), (last, None)]
     if args.catapults is not None:
         exclude = catapult_windows(traj, args.catapults, args.window, first, last)
-        print("windows start at steps", [hi + 3 for _, hi in exclude[:-1]])
     t0 = time.perf_counter()
     res = nf.fit(
         model,
@@ -254,7 +255,7 @@ def fit_and_report(
             "noise": NOISE,
             "q": q,
             "window": args.window,
-            "stride": args.stride,
+            "stride": 1 if args.catapults is not None else args.stride,
             "catapults": args.catapults,
             "window_steps": res.windows["step"].tolist(),
             "first": first,
@@ -286,6 +287,7 @@ def fit_and_report(
         + ", variance weight "
         f"{args.variance_weight}, {torch.get_num_threads()} thread(s), load average {load_start[0]:.2f}"
     )
+    print("windows start at steps", res.windows["step"].tolist())
     print(f"{'term':10s} {'start':>10s} {'fitted':>12s} {'theory':>10s} {'off':>10s}")
     own = flow.hidden_coefficients()
     for name in terms:  # a revision the physics lacks has theory 0 (the amplitude-dependent rate)

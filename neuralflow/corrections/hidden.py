@@ -213,7 +213,10 @@ class HiddenStateLibrary(Correction):
     directions: over 20-step windows that term's effect is too small to be read (fitted as ``PHg`` it came out at
     -0.4 against GD's 1/2), while over a whole run it brings the flow 1.4x closer to GD (README). The
     amplitude-dependent rate lowers the windows' error but makes a whole-run rollout worse (measured there): fit it
-    to learn what is left, and leave it out of a model meant for rollouts.
+    to learn what is left, and leave it out of a model meant for rollouts. The couplings' lag (``lag``) sets a
+    catapult's depth and is invisible over 5 steps: fit it on windows that span GD's catapults (35 steps from 20
+    before each peak, ``benchmarks/eos_hidden_fit.py --catapults 20 --window 35``), alone or beside the
+    amplitude-dependent rate, with which it trades (README "Fitting the couplings' lag").
 
     ``init`` starts chosen terms from other coefficients than the physics' (``{"floquet": 1.0, "drift": 1.0,
     "floor": 1e-19}``: values of ``c_j`` themselves), so that a fit has to find the physics rather than start on

@@ -189,8 +189,9 @@ class OscillationFlow(Flow):
     at once): one gradient graph, k Hessian-vector products that refine the warm eigenvectors by Rayleigh-Ritz
     (a warm LOBPCG only where they fail the residual test) and one backward pass for the drift; no
     complementarity solve and no Gram matrix of ``D3L`` pairs; ``order=1`` (or a fitted ``PHg``) adds one
-    Hessian-vector product. A hybrid with a
-    :class:`~neuralflow.corrections.HiddenStateLibrary` evaluates the terms of :meth:`hidden_fields`.
+    Hessian-vector product; a lag (the physics' or a fitted one) one more gradient graph and ``k`` Hessian-vector
+    products, and a fitted lag one more backward pass (two graphs and ``2k`` products on lagged physics). A hybrid
+    with a :class:`~neuralflow.corrections.HiddenStateLibrary` evaluates the terms of :meth:`hidden_fields`.
 
     **Derivatives (the adjoint fit).** Where the state requires grad the right-hand side is differentiable in
     ``m`` and in ``(Z, rho)``, with the eigenvectors ``U`` held constant: the adiabatic approximation the flow
@@ -362,7 +363,8 @@ class OscillationFlow(Flow):
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(dm/dt, d extra/dt)`` on a batch ``thetas`` (B, d), ``extras`` (B, k + 1, k) (track ``indices[b]`` for
         row ``b``) plus the unit-coefficient fields of the named hidden-state terms, each ``(B, state_dim)`` (the extra
-        part in ``Z`` coordinates: ``dZ = E^{-1} dX E^{-1}``, ``drho = 0``).
+        part in ``Z`` coordinates: ``dZ = E^{-1} dX E^{-1}``, ``drho = 0``; the lag's rates' change goes where the
+        growth's does, its diagonal in ``drho``).
 
         Differentiable in ``thetas`` and ``extras`` where they require grad (the adjoint's vector-Jacobian
         products): the eigenvectors ``U`` are held fixed (the adiabatic approximation, applied to the derivative
@@ -401,8 +403,7 @@ class OscillationFlow(Flow):
             keep = graph or "lag" in names
             drift = torch.autograd.grad(hu, state.thetas, XU, create_graph=graph, retain_graph=keep)[0]
             if "lag" in names:  # the lag's unit field in dtheta/dt: -lr/2 grad <H, -U^T (dX/dt) U>
-                lag_drift = torch.autograd.grad(hu, state.thetas, X_dot @ U, create_graph=graph)[0]
-                on_theta["lag"] = 0.5 * self.lr * lag_drift
+                on_theta["lag"] = self.lr / 2 * torch.autograd.grad(hu, state.thetas, X_dot @ U, create_graph=graph)[0]
         on_theta["drift"] = -self.lr * drift
         dm = -self.lr * (state.g + 0.5 * drift)
         if self.order:
@@ -411,6 +412,8 @@ class OscillationFlow(Flow):
         if lagged:  # the growth at the rates lag steps ago: r - lag dr/dt
             r_dot = self._rate_change(thetas, U, values, dm)
             growth = (r - self.lag * r_dot).clamp_min(-self.max_decay)
+            if "lag" in names and self.lag:  # d/dtau of tau dr/dt(dm): dm moves with tau through the drift too
+                r_dot = r_dot + self.lag * self._rate_change(thetas, U, values, on_theta["lag"])
             r_dot = torch.where(growth > -self.max_decay, r_dot, torch.zeros_like(r_dot))
         R_ref = C.transpose(1, 2) @ (growth[..., None] * C)
         d = R_ref.diagonal(dim1=1, dim2=2)

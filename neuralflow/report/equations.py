@@ -55,9 +55,9 @@ def _lines(eq: dict[str, Any], latex: bool, more: str = "") -> tuple[str, str]:
     theta_text, theta_latex = _THETA_PHYSICS.get(
         physics, (f"F_{physics}(theta)", r"F_{\mathrm{" + _latex_escape(physics) + r"}}(\theta)")
     )
-    on_theta = {n for n, _ in eq["terms"] if HIDDEN_TERMS[n].equation == "theta"}
-    theta = [(-c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if n in on_theta]
-    extra = [(c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if n not in on_theta]
+    kind = {n: HIDDEN_TERMS[n].equation for n, _ in eq["terms"]}
+    theta = [(-c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if kind[n] == "theta"]
+    extra = [(c, _notation(n, col).format(x=symbol)) for n, c in eq["terms"] if kind[n] == "extra"]
     rhs = (theta_latex if latex else theta_text) + (_sum(theta, latex, after=True) if theta else "") + more
     if latex:
         return r"\frac{d\theta}{dt}=" + rhs, rf"\frac{{d{symbol}}}{{dt}}=" + _sum(extra, True)
@@ -77,9 +77,9 @@ def equation_text(eq: dict[str, Any], more: str = "", latent: str | None = None)
             where.append(stands_for.format(x=symbol))
     lag = eq.get("lag", 0.0)  # absent from reports saved before the flow had a lag
     if lag:
+        shift = f"{'-' if lag > 0 else '+'} {sig(abs(lag))}"
         where.append(
-            f"the couplings lag {sig(lag)} steps ({symbol} - {sig(lag)} d{symbol}/dt in the drift, R at r - "
-            f"{sig(lag)} dr/dt)"
+            f"the couplings lag {sig(lag)} steps ({symbol} {shift} d{symbol}/dt in the drift, R at r {shift} dr/dt)"
         )
     return [
         theta,

@@ -4,7 +4,8 @@ Two things a state-only report cannot say (issue "corrections with a hidden stat
 
 * **A fitted hidden-state correction** (:class:`~neuralflow.corrections.HiddenStateLibrary`): each term of the extra
   state's equation (and the ``dtheta/dt`` terms beside it: the drift coupling, ``PHg``) is a row of the report beside
-  its theory value (:data:`~neuralflow.corrections.HIDDEN_TERMS`; the floor's theory is the flow's ``q``) and the
+  its theory value (:data:`~neuralflow.corrections.HIDDEN_TERMS`; the floor's theory is the flow's ``q``, the lag's
+  GD's half step less the solver's own, :func:`~neuralflow.corrections.lag_theory`) and the
   approximation it revises, and the fitted equations are printed as equations (:func:`equation_text`,
   :func:`equation_latex`), e.g. ``dX/dt = 2.03 (R X + X R)/2 + 1.1e-20 I``. A term's **share** is what its revision
   prevents: on the fit's windows, ``Delta E_j`` is the increase of the windows' error when term ``j`` alone is put
