@@ -11,6 +11,8 @@ import torch
 import neuralflow as nf
 from neuralflow.corrections import TermLibrary
 from neuralflow.errors import InputError
+from neuralflow.fit.optimisers import gauss_newton
+from neuralflow.fit.shooting import _SolverFailure
 
 LR = 0.1
 RATES = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)  # the quadratic's curvatures
@@ -123,3 +125,36 @@ def test_central_flow_relaxation_must_be_a_positive_finite_time(relaxation):
     p = nf.problems.zhu_quartic(theta0=(1.5, 0.5))
     with pytest.raises(InputError, match="relaxation must be a positive finite time"):
         nf.flows.CentralFlow(p, 0.1, relaxation=relaxation)
+
+
+class _FailingFarOut:
+    """Residual ``exp(p) - 1`` whose solve fails beyond ``p = 5`` (a window that diverges at a wild trial point)."""
+
+    def __init__(self, p0: float) -> None:
+        self.p = torch.tensor([p0], dtype=torch.float64)
+        self.failed = 0
+
+    def get(self) -> torch.Tensor:
+        return self.p.clone()
+
+    def set(self, p: torch.Tensor) -> None:
+        self.p = p.clone()
+
+    def residuals(self, grad: bool = False) -> torch.Tensor:
+        if float(self.p[0]) > 5:
+            self.failed += 1
+            raise _SolverFailure("the ODE solution became non-finite")
+        return torch.exp(self.p) - 1
+
+    def jacobian(self, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return torch.exp(p)[:, None]
+
+
+def test_gauss_newton_rejects_a_trial_step_whose_solve_fails():
+    """From ``p = -3`` the undamped step lands at ``p = 16``, where the solve fails: the step is rejected and damped
+    (not the end of the fit), and the fit reaches the root ``p = 0``."""
+    obj = _FailingFarOut(-3.0)
+    losses = []
+    gauss_newton(obj, "gauss-newton", 30, 1e-14, 0.0, lambda it, loss, p: losses.append(loss) and False)
+    assert obj.failed >= 1 and abs(float(obj.p[0])) < 1e-6
+    assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))

@@ -117,9 +117,9 @@ def gauss_newton(
 
     Each iteration costs ``P + 1`` forward solves (no backward pass): ``J`` by one-sided
     differences, then the step ``(J^T J + mu diag(J^T J)) delta = -J^T r``, accepted if the loss
-    decreases. For constant coefficients the residuals are nearly linear in them, so a handful of
-    iterations suffice. Stops when the loss decreases by less than ``tol`` relative or the
-    parameters move by less than ``xtol`` relative.
+    decreases (a trial point whose solve fails, e.g. a window that diverges, is a rejected one). For constant
+    coefficients the residuals are nearly linear in them, so a handful of iterations suffice. Stops when the loss
+    decreases by less than ``tol`` relative or the parameters move by less than ``xtol`` relative.
 
     ``start`` (``{"iteration", "params", "mu"}``) continues a run that stopped after that iteration;
     ``after(iteration, params, mu)`` is called after every iteration that does not end the run.
@@ -142,8 +142,11 @@ def gauss_newton(
         for _ in range(12):
             delta = torch.linalg.solve(A + mu * torch.diag(D), -b)
             obj.set(p + delta)
-            new_r = obj.residuals(grad=False)
-            new_loss = float(new_r.square().sum())
+            try:
+                new_r = obj.residuals(grad=False)
+                new_loss = float(new_r.square().sum())
+            except _SolverFailure:  # a trial point whose solve fails is a rejected step: shorten it
+                new_loss = math.inf
             if new_loss <= loss:
                 break
             mu *= 10
