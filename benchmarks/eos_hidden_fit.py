@@ -165,6 +165,12 @@ def main() -> None:
         "catapults (peaks of its measured oscillation variance) from --first to --last, so that each spans one",
     )
     ap.add_argument("--terms", default="floquet,drift,floor,amplitude", help="hidden-state terms, comma-separated")
+    ap.add_argument(
+        "--start",
+        choices=("away", "physics"),
+        default="away",
+        help="start floquet, drift and floor away from the physics (1, 1, 10 q) or at it",
+    )
     ap.add_argument("--optimizer", default="gauss-newton")
     ap.add_argument("--val-fraction", type=float, default=0.2, help="share of windows held out (0: none)")
     ap.add_argument("--max-iters", type=int, default=6)
@@ -219,7 +225,7 @@ def fit_and_report(
     flow = OscillationFlow.from_trajectory(problem, traj, n_track=4, order=args.order, lag=args.lag)
     q = flow.q
     terms = args.terms.split(",")
-    starts = {"floquet": 1.0, "drift": 1.0, "floor": 10 * q}
+    starts = {"floquet": 1.0, "drift": 1.0, "floor": 10 * q} if args.start == "away" else {}
     lib = HiddenStateLibrary(problem, lr, terms=terms, init={n: v for n, v in starts.items() if n in terms})
     model = Hybrid(flow, lib)
     first = setup["first"] if args.first is None else args.first
@@ -265,6 +271,7 @@ def fit_and_report(
             "lag": args.lag,
             "val_fraction": args.val_fraction,
             "optimizer": args.optimizer,
+            "start": args.start,
             "max_iters": args.max_iters,
             "threads": torch.get_num_threads(),
             "load_average_start": load_start,
