@@ -12,7 +12,7 @@ import neuralflow as nf
 from neuralflow.corrections import TermLibrary
 from neuralflow.errors import InputError
 from neuralflow.fit.optimisers import gauss_newton
-from neuralflow.fit.shooting import _SolverFailure
+from neuralflow.fit.shooting import SolverFailure
 
 LR = 0.1
 RATES = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)  # the quadratic's curvatures
@@ -143,7 +143,7 @@ class _FailingFarOut:
     def residuals(self, grad: bool = False) -> torch.Tensor:
         if float(self.p[0]) > 5:
             self.failed += 1
-            raise _SolverFailure("the ODE solution became non-finite")
+            raise SolverFailure("the ODE solution became non-finite")
         return torch.exp(self.p) - 1
 
     def jacobian(self, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

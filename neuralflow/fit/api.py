@@ -23,7 +23,7 @@ from .optimisers import _optimise
 from .options import _GATED_REGRESSION_ITERS, _OPTIMIZERS, ShootingOptions
 from .regression import _gated_regression, _least_squares, _regression, _regression_system
 from .result import FitResult, JointFitResult
-from .shooting import _objective, _SolverFailure
+from .shooting import SolverFailure, _objective
 from .uncertainty import _cluster_meat, _coefficient_map, _uncertainty
 
 
@@ -297,7 +297,7 @@ def fit(
             )
         coefficients, coefficient_grads = _coefficient_map(model, win.targets[0])
         uncertainty = _uncertainty(obj, final_residuals, method, coefficient_grads, regression_se, lib)
-    except _SolverFailure as exc:
+    except SolverFailure as exc:
         raise DivergenceError(
             f"fit: {exc} in the final window solves of the fitted model; the model holds the fitted parameters "
             "(in error.partial too). Check it with a rollout, or try a smaller step_size or solver='rk4'.",
@@ -470,7 +470,7 @@ def fit_runs(
     timing["optimise"] = time.perf_counter() - t0
     try:
         final = joint.split(joint.residuals(grad=False))
-    except _SolverFailure as exc:
+    except SolverFailure as exc:
         raise DivergenceError(
             f"fit: {exc} in the final window solves of the joint fit.", partial={"model": model, "history": history}
         ) from None

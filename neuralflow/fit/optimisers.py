@@ -18,7 +18,7 @@ from .. import _io
 from ..errors import DivergenceError, FileFormatError, InputError
 from ..problems import check_positive_int
 from .options import _DEFAULT_ITERS, _GN_MAX_PARAMS
-from .shooting import _Objective, _Optimisable, _SolverFailure
+from .shooting import SolverFailure, _Objective, _Optimisable
 
 
 def _optimise(
@@ -88,7 +88,7 @@ def _optimise(
             saver.finish()
     except KeyboardInterrupt:  # keep the best parameters; fit() evaluates them and raises Interrupted
         interrupted = True
-    except _SolverFailure as exc:
+    except SolverFailure as exc:
         obj.set(best["params"])
         bar.close()
         raise DivergenceError(
@@ -145,7 +145,7 @@ def gauss_newton(
             try:
                 new_r = obj.residuals(grad=False)
                 new_loss = float(new_r.square().sum())
-            except _SolverFailure:  # a trial point whose solve fails is a rejected step: shorten it
+            except SolverFailure:  # a trial point whose solve fails is a rejected step: shorten it
                 new_loss = math.inf
             if new_loss <= loss:
                 break

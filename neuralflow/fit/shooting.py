@@ -19,8 +19,9 @@ from .variance import _variance_term
 from .windows import _make_windows, _Windows
 
 
-class _SolverFailure(Exception):
-    pass
+class SolverFailure(Exception):
+    """A window solve failed (the solver raised, or the state became non-finite): the optimisers treat it as a failed
+    evaluation, and :func:`~neuralflow.fit.fit` turns it into a :class:`~neuralflow.errors.DivergenceError`."""
 
 
 class _Counted(torch.nn.Module):
@@ -139,9 +140,9 @@ class _Objective:
                 with torch.no_grad():
                     sol = odeint(func, y0, self.win.t, **kw)
         except (AssertionError, RuntimeError) as exc:  # torchdiffeq signals "underflow in dt" by assertion
-            raise _SolverFailure(f"the ODE solver failed ({exc})") from None
+            raise SolverFailure(f"the ODE solver failed ({exc})") from None
         if not torch.isfinite(sol).all():
-            raise _SolverFailure("the ODE solution became non-finite")
+            raise SolverFailure("the ODE solution became non-finite")
         return sol
 
     def errors(self, sol: Tensor) -> Tensor:
