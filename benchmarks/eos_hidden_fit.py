@@ -86,6 +86,7 @@ def catapult_windows(traj: nf.Trajectory, before: int, window: int, first: int, 
     window's start is skipped (their windows would overlap and let every window between them through)."""
     if traj.store_every != 1:
         raise SystemExit("--catapults needs a run recorded at every step")
+    reach = 3  # the fit drops a window that comes within 3 steps of an excluded range
     var = traj.oscillation.variance
     top = float(var[torch.isfinite(var)].max())
     starts: list[int] = []
@@ -93,11 +94,11 @@ def catapult_windows(traj: nf.Trajectory, before: int, window: int, first: int, 
         near = var[k - 8 : k + 9]
         peak = float(var[k]) > 0.1 * top and float(var[k]) >= float(near[torch.isfinite(near)].max())
         start = int(traj.steps[k]) - before
-        if peak and first <= start and int(traj.steps[k]) < last and (not starts or start - starts[-1] > window + 7):
+        apart = not starts or start - starts[-1] > window + 2 * reach + 1
+        if peak and first <= start and int(traj.steps[k]) < last and apart:
             starts.append(start)
     if not starts:
         raise SystemExit(f"no catapult of GD between steps {first} and {last}")
-    reach = 3  # the fit drops a window that comes within 3 steps of an excluded range
     ends = [None] + [s + window + reach + 1 for s in starts]
     return [(lo, hi) for lo, hi in zip(ends, [s - reach for s in starts] + [None], strict=True)]
 
@@ -230,15 +231,15 @@ def fit_and_report(
     model = Hybrid(flow, lib)
     first = setup["first"] if args.first is None else args.first
     last = setup["last"] if args.last is None else args.last
-    exclude = [(None, first), (last, None)]
+    exclude, stride = [(None, first), (last, None)], args.stride
     if args.catapults is not None:
-        exclude = catapult_windows(traj, args.catapults, args.window, first, last)
+        exclude, stride = catapult_windows(traj, args.catapults, args.window, first, last), 1
     t0 = time.perf_counter()
     res = nf.fit(
         model,
         traj,
         window=args.window,
-        stride=1 if args.catapults is not None else args.stride,
+        stride=stride,
         target="smoothed",
         method="adjoint",
         optimizer=args.optimizer,
@@ -261,7 +262,7 @@ def fit_and_report(
             "noise": NOISE,
             "q": q,
             "window": args.window,
-            "stride": 1 if args.catapults is not None else args.stride,
+            "stride": stride,
             "catapults": args.catapults,
             "window_steps": res.windows["step"].tolist(),
             "first": first,

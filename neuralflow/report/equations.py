@@ -79,7 +79,7 @@ def equation_text(eq: dict[str, Any], more: str = "", latent: str | None = None)
     if lag:
         shift = f"{'-' if lag > 0 else '+'} {sig(abs(lag))}"
         where.append(
-            f"the couplings lag {sig(lag)} steps ({symbol} {shift} d{symbol}/dt in the drift, R at r {shift} dr/dt)"
+            f"{_notation('lag', 0)} {sig(lag)} steps ({symbol} {shift} d{symbol}/dt in the drift, R at r {shift} dr/dt)"
         )
     return [
         theta,
@@ -94,7 +94,7 @@ def equation_latex(eq: dict[str, Any], more: str = "", latent: str | None = None
     in :func:`equation_text`."""
     theta, extra = _lines(eq, latex=True, more=more)
     lag = eq.get("lag", 0.0)  # the couplings' lag: X - tau dX/dt in the drift, r - tau dr/dt in R
-    tail = "" if not lag else r",\quad \tau_{\mathrm{lag}}=" + _number(lag, True)
+    tail = "" if not lag else r",\quad " + _notation("lag", 1).format() + "=" + _number(lag, True)
     return theta + r",\quad " + extra + ("" if latent is None else r",\quad " + latent) + tail
 
 
